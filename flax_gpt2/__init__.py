@@ -1,0 +1,6 @@
+"""flax_gpt2: GPT-2 in JAX/Flax."""
+
+from flax_gpt2.config import PRESETS, GPT2Config
+from flax_gpt2.kv_cache import KVCache
+from flax_gpt2.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
+                             GPT2Model, GPT2ModelOutput, init_params)

@@ -1,0 +1,174 @@
+"""GPT-2 model configuration: one frozen dataclass, named presets, and the Hugging Face `config.json` bridge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from flax_gpt2.activations import ACTIVATIONS
+
+SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
+
+# HF config.json keys that do not change the math (bookkeeping, generation defaults, or ones we re-derive).
+_HF_IGNORED_KEYS = frozenset({
+    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "n_ctx", "use_cache", "task_specific_params", "id2label", "label2id", "_attn_implementation_autoset",
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_return_dict",
+    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
+    "is_decoder", "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward",
+    "problem_type", "tokenizer_class", "prefix", "finetuning_task", "cross_attention_hidden_size",
+    "pruned_heads", "gradient_checkpointing", "add_cross_attention", "num_labels",
+    # generation defaults that older checkpoints keep in config.json
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "diversity_penalty",
+    "num_beam_groups", "tf_legacy_loss", "use_bfloat16",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Hyperparameters of a GPT-2 model; field names follow Hugging Face's `GPT2Config`.
+
+    `dtype` is the compute dtype (e.g. `jnp.bfloat16`), `param_dtype` the storage dtype of the
+    parameters; softmax and layer-norm statistics are always computed in float32.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    # The multiple-choice head of GPT2DoubleHeadsModel (HF's SequenceSummary).
+    summary_type: str = "cls_index"
+    summary_use_proj: bool = True
+    summary_activation: str | None = None
+    summary_proj_to_labels: bool = True
+    summary_first_dropout: float = 0.1
+    summary_last_dropout: float = 0.0
+    # JAX-side settings, not part of HF's config.
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False  # rematerialize each block in the backward pass (saves activation memory)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"choose one of {sorted(ACTIVATIONS)}")
+        if self.summary_type not in SUMMARY_TYPES:
+            raise ValueError(f"summary_type={self.summary_type!r} is not supported; choose one of {SUMMARY_TYPES}")
+        if self.summary_activation is not None and self.summary_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"summary_activation={self.summary_activation!r} is not supported; "
+                f"choose None or one of {sorted(ACTIVATIONS)}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count of GPT2LMHeadModel (tied embeddings counted once)."""
+        d, f = self.n_embd, self.mlp_dim
+        block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+        n = self.vocab_size * d + self.n_positions * d + self.n_layer * block + 2 * d
+        if not self.tie_word_embeddings:
+            n += self.vocab_size * d
+        return n
+
+    def replace(self, **overrides) -> "GPT2Config":
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any] | str | os.PathLike, **overrides) -> "GPT2Config":
+        """Builds a config from a Hugging Face GPT-2 `config.json` (a dict, the file, or its folder).
+
+        Every field that changes the math is honoured; one that cannot be is an error naming it.
+        """
+        if not isinstance(hf, Mapping):
+            path = os.fspath(hf)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        hf = dict(hf)
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"config.json has model_type={model_type!r}; flax_gpt2 reads only 'gpt2' models")
+        if hf.get("add_cross_attention"):
+            raise ValueError("config field add_cross_attention=True is not supported (GPT-2 as a decoder "
+                             "with cross-attention); flax_gpt2 models are decoder-only")
+        if hf.get("pruned_heads"):
+            raise ValueError(f"config field pruned_heads={hf['pruned_heads']!r} is not supported")
+        aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+                   "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+        for alias, name in aliases.items():
+            if alias in hf and name not in hf:
+                hf[name] = hf.pop(alias)
+            else:
+                hf.pop(alias, None)
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat"}
+        kwargs = {k: v for k, v in hf.items() if k in known and v is not None or k == "n_inner"}
+        unknown = sorted(set(hf) - known - _HF_IGNORED_KEYS)
+        if unknown:
+            # Fields we do not know cannot be silently dropped if they might change the math.
+            raise ValueError(f"config.json has fields flax_gpt2 does not know: {unknown}")
+        for tok in ("bos_token_id", "eos_token_id"):
+            if isinstance(kwargs.get(tok), list):
+                kwargs[tok] = kwargs[tok][0]
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_config(self, architectures: tuple[str, ...] = ("GPT2LMHeadModel",)) -> dict[str, Any]:
+        """The Hugging Face `config.json` dict for this config."""
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ("dtype", "param_dtype", "remat")}
+        hf.update(model_type="gpt2", architectures=list(architectures), n_ctx=self.n_positions,
+                  use_cache=True, task_specific_params={"text-generation": {"do_sample": True, "max_length": 50}})
+        return hf
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+    "distilgpt2": GPT2Config(n_layer=6),
+    # Seconds-fast model for tests and smoke runs; keeps the real vocabulary so the tokenizer fits.
+    "tiny": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+}

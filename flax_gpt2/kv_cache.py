@@ -1,0 +1,37 @@
+"""The explicit key/value cache that the model takes in and hands back during decoding."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flax_gpt2.config import GPT2Config
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values for S cache slots, plus how many slots are filled.
+
+    `keys[l]` and `values[l]` are `[B, S, H, K]`. Every row shares `index` (the next slot to write);
+    prompts of different lengths are left-padded and the padding masked with `attention_mask`.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, config: GPT2Config, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+        """An empty cache of `max_length` slots (at most `config.n_positions`)."""
+        if max_length > config.n_positions:
+            raise ValueError(f"cache length {max_length} exceeds the model's n_positions={config.n_positions}")
+        shape = (batch_size, max_length, config.n_head, config.head_dim)
+        dtype = dtype or config.dtype
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+        return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+                   index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[1]

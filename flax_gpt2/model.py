@@ -1,0 +1,337 @@
+"""GPT-2 as pure-functional Flax linen modules, numerically equal to Hugging Face's PyTorch GPT-2.
+
+Shape alphabet (used in names, comments and einsum strings across flax_gpt2):
+    B  batch                 T  query length (tokens fed in this call)
+    S  key length (the KV cache's slots, or T without a cache)
+    D  model width (n_embd)  H  attention heads    K  head dim (D // H)
+    F  MLP width (n_inner)   V  vocabulary         C  choices (multiple-choice head)
+
+Parameter names mirror Hugging Face's (`wte`, `h_0/attn/c_attn`, `ln_f`, ...) so the conversion table in
+`flax_gpt2.weights` stays a list of renames. Fused QKV is stored `[D, 3, H, K]` and the attention
+output projection `[H, K, D]` so that tensor parallelism splits whole heads.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`); activations are
+constrained as (`batch`, `length`, `embed`). Mesh rules that map them to devices live in the training config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flax_gpt2.activations import ACTIVATIONS
+from flax_gpt2.config import GPT2Config
+from flax_gpt2.kv_cache import KVCache
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class GPT2ModelOutput:
+    last_hidden_state: Array  # [B, T, D], after ln_f
+    hidden_states: tuple[Array, ...] | None = None  # n_layer + 1 entries, HF's order (last one after ln_f)
+    cache: KVCache | None = None
+
+
+@flax.struct.dataclass
+class GPT2LMOutput:
+    logits: Array  # [B, T, V], float32
+    hidden_states: tuple[Array, ...] | None = None
+    cache: KVCache | None = None
+
+
+@flax.struct.dataclass
+class GPT2DoubleHeadsOutput:
+    logits: Array  # [B, C, T, V], float32
+    mc_logits: Array  # [B, C], float32
+    hidden_states: tuple[Array, ...] | None = None
+
+
+def _normal(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] like PyTorch, not E[x^2] - mean^2.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon, dtype=config.dtype, param_dtype=config.param_dtype,
+        use_fast_variance=False, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)))
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with an optional KV cache."""
+
+    config: GPT2Config
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, cache_kv: tuple[Array, Array, Array] | None,
+                 deterministic: bool) -> tuple[Array, tuple[Array, Array] | None]:
+        cfg = self.config
+        h, k_dim = cfg.n_head, cfg.head_dim
+        qkv = nn.DenseGeneral(
+            features=(3, h, k_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_attn",
+            kernel_init=_normal(cfg.initializer_range, ("embed", None, "heads", "kv")),
+            bias_init=_zeros((None, "heads", "kv")))(x)  # [B, T, 3, H, K]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+        new_kv = None
+        if cache_kv is not None:
+            cache_k, cache_v, index = cache_kv
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            new_kv = (k, v)
+            k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
+
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale = k_dim ** -0.5
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        if cfg.reorder_and_upcast_attn:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+        # finfo.min (not -inf) as HF does: a fully masked row (a left-padding query) stays finite.
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
+        out = jnp.einsum("BHTS,BSHK->BTHK", probs, v)
+
+        out = nn.DenseGeneral(
+            features=cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",
+            kernel_init=_normal(cfg.initializer_range / (2 * cfg.n_layer) ** 0.5, ("heads", "kv", "embed")),
+            bias_init=_zeros(("embed",)))(out)
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        x = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_fc",
+                     kernel_init=_normal(cfg.initializer_range, ("embed", "mlp")),
+                     bias_init=_zeros(("mlp",)))(x)
+        x = ACTIVATIONS[cfg.activation_function](x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
+        x = nn.Dense(cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",
+                     kernel_init=_normal(cfg.initializer_range / (2 * cfg.n_layer) ** 0.5, ("mlp", "embed")),
+                     bias_init=_zeros(("embed",)))(x)
+        return nn.Dropout(cfg.resid_pdrop)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    config: GPT2Config
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x, mask, cache_kv, deterministic: bool):
+        attn_out, new_kv = Attention(self.config, self.layer_idx, name="attn")(
+            _layer_norm(self.config, "ln_1")(x), mask, cache_kv, deterministic)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_kv
+
+
+def attention_mask_4d(attention_mask: Array | None, batch: int, length: int, key_length: int,
+                      offset: Array | int) -> Array:
+    """Boolean `[B, 1, T, S]` mask: key s is visible to query t iff s <= offset + t and the key is not padding."""
+    q_pos = offset + jnp.arange(length)[:, None]
+    visible = jnp.arange(key_length)[None, :] <= q_pos  # [T, S]
+    visible = jnp.broadcast_to(visible[None, None], (batch, 1, length, key_length))
+    if attention_mask is not None:
+        visible = visible & attention_mask.astype(bool)[:, None, None, :]
+    return visible
+
+
+class GPT2Model(nn.Module):
+    """The GPT-2 transformer: token + position embeddings, `n_layer` blocks, final LayerNorm.
+
+    Call with `input_ids [B, T]`; optional `attention_mask` (1 = token, 0 = padding; `[B, T]`, or
+    `[B, S]` covering every cache slot when a cache is given), `position_ids [B, T]` (default:
+    consecutive from the cache index), `token_type_ids [B, T]` (embedded with `wte`, as HF does) and a
+    `KVCache`. Returns `GPT2ModelOutput` (with the updated cache when one was given).
+    """
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")))
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            embedding_init=_normal(0.01, (None, "embed")))
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
+        self.h = [block(cfg, i, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
+                 token_type_ids: Array | None = None, cache: KVCache | None = None, *,
+                 deterministic: bool = True, output_hidden_states: bool = False) -> GPT2ModelOutput:
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        offset = cache.index if cache is not None else 0
+        s = cache.max_length if cache is not None else t
+        if attention_mask is not None and attention_mask.shape != (b, s):
+            where = "the cache's slots" if cache is not None else "input_ids"
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(b, s)} to match {where}")
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(offset + jnp.arange(t)[None, :], (b, t))
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.drop(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        mask = attention_mask_4d(attention_mask, b, t, s, offset)
+
+        all_hidden = []
+        new_keys, new_values = [], []
+        for i, block in enumerate(self.h):
+            if output_hidden_states:
+                all_hidden.append(x)
+            layer_cache = (cache.keys[i], cache.values[i], cache.index) if cache is not None else None
+            x, kv = block(x, mask, layer_cache, deterministic)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        x = self.ln_f(x)
+        if output_hidden_states:
+            all_hidden.append(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), index=cache.index + t)
+        return GPT2ModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                               cache=new_cache)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output projection: `[B, T, D] -> [B, T, V]` logits in float32."""
+        embedding = self.wte.embedding.astype(self.config.dtype)
+        return jnp.einsum("BTD,VD->BTV", x.astype(self.config.dtype), embedding,
+                          preferred_element_type=jnp.float32)
+
+
+class LMHead(nn.Module):
+    """Untied output projection (`tie_word_embeddings=False`); HF's `lm_head` (no bias)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        kernel = self.param("kernel", _normal(cfg.initializer_range, ("embed", "vocab")),
+                            (cfg.n_embd, cfg.vocab_size), cfg.param_dtype)
+        return jnp.einsum("BTD,DV->BTV", x.astype(cfg.dtype), kernel.astype(cfg.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class _WithLMHead(nn.Module):
+    """Shared by the LM and double-heads models: the transformer plus tied (or untied) output logits."""
+
+    config: GPT2Config
+
+    def setup(self):
+        self.transformer = GPT2Model(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = LMHead(self.config)
+        self.setup_heads()
+
+    def setup_heads(self):
+        pass
+
+    def logits(self, hidden: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.transformer.attend(hidden)
+        return self.lm_head(hidden)
+
+
+class GPT2LMHeadModel(_WithLMHead):
+    """GPT-2 with the language-modelling head. Same inputs as `GPT2Model`; returns `GPT2LMOutput`
+    whose `.logits` are `[B, T, V]` float32 (and `.cache` the updated KV cache when one was given)."""
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None, cache=None, *,
+                 deterministic: bool = True, output_hidden_states: bool = False) -> GPT2LMOutput:
+        out = self.transformer(input_ids, attention_mask, position_ids, token_type_ids, cache,
+                               deterministic=deterministic, output_hidden_states=output_hidden_states)
+        return GPT2LMOutput(logits=self.logits(out.last_hidden_state), hidden_states=out.hidden_states,
+                            cache=out.cache)
+
+
+class SequenceSummary(nn.Module):
+    """HF's `SequenceSummary` for the multiple-choice head: pick a vector per sequence, project, activate."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, hidden: Array, cls_index: Array | None, deterministic: bool) -> Array:
+        cfg = self.config  # hidden: [B, C, T, D]; cls_index: [B, C]
+        if cfg.summary_type == "last":
+            x = hidden[..., -1, :]
+        elif cfg.summary_type == "first":
+            x = hidden[..., 0, :]
+        elif cfg.summary_type == "mean":
+            x = hidden.mean(axis=-2)
+        else:  # cls_index; HF defaults to the last token
+            if cls_index is None:
+                cls_index = jnp.full(hidden.shape[:-2], hidden.shape[-2] - 1, jnp.int32)
+            x = jnp.take_along_axis(hidden, cls_index[..., None, None], axis=-2)[..., 0, :]
+        x = nn.Dropout(cfg.summary_first_dropout)(x, deterministic=deterministic)
+        if cfg.summary_use_proj:
+            # GPT2DoubleHeadsModel fixes num_labels = 1, so the projection is to 1 class or to D.
+            num_classes = 1 if cfg.summary_proj_to_labels else cfg.n_embd
+            x = nn.Dense(num_classes, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="summary",
+                         kernel_init=_normal(cfg.initializer_range, ("embed", None)),
+                         bias_init=_zeros((None,)))(x)
+        if cfg.summary_activation is not None:
+            x = ACTIVATIONS[cfg.summary_activation](x)
+        return nn.Dropout(cfg.summary_last_dropout)(x, deterministic=deterministic)
+
+
+class GPT2DoubleHeadsModel(_WithLMHead):
+    """GPT-2 with the LM head and a multiple-choice head (HF's `GPT2DoubleHeadsModel`).
+
+    `input_ids [B, C, T]`, `mc_token_ids [B, C]` (the token whose hidden state scores each choice;
+    default the last). Returns `.logits [B, C, T, V]` and `.mc_logits [B, C]`.
+    """
+
+    def setup_heads(self):
+        self.multiple_choice_head = SequenceSummary(self.config)
+
+    def __call__(self, input_ids, mc_token_ids=None, attention_mask=None, position_ids=None, token_type_ids=None,
+                 *, deterministic: bool = True, output_hidden_states: bool = False) -> GPT2DoubleHeadsOutput:
+        if input_ids.ndim != 3:
+            raise ValueError(f"input_ids must be [batch, choices, length], got shape {input_ids.shape}")
+        lead = input_ids.shape[:2]
+        flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+        out = self.transformer(flat(input_ids), flat(attention_mask), flat(position_ids), flat(token_type_ids),
+                                  deterministic=deterministic, output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state.reshape(*lead, *out.last_hidden_state.shape[1:])
+        logits = self.logits(out.last_hidden_state)
+        mc = self.multiple_choice_head(hidden, mc_token_ids, deterministic)
+        return GPT2DoubleHeadsOutput(logits=logits.reshape(*lead, *logits.shape[1:]),
+                                     mc_logits=mc[..., 0].astype(jnp.float32) if mc.shape[-1] == 1 else mc,
+                                     hidden_states=out.hidden_states)
+
+
+def init_params(model: nn.Module, rng: Array, batch: int = 1, length: int = 8) -> dict[str, Any]:
+    """Random parameters for `model` (unboxed from their logical-partitioning metadata)."""
+    shape = (batch, 2, length) if isinstance(model, GPT2DoubleHeadsModel) else (batch, length)
+    variables = jax.jit(model.init)(rng, jnp.zeros(shape, jnp.int32))
+    return nn.unbox(variables["params"])

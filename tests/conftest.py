@@ -1,0 +1,46 @@
+"""Shared offline fixtures: the ../shared folder, tiny configs, and random-init HF reference checkpoints."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run on CPU; several simulate devices themselves in subprocesses.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Never touch the network in tests: the HF hub and tiktoken downloads must fail fast, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(os.environ.get("FLAX_GPT2_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED} (set FLAX_GPT2_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def bpe_dir(shared_dir) -> Path:
+    """Folder with the exact GPT-2 `encoder.json` and `vocab.bpe`."""
+    return shared_dir / "gpt2-bpe"
+
+
+def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel", seed=0, **config_kwargs):
+    """A random-init transformers GPT-2 saved with `save_pretrained`; returns (torch_model, folder)."""
+    import torch
+    import transformers
+
+    kwargs = dict(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    kwargs.update(config_kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(transformers.GPT2Config(**kwargs)).eval()
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """(torch GPT2LMHeadModel, its save_pretrained folder) for a tiny random config with the real vocabulary."""
+    return make_hf_model(tmp_path_factory)
