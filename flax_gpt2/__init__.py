@@ -5,3 +5,4 @@ from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
                              GPT2Model, GPT2ModelOutput, init_params)
 from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
+from flax_gpt2.pretrained import from_pretrained, save_pretrained

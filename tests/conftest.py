@@ -26,8 +26,15 @@ def bpe_dir(shared_dir) -> Path:
     return shared_dir / "gpt2-bpe"
 
 
-def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel", seed=0, **config_kwargs):
-    """A random-init transformers GPT-2 saved with `save_pretrained`; returns (torch_model, folder)."""
+def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel", seed=0, tokenizer_files=True,
+                  **config_kwargs):
+    """A random-init transformers GPT-2 saved with `save_pretrained`; returns (torch_model, folder).
+
+    With `tokenizer_files`, the folder also gets `vocab.json` + `merges.txt` (GPT-2's, from ../shared) like
+    every hub checkpoint has.
+    """
+    import shutil
+
     import torch
     import transformers
 
@@ -37,6 +44,9 @@ def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel
     model = getattr(transformers, model_class)(transformers.GPT2Config(**kwargs)).eval()
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
+    if tokenizer_files and (SHARED / "gpt2-bpe").is_dir():
+        shutil.copyfile(SHARED / "gpt2-bpe" / "encoder.json", folder / "vocab.json")
+        shutil.copyfile(SHARED / "gpt2-bpe" / "vocab.bpe", folder / "merges.txt")
     return model, folder
 
 

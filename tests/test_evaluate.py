@@ -1,0 +1,161 @@
+"""Evaluation equals transformers PyTorch computing the same thing on the same weights."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flax_gpt2
+from flax_gpt2 import eval_metrics, evaluate
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_tiny, bpe_dir):
+    torch_model, folder = hf_tiny
+    model, params = flax_gpt2.from_pretrained(str(folder), progress=False)
+    tokenizer = flax_gpt2.get_tokenizer(bpe_dir)
+    return torch_model, model, params, tokenizer, folder
+
+
+@pytest.fixture(scope="module")
+def shakespeare_ids(shared_dir, tiny):
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:6000]
+    return tiny[3].encode(text)
+
+
+def torch_sliding_nll(torch_model, ids, max_length, stride):
+    """HF's perplexity guide, scoring with per-token sums so the mean is exact."""
+    ids = torch.tensor(ids)[None]
+    nll_sum, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.shape[1], stride):
+        end = min(begin + max_length, ids.shape[1])
+        trg_len = end - prev_end
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            logits = torch_model(window).logits[:, :-1].double()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        nll_sum += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
+        prev_end = end
+        if end == ids.shape[1]:
+            break
+    return nll_sum / count, count
+
+
+@pytest.mark.parametrize("max_length,stride", [(128, 64), (128, 128), (96, 40)])
+def test_perplexity_matches_transformers(tiny, shakespeare_ids, max_length, stride):
+    torch_model, model, params, _, _ = tiny
+    ours = eval_metrics.perplexity(model, params, shakespeare_ids, stride=stride, max_length=max_length,
+                                   batch_size=4, progress=False)
+    nll, count = torch_sliding_nll(torch_model, shakespeare_ids, max_length, stride)
+    assert ours["num_tokens"] == count
+    if stride < max_length:  # with overlap every token but the first is scored; else window starts are not
+        assert count == len(shakespeare_ids) - 1
+    assert ours["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+def test_sliding_windows_score_every_token_once():
+    for n, length, stride in [(1000, 128, 64), (129, 128, 127), (5, 128, 3), (300, 100, 99)]:
+        scored = [i for w in eval_metrics.sliding_windows(n, length, stride) for i in range(w.score_from, w.end)]
+        assert scored == list(range(1, n))
+        assert all(w.end - w.begin <= length for w in eval_metrics.sliding_windows(n, length, stride))
+    # No overlap (stride == max_length): each window's first token has no context, as in HF's guide.
+    scored = [i for w in eval_metrics.sliding_windows(300, 100, 100) for i in range(w.score_from, w.end)]
+    assert scored == [i for i in range(300) if i % 100]
+
+
+def torch_lambada(torch_model, hf_tokenizer, texts):
+    """lm-eval-harness lambada_openai: encode context+target, score the target tokens."""
+    logprob_sums, correct = [], 0
+    for text in texts:
+        context, word = text.rsplit(" ", 1)
+        whole = hf_tokenizer(context + " " + word)["input_ids"]
+        ctx = hf_tokenizer(context)["input_ids"]
+        target = whole[len(ctx):]
+        ids = torch.tensor(ctx + target)[None]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(torch_model(ids).logits[0, :-1].double(), -1)
+        rows = logprobs[len(ctx) - 1:]
+        logprob_sums.append(sum(rows[i, t].item() for i, t in enumerate(target)))
+        correct += all(int(rows[i].argmax()) == t for i, t in enumerate(target))
+    return correct / len(texts), math.exp(-sum(logprob_sums) / len(texts))
+
+
+def _greedy_word_examples(torch_model, tokenizer, contexts, want):
+    """Texts whose last word is the model's own greedy next token, so accuracy is not trivially 0."""
+    out = []
+    for context in contexts:
+        with torch.no_grad():
+            nxt = int(torch_model(torch.tensor([tokenizer.encode(context)])).logits[0, -1].argmax())
+        piece = tokenizer.decode([nxt])
+        if piece.startswith(" ") and piece[1:].isalpha() and tokenizer.encode(context + piece)[-1] == nxt:
+            out.append(context + piece)
+        if len(out) == want:
+            break
+    return out
+
+
+def test_lambada_matches_transformers(tiny, shared_dir, bpe_dir):
+    import transformers
+
+    torch_model, model, params, tokenizer, _ = tiny
+    lines = [ln.strip() for ln in (shared_dir / "data" / "tinyshakespeare.txt").read_text().splitlines()
+             if len(ln.split()) >= 4][:400]
+    greedy = _greedy_word_examples(torch_model, tokenizer, [" ".join(ln.split()[:-1]) for ln in lines[:200]], 4)
+    assert greedy, "expected some lines whose greedy next token is a word"
+    texts = lines[200:212] + greedy
+    # (transformers 5.x: the vocab_file=/merges_file= keywords silently build an empty vocabulary)
+    hf_tok = transformers.GPT2Tokenizer(vocab=str(bpe_dir / "encoder.json"), merges=str(bpe_dir / "vocab.bpe"))
+    assert hf_tok("Hello world")["input_ids"] == [15496, 995]
+    ref_acc, ref_ppl = torch_lambada(torch_model, hf_tok, texts)
+    ours = eval_metrics.lambada(model, params, tokenizer, texts, batch_size=4, progress=False)
+    assert ours["num_examples"] == len(texts)
+    assert ours["accuracy"] == ref_acc and ours["accuracy"] >= len(greedy) / len(texts)
+    assert ours["perplexity"] == pytest.approx(ref_ppl, rel=1e-4)
+
+
+def test_cli_prints_json_last(tiny, tmp_path, shared_dir, capsys):
+    folder = tiny[4]
+    text_file = tmp_path / "t.txt"
+    text_file.write_text((shared_dir / "data" / "tinyshakespeare.txt").read_text()[:3000])
+    lam = tmp_path / "l.jsonl"
+    lam.write_text("\n".join(json.dumps({"text": t}) for t in ["To be or not to be", "All the world's a stage"]))
+    rc = evaluate.main(["--model", str(folder), "--text_file", str(text_file), "--stride", "64",
+                        "--max_length", "128", "--lambada", str(lam), "--no_progress"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"perplexity", "accuracy", "num_tokens", "lambada_num_examples"} <= set(result)
+    assert result["num_tokens"] == len(tiny[3].encode(text_file.read_text())) - 1
+    assert np.isfinite(result["perplexity"]) and result["lambada_num_examples"] == 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "is empty"),
+    ("no_final_word", "no final word"),
+    ("no_text_field", "no 'text' field"),
+    ("stride", "must not exceed"),
+    ("missing", "does not exist"),
+])
+def test_cli_bad_inputs(tiny, tmp_path, capsys, case, message):
+    folder = tiny[4]
+    good = tmp_path / "good.txt"
+    good.write_text("Some words to score here and there.\n" * 20)
+    args = ["--model", str(folder), "--no_progress"]
+    if case == "empty":
+        (tmp_path / "e.txt").write_text("  \n")
+        args += ["--text_file", str(tmp_path / "e.txt")]
+    elif case in ("no_final_word", "no_text_field"):
+        record = {"text": "single"} if case == "no_final_word" else {"txt": "a b c"}
+        (tmp_path / "l.jsonl").write_text(json.dumps({"text": "fine text here"}) + "\n" + json.dumps(record))
+        args += ["--lambada", str(tmp_path / "l.jsonl")]
+    elif case == "stride":
+        args += ["--text_file", str(good), "--stride", "600", "--max_length", "512"]
+    else:
+        args += ["--text_file", str(tmp_path / "nope.txt")]
+    assert evaluate.main(args) == 2
+    assert message in capsys.readouterr().err
