@@ -51,12 +51,26 @@ class GPT2DoubleHeadsOutput:
     hidden_states: tuple[Array, ...] | None = None
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """`nn.LogicallyPartitioned` that skips its sharding constraint while its value does not yet have
+    the named rank: `nn.DenseGeneral` unboxes its kernel at the flattened 2-D init shape before reshaping
+    it (flax issue #3676), which fails under a mesh + logical axis rules. The full-rank param is still
+    constrained when the module reads it."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _partitioned(init, axes: tuple[str | None, ...]):
+    return lambda *args, **kwargs: _LogicallyPartitioned(init(*args, **kwargs), axes)
+
+
 def _normal(std: float, axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+    return _partitioned(nn.initializers.normal(std), axes)
 
 
 def _zeros(axes):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+    return _partitioned(nn.initializers.zeros_init(), axes)
 
 
 def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
@@ -275,7 +289,12 @@ class GPT2LMHeadModel(_WithLMHead):
 
 
 class SequenceSummary(nn.Module):
-    """HF's `SequenceSummary` for the multiple-choice head: pick a vector per sequence, project, activate."""
+    """HF's `SequenceSummary` for the multiple-choice head: pick a vector per choice, project, activate.
+
+    `summary_type` "last" / "first" / "mean" summarize each choice's sequence. (transformers 5.x applies
+    those three to the 4-D [B, C, T, D] states as if they were [B, T, D], indexing the choices axis and
+    returning [B, T] scores; the default "cls_index" is the same in both.)
+    """
 
     config: GPT2Config
 

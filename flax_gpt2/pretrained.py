@@ -1,0 +1,264 @@
+"""`from_pretrained` / `save_pretrained`: Hugging Face GPT-2 folders and hub ids in, Hugging Face folders out.
+
+    model, params = flax_gpt2.from_pretrained("gpt2")            # hub id, or a local folder
+    logits = model.apply({"params": params}, input_ids).logits   # [B, T, V]
+    flax_gpt2.save_pretrained("out/gpt2-copy", model, params)    # transformers can load this folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import warnings
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from flax_gpt2 import checkpoint_files as files
+from flax_gpt2.config import GPT2Config
+from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
+from flax_gpt2.weights import check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
+# Non-weight files worth fetching from the hub: the config, generation defaults, the tokenizer.
+_HUB_EXTRA_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json")
+_SHARD = {files.SAFETENSORS_INDEX: r"model-\d+-of-\d+\.safetensors",
+          files.TORCH_BIN_INDEX: r"pytorch_model-\d+-of-\d+\.bin"}
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                    model_class: type = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
+                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """Loads a GPT-2 model and its parameters.
+
+    Args:
+      name_or_path: a local folder (a Hugging Face model folder, a folder written by `save_pretrained`
+        or `python -m flax_gpt2.convert`, or a flax_gpt2 training run), or a hub id such as "gpt2" or
+        "openai-community/gpt2-medium". Weights are read from `model.safetensors` (also sharded),
+        `pytorch_model.bin` (read without torch and without running pickled code) or
+        `flax_model.msgpack`, preferring safetensors.
+      dtype: compute dtype (e.g. `jnp.bfloat16`); default float32.
+      param_dtype: dtype the parameters are stored in; default float32 (fp16/bf16 checkpoints are cast).
+      model_class: GPT2Model, GPT2LMHeadModel or GPT2DoubleHeadsModel. A multiple-choice head missing
+        from the checkpoint is initialized randomly (from `seed`) with a warning, as transformers does.
+      revision: hub branch, tag or commit.
+      progress: show progress bars.
+      seed: seeds a missing multiple-choice head.
+
+    Returns:
+      `(model, params)`: call `model.apply({"params": params}, input_ids, attention_mask=mask)`.
+    """
+    if model_class not in MODEL_CLASSES.values():
+        raise ValueError(f"model_class must be one of {sorted(MODEL_CLASSES)}, got {model_class!r}")
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    folder = resolve(name_or_path, revision=revision, progress=progress)
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        run = _load_training_run(folder)
+        if run is None:
+            raise FileNotFoundError(f"{folder} has no config.json: it is neither a Hugging Face GPT-2 folder "
+                                    "nor a flax_gpt2 training run")
+        config, params = run
+        config = config.replace(**overrides)
+        check_params(params, config, infer_model_class(params))
+        params = _adapt(params, config, infer_model_class(params), model_class, seed)
+    else:
+        config = GPT2Config.from_hf_config(folder, **overrides)
+        tensors = files.read_weights(files.find_weights(folder), progress=progress)
+        params = params_from_hf_state_dict(tensors, config, model_class, seed=seed)
+    return model_class(config), _to_device(params, config.param_dtype, progress)
+
+
+def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], tokenizer: Any = True, *,
+                    overwrite: bool = False, dtype: Any = jnp.float32, max_shard_size: int | str = "50GB",
+                    progress: bool = True) -> str:
+    """Writes a Hugging Face GPT-2 folder that `transformers.AutoModel*.from_pretrained` and
+    `flax_gpt2.from_pretrained` both load.
+
+    Writes `config.json`, `model.safetensors` (HF key names; shards plus `model.safetensors.index.json`
+    past `max_shard_size`; a tied `lm_head` is not written, as transformers does),
+    `generation_config.json`, and the tokenizer's `vocab.json` + `merges.txt`.
+
+    Args:
+      path: the output folder. If it exists and holds anything, `overwrite=True` is required; then only
+        the files written here (and stale weight shards that would shadow them) are replaced.
+      model: the flax_gpt2 model (its class sets `architectures` and the key prefix).
+      params: its parameters (`{"params": ...}` is accepted too).
+      tokenizer: True for the standard GPT-2 tokenizer, a folder to take it from, a `Tokenizer`, or
+        False/None to write none.
+      dtype: dtype of the saved floating-point tensors (float32 unless asked; bf16 params are upcast).
+      max_shard_size: e.g. "5GB"; larger models are sharded.
+      progress: show progress bars.
+
+    Returns:
+      The folder's path.
+    """
+    model_class = type(model)
+    if model_class not in MODEL_CLASSES.values():
+        raise ValueError(f"model must be a GPT2Model, GPT2LMHeadModel or GPT2DoubleHeadsModel, got {model_class}")
+    if set(params) == {"params"}:
+        params = params["params"]
+    folder = os.fspath(path)
+    _check_writable(folder, overwrite)
+    config: GPT2Config = model.config
+    state = hf_state_dict_from_params(params, config, model_class)
+    dtype = np.dtype(dtype)
+    state = {k: v.astype(dtype, copy=False) if jnp.issubdtype(v.dtype, jnp.floating) else v
+             for k, v in state.items()}
+
+    os.makedirs(folder, exist_ok=True)
+    _remove_stale_weights(folder)
+    files.write_safetensors(folder, state, metadata={"format": "pt"}, max_shard_size=max_shard_size,
+                            progress=progress)
+    hf_config = config.to_hf_config(architectures=(model_class.__name__,))
+    hf_config["dtype"] = dtype.name
+    _write_json(os.path.join(folder, "config.json"), hf_config)
+    _write_json(os.path.join(folder, "generation_config.json"),
+                {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
+    _save_tokenizer(folder, tokenizer)
+    return folder
+
+
+# --- resolution: local folder or hub id ----------------------------------------------------------------
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, progress: bool = True) -> str:
+    """A local folder for `name_or_path`: the folder itself, or a hub snapshot holding only one weights format."""
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path} is a file; pass the folder that holds it and its config.json")
+    # Hub ids are "name" or "org/name"; anything else can only have been meant as a local path.
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"no such folder: {path}")
+    return _download(path, revision, progress)
+
+
+def _download(repo_id: str, revision: str | None, progress: bool) -> str:
+    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    with _hub_progress(progress):
+        try:
+            listing = set(list_repo_files(repo_id, revision=revision))
+        except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
+            raise OSError(f"{repo_id!r} is not a local folder, and the Hugging Face hub says: {e}") from e
+        except Exception as e:  # offline mode, no network, timeouts: fall back to the hub cache
+            try:
+                return snapshot_download(repo_id, revision=revision, local_files_only=True)
+            except Exception:
+                raise OSError(
+                    f"{repo_id!r} is not a local folder, the Hugging Face hub cannot be reached "
+                    f"({type(e).__name__}: {e}), and the hub cache holds no copy. On a machine with network, "
+                    f"run `hf download {repo_id} --local-dir DIR` (or `git clone "
+                    f"https://huggingface.co/{repo_id}`), then pass that folder: from_pretrained('DIR').") from e
+        weights = next((name for name in files.WEIGHT_FILES if name in listing), None)
+        if weights is None:
+            raise FileNotFoundError(f"hub repo {repo_id!r} has no GPT-2 weights ({', '.join(files.WEIGHT_FILES)})")
+        wanted = [name for name in _HUB_EXTRA_FILES if name in listing] + [weights]
+        if weights in _SHARD:
+            wanted += sorted(name for name in listing if re.fullmatch(_SHARD[weights], name))
+        return snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
+
+
+def _load_training_run(folder: str):
+    """`(config, params)` when `folder` is a flax_gpt2 training run, else None."""
+    try:
+        from flax_gpt2 import run_checkpoint
+    except ModuleNotFoundError as e:
+        if e.name != "flax_gpt2.run_checkpoint":
+            raise
+        return None
+    if not run_checkpoint.is_training_run(folder):
+        return None
+    return run_checkpoint.load_run(folder)
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def _adapt(params, config: GPT2Config, from_class: type, to_class: type, seed: int):
+    """Params of `from_class` re-keyed for `to_class` (heads dropped or added as the rename table says)."""
+    if from_class is to_class:
+        return params
+    return params_from_hf_state_dict(hf_state_dict_from_params(params, config, from_class), config, to_class,
+                                     seed=seed)
+
+
+def _to_device(params, param_dtype, progress: bool):
+    """Casts floating-point arrays to `param_dtype` and moves every array to the default device."""
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for x in tqdm(leaves, desc="Converting", unit="tensor", disable=not progress, leave=False):
+        x = jnp.asarray(x)  # cast on device: XLA's convert is much faster than numpy's for bfloat16
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != param_dtype:
+            x = x.astype(param_dtype)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check_writable(folder: str, overwrite: bool) -> None:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"{folder} exists and is not a folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+        held = sorted(os.listdir(folder))
+        raise FileExistsError(f"{folder} is not empty (holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''});"
+                              " pass overwrite=True to write into it (only the files a save writes are replaced)")
+
+
+def _remove_stale_weights(folder: str) -> None:
+    # Left behind, an old index or shards could be loaded instead of (or mixed with) the new weights.
+    for name in os.listdir(folder):
+        if name in (files.SAFETENSORS, files.SAFETENSORS_INDEX) or re.fullmatch(
+                _SHARD[files.SAFETENSORS_INDEX], name):
+            os.remove(os.path.join(folder, name))
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _save_tokenizer(folder: str, tokenizer) -> None:
+    if tokenizer is None or tokenizer is False:
+        return
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(folder)
+        return
+    try:
+        from flax_gpt2.tokenizer import get_tokenizer
+    except ModuleNotFoundError as e:
+        if e.name != "flax_gpt2.tokenizer":
+            raise
+        warnings.warn("flax_gpt2.tokenizer is not available; no tokenizer files were written", stacklevel=3)
+        return
+    if tokenizer is True:
+        try:
+            tok = get_tokenizer(None)
+        except Exception as e:  # e.g. offline with no cached encoding: the weights are still worth saving
+            warnings.warn(f"the GPT-2 tokenizer could not be loaded ({e}); no tokenizer files were written. "
+                          "Pass tokenizer=<folder with vocab.json + merges.txt> to include them.", stacklevel=3)
+            return
+    else:
+        tok = get_tokenizer(os.fspath(tokenizer))
+    tok.save(folder)
