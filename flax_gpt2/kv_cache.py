@@ -13,8 +13,9 @@ from flax_gpt2.config import GPT2Config
 class KVCache:
     """Per-layer keys and values for S cache slots, plus how many slots are filled.
 
-    `keys[l]` and `values[l]` are `[B, S, H, K]`. Every row shares `index` (the next slot to write);
-    prompts of different lengths are left-padded and the padding masked with `attention_mask`.
+    `keys[l]` and `values[l]` are `[B, H, S, K]` (heads before slots, so that attention reads them without
+    a transpose). Every row shares `index` (the next slot to write); prompts of different lengths are
+    left-padded and the padding masked with `attention_mask`.
     """
 
     keys: tuple[jax.Array, ...]
@@ -26,7 +27,7 @@ class KVCache:
         """An empty cache of `max_length` slots (at most `config.n_positions`)."""
         if max_length > config.n_positions:
             raise ValueError(f"cache length {max_length} exceeds the model's n_positions={config.n_positions}")
-        shape = (batch_size, max_length, config.n_head, config.head_dim)
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
         dtype = dtype or config.dtype
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
@@ -34,4 +35,4 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[1]
+        return self.keys[0].shape[2]

@@ -100,12 +100,18 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
         new_kv = None
+        kv_axes = "BSHK"
         if cache_kv is not None:
+            # The cache is [B, H, S, K]: each head's keys are contiguous, so the attention dots over the
+            # cache need no per-step transpose (a copy of the whole cache) before the matmul.
             cache_k, cache_v, index = cache_kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
+                                             (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
+                                             (0, 0, index, 0))
             new_kv = (k, v)
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
+            kv_axes = "BHSK"
 
         scale = 1.0
         if cfg.scale_attn_weights:
@@ -114,12 +120,12 @@ class Attention(nn.Module):
             scale /= float(self.layer_idx + 1)
         if cfg.reorder_and_upcast_attn:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.einsum(f"BTHK,{kv_axes}->BHTS", q, k, preferred_element_type=jnp.float32) * scale
         # finfo.min (not -inf) as HF does: a fully masked row (a left-padding query) stays finite.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
         probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        out = jnp.einsum("BHTS,BSHK->BTHK", probs, v)
+        out = jnp.einsum(f"BHTS,{kv_axes}->BTHK", probs, v)
 
         out = nn.DenseGeneral(
             features=cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",

@@ -1,0 +1,146 @@
+"""Decoding speed: flax_gpt2.generate vs transformers' PyTorch `generate`, same random GPT-2 weights, one run.
+
+    python benchmarks/decode.py                       # gpt2-124M shape, prompt 32, 128 new tokens, batch 1 and 8
+    python benchmarks/decode.py --dtypes float32 bfloat16 --batch_sizes 1 8 --repeats 5
+
+Greedy decoding with EOS disabled, so every run makes exactly `--new_tokens` tokens per row. Reported:
+tokens/s (batch * new tokens / wall time of one `generate` call, median of `--repeats` after a warm-up),
+flax_gpt2's compile time (the jitted prefill + decode loop, compiled ahead of time) and its first call
+(compilation included), and time to first token (a warm call with one new token: prefill plus choosing
+the first token). Both libraries use the same number of threads (`--threads`, default all cores). The two
+models get the same weights, and the script checks that their greedy tokens agree. Other processes on the
+machine skew everything, PyTorch's threads most: the load average is printed before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_gpt2 import GPT2Config, GPT2LMHeadModel
+from flax_gpt2.generation import SamplingParams, generate, sampling
+from flax_gpt2.generation.generate import _head, _prepare
+from flax_gpt2.weights import params_from_hf_state_dict
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flax_model(hf_model, dtype):
+    config = GPT2Config.from_hf_config(hf_model.config.to_dict(), dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    state = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
+    params = params_from_hf_state_dict(state, config, GPT2LMHeadModel)
+    return GPT2LMHeadModel(config), jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
+
+
+def compile_seconds(model, params, ids, new_tokens):
+    """Wall time to compile the computation `generate` runs for these shapes (greedy), ahead of time."""
+    args, _ = _prepare(model, ids, None, new_tokens, dict(
+        do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        num_beams=1, num_return_sequences=1, eos_token_id=None, pad_token_id=None))
+    start = time.perf_counter()
+    sampling.generate_tokens.lower(
+        model, params, _head(model, params), args["input_ids"], args["attention_mask"], SamplingParams.create(),
+        args["eos_token_id"], args["pad_token_id"], jnp.int32(0), jnp.int32(new_tokens),
+        cache_len=args["cache_len"]).compile()
+    return time.perf_counter() - start
+
+
+def bench_flax(model, params, ids, new_tokens, repeats):
+    run = lambda n: generate(model, params, ids, max_new_tokens=n)  # noqa: E731  (returns numpy: waits)
+    compile_s = compile_seconds(model, params, ids, new_tokens)
+    start = time.perf_counter()
+    tokens = run(new_tokens)  # compiles again: an ahead-of-time compilation does not fill jit's cache
+    first_call_s = time.perf_counter() - start
+    seconds = timed(lambda: run(new_tokens), repeats)
+    ttft = timed(lambda: run(1), repeats)
+    return tokens, dict(tok_s=ids.shape[0] * new_tokens / seconds, step_ms=1e3 * seconds / new_tokens,
+                        compile_s=compile_s, first_call_s=first_call_s, ttft_ms=1e3 * ttft)
+
+
+def bench_torch(hf_model, ids, new_tokens, repeats):
+    import torch
+
+    input_ids = torch.as_tensor(ids)
+    mask = torch.ones_like(input_ids)
+
+    def run(n):
+        with torch.inference_mode():
+            return hf_model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                     pad_token_id=0).numpy()
+
+    tokens = run(new_tokens)
+    seconds = timed(lambda: run(new_tokens), repeats)
+    ttft = timed(lambda: run(1), repeats)
+    return tokens, dict(tok_s=ids.shape[0] * new_tokens / seconds, step_ms=1e3 * seconds / new_tokens,
+                        ttft_ms=1e3 * ttft)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES),
+                        help="bfloat16 is slower on CPU (XLA converts the weights to float32 every step)")
+    parser.add_argument("--prompt_length", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--preset", default="gpt2", help="flax_gpt2 preset whose shape to use")
+    parser.add_argument("--no_torch", action="store_true", help="skip transformers PyTorch")
+    args = parser.parse_args(argv)
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(**GPT2Config.from_preset(args.preset).to_hf_config())
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.generation_config.eos_token_id = None  # always make --new_tokens tokens
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); transformers {transformers.__version__}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{args.preset}: prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy\n")
+    print(f"{'library':<22}{'dtype':<10}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'TTFT ms':>9}"
+          f"{'compile s':>11}{'1st call s':>11}{'vs torch':>10}")
+    rng = np.random.default_rng(0)
+    for dtype in args.dtypes:
+        model, params = flax_model(hf_model, dtype)
+        torch_model = hf_model if dtype == "float32" else hf_model.to(getattr(torch, dtype))
+        for batch in args.batch_sizes:
+            ids = rng.integers(0, hf_config.vocab_size, (batch, args.prompt_length))
+            ours_tokens, ours = bench_flax(model, params, ids, args.new_tokens, args.repeats)
+            rows = [("flax_gpt2", ours)]
+            if not args.no_torch:
+                ref_tokens, ref = bench_torch(torch_model, ids, args.new_tokens, args.repeats)
+                rows.insert(0, ("transformers PyTorch", ref))
+                agree = (ours_tokens == ref_tokens).all(axis=1).mean()
+                ours["vs"] = ours["tok_s"] / ref["tok_s"]
+            for name, r in rows:
+                print(f"{name:<22}{dtype:<10}{batch:>6}{r['tok_s']:>9.1f}{r['step_ms']:>9.1f}{r['ttft_ms']:>9.1f}"
+                      f"{r.get('compile_s', float('nan')):>11.2f}{r.get('first_call_s', float('nan')):>11.2f}"
+                      + (f"{r['vs']:>9.2f}x" if "vs" in r else ""))
+            if not args.no_torch:
+                print(f"{'':<22}greedy tokens identical in {agree:.0%} of rows")
+        hf_model.float()
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Defaults for every training run; the run configs beside this file only override them.
+
+`python -m train --config configs/<name>.py --workdir DIR --config.KEY=VALUE` loads `get_config()` from
+the file and applies dotted overrides (`--config.optimizer.lr=3e-4`, `--config.mesh.fsdp=4`); a key that
+is not defined here is an error.
+"""
+
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+# The folder beside the checkout with the GPT-2 BPE files and small corpora (tests, demos).
+SHARED = os.environ.get("FLAX_GPT2_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+def shared_path(*parts: str) -> str:
+    """A path under SHARED if it exists there, else "" (the config then needs it set)."""
+    path = os.path.normpath(os.path.join(SHARED, *parts))
+    return path if os.path.exists(path) else ""
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Model: a flax_gpt2 preset, optionally resized. `None` keeps the preset's value.
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "gpt2"
+    c.model.n_layer = config_dict.placeholder(int)
+    c.model.n_embd = config_dict.placeholder(int)
+    c.model.n_head = config_dict.placeholder(int)
+    c.model.n_positions = config_dict.placeholder(int)
+    c.model.dropout = 0.0  # resid/embd/attn dropout; 0 is best for pretraining (nanoGPT), try 0.1 to fine-tune
+    c.model.dtype = "bfloat16"  # compute dtype; master params and optimizer state stay in param_dtype
+    c.model.param_dtype = "float32"
+    c.model.remat = False  # recompute each block in the backward pass: less activation memory, ~30% more FLOPs
+    # Start from pretrained weights: a Hugging Face folder or hub name, or a training run's workdir, read
+    # by `flax_gpt2.from_pretrained`. Empty trains from scratch. The architecture then comes from there.
+    c.init_from = ""
+
+    # Data: see train/data.py for what `source` may be.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = ""
+    c.data.text_field = "text"  # the text column of jsonl / `datasets` sources
+    c.data.dataset_config = ""  # `datasets.load_dataset(source, name=...)`
+    c.data.split = "train"  # the `datasets` split that is tokenized (the held-out split is cut from it)
+    c.data.tokenizer = ""  # a folder with GPT-2 BPE files; empty is the standard GPT-2 tokenizer
+    c.data.cache_dir = ""  # where tokenized corpora are kept; empty: $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2
+    c.data.seq_len = 1024
+    c.data.val_fraction = 0.0005  # the last fraction of the token stream is held out for eval
+    c.data.num_threads = 0  # tokenizer threads; 0 = all cores
+
+    # Batch: `batch_size` sequences per optimizer step, computed as `batch_size // micro_batch_size`
+    # accumulated micro-batches (0 = no accumulation). Both are global, across all devices and hosts.
+    c.batch_size = 512
+    c.micro_batch_size = 0
+    c.steps = 600_000  # total optimizer steps
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 6e-4
+    c.optimizer.warmup_steps = 2000  # linear warmup from 0, then cosine decay
+    c.optimizer.decay_steps = 0  # length of warmup + cosine; 0 = `steps`
+    c.optimizer.min_lr_ratio = 0.1  # the cosine ends at lr * min_lr_ratio (Chinchilla, nanoGPT)
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1  # on matrices and embeddings only; never on biases or LayerNorm
+    c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 disables
+
+    # Device mesh (data, fsdp, tensor); -1 takes the devices the other two leave.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    # Logical axis names of the model's params and activations -> mesh axes, first match wins. The
+    # vocabulary (50257 = 29 * 1733) divides by no mesh size, so the tied embedding is split on `embed`.
+    c.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),
+        ("vocab", None),
+        ("length", None),
+    )
+
+    # Multi-host: `jax.distributed.initialize`. On TPU pods and SLURM, enabled=True is enough.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+
+    c.log_every = 10
+    c.eval_every = 1000
+    c.eval_batches = 20  # held-out batches of `eval_batch_size` per eval
+    c.eval_batch_size = 0  # 0 = micro_batch_size
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.progress_bar = True
+    # Peak FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py). An
+    # estimate: ~200 GFLOP/s is what a 2048^3 fp32 matmul reaches on a 2-core dev machine.
+    c.cpu_peak_flops = 200e9
+
+    # After training: sample from the final model (empty prompt = no sample).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = ""
+    c.sample.max_new_tokens = 200
+    c.sample.temperature = 0.8
+    c.sample.top_k = 200
+    return c

@@ -1,0 +1,135 @@
+"""`pipeline("text-generation", model=...)`: text in, text out, like transformers' pipeline of that name.
+
+    from flax_gpt2 import pipeline, set_seed
+    generator = pipeline("text-generation", model="gpt2")
+    set_seed(42)
+    generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)
+    # [{'generated_text': "Hello, I'm a language model, ..."}, ...]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from flax_gpt2.generation.generate import generate
+
+_DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
+_seeds = np.random.default_rng(0)
+
+
+def set_seed(seed: int) -> None:
+    """Makes the following pipeline calls reproducible (each call draws its seed from this sequence).
+
+    Like `transformers.set_seed`, for flax_gpt2's generation; the sequence starts at seed 0 when it is
+    never called. A `seed=` given to a call wins over it.
+    """
+    global _seeds
+    _seeds = np.random.default_rng(seed)
+
+
+class TextGenerationPipeline:
+    """Generates continuations of strings. Build it with `pipeline("text-generation", model=...)`."""
+
+    def __init__(self, model, params, tokenizer):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+
+    def __call__(self, text_inputs: str | Sequence[str], *, max_length: int | None = None,
+                 max_new_tokens: int | None = None, num_return_sequences: int = 1, do_sample: bool = True,
+                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                 return_full_text: bool = True, seed: int | None = None) -> list[dict[str, str]] | list[list[dict]]:
+        """Generates text for one prompt (returns a list of dicts) or several (a list of such lists).
+
+        Args:
+          text_inputs: a prompt or a list of prompts. `<|endoftext|>` in a prompt is the special token; an
+            empty prompt starts from it.
+          max_length: the length in tokens of prompt plus continuation (per prompt), as in transformers.
+          max_new_tokens: the number of new tokens (wins over `max_length`); default 256 (as transformers)
+            or what still fits the model's `n_positions`.
+          num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
+          no_repeat_ngram_size, num_beams, length_penalty: as in `flax_gpt2.generate`. The defaults are
+            transformers': sampling with top-k 50.
+          return_full_text: prepend the prompt to each generated text.
+          seed: the random seed; default the next one from `set_seed`'s sequence.
+        Returns:
+          `[{"generated_text": str}, ...]` with `num_return_sequences` entries per prompt.
+        """
+        single = isinstance(text_inputs, str)
+        prompts = [text_inputs] if single else text_inputs
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
+        eot = self.tokenizer.eot_token
+        encoded = [self.tokenizer.encode(p, allowed_special="all") or [eot] for p in prompts]
+        longest = max(len(e) for e in encoded)
+        n_positions = self.model.config.n_positions
+        if max_new_tokens is not None:
+            per_prompt = [max_new_tokens] * len(encoded)
+        elif max_length is not None:
+            per_prompt = [max_length - len(e) for e in encoded]
+            short = [i for i, n in enumerate(per_prompt) if n < 1]
+            if short:
+                raise ValueError(f"max_length={max_length} leaves no room for new tokens after prompt {short[0]} "
+                                 f"({len(encoded[short[0]])} tokens); raise it or pass max_new_tokens")
+        else:
+            per_prompt = [min(_DEFAULT_MAX_NEW_TOKENS, n_positions - longest)] * len(encoded)
+        ids = np.full((len(encoded), longest), eot, np.int32)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, longest - len(e):], mask[i, longest - len(e):] = e, 1
+        if seed is None:
+            seed = int(_seeds.integers(2**31 - 1))
+        # One batch; each row's output equals generating it alone, so a shorter max_length just cuts it.
+        out = np.asarray(generate(
+            self.model, self.params, ids, mask, max_new_tokens=max(per_prompt), do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
+            num_return_sequences=num_return_sequences, eos_token_id=eot, pad_token_id=eot, seed=seed))
+        results = []
+        for i, prompt in enumerate(prompts):
+            rows = out[i * num_return_sequences:(i + 1) * num_return_sequences, longest:longest + per_prompt[i]]
+            texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+            results.append([{"generated_text": prompt + t if return_full_text else t} for t in texts])
+        return results[0] if single else results
+
+
+def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any = None, dtype: Any = None,
+             progress: bool = True) -> TextGenerationPipeline:
+    """A text-generation pipeline, as `transformers.pipeline("text-generation", model=...)`.
+
+    Args:
+      task: only "text-generation".
+      model: a hub id, a Hugging Face folder or a flax_gpt2 training run (loaded with
+        `flax_gpt2.from_pretrained`), or a `(model, params)` pair.
+      tokenizer: a `flax_gpt2.tokenizer.Tokenizer` or where to load one from; default the model folder's
+        (`vocab.json` + `merges.txt`), else the standard GPT-2 tokenizer.
+      dtype: compute dtype for a model loaded here (e.g. `jnp.bfloat16`).
+      progress: show loading progress.
+    """
+    if task != "text-generation":
+        raise ValueError(f"flax_gpt2.pipeline supports only task='text-generation', got {task!r}")
+    if model is None:
+        raise ValueError("pass model=: a hub id such as 'gpt2', a model folder, or a (model, params) pair")
+    from flax_gpt2.tokenizer import Tokenizer, get_tokenizer
+
+    folder = None
+    if isinstance(model, (str, os.PathLike)):
+        from flax_gpt2.pretrained import from_pretrained, resolve
+
+        folder = resolve(model, progress=progress)
+        model, params = from_pretrained(folder, dtype=dtype, progress=progress)
+    else:
+        model, params = model
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = get_tokenizer(tokenizer if tokenizer is not None else tokenizer_source(folder))
+    return TextGenerationPipeline(model, params, tokenizer)
+
+
+def tokenizer_source(folder: str | None) -> str | None:
+    """The model folder when it holds tokenizer files, else None (the standard GPT-2 tokenizer)."""
+    if folder is not None and any(os.path.isfile(os.path.join(folder, a)) and os.path.isfile(os.path.join(folder, b))
+                                  for a, b in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))):
+        return folder
+    return None

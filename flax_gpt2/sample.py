@@ -1,0 +1,239 @@
+"""Generate text from the command line.
+
+    python -m flax_gpt2.sample --model gpt2 --prompt "Hello, I'm a language model,"
+    echo "Once upon a time" | python -m flax_gpt2.sample --model gpt2 --length 50 --seed 1
+    python -m flax_gpt2.sample --model runs/my-run --prompt "<|endoftext|> kid, room, dance:" --stop_token "."
+
+`--model` is a hub id, a Hugging Face folder, or a flax_gpt2 training run. Sampling (top-k 50, as
+transformers' defaults) unless `--greedy`, or beam search with `--num_beams`; the same `--seed` gives the
+same text. A single sequence is printed as it is generated. Models that need converting (PyTorch `.bin`,
+Flax msgpack, training runs) are converted once and cached, and the compiled decode loop goes to JAX's
+persistent compilation cache, both under `$FLAX_GPT2_CACHE` (default `~/.cache/flax_gpt2`), so the next
+start is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_gpt2 import checkpoint_files
+from flax_gpt2.generation.generate import generate, generate_stream
+from flax_gpt2.generation.pipeline import tokenizer_source
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+    """Where converted models and compiled code are cached: `cache_dir`, `$FLAX_GPT2_CACHE`, or ~/.cache/flax_gpt2."""
+    return os.path.expanduser(cache_dir or os.environ.get("FLAX_GPT2_CACHE") or "~/.cache/flax_gpt2")
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache, so that a second run skips compiling the decode loop."""
+    path = os.path.join(cache_root(cache_dir), "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
+def _needs_conversion(folder: str) -> bool:
+    """safetensors folders load directly (memory-mapped, no conversion); everything else is worth caching."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return True  # a training run
+    return not os.path.basename(checkpoint_files.find_weights(folder)).startswith(checkpoint_files.SAFETENSORS)
+
+
+def _fingerprint(folder: str) -> str:
+    """Names a folder's current contents: its path and every file's size and modification time."""
+    digest = hashlib.sha256(os.path.abspath(folder).encode())
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None, progress: bool = True,
+               log: Callable[[str], None] = lambda msg: None):
+    """`(model, params, tokenizer)` for a hub id, a Hugging Face folder or a training run.
+
+    A model that needs converting (not safetensors) is converted once and cached as a safetensors folder
+    under `cache_root(cache_dir)/models/`, keyed by the source folder's path and file dates; later loads
+    read the cached copy.
+    """
+    from flax_gpt2.pretrained import from_pretrained, resolve, save_pretrained
+    from flax_gpt2.tokenizer import get_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
+    folder = resolve(name_or_path, progress=progress)
+    tokenizer = get_tokenizer(tokenizer_source(folder))
+    if not _needs_conversion(folder):
+        log(f"Loading {folder}")
+        model, params = from_pretrained(folder, **kwargs)
+        return model, params, tokenizer
+    cached = os.path.join(cache_root(cache_dir), "models", _fingerprint(folder))
+    if not os.path.isfile(os.path.join(cached, checkpoint_files.SAFETENSORS)):
+        log(f"Converting {folder} (once; cached in {cached})")
+        model, params = from_pretrained(folder, progress=progress)
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        staging = tempfile.mkdtemp(dir=os.path.dirname(cached), prefix=".converting-")
+        try:
+            save_pretrained(staging, model, params, tokenizer=tokenizer, overwrite=True, progress=progress)
+            os.replace(staging, cached)  # atomic: a half-written copy is never picked up
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.isdir(cached):
+                raise
+    log(f"Loading {cached} (converted from {folder})")
+    model, params = from_pretrained(cached, **kwargs)
+    return model, params, tokenizer
+
+
+class _Printer:
+    """Prints a growing text as tokens arrive: holds back an unfinished UTF-8 character and anything that
+    could still turn out to be the start of the stop string."""
+
+    def __init__(self, write: Callable[[str], None], stop_token: str | None):
+        self.write, self.stop_token, self.printed = write, stop_token, 0
+
+    def update(self, text: str, final: bool = False) -> bool:
+        """Prints what is safe of `text` (the continuation so far); returns True once the stop string appeared."""
+        stop = self.stop_token and text.find(self.stop_token)
+        stopped = bool(self.stop_token) and stop >= 0
+        if stopped:
+            text = text[:stop]
+        elif not final:
+            if text.endswith("\ufffd"):  # half of a multi-byte character
+                text = text[:-1]
+            if self.stop_token:
+                text = text[:max(self.printed, len(text) - len(self.stop_token) + 1)]
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
+            self.printed = len(text)
+        return stopped
+
+
+def _new_text(tokenizer, tokens: np.ndarray, stop_token: str | None) -> str:
+    """Decodes new tokens up to the first <|endoftext|>, then cuts at the stop string (not included)."""
+    tokens = tokens.tolist()
+    if tokenizer.eot_token in tokens:
+        tokens = tokens[:tokens.index(tokenizer.eot_token)]
+    text = tokenizer.decode(tokens)
+    if stop_token and stop_token in text:
+        text = text[:text.index(stop_token)]
+    return text
+
+
+def sample(model, params, tokenizer, prompt: str, *, max_new_tokens: int = 20, do_sample: bool = True,
+           temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           num_return_sequences: int = 1, num_beams: int = 1, stop_token: str | None = None, seed: int = 0,
+           stream: Callable[[str], None] | None = None) -> list[str]:
+    """Continues `prompt`; returns each sequence's text (prompt + continuation).
+
+    `<|endoftext|>` in the prompt is the special token (as in the model card's CommonGen format); an empty
+    prompt starts from it. The continuation ends at <|endoftext|> and, with `stop_token`, just before that
+    string. With `stream` (one greedy or sampled sequence only), the prompt and then the continuation
+    are passed to it piece by piece as they are produced.
+    """
+    ids = tokenizer.encode(prompt, allowed_special="all") or [tokenizer.eot_token]
+    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                   top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+                   eos_token_id=tokenizer.eot_token, seed=seed)
+    if stream is not None:
+        if num_return_sequences != 1 or num_beams != 1:
+            raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")
+        stream(prompt)
+        printer, new = _Printer(stream, stop_token), []
+        for chunk in generate_stream(model, params, [ids], **options):
+            new.extend(chunk[0].tolist())
+            if printer.update(_new_text(tokenizer, np.asarray(new), None)):
+                break  # the stop string appeared: stop generating
+        printer.update(_new_text(tokenizer, np.asarray(new), stop_token), final=True)
+        return [prompt + _new_text(tokenizer, np.asarray(new), stop_token)]
+    out = np.asarray(generate(model, params, [ids], num_beams=num_beams, **options))
+    return [prompt + _new_text(tokenizer, row[len(ids):], stop_token) for row in out]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flax_gpt2.sample", description=__doc__.split("\n\n")[0],
+                                     epilog="The prompt is read from stdin when --prompt is not given.")
+    parser.add_argument("--model", default="gpt2", help="hub id, Hugging Face folder, or training run folder")
+    parser.add_argument("--prompt", default=None, help="the text to continue (default: read stdin)")
+    parser.add_argument("--max_new_tokens", "--length", dest="max_new_tokens", type=_positive_int, default=20,
+                        help="tokens to generate (default 20)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", "--k", dest="top_k", type=int, default=50, help="0 disables (default 50)")
+    parser.add_argument("--top_p", "--p", dest="top_p", type=float, default=1.0, help="1.0 disables (default)")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--num_return_sequences", type=_positive_int, default=1)
+    parser.add_argument("--num_beams", type=_positive_int, default=1, help="> 1: beam search (no sampling)")
+    parser.add_argument("--stop_token", default=None, help="cut each text just before this string")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--greedy", action="store_true", help="most likely token instead of sampling")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="compute and parameter dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
+    parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
+    parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
+    args = parser.parse_args(argv)
+    if args.greedy and args.num_beams == 1 and args.num_return_sequences > 1:
+        parser.error("--greedy gives one sequence; drop it to sample several, or use --num_beams")
+    if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
+        parser.error(f"--num_return_sequences ({args.num_return_sequences}) cannot exceed "
+                     f"--num_beams ({args.num_beams})")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.progress else (lambda msg: None)
+    enable_compilation_cache(args.cache_dir)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\n")
+    try:
+        model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir,
+                                              progress=args.progress, log=log)
+        streaming = args.num_return_sequences == 1 and args.num_beams == 1
+
+        def write(text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        start = time.perf_counter()
+        texts = sample(model, params, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                       do_sample=not args.greedy and args.num_beams == 1, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                       num_return_sequences=args.num_return_sequences, num_beams=args.num_beams,
+                       stop_token=args.stop_token, seed=args.seed, stream=write if streaming else None)
+    except (OSError, ValueError, TypeError) as e:
+        sys.exit(f"error: {e}")
+    if streaming:
+        print()
+    else:
+        for i, text in enumerate(texts, 1):
+            print(f"=== GENERATED SEQUENCE {i} ===\n{text}")
+    log(f"({time.perf_counter() - start:.1f} s, compilation included on a first run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The decode loop: parity with transformers' greedy and beam search, cache vs. full recompute, left padding,
+EOS handling, bucketing, streaming, and argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_model
+from flax_gpt2 import GPT2Config, GPT2DoubleHeadsModel, GPT2LMHeadModel, init_params
+from flax_gpt2.generation import generate, generate_stream, sampling
+from flax_gpt2.generation.model_step import forward, output_projection, prefill
+from flax_gpt2.pretrained import from_pretrained
+
+torch.set_grad_enabled(False)
+
+EOT = 50256
+PROMPTS = [[464, 2068, 7586, 21831], [40, 588, 257, 3290, 290, 262, 1110, 318, 1049], [EOT]]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, our model, our params) with the same weights. A large initializer_range makes
+    the random model's next-token distribution peaked and varied, so greedy output is not one repeated
+    token and argmax ties are far apart."""
+    hf, folder = make_hf_model(tmp_path_factory, "hf_generation", n_positions=256, initializer_range=0.3)
+    model, params = from_pretrained(folder, progress=False)
+    return hf, model, params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = GPT2LMHeadModel(GPT2Config.from_preset("tiny", initializer_range=0.3))
+    return model, init_params(model, jax.random.PRNGKey(0))
+
+
+def left_pad(prompts, pad=EOT):
+    t = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), t), pad, np.int64)
+    mask = np.zeros((len(prompts), t), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    return ids, mask
+
+
+def hf_generate(hf, ids, mask, **kwargs):
+    kwargs.setdefault("pad_token_id", EOT)
+    return hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **kwargs).numpy()
+
+
+def assert_same_tokens(ours, ref, pad):
+    """transformers stops when every row is done; past its length our rows must be padding."""
+    ours = np.asarray(ours)
+    assert ours.shape[0] == ref.shape[0] and ours.shape[1] >= ref.shape[1]
+    np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
+    assert (ours[:, ref.shape[1]:] == pad).all()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["4-tokens", "9-tokens", "endoftext"])
+def test_greedy_matches_transformers(pair, prompt):
+    hf, model, params = pair
+    ids, mask = left_pad([prompt])
+    ref = hf_generate(hf, ids, mask, do_sample=False, max_new_tokens=128, eos_token_id=EOT)
+    ours = generate(model, params, ids, mask, max_new_tokens=128, eos_token_id=EOT)
+    assert ours.shape == (1, len(prompt) + 128)
+    assert_same_tokens(ours, ref, EOT)
+    assert len(set(ref[0, len(prompt):].tolist())) > 20  # a real test, not one token repeated
+
+
+def test_greedy_left_padded_batch_and_penalties_match_transformers(pair):
+    hf, model, params = pair
+    ids, mask = left_pad(PROMPTS)
+    kwargs = dict(max_new_tokens=32, repetition_penalty=1.3, no_repeat_ngram_size=2, eos_token_id=EOT)
+    ref = hf_generate(hf, ids, mask, do_sample=False, **kwargs)
+    assert_same_tokens(generate(model, params, ids, mask, **kwargs), ref, EOT)
+
+
+@pytest.mark.parametrize("num_return_sequences, length_penalty", [(1, 1.0), (4, 0.5), (2, 0.0)])
+def test_beam_search_matches_transformers(pair, num_return_sequences, length_penalty):
+    hf, model, params = pair
+    ids, mask = left_pad(PROMPTS[:2])
+    kwargs = dict(max_new_tokens=24, num_beams=4, num_return_sequences=num_return_sequences,
+                  length_penalty=length_penalty, pad_token_id=2)  # not 0: HF's beam search fills `pad or eos`
+    # Make a token of the best beam the EOS, so that hypotheses finish at different lengths and the
+    # finished-hypothesis bookkeeping, the length penalty and the early-stopping heuristic matter.
+    eos = int(np.asarray(generate(model, params, ids, mask, **kwargs))[0, ids.shape[1] + 5])
+    ref = hf_generate(hf, ids, mask, do_sample=False, eos_token_id=eos, **kwargs)
+    ours = np.asarray(generate(model, params, ids, mask, eos_token_id=eos, **kwargs))
+    assert ours.shape == (2 * num_return_sequences, ids.shape[1] + 24)
+    assert_same_tokens(ours, ref, 2)
+    if length_penalty < 1:  # short hypotheses win: some returned ones end in EOS
+        assert (ours[:, ids.shape[1]:] == eos).any()
+
+
+def test_beam_search_with_penalties_matches_transformers(pair):
+    hf, model, params = pair
+    ids, mask = left_pad(PROMPTS)
+    kwargs = dict(max_new_tokens=20, num_beams=3, repetition_penalty=1.5, no_repeat_ngram_size=3,
+                  eos_token_id=EOT)
+    ref = hf_generate(hf, ids, mask, do_sample=False, **kwargs)
+    assert_same_tokens(generate(model, params, ids, mask, **kwargs), ref, EOT)
+
+
+def test_cached_decoding_equals_full_forward(tiny):
+    model, params = tiny
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad=0)
+    b, t = ids.shape
+    new = 12
+    step = jax.jit(forward, static_argnums=0)
+    head = output_projection(model, params)
+    # The cached path, one token at a time, feeding the greedy token back.
+    logits, cache, full_mask, lengths = prefill(model, params, head, jnp.asarray(ids), jnp.asarray(mask), t + new)
+    seq, cached_logits = np.pad(ids, ((0, 0), (0, new))), [logits]
+    for i in range(new - 1):
+        seq[:, t + i] = np.argmax(cached_logits[-1], axis=-1)
+        logits, cache = step(model, params, head, jnp.asarray(seq[:, t + i:t + i + 1]), full_mask,
+                             (lengths + i)[:, None], cache)
+        cached_logits.append(logits)
+
+    # Recompute the whole sequence at every step. The not-yet-generated slots are masked padding on the
+    # right (a causal model's logits cannot depend on them), which keeps one shape and one compilation.
+    @jax.jit
+    def full_forward(seq, length):
+        seq_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, new)), constant_values=1)) * (jnp.arange(t + new) < length)
+        positions = jnp.maximum(jnp.cumsum(seq_mask, 1) - 1, 0)
+        logits = model.apply({"params": params}, seq, attention_mask=seq_mask, position_ids=positions).logits
+        return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+
+    for i, logits in enumerate(cached_logits):
+        np.testing.assert_allclose(logits, full_forward(jnp.asarray(seq), t + i), atol=2e-5, rtol=1e-5)
+    # And generate's jitted loop produces the same greedy tokens.
+    seq[:, -1] = np.argmax(cached_logits[-1], axis=-1)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=new), seq)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(repetition_penalty=1.4, no_repeat_ngram_size=2),
+    dict(num_beams=3, num_return_sequences=2, eos_token_id=EOT),
+], ids=["greedy", "penalties", "beam"])
+def test_left_padded_batch_equals_one_at_a_time(tiny, kwargs):
+    model, params = tiny
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [300, 301], [42, 43, 44, 45]]
+    ids, mask = left_pad(prompts, pad=0)
+    batch = np.asarray(generate(model, params, ids, mask, max_new_tokens=16, **kwargs))
+    n = kwargs.get("num_return_sequences", 1)
+    for i, p in enumerate(prompts):
+        alone = np.asarray(generate(model, params, [p], max_new_tokens=16, **kwargs))
+        np.testing.assert_array_equal(batch[i * n:(i + 1) * n, ids.shape[1] - len(p):], alone)
+
+
+def test_eos_stops_the_row_and_pads_the_rest(tiny):
+    model, params = tiny
+    ids, mask = left_pad([[1, 2, 3], [7, 8, 9, 10]], pad=0)
+    free = np.asarray(generate(model, params, ids, mask, max_new_tokens=10))
+    eos = int(free[0, ids.shape[1] + 3])  # row 0's 4th new token
+    out = np.asarray(generate(model, params, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=1))
+    for row in range(2):
+        new = free[row, ids.shape[1]:]
+        hit = np.flatnonzero(new == eos)
+        end = hit[0] + 1 if hit.size else len(new)
+        np.testing.assert_array_equal(out[row, :ids.shape[1] + end], free[row, :ids.shape[1] + end])
+        assert (out[row, ids.shape[1] + end:] == 1).all()
+    assert (out[0, ids.shape[1] + 4:] == 1).all()
+
+
+def test_prompt_lengths_in_one_bucket_share_the_compiled_loop(tiny):
+    model, params = tiny
+    generate(model, params, [[1, 2, 3, 4, 5]], max_new_tokens=20)
+    compiled = sampling.generate_tokens._cache_size()
+    generate(model, params, [[1, 2, 3, 4, 5, 6, 7, 8, 9]], max_new_tokens=20)
+    generate(model, params, [[9, 8, 7]], max_new_tokens=30, do_sample=False, seed=5)
+    assert sampling.generate_tokens._cache_size() == compiled
+
+
+def test_empty_prompt_starts_from_endoftext(tiny):
+    model, params = tiny
+    out = generate(model, params, np.zeros((2, 0), np.int32), max_new_tokens=5)
+    np.testing.assert_array_equal(out, generate(model, params, [[EOT], [EOT]], max_new_tokens=5))
+    assert out.shape == (2, 6)
+
+
+@pytest.mark.parametrize("tokens_per_chunk", [1, 4])
+def test_stream_yields_what_generate_returns(tiny, tokens_per_chunk):
+    model, params = tiny
+    ids, mask = left_pad([[1, 2, 3], [7, 8, 9, 10]], pad=0)
+    kwargs = dict(max_new_tokens=9, do_sample=True, top_k=20, seed=3)
+    chunks = list(generate_stream(model, params, ids, mask, tokens_per_chunk=tokens_per_chunk, **kwargs))
+    assert all(0 < c.shape[1] <= tokens_per_chunk for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks, 1), generate(model, params, ids, mask, **kwargs)[:, 4:])
+
+
+def test_stream_stops_when_every_row_has_ended(tiny):
+    model, params = tiny
+    free = np.asarray(generate(model, params, [[1, 2, 3]], max_new_tokens=10))
+    eos = int(free[0, 5])  # the 3rd new token
+    chunks = list(generate_stream(model, params, [[1, 2, 3]], max_new_tokens=10, eos_token_id=eos))
+    np.testing.assert_array_equal(np.concatenate(chunks, 1)[0], free[0, 3:6])
+
+
+def test_num_return_sequences_samples_each_prompt(tiny):
+    model, params = tiny
+    out = np.asarray(generate(model, params, [[1, 2, 3], [4, 5, 6]], max_new_tokens=12, do_sample=True,
+                              num_return_sequences=3, seed=1))
+    assert out.shape == (6, 15)
+    np.testing.assert_array_equal(out[:3, :3], [[1, 2, 3]] * 3)
+    np.testing.assert_array_equal(out[3:, :3], [[4, 5, 6]] * 3)
+    assert len({tuple(r) for r in out[:3, 3:].tolist()}) > 1
+
+
+ERRORS = [
+    (dict(input_ids=[1, 2, 3]), ValueError, r"input_ids must be \[batch, length\]"),
+    (dict(input_ids=[[1, 2, 50257]]), ValueError, r"input_ids must lie in \[0, 50257\)"),
+    (dict(input_ids=[[1.5, 2.0]]), TypeError, "input_ids must be an integer array"),
+    (dict(attention_mask=[[1, 1]]), ValueError, "attention_mask has shape"),
+    (dict(attention_mask=[[1, 1, 0]]), ValueError, "must be left-padded"),
+    (dict(attention_mask=[[1, 2, 1]]), ValueError, "only 0 .padding. and 1"),
+    (dict(input_ids=[[1, 2], [3, 4]], attention_mask=[[1, 1], [0, 0]]), ValueError, r"rows \[1\] .* all padding"),
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=254), ValueError, r"prompt length 3 \+ max_new_tokens 254 = 257 exceeds .*n_positions=256"),
+    (dict(do_sample=True, temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(do_sample=True, top_k=-1), ValueError, "top_k must be an integer >= 0"),
+    (dict(do_sample=True, top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
+    (dict(no_repeat_ngram_size=-2), ValueError, "no_repeat_ngram_size must be an integer >= 0"),
+    (dict(num_beams=0), ValueError, "num_beams must be a positive integer"),
+    (dict(num_beams=2, num_return_sequences=3), ValueError, r"num_return_sequences \(3\) cannot exceed num_beams"),
+    (dict(num_return_sequences=2), ValueError, "greedy decoding returns a single sequence"),
+    (dict(eos_token_id=50257), ValueError, r"eos_token_id must be None or a token id"),
+    (dict(pad_token_id=-1), ValueError, r"pad_token_id must be None or a token id"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", ERRORS, ids=[m for _, _, m in ERRORS])
+def test_bad_arguments_are_clear_errors(tiny, kwargs, error, match):
+    model, params = tiny
+    kwargs = {"input_ids": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(error, match=match):
+        generate(model, params, **kwargs)
+
+
+def test_generate_needs_a_language_model():
+    model = GPT2DoubleHeadsModel(GPT2Config.from_preset("tiny"))
+    with pytest.raises(TypeError, match="needs a GPT2LMHeadModel"):
+        generate(model, {}, [[1, 2]], max_new_tokens=2)

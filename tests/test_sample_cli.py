@@ -1,0 +1,217 @@
+"""`python -m flax_gpt2.sample` and `flax_gpt2.generation.pipeline` against a small saved model."""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_model
+from flax_gpt2 import sample as cli
+from flax_gpt2.generation import generate
+from flax_gpt2.generation.pipeline import pipeline, set_seed
+from flax_gpt2.pretrained import from_pretrained
+from flax_gpt2.tokenizer import get_tokenizer
+
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, bpe_dir):
+    """A random-init Hugging Face GPT-2 folder (safetensors) with the GPT-2 tokenizer files."""
+    _, path = make_hf_model(tmp_path_factory, "cli_model", n_positions=128, initializer_range=0.3)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(bpe_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    model, params = from_pretrained(folder, progress=False)
+    return model, params, get_tokenizer(folder)
+
+
+@pytest.fixture(autouse=True)
+def no_global_compilation_cache(monkeypatch, tmp_path):
+    """In-process runs must not point this test session's JAX at a persistent cache (a subprocess test
+    checks that one); converted models go to a temporary cache."""
+    monkeypatch.setattr(cli, "enable_compilation_cache", lambda cache_dir=None: None)
+    monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "cache"))
+
+
+def run_cli(capsys, *args):
+    cli.main(["--no_progress", *map(str, args)])
+    return capsys.readouterr().out
+
+
+def greedy_text(loaded, prompt_ids, new_tokens, **kwargs):
+    model, params, tokenizer = loaded
+    out = np.asarray(generate(model, params, [prompt_ids], max_new_tokens=new_tokens, eos_token_id=EOT, **kwargs))
+    new = out[:, len(prompt_ids):].tolist()
+    return [tokenizer.decode(row[:row.index(EOT)] if EOT in row else row) for row in new]
+
+
+def test_cli_prints_the_greedy_continuation(capsys, folder, loaded):
+    out = run_cli(capsys, "--model", folder, "--prompt", "Hello, I'm a language model,", "--length", 16, "--greedy")
+    ids = loaded[2].encode("Hello, I'm a language model,")
+    assert out == "Hello, I'm a language model," + greedy_text(loaded, ids, 16)[0] + "\n"
+
+
+def test_cli_samples_by_default_and_a_seed_reproduces_it(capsys, folder):
+    args = ["--model", folder, "--prompt", "The meaning of life is", "--max_new_tokens", 12]
+    first = run_cli(capsys, *args, "--seed", 3)
+    assert first.startswith("The meaning of life is") and len(first) > len("The meaning of life is\n")
+    assert run_cli(capsys, *args, "--seed", 3) == first
+    assert run_cli(capsys, *args, "--seed", 4) != first
+    assert run_cli(capsys, *args, "--seed", 3, "--k", 5, "--p", 0.9, "--temperature", 0.8) != first
+
+
+def test_cli_several_sequences_are_numbered(capsys, folder, loaded):
+    out = run_cli(capsys, "--model", folder, "--prompt", "Hi", "--length", 8, "--num_return_sequences", 3)
+    assert [line for line in out.splitlines() if line.startswith("===")] == [
+        f"=== GENERATED SEQUENCE {i} ===" for i in (1, 2, 3)]
+    out = run_cli(capsys, "--model", folder, "--prompt", "Hi", "--length", 8, "--num_beams", 3,
+                  "--num_return_sequences", 2)
+    beams = greedy_text(loaded, loaded[2].encode("Hi"), 8, num_beams=3, num_return_sequences=2)
+    assert out == "".join(f"=== GENERATED SEQUENCE {i} ===\nHi{text}\n" for i, text in enumerate(beams, 1))
+
+
+def test_cli_reads_the_prompt_from_stdin(capsys, folder, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time\n"))
+    assert run_cli(capsys, "--model", folder, "--length", 5, "--greedy").startswith("Once upon a time")
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "streamed-sample"])
+def test_cli_stop_token_cuts_the_text(capsys, folder, sampling):
+    args = ["--model", folder, "--prompt", "Tell me", "--length", 24, "--seed", 5] + ([] if sampling else ["--greedy"])
+    free = run_cli(capsys, *args)[len("Tell me"):-1]
+    stop = free[len(free) // 2:len(free) // 2 + 2]  # two characters from the middle of the continuation
+    assert run_cli(capsys, *args, "--stop_token", stop) == "Tell me" + free[:free.index(stop)] + "\n"
+
+
+def test_commongen_prompt_format(capsys, folder, loaded):
+    """The seed model card's prompt: <|endoftext|> is the special token, and the text ends before the '.'."""
+    prompt = "<|endoftext|> kid, room, dance:"
+    out = run_cli(capsys, "--model", folder, "--prompt", prompt, "--stop_token", ".", "--greedy", "--length", 40)
+    expected = greedy_text(loaded, [EOT] + loaded[2].encode(" kid, room, dance:"), 40)[0]
+    assert out == prompt + expected.split(".")[0] + "\n"
+
+
+def test_stream_printer_holds_back_a_partial_stop_string():
+    printed = []
+    printer = cli._Printer(printed.append, "END")
+    assert not printer.update("abc E")  # "E" may start "END": held back
+    assert not printer.update("abc EN")
+    assert printer.update("abc ENDING")
+    assert "".join(printed) == "abc "
+    printed.clear()
+    printer = cli._Printer(printed.append, None)
+    printer.update("caf\ufffd")  # half of "é": held back until it is complete
+    printer.update("café")
+    assert "".join(printed) == "café"
+
+
+BAD_ARGS = [
+    (["--model", "/no/such/folder"], "no such folder"),
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--length", "200"], "exceeds the model's n_positions=128"),
+    (["--top_p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--dtype", "float32", "--repetition_penalty", "-1"], "repetition_penalty must be > 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGS, ids=[m for _, m in BAD_ARGS])
+def test_cli_bad_inputs_are_clear_errors(capsys, folder, args, message):
+    if "--model" not in args:
+        args = ["--model", str(folder), *args]
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["--no_progress", "--prompt", "Hi", *args])
+
+
+PARSER_ERRORS = [
+    (["--length", "0"], "must be a positive integer"),
+    (["--num_beams", "2", "--num_return_sequences", "3"], r"--num_return_sequences \(3\) cannot exceed --num_beams"),
+    (["--greedy", "--num_return_sequences", "2"], "--greedy gives one sequence"),
+    (["--dtype", "int8"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("args, message", PARSER_ERRORS, ids=[m for _, m in PARSER_ERRORS])
+def test_cli_rejects_bad_options(capsys, args, message):
+    with pytest.raises(SystemExit):
+        cli.main(["--prompt", "Hi", *args])
+    assert message.replace("\\", "") in capsys.readouterr().err
+
+
+def test_a_converted_model_is_cached(folder, tmp_path):
+    """A PyTorch .bin folder is converted once; the next load reads the cached safetensors copy."""
+    bin_folder = tmp_path / "bin_model"
+    bin_folder.mkdir()
+    for name in ("config.json", "encoder.json", "vocab.bpe"):
+        shutil.copy(folder / name, bin_folder / name)
+    import transformers
+
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    torch.save(hf_model.state_dict(), bin_folder / "pytorch_model.bin")
+    params = from_pretrained(folder, progress=False)[1]
+    logs = []
+    first = cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    second = cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    assert logs[0].startswith("Converting") and logs[1].startswith("Loading") and logs[2].startswith("Loading")
+    cached = os.listdir(tmp_path / "cache" / "models")
+    assert len(cached) == 1 and cached[0] in logs[2]
+    for loaded in (first, second):
+        np.testing.assert_array_equal(loaded[1]["transformer"]["wte"]["embedding"],
+                                      params["transformer"]["wte"]["embedding"])
+
+
+def test_module_entry_point_uses_the_compilation_cache(folder, tmp_path):
+    env = {**os.environ, "FLAX_GPT2_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "flax_gpt2.sample", "--model", str(folder), "--prompt", "Hi", "--length", "4",
+               "--no_progress", "--seed", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hi")
+    assert os.listdir(tmp_path / "cache" / "jax")  # the compiled loop is there for the next start
+
+
+def test_pipeline_returns_generated_text(folder, loaded):
+    generator = pipeline("text-generation", model=str(folder), progress=False)
+    out = generator("Hello, I'm a language model,", max_new_tokens=10, num_return_sequences=3)
+    assert len(out) == 3 and all(o["generated_text"].startswith("Hello, I'm a language model,") for o in out)
+    greedy = generator("Hello", max_length=9, do_sample=False, return_full_text=False)  # "Hello" is 1 token
+    assert greedy == [{"generated_text": greedy_text(loaded, [15496], 8)[0]}]
+
+
+def test_pipeline_batches_prompts_like_one_at_a_time(loaded):
+    model, params, tokenizer = loaded
+    generator = pipeline("text-generation", model=(model, params), tokenizer=tokenizer)
+    prompts = ["A", "The quick brown fox", ""]
+    batch = generator(prompts, max_length=12, do_sample=False)
+    assert [generator(p, max_length=12, do_sample=False) for p in prompts] == batch
+    assert batch[2][0]["generated_text"] == greedy_text(loaded, [EOT], 11)[0]  # "" starts from <|endoftext|>
+
+
+def test_pipeline_set_seed_reproduces(loaded):
+    generator = pipeline("text-generation", model=loaded[:2], tokenizer=loaded[2])
+    set_seed(42)
+    first = [generator("Hi", max_new_tokens=8), generator("Hi", max_new_tokens=8)]
+    set_seed(42)
+    assert [generator("Hi", max_new_tokens=8), generator("Hi", max_new_tokens=8)] == first
+    assert first[0] != first[1]  # each call draws a new seed
+
+
+def test_pipeline_errors(loaded):
+    with pytest.raises(ValueError, match="supports only task='text-generation'"):
+        pipeline("summarization", model=loaded[:2])
+    with pytest.raises(ValueError, match="pass model="):
+        pipeline("text-generation")
+    generator = pipeline("text-generation", model=loaded[:2], tokenizer=loaded[2])
+    with pytest.raises(ValueError, match="max_length=3 leaves no room"):
+        generator("The quick brown fox", max_length=3)
+    with pytest.raises(TypeError, match="text_inputs must be a string"):
+        generator(42)

@@ -1,0 +1,202 @@
+"""Decoding strategies on fake logits, checked against transformers' logits processors; seeded sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
+from flax_gpt2.generation import (SamplingParams, apply_temperature, generate, no_repeat_ngram, repetition_penalty,
+                                  top_k_filter, top_p_filter)
+from flax_gpt2.generation.logits_processors import argmax, nucleus_of_sorted
+
+torch.set_grad_enabled(False)
+
+
+def fake_logits(batch=4, vocab=1000, seed=0, scale=3.0):
+    return np.random.default_rng(seed).normal(size=(batch, vocab)).astype(np.float32) * scale
+
+
+def hf_apply(processor, logits, input_ids=None):
+    ids = torch.zeros((logits.shape[0], 1), dtype=torch.long) if input_ids is None else torch.as_tensor(input_ids)
+    return processor(ids, torch.as_tensor(logits)).numpy()
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 999, 5000])
+def test_top_k_matches_transformers(k):
+    logits = fake_logits()
+    np.testing.assert_array_equal(top_k_filter(jnp.asarray(logits), k), hf_apply(hf.TopKLogitsWarper(k), logits))
+
+
+def test_top_k_keeps_ties_with_the_kth_value():
+    logits = jnp.asarray([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    np.testing.assert_array_equal(top_k_filter(logits, 2), [[3.0, -np.inf, 2.0, 2.0, -np.inf]])
+
+
+def test_sampling_with_top_k_never_leaves_the_top_k():
+    logits = jnp.asarray(fake_logits(batch=2, scale=0.5))  # flat: many tokens outside the top k are likely
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    params = SamplingParams.create(do_sample=True, top_k=5)
+    choose = jax.jit(jax.vmap(lambda key: params.choose(logits, None, None, 0, key)))
+    drawn = np.asarray(choose(jax.random.split(jax.random.PRNGKey(0), 2000)))  # [draws, B]
+    for row in range(2):
+        assert set(drawn[:, row]) == set(top5[row])  # all of the top 5 drawn, nothing else
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.99, 1.0])
+def test_top_p_matches_transformers(p):
+    logits = fake_logits(vocab=5000)
+    ours = np.asarray(top_p_filter(jnp.asarray(logits), p))
+    np.testing.assert_array_equal(ours, hf_apply(hf.TopPLogitsWarper(p), logits))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.6, 0.95])
+def test_top_p_keeps_the_smallest_set_with_mass_at_least_p(p):
+    logits = fake_logits(vocab=2000, seed=1)
+    kept = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), p)))
+    probs = softmax(logits)
+    for row in range(logits.shape[0]):
+        kept_probs = np.sort(probs[row, kept[row]])
+        # the kept tokens are the most likely ones, with mass >= p, and dropping the least likely of them
+        # would go below p
+        assert probs[row, ~kept[row]].max(initial=0) <= kept_probs[0]
+        assert kept_probs.sum() >= p - 1e-6
+        assert kept_probs.sum() - kept_probs[0] < p
+
+
+def test_top_p_min_tokens_to_keep_matches_transformers():
+    logits = fake_logits(scale=10.0)  # peaked: p=0.1 keeps a single token unless told otherwise
+    np.testing.assert_array_equal(top_p_filter(jnp.asarray(logits), 0.1, min_tokens_to_keep=2),
+                                  hf_apply(hf.TopPLogitsWarper(0.1, min_tokens_to_keep=2), logits))
+
+
+def test_top_p_on_sorted_candidates_equals_the_full_filter():
+    logits = fake_logits(vocab=3000, seed=2)
+    sorted_logits = -np.sort(-logits, axis=-1)
+    keep = np.asarray(nucleus_of_sorted(jnp.asarray(sorted_logits), 0.8))
+    full = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), 0.8)))
+    np.testing.assert_array_equal(keep.sum(-1), full.sum(-1))
+
+
+def test_temperature_matches_transformers():
+    logits = fake_logits()
+    np.testing.assert_allclose(apply_temperature(jnp.asarray(logits), 0.7),
+                               hf_apply(hf.TemperatureLogitsWarper(0.7), logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [0, 40])
+def test_temperature_to_zero_is_greedy(top_k):
+    logits = jnp.asarray(fake_logits(batch=8, vocab=5000, scale=1.0))
+    params = SamplingParams.create(do_sample=True, temperature=1e-4, top_k=top_k)
+    for key in jax.random.split(jax.random.PRNGKey(0), 20):
+        np.testing.assert_array_equal(params.choose(logits, None, None, 0, key), np.argmax(logits, -1))
+
+
+def test_temperature_to_zero_is_greedy_end_to_end(tiny):
+    model, params = tiny
+    greedy = generate(model, params, [[1, 2, 3], [9, 8, 7]], max_new_tokens=24)
+    cold = generate(model, params, [[1, 2, 3], [9, 8, 7]], max_new_tokens=24, do_sample=True, temperature=1e-4,
+                    seed=11)
+    np.testing.assert_array_equal(cold, greedy)
+
+
+def test_argmax_takes_the_first_of_ties():
+    np.testing.assert_array_equal(argmax(jnp.asarray([[1.0, 3.0, 3.0], [-np.inf, -np.inf, -np.inf]])), [1, 0])
+
+
+def test_sampling_follows_the_softmax():
+    logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0, -np.inf]])
+    params = SamplingParams.create(do_sample=True)
+    choose = jax.jit(jax.vmap(lambda key: params.choose(logits, None, None, 0, key)))
+    drawn = np.asarray(choose(jax.random.split(jax.random.PRNGKey(1), 20000)))[:, 0]
+    freq = np.bincount(drawn, minlength=5) / len(drawn)
+    np.testing.assert_allclose(freq, softmax(np.asarray(logits))[0], atol=0.015)
+    assert freq[4] == 0
+
+
+def padded_history(seed=0, batch=3, length=12, vocab=30):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, length))
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0  # left padding
+    tokens[mask == 0] = 7
+    return tokens, mask
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers(penalty):
+    tokens, mask = padded_history()
+    logits = fake_logits(batch=3, vocab=30)
+    # HF 5.x skips the left padding through prompt_ignore_length (the first real position of each row).
+    processor = hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.as_tensor(mask.argmax(1)))
+    ours = repetition_penalty(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask, bool), penalty)
+    np.testing.assert_allclose(ours, hf_apply(processor, logits, tokens), rtol=1e-6)
+    # token 7 sits only in row 1's padding there (unless it also occurs for real): it is not penalized
+    if 7 not in tokens[1, 4:]:
+        assert ours[1, 7] == logits[1, 7]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_matches_transformers(n):
+    tokens, _ = padded_history(vocab=3, length=14)  # a small vocabulary repeats n-grams
+    logits = fake_logits(batch=3, vocab=3)
+    length = 10  # the buffer holds 14 slots; only the first 10 are written
+    valid = np.arange(14)[None, :] < length
+    ours = no_repeat_ngram(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(np.broadcast_to(valid, tokens.shape)),
+                           length, n)
+    expected = hf_apply(hf.NoRepeatNGramLogitsProcessor(n), logits, tokens[:, :length])
+    np.testing.assert_array_equal(ours, expected)
+    assert np.isinf(expected).any()
+
+
+def test_no_repeat_ngram_ignores_left_padding():
+    # Row: [pad pad | 5 6 5]: the n-gram (pad, 5) is padding, so nothing follows "5" yet except 6.
+    tokens = jnp.asarray([[5, 5, 5, 6, 5, 0]])
+    valid = jnp.asarray([[False, False, True, True, True, False]])
+    logits = jnp.zeros((1, 8))
+    banned = np.isinf(np.asarray(no_repeat_ngram(logits, tokens, valid, 5, 2)))[0]
+    assert banned.tolist() == [i == 6 for i in range(8)]
+
+
+def test_processor_chain_matches_transformers():
+    tokens, mask = padded_history(vocab=50)
+    logits = fake_logits(batch=3, vocab=50)
+    params = SamplingParams.create(do_sample=True, temperature=0.8, top_k=20, top_p=0.7, repetition_penalty=1.2,
+                                   no_repeat_ngram_size=2)
+    chain = hf.LogitsProcessorList([
+        hf.RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=torch.as_tensor(mask.argmax(1))),
+        hf.NoRepeatNGramLogitsProcessor(2), hf.TemperatureLogitsWarper(0.8), hf.TopKLogitsWarper(20),
+        hf.TopPLogitsWarper(0.7)])
+    ours = params.process(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask, bool), tokens.shape[1])
+    expected = hf_apply(chain, logits, tokens)
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+    np.testing.assert_allclose(np.where(np.isinf(expected), 0, ours), np.where(np.isinf(expected), 0, expected),
+                               rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = GPT2LMHeadModel(GPT2Config.from_preset("tiny"))
+    return model, init_params(model, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(do_sample=True),
+    dict(do_sample=True, temperature=0.7, top_k=10, top_p=0.9, repetition_penalty=1.2),
+    dict(do_sample=True, top_p=0.8),
+    dict(do_sample=True, num_beams=3, num_return_sequences=2),
+], ids=["plain", "all-warpers", "top-p", "beam-sample"])
+def test_a_seed_reproduces_the_output(tiny, kwargs):
+    model, params = tiny
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    first = np.asarray(generate(model, params, prompts, max_new_tokens=16, seed=7, **kwargs))
+    np.testing.assert_array_equal(generate(model, params, prompts, max_new_tokens=16, seed=7, **kwargs), first)
+    other = np.asarray(generate(model, params, prompts, max_new_tokens=16, seed=8, **kwargs))
+    assert (other != first).any()

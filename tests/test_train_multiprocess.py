@@ -1,0 +1,102 @@
+"""Two processes x 4 CPU devices joined by `jax.distributed.initialize` train exactly like one process with
+8 devices, each process reading only its half of every batch.
+
+Each process runs this file as a script (`python tests/test_train_multiprocess.py ARGS...`): it counts the
+token rows its `Windows.read` loads, then runs `train.train_loop.train_and_evaluate` from the command
+line `ARGS`, and writes the count to `WORKDIR/rows_read_<process>.json`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _driver(argv):
+    import jax
+
+    from train import data
+    from train.config_cli import parse_args
+    from train.train_loop import train_and_evaluate
+
+    config, workdir = parse_args(["train", *argv])
+    rows = [0]
+    read = data.Windows.read
+
+    def counting_read(self, window_ids):
+        rows[0] += int(np.asarray(window_ids).size)
+        return read(self, window_ids)
+
+    data.Windows.read = counting_read
+    train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, f"rows_read_{jax.process_index()}.json"), "w") as f:
+        json.dump({"rows": rows[0], "devices": jax.device_count(), "local": jax.local_device_count()}, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, shared_dir):
+    from flax_gpt2 import run_checkpoint
+    from train import data
+    from configs import tiny
+
+    # Tokenize once, so that the three runs do not race to fill the cache.
+    config = tiny.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    corpus = data.load_tokens(config.data, progress=False).folder
+    common = ["--config", "configs/tiny.py", "--config.steps=4", "--config.log_every=1", "--config.eval_every=4",
+              "--config.checkpoint_every=4", f"--config.data.source={corpus}", "--config.progress_bar=False",
+              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+
+    def launch(workdir, devices, *extra):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        return subprocess.Popen([sys.executable, __file__, "--workdir", str(workdir), *common, *extra], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    port = _free_port()
+    procs = [launch(tmp_path / "multi", 4, "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=localhost:{port}",
+                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
+             for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+    single = launch(tmp_path / "single", 8)
+    _, err = single.communicate(timeout=900)
+    assert single.returncode == 0, err[-4000:]
+
+    def records(workdir):
+        with open(workdir / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    one, two = records(tmp_path / "single"), records(tmp_path / "multi")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    np.testing.assert_allclose([r.get("loss", r.get("eval_loss")) for r in two],
+                               [r.get("loss", r.get("eval_loss")) for r in one], rtol=0, atol=1e-5)
+    _, params_one = run_checkpoint.load_run(tmp_path / "single")
+    _, params_two = run_checkpoint.load_run(tmp_path / "multi")
+    import jax
+    for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
+
+    reads = [json.loads((tmp_path / "multi" / f"rows_read_{i}.json").read_text()) for i in range(2)]
+    single_reads = json.loads((tmp_path / "single" / "rows_read_0.json").read_text())
+    assert all(r["devices"] == 8 and r["local"] == 4 for r in reads)
+    assert reads[0]["rows"] == reads[1]["rows"] == single_reads["rows"] // 2  # each host reads only its half
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1:])

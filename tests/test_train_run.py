@@ -1,0 +1,205 @@
+"""`python -m train` end to end on the tiny config: outputs, preemption (SIGTERM) and kill -9 resumes that
+reproduce the uninterrupted run, unreadable checkpoints, and the NaN stop."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def _args(workdir, cache_dir, *extra):
+    return [sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+            f"--config.steps={STEPS}", "--config.checkpoint_every=4", "--config.log_every=1", "--config.eval_every=5",
+            f"--config.data.cache_dir={cache_dir}", *extra]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+
+def _run(workdir, cache_dir, *extra):
+    proc = subprocess.run(_args(workdir, cache_dir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _records(workdir):
+    with open(Path(workdir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _losses(workdir, key="loss"):
+    return {r["step"]: r[key] for r in _records(workdir) if key in r}
+
+
+def _start_and_stop(workdir, cache_dir, sig, at_step):
+    """Starts a run and sends `sig` once metrics.jsonl shows step `at_step`."""
+    proc = subprocess.Popen(_args(workdir, cache_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        path = Path(workdir) / "metrics.jsonl"
+        if path.exists() and max([r["step"] for r in _records(workdir)] or [0]) >= at_step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, shared_dir):
+    return tmp_path_factory.mktemp("token_cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted run of STEPS steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _run(workdir, cache_dir)
+    return workdir, proc.stderr
+
+
+def test_tiny_trains_end_to_end(reference):
+    workdir, console = reference
+    records = _records(workdir)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all({"grad_norm", "lr"} <= set(r) for r in train)
+    assert all({"tokens_per_sec", "mfu"} <= set(r) for r in train[1:])  # the first step is compilation
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10]
+    assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+    assert (workdir / "loss.png").stat().st_size > 1000
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [4, 8, 10]
+    for field in ("loss=", "tok/s=", "MFU=", "ETA"):  # the progress bar
+        assert field in console
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["step"] == STEPS and result["stopped"] == "done"
+
+
+def test_run_loads_as_a_model(reference):
+    import jax
+
+    import flax_gpt2
+    from flax_gpt2 import run_checkpoint
+
+    workdir, _ = reference
+    assert run_checkpoint.is_training_run(workdir) and not run_checkpoint.is_training_run(workdir / "tensorboard")
+    config, params = run_checkpoint.load_run(workdir)
+    assert config.n_layer == 2 and config.n_embd == 64
+    _, early = run_checkpoint.load_run(workdir, step=4)
+    assert not np.allclose(early["transformer"]["wte"]["embedding"], params["transformer"]["wte"]["embedding"])
+    model, loaded = flax_gpt2.from_pretrained(str(workdir), progress=False)
+    np.testing.assert_array_equal(jax.tree.leaves(loaded)[0], jax.tree.leaves(params)[0])
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 5"):
+        run_checkpoint.load_run(workdir, step=5)
+
+
+def test_sigterm_then_resume_reproduces_the_run(reference, cache_dir, tmp_path):
+    code, err = _start_and_stop(tmp_path, cache_dir, signal.SIGTERM, at_step=2)
+    assert code == 0, err[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["stopped"] == "preempted" and result["step"] < STEPS
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved[-1] == result["step"]  # saved where it stopped, not at the last periodic checkpoint
+    _run(tmp_path, cache_dir)
+    expected = _losses(reference[0])
+    np.testing.assert_allclose([_losses(tmp_path)[s] for s in expected], list(expected.values()), rtol=1e-6)
+    expected_eval = _losses(reference[0], "eval_loss")
+    np.testing.assert_allclose([_losses(tmp_path, "eval_loss")[s] for s in expected_eval],
+                               list(expected_eval.values()), rtol=1e-6)
+
+
+def test_kill_9_between_checkpoints_then_resume_reproduces_the_run(reference, cache_dir, tmp_path):
+    code, _ = _start_and_stop(tmp_path, cache_dir, signal.SIGKILL, at_step=5)
+    assert code == -signal.SIGKILL
+    logged = max(r["step"] for r in _records(tmp_path))
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] < logged  # steps after the last checkpoint are lost and will be redone
+    _run(tmp_path, cache_dir)
+    expected = _losses(reference[0])
+    got = _losses(tmp_path)
+    assert sorted(got) == sorted(expected)  # the redone steps replaced the lost ones' records
+    np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-6)
+
+
+def _tiny_config(cache_dir, **overrides):
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.steps = STEPS
+    config.checkpoint_every = 4
+    config.log_every = 1
+    config.eval_every = 5
+    config.progress_bar = False
+    config.data.cache_dir = str(cache_dir)
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def _truncate_largest_file(folder):
+    files = [f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(f)]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(reference, cache_dir, tmp_path, caplog):
+    from train.train_loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    _truncate_largest_file(workdir / "checkpoints" / "10" / "params")
+    with caplog.at_level("WARNING"):
+        result = train_and_evaluate(_tiny_config(cache_dir), str(workdir))
+    assert "checkpoint at step 10 is unreadable" in caplog.text
+    assert "resuming from the checkpoint at step 8" in caplog.text
+    assert glob.glob(str(workdir / "corrupt_checkpoints" / "10-*"))
+    assert result["step"] == STEPS  # steps 9 and 10 redone from step 8, as in the uninterrupted run
+    np.testing.assert_allclose(_losses(workdir)[10], _losses(reference[0])[10], rtol=1e-6)
+    # With every checkpoint unreadable the run refuses to start over from step 0.
+    for step in (4, 8, 10):
+        _truncate_largest_file(workdir / "checkpoints" / str(step) / "params")
+    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+        train_and_evaluate(_tiny_config(cache_dir, steps=12), str(workdir))
+
+
+def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monkeypatch):
+    """A loss that turns NaN once training gets below 10.6 nats (the tiny run crosses that by step ~7)."""
+    import jax.numpy as jnp
+
+    from flax_gpt2 import run_checkpoint
+    from train import step as step_lib
+    from train.train_loop import train_and_evaluate
+
+    real = step_lib.cross_entropy
+    monkeypatch.setattr(step_lib, "cross_entropy",
+                        lambda logits, targets: (lambda x: jnp.where(x < 10.6, jnp.nan, x))(real(logits, targets)))
+    with pytest.raises(FloatingPointError, match=r"loss is nan .*at step \d+.*last good state \(step \d+\)") as e:
+        train_and_evaluate(_tiny_config(cache_dir, checkpoint_every=100, eval_every=100), str(tmp_path))
+    logged = _losses(tmp_path)
+    last_good = max(logged)
+    assert f"at step {last_good + 1};" in str(e.value) and f"(step {last_good})" in str(e.value)
+    assert 1 < last_good < STEPS and all(np.isfinite(list(logged.values())))
+    _, params = run_checkpoint.load_run(tmp_path)  # saved although no periodic checkpoint was due
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [last_good]
+    assert all(np.isfinite(np.asarray(p)).all() for p in __import__("jax").tree.leaves(params))

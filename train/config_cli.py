@@ -1,0 +1,53 @@
+"""The command line: `--config FILE` (a Python file with `get_config()`), `--workdir DIR`, and
+ml_collections dotted overrides `--config.KEY=VALUE` (`--config.optimizer.lr=3e-4`), typed by the
+config's own values. Unknown keys, bad values and stray arguments are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+class UsageError(ValueError):
+    """A bad command line; the message says what is wrong."""
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    """`(config, workdir)` from `argv` (including the program name, as in `sys.argv`)."""
+    fv = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file("config", None, "training config file (configs/<name>.py)",
+                                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (resumes if it has a run)",
+                        flag_values=fv)
+    try:
+        rest = fv(list(argv))
+    except (AttributeError, KeyError) as e:  # ml_collections' report of an unknown --config.KEY
+        raise UsageError(_unknown_key_message(argv, e)) from e
+    except flags.Error as e:
+        raise UsageError(str(e)) from e
+    if len(rest) > 1:
+        raise UsageError(f"unexpected arguments: {rest[1:]}")
+    if fv["config"].present == 0:
+        raise UsageError("--config is required (e.g. --config configs/tiny.py)")
+    config = config_flag.value
+    try:
+        config.keys()  # a config file that failed to load is an object that raises on any use
+    except OSError as e:  # the config file could not be read
+        raise UsageError(f"cannot load the config file: {e}") from e
+    if not fv["workdir"].value:
+        raise UsageError("--workdir is required")
+    return config, fv["workdir"].value
+
+
+def _unknown_key_message(argv: Sequence[str], error: Exception) -> str:
+    """Names the override whose key the config lacks (ml_collections names only the bad part)."""
+    detail = str(error.args[0] if error.args else error).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
+    part, _, hint = detail.partition("\n")
+    part = part.strip("'\"")
+    keys = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    key = next((k for k in keys if part in k.split(".")), part)
+    return f"unknown config key {key!r}" + (f" ({hint.strip()})" if hint else "")

@@ -1,0 +1,187 @@
+"""Deterministic, resumable batches of packed token windows, each host reading only its own rows.
+
+Design (chosen over a Grain pipeline because it is simpler to make exact): the corpus is one stream of
+GPT-2 tokens, documents separated by `<|endoftext|>`, stored once as memory-mapped uint16 shards (see
+`tokenize_corpus`). The last `val_fraction` of the stream is held out. Training windows are the fixed
+spans `[w*T, w*T + T + 1)` of the rest (T inputs and their T next-token targets); each epoch visits them
+in a permutation seeded by `(seed, epoch)`, `batch_size` windows per step, dropping the remainder.
+
+The iterator's whole state is therefore `(epoch, position)`, two integers saved in every checkpoint: a
+resumed run draws exactly the batches an uninterrupted run would. The global batch does not depend on
+the number of hosts either: `jax.make_array_from_callback` asks each process only for the rows its
+devices hold, and only those rows are read from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from train import tokenize_corpus as tc
+
+
+class TokenStore:
+    """A token stream in memory-mapped uint16 shards (a `tokenize_corpus` output folder)."""
+
+    def __init__(self, folder: str):
+        meta_path = os.path.join(folder, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{folder!r} is not a tokenized corpus (no meta.json)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.folder = folder
+        self.shards = [np.memmap(os.path.join(folder, s["file"]), dtype=np.uint16, mode="r", shape=(s["num_tokens"],))
+                       for s in self.meta["shards"]]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens `[start, stop)` of the stream as int32 (a span may cross shard boundaries)."""
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            shard, base = self.shards[first], int(self.offsets[first])
+            take = min(stop, base + len(shard)) - start
+            parts.append(shard[start - base:start - base + take])
+            start += take
+            first += 1
+        return np.concatenate(parts).astype(np.int32)
+
+
+def _cache_root(cache_dir: str) -> str:
+    return cache_dir or os.path.join(
+        os.environ.get("FLAX_GPT2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2")), "tokens")
+
+
+def _corpus_key(data_config) -> str:
+    """Names a tokenized corpus by what went into it: the files (size, mtime) or the dataset, the fields
+    read, and the tokenizer. A changed file gets a fresh cache entry."""
+    files = tc.resolve_files(data_config.source)
+    if files is None:
+        what = ["datasets", data_config.source, data_config.dataset_config, data_config.split]
+    else:
+        what = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
+    tokenizer = os.path.abspath(data_config.tokenizer) if data_config.tokenizer else "gpt2"
+    blob = json.dumps([tc.FORMAT_VERSION, what, data_config.text_field, tokenizer])
+    name = os.path.basename(data_config.source.rstrip("/")).replace("*", "_") or "corpus"
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def load_tokens(data_config, progress: bool = True) -> TokenStore:
+    """The tokenized corpus for `data_config.source`, tokenizing it into the cache on first use.
+
+    `source` may also be a `tokenize_corpus` output folder, used as is.
+    """
+    source = data_config.source
+    if not source:
+        raise ValueError("config.data.source is empty: give a text/jsonl file, a folder, or a datasets name")
+    if os.path.exists(os.path.join(os.path.expanduser(source), "meta.json")):
+        return TokenStore(os.path.expanduser(source))
+    folder = os.path.join(_cache_root(data_config.cache_dir), _corpus_key(data_config))
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        logging.info("tokenizing %s into %s", source, folder)
+        tc.tokenize_corpus(source, folder, text_field=data_config.text_field, split=data_config.split,
+                           dataset_config=data_config.dataset_config, tokenizer=data_config.tokenizer,
+                           num_threads=data_config.num_threads, progress=progress)
+    return TokenStore(folder)
+
+
+def split_point(store: TokenStore, val_fraction: float, seq_len: int) -> int:
+    """Index of the first held-out token: the last `val_fraction` of the stream (at least one window)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return len(store)
+    n_val = max(int(len(store) * val_fraction), seq_len + 1)
+    return len(store) - n_val
+
+
+@dataclasses.dataclass
+class DataState:
+    """Where the training iterator is: `position` windows into epoch `epoch`'s permutation."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class Windows:
+    """The fixed windows of `seq_len + 1` tokens in `[start, stop)` of a token store."""
+
+    def __init__(self, store: TokenStore, start: int, stop: int, seq_len: int):
+        self.store, self.start, self.seq_len = store, start, seq_len
+        self.count = max(stop - start - 1, 0) // seq_len
+
+    def read(self, window_ids: np.ndarray) -> np.ndarray:
+        """`[..., seq_len + 1]` int32 tokens of the given windows."""
+        flat = [self.store.read(self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1)
+                for w in window_ids.reshape(-1)]
+        out = np.stack(flat) if flat else np.zeros((0, self.seq_len + 1), np.int32)
+        return out.reshape(*window_ids.shape, self.seq_len + 1)
+
+
+def _global_array(window_ids: np.ndarray, windows: Windows, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A `[A, B, T+1]` global array of the windows `window_ids [A, B]`; this process reads only the rows
+    its devices hold (the callback is called once per addressable device with that device's index)."""
+    shape = (*window_ids.shape, windows.seq_len + 1)
+    return jax.make_array_from_callback(shape, sharding, lambda index: windows.read(window_ids[index[:2]])[
+        (slice(None), slice(None), index[2])])
+
+
+class TrainBatches:
+    """Shuffled training batches `[A, B, T+1]`: A accumulated micro-batches of B windows each."""
+
+    def __init__(self, windows: Windows, batch_size: int, micro_batch_size: int, seed: int,
+                 sharding: jax.sharding.Sharding, state: DataState | None = None):
+        if windows.count < batch_size:
+            raise ValueError(f"the training split has {windows.count} windows of {windows.seq_len + 1} tokens, "
+                             f"fewer than one batch of {batch_size}: use more data or a smaller batch/seq_len")
+        self.windows, self.batch_size, self.micro_batch_size = windows, batch_size, micro_batch_size
+        self.seed, self.sharding = seed, sharding
+        self.state = state or DataState()
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.windows.count // self.batch_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows.count)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_window_ids(self) -> np.ndarray:
+        """The next batch's window ids `[A, B]`, advancing the state."""
+        epoch, position = self.state.epoch, self.state.position
+        if position + self.batch_size > self.windows.count:  # drop the remainder: next epoch
+            epoch, position = epoch + 1, 0
+        ids = self._permutation(epoch)[position:position + self.batch_size]
+        self.state = DataState(epoch, position + self.batch_size)
+        return ids.reshape(self.batch_size // self.micro_batch_size, self.micro_batch_size)
+
+    def __iter__(self) -> Iterator[jax.Array]:
+        return self
+
+    def __next__(self) -> jax.Array:
+        return _global_array(self.next_window_ids(), self.windows, self.sharding)
+
+
+def eval_batches(windows: Windows, batch_size: int, max_batches: int,
+                 sharding: jax.sharding.Sharding) -> list[jax.Array]:
+    """The held-out windows in order, as up to `max_batches` arrays `[1, batch_size, T+1]` (the same
+    every eval, so eval losses are comparable across steps and runs)."""
+    n = min(max_batches, windows.count // batch_size)
+    if n == 0:
+        logging.warning("the held-out split has %d windows, fewer than one eval batch of %d: no eval",
+                        windows.count, batch_size)
+    return [_global_array(np.arange(i * batch_size, (i + 1) * batch_size)[None], windows, sharding)
+            for i in range(n)]

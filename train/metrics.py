@@ -1,0 +1,171 @@
+"""What a run reports: `metrics.jsonl`, TensorBoard events, a PNG loss curve, and the progress bar.
+
+MFU (model FLOPs utilization) counts the FLOPs of the model, not of the implementation: per trained
+token, 6N for the matmuls of N parameters (forward 2N, backward 4N) plus 12·L·D·T for attention
+(PaLM, appendix B), divided by the devices' peak. Rematerialization's extra forward is not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterable
+
+import jax
+
+from flax_gpt2.config import GPT2Config
+
+# Dense bf16 peak FLOP/s of one JAX device, by `device.device_kind` (longest match first). TPU v2/v3
+# expose each TensorCore as a device (half a chip); v4 and v5p chips are one device (megacore).
+PEAK_FLOPS = {
+    "TPU v2": 22.5e12,
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "B200": 2250e12,
+}
+
+
+def flops_per_token(config: GPT2Config, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·D·T."""
+    return 6 * config.num_params + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def peak_flops(devices: Iterable[jax.Device], cpu_peak_flops: float) -> float | None:
+    """Summed peak FLOP/s of `devices`; CPU devices count `cpu_peak_flops` per host. None if unknown."""
+    total, cpu_hosts = 0.0, set()
+    for device in devices:
+        if device.platform == "cpu":
+            cpu_hosts.add(device.process_index)
+            continue
+        kind = next((k for k in sorted(PEAK_FLOPS, key=len, reverse=True) if k in device.device_kind), None)
+        if kind is None:
+            return None
+        total += PEAK_FLOPS[kind]
+    return total + len(cpu_hosts) * cpu_peak_flops
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard.
+
+    Only process 0 writes. On resume, records past the restored step (logged after the last checkpoint
+    by the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            kept = [line for line in _read_lines(self.path) if json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(line + "\n" for line in kept)
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, **scalars: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of `workdir/metrics.jsonl`."""
+    return [json.loads(line) for line in _read_lines(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def plot_losses(workdir: str, out: str | None = None) -> str:
+    """Draws train and eval loss against step into `workdir/loss.png` (or `out`); returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    out = out or os.path.join(workdir, "loss.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing loss, tokens/s, MFU and (tqdm's) ETA; process 0 only.
+
+    Throughput is measured between `update` calls that say `timed=True`, so compilation, eval and
+    checkpoint pauses are left out.
+    """
+
+    def __init__(self, total: int, initial: int, tokens_per_step: int, flops_per_token: float,
+                 peak: float | None, enabled: bool = True):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self._bar = None
+        if enabled and jax.process_index() == 0:
+            import tqdm
+            self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
+        self._steps, self._seconds, self._last = 0, 0.0, None
+        self.tokens_per_sec = math.nan
+        self.mfu = math.nan
+
+    def start_timing(self) -> None:
+        self._last = time.perf_counter()
+
+    def update(self, loss: float, timed: bool = True) -> None:
+        now = time.perf_counter()
+        if timed and self._last is not None:
+            self._steps += 1
+            self._seconds += now - self._last
+            self.tokens_per_sec = self._steps * self.tokens_per_step / self._seconds
+            if self.peak:
+                self.mfu = self.tokens_per_sec * self.flops_per_token / self.peak
+        self._last = now
+        if self._bar is not None:
+            postfix = f"loss={loss:.4f}, tok/s={self.tokens_per_sec:,.0f}"
+            if self.peak:
+                postfix += f", MFU={100 * self.mfu:.1f}%"
+            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(1)
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message)
+        elif jax.process_index() == 0:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,132 @@
+"""Fine-tuning recipes of the GPT-2 model cards: how their records become training documents.
+
+A recipe turns one record of its dataset into zero or more documents (strings); the corpus tokenizer
+encodes each and ends it with `<|endoftext|>`, so consecutive documents read
+`<|endoftext|> doc1<|endoftext|> doc2<|endoftext|>` — exactly the CommonGen card's format.
+
+- `commongen`: records `{"concept_set": "kid_N#room_N#dance_V", "scene": [...]}` (the CommonGen release),
+  `{"concepts": [...], "target": "..."}` (the `allenai/common_gen` dataset), or the `src_alpha.txt` /
+  `tgt.txt` line pairs; each scene becomes `" kid, room, dance: A kid dances in the room."`.
+- `eli5`: records of `eli5_category` (`{"answers": {"text": [...]}}`) or local `{"question", "answer"}`
+  json/jsonl; the document is the answers joined by spaces, as Hugging Face's causal-LM fine-tuning
+  tutorial (which trained the distilgpt2 ELI5 card) does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterator, Mapping, Sequence
+
+RECIPES = ("text", "commongen", "eli5")
+
+_POS_SUFFIX = re.compile(r"_[A-Z]+$")
+
+
+def concepts_of(record: Mapping[str, Any], where: str = "record") -> list[str]:
+    """The concept words of a CommonGen record, part-of-speech suffixes (`_N`, `_V`) stripped."""
+    if "concept_set" in record:
+        raw = str(record["concept_set"]).split("#")
+    elif "concepts" in record:
+        raw = record["concepts"]
+        raw = raw.split() if isinstance(raw, str) else list(raw)
+    else:
+        raise KeyError(f"{where}: a CommonGen record needs 'concept_set' or 'concepts'; fields: {sorted(record)}")
+    concepts = [_POS_SUFFIX.sub("", c.strip()) for c in raw if c.strip()]
+    if not concepts:
+        raise ValueError(f"{where}: empty concept set")
+    return concepts
+
+
+def commongen_prompt(concepts: Sequence[str]) -> str:
+    """The text after `<|endoftext|>` that asks for a sentence: `" kid, room, dance:"`."""
+    return " " + ", ".join(concepts) + ":"
+
+
+def commongen_documents(record: Mapping[str, Any], where: str = "record") -> list[str]:
+    concepts = concepts_of(record, where)
+    scenes = record.get("scene", record.get("target", record.get("scenes")))
+    if scenes is None:
+        raise KeyError(f"{where}: a CommonGen record needs 'scene' or 'target'; fields: {sorted(record)}")
+    scenes = [scenes] if isinstance(scenes, str) else list(scenes)
+    return [f"{commongen_prompt(concepts)} {s.strip()}" for s in scenes if s.strip()]
+
+
+def eli5_documents(record: Mapping[str, Any], where: str = "record") -> list[str]:
+    answers = record.get("answers", record.get("answer"))
+    if isinstance(answers, Mapping):  # eli5_category: {"text": [...], "score": [...], ...}
+        answers = answers.get("text")
+    if answers is None and "answers.text" in record:  # a flattened dataset
+        answers = record["answers.text"]
+    if answers is None:
+        raise KeyError(f"{where}: an ELI5 record needs 'answers' (with 'text') or 'answer'; fields: {sorted(record)}")
+    answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+    text = " ".join(answers)
+    return [text] if text.strip() else []
+
+
+FORMATTERS = {"commongen": commongen_documents, "eli5": eli5_documents}
+
+
+def format_records(recipe: str, records: Iterator[Mapping[str, Any]], where: str) -> Iterator[str]:
+    """Documents of `records` under `recipe` (one of RECIPES other than "text")."""
+    if recipe not in FORMATTERS:
+        raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {RECIPES}")
+    for i, record in enumerate(records):
+        yield from FORMATTERS[recipe](record, f"{where} record {i}")
+
+
+def commongen_line_pairs(src_path: str) -> Iterator[dict]:
+    """Records from CommonGen's line-aligned text pair format: `X.src_alpha.txt` (concepts, space-separated)
+    beside `X.tgt.txt` (one target sentence a line)."""
+    if not src_path.endswith(".src_alpha.txt"):
+        raise ValueError(f"{src_path}: the CommonGen pair format is X.src_alpha.txt + X.tgt.txt")
+    tgt_path = src_path[: -len(".src_alpha.txt")] + ".tgt.txt"
+    if not os.path.isfile(tgt_path):
+        raise FileNotFoundError(f"{tgt_path} is missing: the targets of {src_path}")
+    with open(src_path, encoding="utf-8") as src, open(tgt_path, encoding="utf-8") as tgt:
+        src_lines, tgt_lines = src.read().splitlines(), tgt.read().splitlines()
+    if len(src_lines) != len(tgt_lines):
+        raise ValueError(f"{src_path} has {len(src_lines)} lines but {tgt_path} has {len(tgt_lines)}")
+    for concepts, target in zip(src_lines, tgt_lines):
+        yield {"concepts": concepts.split(), "target": target}
+
+
+def read_commongen_sets(path: str) -> list[list[str]]:
+    """The distinct concept sets of a CommonGen file (jsonl, or the src_alpha/tgt pair), in file order."""
+    if path.endswith(".src_alpha.txt"):
+        records = list(commongen_line_pairs(path))
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    seen, sets = set(), []
+    for i, record in enumerate(records):
+        concepts = concepts_of(record, f"{path} record {i}")
+        if tuple(concepts) not in seen:
+            seen.add(tuple(concepts))
+            sets.append(concepts)
+    return sets
+
+
+def _stems(word: str) -> set[str]:
+    """A light stemmer, enough to see 'dance' in 'dances'/'dancing'/'danced' (CommonGen's scorer lemmatizes
+    with spaCy; this approximates it without that dependency)."""
+    out = {word}
+    for suffix in ("ing", "ed", "es", "s", "er", "ers"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            base = word[: -len(suffix)]
+            out |= {base, base + "e"}
+            if len(base) >= 4 and base[-1] == base[-2]:  # running -> run
+                out.add(base[:-1])
+            if base.endswith("i"):  # carries -> carry
+                out.add(base[:-1] + "y")
+    return out
+
+
+def coverage(concepts: Sequence[str], sentence: str) -> float:
+    """Fraction of `concepts` that appear in `sentence` (inflections allowed)."""
+    words = re.findall(r"[a-z]+", sentence.lower())
+    stems = set().union(*(_stems(w) for w in words)) if words else set()
+    hits = sum(1 for c in concepts if _stems(c.lower()) & stems)
+    return hits / len(concepts)
