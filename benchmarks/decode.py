@@ -4,7 +4,7 @@
     python benchmarks/decode.py --dtypes float32 bfloat16 --batch_sizes 1 8 --repeats 5
 
 Greedy decoding with EOS disabled, so every run makes exactly `--new_tokens` tokens per row. Reported:
-tokens/s (batch * new tokens / wall time of one `generate` call, median of `--repeats` after a warm-up),
+tokens/s (batch * new tokens / wall time of one `generate` call, best of `--repeats` after a warm-up),
 flax_gpt2's compile time (the jitted prefill + decode loop, compiled ahead of time) and its first call
 (compilation included), and time to first token (a warm call with one new token: prefill plus choosing
 the first token). Both libraries use the same number of threads (`--threads`, default all cores). The two
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
@@ -32,14 +31,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls (after one warm-up call)."""
+    """Best wall time of `fn()` over `repeats` calls, after one warm-up call. The best, not the median: on a
+    shared machine other processes only ever add time."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def flax_model(hf_model, dtype):

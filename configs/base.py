@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: see train/data.py for what `source` may be.
     c.data = ml_collections.ConfigDict()
     c.data.source = ""
+    # How records become documents: "text" (the `text_field`), or a model-card recipe, "commongen" / "eli5"
+    # (train/recipes.py).
+    c.data.recipe = "text"
     c.data.text_field = "text"  # the text column of jsonl / `datasets` sources
     c.data.dataset_config = ""  # `datasets.load_dataset(source, name=...)`
     c.data.split = "train"  # the `datasets` split that is tokenized (the held-out split is cut from it)
@@ -56,9 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 512
     c.micro_batch_size = 0
     c.steps = 600_000  # total optimizer steps
+    c.epochs = 0  # > 0: train this many passes over the training split instead (sets `steps`)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 6e-4
+    c.optimizer.schedule = "cosine"  # after warmup: "cosine" (to lr * min_lr_ratio), "linear" (to 0), "constant"
     c.optimizer.warmup_steps = 2000  # linear warmup from 0, then cosine decay
     c.optimizer.decay_steps = 0  # length of warmup + cosine; 0 = `steps`
     c.optimizer.min_lr_ratio = 0.1  # the cosine ends at lr * min_lr_ratio (Chinchilla, nanoGPT)
@@ -100,10 +105,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.progress_bar = True
-    # Peak FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py). An
-    # estimate: ~200 GFLOP/s is what a 2048^3 fp32 matmul reaches on a 2-core dev machine.
-    c.cpu_peak_flops = 200e9
+    # Peak fp32 FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py).
+    # An estimate for the 2-core dev machine: its fastest measured 2048^3 fp32 matmul (torch) reaches
+    # ~300 GFLOP/s, about 2 cores x 2.6 GHz x 64 FLOP/cycle. Set your own machine's.
+    c.cpu_peak_flops = 300e9
 
+    # CommonGen recipe: after training, generate for this many held-out concept sets and report coverage.
+    c.coverage_sets = 0
     # After training: sample from the final model (empty prompt = no sample).
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""

@@ -23,13 +23,13 @@ def get_config():
     c.data.seq_len = 128
     c.data.val_fraction = 0.1  # the last 10% of the play text
     c.batch_size = 16
-    c.steps = 1500
+    c.steps = 600
     c.optimizer.lr = 2e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.weight_decay = 0.1
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 50
     c.eval_batches = 16
-    c.checkpoint_every = 500
+    c.checkpoint_every = 200
     c.sample.prompt = "ROMEO:"
     return c

@@ -109,6 +109,29 @@ def test_run_loads_as_a_model(reference):
         run_checkpoint.load_run(workdir, step=5)
 
 
+def test_run_exports_to_transformers_and_samples(reference, tmp_path, capsys):
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import flax_gpt2
+    from flax_gpt2 import convert, sample
+
+    workdir, _ = reference
+    out = convert.flax_to_hf(str(workdir), str(tmp_path / "hf"), progress=False)
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    model, params = flax_gpt2.from_pretrained(str(workdir), progress=False)
+    ids = np.random.default_rng(0).integers(0, 50257, (2, 16))
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # The run folder carries its tokenizer, so sampling from it works offline.
+    sample.main(["--model", str(workdir), "--prompt", "ROMEO:", "--max_new_tokens", "5",
+                 "--cache_dir", str(tmp_path / "cache"), "--no_progress"])
+    assert "ROMEO:" in capsys.readouterr().out
+
+
 def test_sigterm_then_resume_reproduces_the_run(reference, cache_dir, tmp_path):
     code, err = _start_and_stop(tmp_path, cache_dir, signal.SIGTERM, at_step=2)
     assert code == 0, err[-3000:]

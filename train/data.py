@@ -71,7 +71,7 @@ def _corpus_key(data_config) -> str:
     else:
         what = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
     tokenizer = os.path.abspath(data_config.tokenizer) if data_config.tokenizer else "gpt2"
-    blob = json.dumps([tc.FORMAT_VERSION, what, data_config.text_field, tokenizer])
+    blob = json.dumps([tc.FORMAT_VERSION, what, data_config.text_field, tokenizer, data_config.recipe])
     name = os.path.basename(data_config.source.rstrip("/")).replace("*", "_") or "corpus"
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
@@ -89,7 +89,8 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     folder = os.path.join(_cache_root(data_config.cache_dir), _corpus_key(data_config))
     if not os.path.exists(os.path.join(folder, "meta.json")):
         logging.info("tokenizing %s into %s", source, folder)
-        tc.tokenize_corpus(source, folder, text_field=data_config.text_field, split=data_config.split,
+        tc.tokenize_corpus(source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
+                           split=data_config.split,
                            dataset_config=data_config.dataset_config, tokenizer=data_config.tokenizer,
                            num_threads=data_config.num_threads, progress=progress)
     return TokenStore(folder)

@@ -42,10 +42,16 @@ def decay_mask(params) -> Any:
 
 
 def make_schedule(opt_config, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `decay_steps`."""
+    """Linear warmup from 0 to `lr`, then (`schedule`) cosine decay to `lr * min_lr_ratio` at `decay_steps`,
+    linear decay to 0 at `decay_steps` (transformers' `get_linear_schedule_with_warmup`), or constant."""
     decay_steps = opt_config.decay_steps or total_steps
     warmup = min(opt_config.warmup_steps, decay_steps)
-    if warmup == decay_steps or opt_config.min_lr_ratio == 1:  # constant after warmup (fine-tuning)
+    if opt_config.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optimizer.schedule={opt_config.schedule!r}: choose 'cosine', 'linear' or 'constant'")
+    if opt_config.schedule == "linear":
+        return optax.join_schedules([optax.linear_schedule(0.0, opt_config.lr, warmup),
+                                     optax.linear_schedule(opt_config.lr, 0.0, decay_steps - warmup)], [warmup])
+    if opt_config.schedule == "constant" or warmup == decay_steps or opt_config.min_lr_ratio == 1:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, opt_config.lr, warmup), optax.constant_schedule(opt_config.lr)], [warmup])
     return optax.warmup_cosine_decay_schedule(

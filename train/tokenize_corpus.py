@@ -84,16 +84,22 @@ def resolve_files(source: str) -> list[str] | None:
     return None
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if text_field not in record:
-                raise KeyError(f"{path}:{line_number} has no field {text_field!r} (set data.text_field); "
-                               f"fields: {sorted(record)}")
-            yield record[text_field]
+            if line.strip():
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    for line_number, record in _jsonl_records(path):
+        if text_field not in record:
+            raise KeyError(f"{path}:{line_number} has no field {text_field!r} (set data.text_field); "
+                           f"fields: {sorted(record)}")
+        yield record[text_field]
 
 
 def _dataset_documents(dataset, text_field: str, description: str) -> Iterator[str]:
@@ -105,11 +111,15 @@ def _dataset_documents(dataset, text_field: str, description: str) -> Iterator[s
 
 
 def iter_documents(source: str, *, text_field: str = "text", split: str = "train",
-                   dataset_config: str = "") -> Iterator[list[str]]:
+                   dataset_config: str = "", recipe: str = "text") -> Iterator[list[str]]:
     """Each document of `source` as a list of text pieces to encode and concatenate.
 
-    The source is found (or the dataset loaded) right away, so a missing one fails here, not on first use.
+    With a `recipe` other than "text", each record (jsonl line, dataset row, or CommonGen line pair) is
+    formatted by `train.recipes` into its documents. The source is found (or the dataset loaded) right
+    away, so a missing one fails here, not on first use.
     """
+    if recipe != "text":
+        return _recipe_documents(source, recipe, split, dataset_config)
     files = resolve_files(source)
     if files is None:
         import datasets
@@ -120,6 +130,35 @@ def iter_documents(source: str, *, text_field: str = "text", split: str = "train
                                     f"could not load it: {e}") from e
         return ([text] for text in _dataset_documents(dataset, text_field, f"dataset {source!r}"))
     return _file_documents(files, text_field)
+
+
+def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str) -> Iterator[list[str]]:
+    from train import recipes
+
+    if recipe not in recipes.RECIPES:
+        raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {recipes.RECIPES}")
+    files = resolve_files(source)
+    if files is None:
+        import datasets
+        try:
+            dataset = datasets.load_dataset(source, dataset_config or None, split=split)
+        except Exception as e:  # datasets raises many types; say what was tried
+            raise FileNotFoundError(f"data source {source!r} is not a local file and datasets.load_dataset "
+                                    f"could not load it: {e}") from e
+        streams = [(f"dataset {source!r}", iter(dataset))]
+    else:
+        streams = []
+        for path in files:
+            if path.endswith(".src_alpha.txt") and recipe == "commongen":
+                streams.append((path, recipes.commongen_line_pairs(path)))
+            elif path.endswith(".tgt.txt") and recipe == "commongen":
+                continue  # read with its .src_alpha.txt
+            elif os.path.splitext(path)[1] in JSONL_SUFFIXES:
+                streams.append((path, (record for _, record in _jsonl_records(path))))
+            else:
+                raise ValueError(f"{path}: data.recipe={recipe!r} reads jsonl records"
+                                 + (" or X.src_alpha.txt + X.tgt.txt pairs" if recipe == "commongen" else ""))
+    return ([doc] for where, records in streams for doc in recipes.format_records(recipe, records, where))
 
 
 def _file_documents(files: list[str], text_field: str) -> Iterator[list[str]]:
@@ -153,14 +192,15 @@ def _batches(documents: Iterable[list[str]]) -> Iterator[tuple[list[str], list[b
         yield texts, ends
 
 
-def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", split: str = "train",
+def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", recipe: str = "text", split: str = "train",
                     dataset_config: str = "", tokenizer: str = "", num_threads: int = 0,
                     shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict:
     """Tokenizes `source` into `out_dir` (created atomically: written beside it, then renamed).
 
     Returns the `meta.json` dict. Encoding runs `tiktoken`'s `encode_ordinary_batch` on all cores.
     """
-    documents = iter_documents(source, text_field=text_field, split=split, dataset_config=dataset_config)
+    documents = iter_documents(source, text_field=text_field, split=split, dataset_config=dataset_config,
+                               recipe=recipe)
     encoding = gpt2_encoding(tokenizer)
     if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocabulary of {encoding.n_vocab} tokens does not fit uint16 shards")

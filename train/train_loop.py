@@ -8,12 +8,12 @@ Rerunning the same command on the same workdir resumes from the newest readable 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -100,6 +100,17 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _save_tokenizer(name_or_path: str, workdir: str) -> None:
+    """Writes the tokenizer's vocab.json + merges.txt into the workdir, so that the run is a model folder
+    `python -m flax_gpt2.sample --model WORKDIR` can use offline."""
+    from flax_gpt2.tokenizer import get_tokenizer
+
+    try:
+        get_tokenizer(name_or_path or None).save(workdir)
+    except OSError as e:  # offline without the tokenizer files; training itself may only need cached tokens
+        logging.warning("could not save the tokenizer into %s: %s", workdir, e)
+
+
 def _place(tree, shardings):
     """Host arrays (the same on every process) -> global arrays with `shardings`."""
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x[i])),
@@ -110,8 +121,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run described by `config` in `workdir`.
 
     Writes `train_config.json`, `metrics.jsonl`, TensorBoard events (`tensorboard/`), checkpoints
-    (`checkpoints/`) and, at the end, `loss.png`, `result.json` (and `sample.txt` if asked to sample). Returns the final `{"step", "loss", "eval_loss", "stopped"}`, where `stopped`
-    is "done" or "preempted".
+    (`checkpoints/`) and, at the end, `loss.png`, `result.json` (and `sample.txt` if asked to sample).
+    Returns the final `{"step", "loss", "eval_loss", "stopped"}`, where `stopped` is "done" or "preempted".
 
     Raises:
       FloatingPointError: the loss became NaN/inf; the last good state was saved first.
@@ -122,6 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         # Not config.json: from_pretrained would take the workdir for a Hugging Face folder.
         with open(os.path.join(workdir, "train_config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
+        _save_tokenizer(config.data.tokenizer, workdir)
 
     gpt2_config, pretrained = model_config(config)
     seq_len = config.data.seq_len
@@ -144,6 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     cut = data.split_point(store, config.data.val_fraction, seq_len)
     train_windows, val_windows = data.Windows(store, 0, cut, seq_len), data.Windows(store, cut, len(store), seq_len)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    config = _resolve_epochs(config, train_windows.count // config.batch_size)
 
     # Model, optimizer and the shardings of the train state.
     model = GPT2LMHeadModel(gpt2_config)
@@ -171,7 +184,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding)
     eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding)
     batches = data.TrainBatches(train_windows, config.batch_size, micro, config.seed, batch_sharding, data_state)
-    eval_set = data.eval_batches(val_windows, eval_batch, config.eval_batches, batch_sharding)
+    max_eval_batches = config.eval_batches if config.eval_batches > 0 else val_windows.count // eval_batch
+    eval_set = data.eval_batches(val_windows, eval_batch, max_eval_batches, batch_sharding)
 
     def evaluate(params) -> float:
         if not eval_set:
@@ -193,6 +207,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             checkpointer.wait()
             checkpointer.close()
             writer.close()
+    if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
+        result.update(_commongen_coverage(model, state.params, config, cut, workdir, writer_step=result["step"]))
     if config.sample.prompt and result["stopped"] == "done":
         result["sample"] = sample(model, state.params, config, workdir)
     if jax.process_index() == 0:
@@ -200,6 +216,42 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         with open(os.path.join(workdir, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+def _exp(x: float) -> float:
+    return math.exp(min(x, 700.0))  # NaN stays NaN
+
+
+def _resolve_epochs(config, steps_per_epoch: int):
+    """With `epochs > 0`: `steps = epochs * steps_per_epoch`, and `eval_every = 0` means every epoch."""
+    if config.epochs <= 0:
+        return config
+    if steps_per_epoch == 0:
+        return config  # TrainBatches names the problem (fewer windows than one batch)
+    config = config.copy_and_resolve_references()
+    config.steps = config.epochs * steps_per_epoch
+    if config.eval_every <= 0:
+        config.eval_every = steps_per_epoch
+    logging.info("%d epochs of %d steps: steps=%d", config.epochs, steps_per_epoch, config.steps)
+    return config
+
+
+def _commongen_coverage(model, params, config, cut: int, workdir: str, writer_step: int) -> dict:
+    """Coverage of held-out CommonGen concept sets; appended to metrics.jsonl and printed."""
+    from train import commongen_eval
+
+    params = jax.device_get(params)
+    sets = commongen_eval.held_out_concept_sets(config.data, cut, config.coverage_sets)
+    out = commongen_eval.commongen_coverage(model, params, config.data, sets,
+                                            workdir if jax.process_index() == 0 else None)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": writer_step, "coverage": out["coverage"],
+                                "coverage_sets": out["coverage_sets"]}) + "\n")
+        print(f"CommonGen coverage on {out['coverage_sets']} held-out concept sets: {out['coverage']:.3f}", flush=True)
+        for row in out["samples"]:
+            print(f"  {', '.join(row['concepts'])}: {row['sentence']}  (coverage {row['coverage']:.2f})", flush=True)
+    return {"coverage": out["coverage"], "coverage_sets": out["coverage_sets"]}
 
 
 def sample(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
@@ -228,7 +280,12 @@ def sample(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
 def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, sigterm,
           hf_model_config, dropout_rng, result) -> tuple[step_lib.TrainState, dict[str, Any]]:
     step = int(state.step)
+    if step >= config.steps:
+        progress.write(f"already trained to step {step} (steps={config.steps})")
+        result["eval_loss"] = evaluate(state.params)
+        return state, result
     first = True
+    started = time.perf_counter()
     progress.start_timing()
     while step < config.steps:
         data_before = batches.state
@@ -238,7 +295,6 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
         loss, finite = float(m["loss"]), bool(m["finite"])
         if not finite:
             # optax.apply_if_finite skipped the update: `state` is still the last good state.
-            batches.state = data_before
             checkpointer.save(state, data_before, hf_model_config, force=True)
             checkpointer.wait()
             raise FloatingPointError(
@@ -249,16 +305,18 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
         first = False
         result.update(step=step, loss=loss)
         if step % config.log_every == 0 or step == config.steps:
-            scalars = {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+            scalars = {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                       "elapsed_s": time.perf_counter() - started}
             if not math.isnan(progress.tokens_per_sec):
                 scalars["tokens_per_sec"] = progress.tokens_per_sec
             if not math.isnan(progress.mfu):
                 scalars["mfu"] = progress.mfu
             writer.write(step, **scalars)
         paused = False
-        if step % config.eval_every == 0 or step == config.steps:
+        if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
             result["eval_loss"] = evaluate(state.params)
-            writer.write(step, eval_loss=result["eval_loss"])
+            writer.write(step, eval_loss=result["eval_loss"], eval_perplexity=_exp(result["eval_loss"]),
+                         epoch=round(step / batches.batches_per_epoch, 4), elapsed_s=time.perf_counter() - started)
             progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}")
             paused = True
         preempted = sigterm.raised or checkpointer.reached_preemption(step)

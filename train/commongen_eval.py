@@ -1,0 +1,59 @@
+"""CommonGen coverage after fine-tuning: generate one sentence for held-out concept sets, count the concepts
+that appear in it (see `train.recipes.coverage`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from flax_gpt2.generation import generate
+from flax_gpt2.tokenizer import get_tokenizer
+from train import recipes
+from train import tokenize_corpus as tc
+
+
+def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
+    """Concept sets whose every example lies in the held-out part of the token stream (from token `cut`).
+
+    The stream is the recipe's documents in order, each followed by `<|endoftext|>`, so re-encoding them
+    gives each document's start; a set is held out when its first example starts at or after `cut`.
+    """
+    encoding = tc.gpt2_encoding(data_config.tokenizer)
+    docs = [d[0] for d in tc.iter_documents(data_config.source, split=data_config.split,
+                                              dataset_config=data_config.dataset_config, recipe="commongen")]
+    lengths = [len(ids) + 1 for ids in encoding.encode_ordinary_batch(docs)]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    first_start: dict[tuple[str, ...], int] = {}
+    for doc, start in zip(docs, starts):
+        first_start.setdefault(tuple(doc.split(":", 1)[0].strip().split(", ")), int(start))
+    return [list(c) for c, start in first_start.items() if start >= cut][:limit]
+
+
+def commongen_coverage(model, params, data_config, concept_sets: list[list[str]], workdir: str | None,
+                       max_new_tokens: int = 32, batch_size: int = 16) -> dict:
+    """Greedy sentences for `concept_sets` from the card's prompt, cut after the first '.'; returns the mean
+    coverage and writes `workdir/commongen_samples.jsonl` (concepts, sentence, coverage)."""
+    tokenizer = get_tokenizer(data_config.tokenizer or None)
+    eot = tokenizer.eot_token
+    rows = []
+    for i in range(0, len(concept_sets), batch_size):
+        chunk = concept_sets[i:i + batch_size]
+        prompts = [[eot] + tokenizer.encode(recipes.commongen_prompt(c)) for c in chunk]
+        width = max(map(len, prompts))
+        ids = np.full((len(chunk), width), eot, np.int32)
+        mask = np.zeros_like(ids)
+        for r, p in enumerate(prompts):  # left padding, as generate expects
+            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eot, pad_token_id=eot)
+        for concepts, new in zip(chunk, np.asarray(out)[:, width:]):
+            text = tokenizer.decode([t for t in new.tolist() if t != eot])
+            sentence = text[: text.find(".") + 1] if "." in text else text
+            rows.append({"concepts": concepts, "sentence": sentence.strip(),
+                         "coverage": recipes.coverage(concepts, sentence)})
+    if workdir:
+        with open(os.path.join(workdir, "commongen_samples.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"coverage": float(np.mean([r["coverage"] for r in rows])) if rows else float("nan"),
+            "coverage_sets": len(rows), "samples": rows[:5]}
