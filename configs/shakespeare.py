@@ -4,7 +4,8 @@
     python -m train --config configs/shakespeare.py --workdir runs/mine --config.data.source=my.txt
 
 By default the text is `../shared/data/tinyshakespeare.txt` beside the checkout; `data.source` may be
-any text/jsonl file or `datasets` name. Sized for a laptop CPU: ~10 minutes on 2 cores.
+any text/jsonl file or `datasets` name. Sized for a laptop CPU: on 2 shared cores the held-out loss is
+below 6.0 nats/token after ~4 minutes and ~5.0 after 600 steps (~16 minutes); see benchmarks/TRAIN.md.
 """
 
 from configs import base

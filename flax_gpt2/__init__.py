@@ -1,9 +1,21 @@
-"""flax_gpt2: GPT-2 in JAX/Flax."""
+"""flax_gpt2: GPT-2 in JAX/Flax, equal to Hugging Face transformers' GPT-2.
+
+The public API: the config and models, Hugging Face import/export, the tokenizer, and generation.
+"""
 
 from flax_gpt2.config import PRESETS, GPT2Config
+from flax_gpt2.generation import generate, generate_stream
+from flax_gpt2.generation.pipeline import pipeline, set_seed
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
                              GPT2Model, GPT2ModelOutput, init_params)
-from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 from flax_gpt2.pretrained import from_pretrained, save_pretrained
+from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 from flax_gpt2.weights import hf_state_dict_from_params, params_from_hf_state_dict
+
+__all__ = [
+    "PRESETS", "GPT2Config", "KVCache", "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ModelOutput",
+    "GPT2LMOutput", "GPT2DoubleHeadsOutput", "init_params", "from_pretrained", "save_pretrained",
+    "hf_state_dict_from_params", "params_from_hf_state_dict", "ENDOFTEXT", "Tokenizer", "get_tokenizer",
+    "generate", "generate_stream", "pipeline", "set_seed",
+]

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from train import data, tokenize_corpus as tc
 
 
@@ -30,6 +31,12 @@ def _write_store(folder, tokens, shard_tokens):
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
     return data.TokenStore(folder)
+
+
+def _data_config(**overrides) -> ml_collections.ConfigDict:
+    config = base.get_config().data
+    config.update(overrides)
+    return config
 
 
 def _sharding():
@@ -75,9 +82,7 @@ def test_jsonl_missing_field_and_missing_files_are_clear_errors(tmp_path, bpe_di
     assert not (tmp_path / "o1").exists()
     with pytest.raises(FileNotFoundError, match="data file not found"):
         tc.tokenize_corpus(str(tmp_path / "nope.txt"), str(tmp_path / "o2"), tokenizer=str(bpe_dir), progress=False)
-    config = ml_collections.ConfigDict(dict(source=str(tmp_path / "missing" / "corpus.txt"), cache_dir=str(tmp_path),
-                                            text_field="text", split="train", dataset_config="", tokenizer="",
-                                            num_threads=1))
+    config = _data_config(source=str(tmp_path / "missing" / "corpus.txt"), cache_dir=str(tmp_path), num_threads=1)
     with pytest.raises(FileNotFoundError, match="corpus.txt"):
         data.load_tokens(config)
     config.source = "no-such-user/no-such-dataset-offline"
@@ -87,9 +92,8 @@ def test_jsonl_missing_field_and_missing_files_are_clear_errors(tmp_path, bpe_di
 
 def test_load_tokens_caches_the_tokenized_corpus(tmp_path, bpe_dir, encoding, monkeypatch):
     (tmp_path / "corpus.txt").write_text("some text to tokenize\n" * 50)
-    config = ml_collections.ConfigDict(dict(source=str(tmp_path / "corpus.txt"), cache_dir=str(tmp_path / "cache"),
-                                            text_field="text", split="train", dataset_config="",
-                                            tokenizer=str(bpe_dir), num_threads=1))
+    config = _data_config(source=str(tmp_path / "corpus.txt"), cache_dir=str(tmp_path / "cache"),
+                          tokenizer=str(bpe_dir), num_threads=1)
     first = data.load_tokens(config, progress=False)
     monkeypatch.setattr(tc, "tokenize_corpus", lambda *a, **k: pytest.fail("tokenized twice"))
     second = data.load_tokens(config, progress=False)

@@ -16,11 +16,12 @@ def test_train_steps_match_transformers(hf_tiny):
     import transformers
 
     import flax_gpt2
+    from configs import base
     from train import mesh as mesh_lib, step as step_lib
 
     _, folder = hf_tiny
-    opt = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=1, decay_steps=6, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-                                         eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+    opt = base.get_config().optimizer  # AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clipping at 1.0
+    opt.update(dict(lr=1e-3, warmup_steps=1, decay_steps=6, min_lr_ratio=0.1, schedule="cosine"))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 50257, size=(4, 33)) for _ in range(STEPS)]
 

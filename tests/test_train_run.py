@@ -44,16 +44,18 @@ def _losses(workdir, key="loss"):
     return {r["step"]: r[key] for r in _records(workdir) if key in r}
 
 
-def _start_and_stop(workdir, cache_dir, sig, at_step):
-    """Starts a run and sends `sig` once metrics.jsonl shows step `at_step`."""
+def _start_and_stop(workdir, cache_dir, sig, at_step, after_checkpoint=None):
+    """Starts a run and sends `sig` once metrics.jsonl shows step `at_step` (and, if given, checkpoint
+    `after_checkpoint` is complete: orbax renames its folder to the bare step number when done)."""
     proc = subprocess.Popen(_args(workdir, cache_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         path = Path(workdir) / "metrics.jsonl"
-        if path.exists() and max([r["step"] for r in _records(workdir)] or [0]) >= at_step:
+        if (path.exists() and max([r["step"] for r in _records(workdir)] or [0]) >= at_step
+                and (after_checkpoint is None or (Path(workdir) / "checkpoints" / str(after_checkpoint)).is_dir())):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
@@ -148,7 +150,7 @@ def test_sigterm_then_resume_reproduces_the_run(reference, cache_dir, tmp_path):
 
 
 def test_kill_9_between_checkpoints_then_resume_reproduces_the_run(reference, cache_dir, tmp_path):
-    code, _ = _start_and_stop(tmp_path, cache_dir, signal.SIGKILL, at_step=5)
+    code, _ = _start_and_stop(tmp_path, cache_dir, signal.SIGKILL, at_step=5, after_checkpoint=4)
     assert code == -signal.SIGKILL
     logged = max(r["step"] for r in _records(tmp_path))
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())

@@ -122,14 +122,18 @@ def iter_documents(source: str, *, text_field: str = "text", split: str = "train
         return _recipe_documents(source, recipe, split, dataset_config)
     files = resolve_files(source)
     if files is None:
-        import datasets
-        try:
-            dataset = datasets.load_dataset(source, dataset_config or None, split=split)
-        except Exception as e:  # datasets raises many types; say what was tried
-            raise FileNotFoundError(f"data source {source!r} is not a local file and datasets.load_dataset "
-                                    f"could not load it: {e}") from e
+        dataset = _load_dataset(source, dataset_config, split)
         return ([text] for text in _dataset_documents(dataset, text_field, f"dataset {source!r}"))
     return _file_documents(files, text_field)
+
+
+def _load_dataset(source: str, dataset_config: str, split: str):
+    import datasets
+    try:
+        return datasets.load_dataset(source, dataset_config or None, split=split)
+    except Exception as e:  # datasets raises many types; say what was tried
+        raise FileNotFoundError(f"data source {source!r} is not a local file and datasets.load_dataset "
+                                f"could not load it: {e}") from e
 
 
 def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str) -> Iterator[list[str]]:
@@ -139,12 +143,7 @@ def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str)
         raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {recipes.RECIPES}")
     files = resolve_files(source)
     if files is None:
-        import datasets
-        try:
-            dataset = datasets.load_dataset(source, dataset_config or None, split=split)
-        except Exception as e:  # datasets raises many types; say what was tried
-            raise FileNotFoundError(f"data source {source!r} is not a local file and datasets.load_dataset "
-                                    f"could not load it: {e}") from e
+        dataset = _load_dataset(source, dataset_config, split)
         streams = [(f"dataset {source!r}", iter(dataset))]
     else:
         streams = []
