@@ -30,16 +30,19 @@ from flax_gpt2.weights import params_from_hf_state_dict
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `fn()` over `repeats` calls, after one warm-up call. The best, not the median: on a
-    shared machine other processes only ever add time."""
-    fn()
-    times = []
+def best_times(runs: dict, repeats: int) -> dict:
+    """Best wall time of each `runs[name]()` over `repeats` rounds, after one warm-up call each. The
+    libraries alternate within a round, so that both see the same background load; the best, not the
+    median, because on a shared machine other processes only ever add time."""
+    for run in runs.values():
+        run()
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def flax_model(hf_model, dtype):
@@ -62,19 +65,11 @@ def compile_seconds(model, params, ids, new_tokens):
     return time.perf_counter() - start
 
 
-def bench_flax(model, params, ids, new_tokens, repeats):
-    run = lambda n: generate(model, params, ids, max_new_tokens=n)  # noqa: E731  (returns numpy: waits)
-    compile_s = compile_seconds(model, params, ids, new_tokens)
-    start = time.perf_counter()
-    tokens = run(new_tokens)  # compiles again: an ahead-of-time compilation does not fill jit's cache
-    first_call_s = time.perf_counter() - start
-    seconds = timed(lambda: run(new_tokens), repeats)
-    ttft = timed(lambda: run(1), repeats)
-    return tokens, dict(tok_s=ids.shape[0] * new_tokens / seconds, step_ms=1e3 * seconds / new_tokens,
-                        compile_s=compile_s, first_call_s=first_call_s, ttft_ms=1e3 * ttft)
+def flax_runner(model, params, ids):
+    return lambda n: generate(model, params, ids, max_new_tokens=n)  # returns numpy: waits for the result
 
 
-def bench_torch(hf_model, ids, new_tokens, repeats):
+def torch_runner(hf_model, ids):
     import torch
 
     input_ids = torch.as_tensor(ids)
@@ -85,11 +80,18 @@ def bench_torch(hf_model, ids, new_tokens, repeats):
             return hf_model.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                                      pad_token_id=0).numpy()
 
-    tokens = run(new_tokens)
-    seconds = timed(lambda: run(new_tokens), repeats)
-    ttft = timed(lambda: run(1), repeats)
-    return tokens, dict(tok_s=ids.shape[0] * new_tokens / seconds, step_ms=1e3 * seconds / new_tokens,
-                        ttft_ms=1e3 * ttft)
+    return run
+
+
+def bench(runners: dict, batch: int, new_tokens: int, repeats: int) -> dict:
+    """tokens/s, ms/step and time to first token per library, and the tokens each produced."""
+    results = {name: {"tokens": run(new_tokens)} for name, run in runners.items()}
+    full = best_times({name: lambda run=run: run(new_tokens) for name, run in runners.items()}, repeats)
+    first = best_times({name: lambda run=run: run(1) for name, run in runners.items()}, repeats)
+    for name, r in results.items():
+        r.update(tok_s=batch * new_tokens / full[name], step_ms=1e3 * full[name] / new_tokens,
+                 ttft_ms=1e3 * first[name])
+    return results
 
 
 def main(argv=None):
@@ -125,18 +127,24 @@ def main(argv=None):
         torch_model = hf_model if dtype == "float32" else hf_model.to(getattr(torch, dtype))
         for batch in args.batch_sizes:
             ids = rng.integers(0, hf_config.vocab_size, (batch, args.prompt_length))
-            ours_tokens, ours = bench_flax(model, params, ids, args.new_tokens, args.repeats)
-            rows = [("flax_gpt2", ours)]
+            compile_s = compile_seconds(model, params, ids, args.new_tokens)
+            start = time.perf_counter()
+            flax_runner(model, params, ids)(args.new_tokens)  # compiles again: AOT does not fill jit's cache
+            first_call_s = time.perf_counter() - start
+            runners = {"flax_gpt2": flax_runner(model, params, ids)}
             if not args.no_torch:
-                ref_tokens, ref = bench_torch(torch_model, ids, args.new_tokens, args.repeats)
-                rows.insert(0, ("transformers PyTorch", ref))
-                agree = (ours_tokens == ref_tokens).all(axis=1).mean()
+                runners = {"transformers PyTorch": torch_runner(torch_model, ids), **runners}
+            results = bench(runners, batch, args.new_tokens, args.repeats)
+            results["flax_gpt2"].update(compile_s=compile_s, first_call_s=first_call_s)
+            if not args.no_torch:
+                ref, ours = results["transformers PyTorch"], results["flax_gpt2"]
                 ours["vs"] = ours["tok_s"] / ref["tok_s"]
-            for name, r in rows:
+            for name, r in results.items():
                 print(f"{name:<22}{dtype:<10}{batch:>6}{r['tok_s']:>9.1f}{r['step_ms']:>9.1f}{r['ttft_ms']:>9.1f}"
                       f"{r.get('compile_s', float('nan')):>11.2f}{r.get('first_call_s', float('nan')):>11.2f}"
                       + (f"{r['vs']:>9.2f}x" if "vs" in r else ""))
             if not args.no_torch:
+                agree = (ours["tokens"] == ref["tokens"]).all(axis=1).mean()
                 print(f"{'':<22}greedy tokens identical in {agree:.0%} of rows")
         hf_model.float()
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")

@@ -158,7 +158,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         # A skipped (non-finite) step leaves params and optimizer moments as they were; so does `step`.
         new_state = TrainState(step=state.step + finite.astype(state.step.dtype), params=params,
                                opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                    "finite": finite}
         return new_state, metrics
 
