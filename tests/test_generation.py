@@ -13,7 +13,13 @@ from flax_gpt2.generation import generate, generate_stream, sampling
 from flax_gpt2.generation.model_step import forward, output_projection, prefill
 from flax_gpt2.pretrained import from_pretrained
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_no_grad():
+    """The reference model only runs forward here; scoped to this module so training tests keep autograd."""
+    with torch.no_grad():
+        yield
 
 EOT = 50256
 PROMPTS = [[464, 2068, 7586, 21831], [40, 588, 257, 3290, 290, 262, 1110, 318, 1049], [EOT]]

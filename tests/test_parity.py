@@ -12,7 +12,13 @@ import flax_gpt2
 from conftest import make_hf_model
 from flax_gpt2.pretrained import from_pretrained, save_pretrained
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_no_grad():
+    """The reference model only runs forward here; scoped to this module so training tests keep autograd."""
+    with torch.no_grad():
+        yield
 
 VOCAB = 50257
 

@@ -12,7 +12,13 @@ from flax_gpt2.generation import (SamplingParams, apply_temperature, generate, n
                                   top_k_filter, top_p_filter)
 from flax_gpt2.generation.logits_processors import argmax, nucleus_of_sorted
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_no_grad():
+    """The reference model only runs forward here; scoped to this module so training tests keep autograd."""
+    with torch.no_grad():
+        yield
 
 
 def fake_logits(batch=4, vocab=1000, seed=0, scale=3.0):
