@@ -317,7 +317,8 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
             result["eval_loss"] = evaluate(state.params)
             writer.write(step, eval_loss=result["eval_loss"], eval_perplexity=_exp(result["eval_loss"]),
                          epoch=round(step / batches.batches_per_epoch, 4), elapsed_s=time.perf_counter() - started)
-            progress.write(f"step {step}: eval loss {result['eval_loss']:.4f}")
+            progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): eval loss "
+                           f"{result['eval_loss']:.4f}, perplexity {_exp(result['eval_loss']):.2f}")
             paused = True
         preempted = sigterm.raised or checkpointer.reached_preemption(step)
         paused |= checkpointer.save(state, batches.state, hf_model_config,
