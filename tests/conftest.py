@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = Path(os.environ.get("FLAX_GPT2_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
+def set_dotted(config, overrides: dict) -> None:
+    """`set_dotted(config, {"optimizer.lr": 1e-3})`: assigns ml_collections config keys by dotted path."""
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

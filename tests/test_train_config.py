@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import set_dotted
 
 from train.config_cli import UsageError, parse_args
 
@@ -85,12 +86,7 @@ def _tiny(tmp_path, **overrides):
     config = tiny.get_config()
     config.data.cache_dir = str(tmp_path / "cache")
     config.progress_bar = False
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    set_dotted(config, overrides)
     return config
 
 

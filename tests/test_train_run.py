@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import set_dotted
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -172,12 +173,7 @@ def _tiny_config(cache_dir, **overrides):
     config.eval_every = 5
     config.progress_bar = False
     config.data.cache_dir = str(cache_dir)
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    set_dotted(config, overrides)
     return config
 
 

@@ -150,6 +150,16 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, options):
                 cache_len=cache_len), extra
 
 
+def _setup(model, params, input_ids, attention_mask, max_new_tokens, **options):
+    """What `generate` and `generate_stream` share: checked, padded arguments, unwrapped params, the
+    sampling strategy and the output projection."""
+    args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
+    params = _unwrap(params)
+    strategy = SamplingParams.create(**{k: options[k] for k in (
+        "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})
+    return args, extra, params, strategy, _head(model, params)
+
+
 def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
@@ -182,16 +192,11 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
       A numpy int32 array `[batch * num_return_sequences, prompt_length + max_new_tokens]`: the (padded)
       prompt, then the new tokens.
     """
-    options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                   num_beams=num_beams, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                   pad_token_id=pad_token_id)
-    args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
-    params = _unwrap(params)
-    strategy = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     repetition_penalty=repetition_penalty,
-                                     no_repeat_ngram_size=no_repeat_ngram_size)
-    head = _head(model, params)
+    args, extra, params, strategy, head = _setup(
+        model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
+        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if num_beams > 1:
         tokens = beam_search.beam_search_tokens(
             model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(length_penalty),
@@ -220,17 +225,12 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
     """
     if not isinstance(tokens_per_chunk, int) or tokens_per_chunk < 1:
         raise ValueError(f"tokens_per_chunk must be a positive integer, got {tokens_per_chunk!r}")
-    options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                   num_beams=1, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                   pad_token_id=pad_token_id)
-    args, _ = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
-    params = _unwrap(params)
-    strategy = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     repetition_penalty=repetition_penalty,
-                                     no_repeat_ngram_size=no_repeat_ngram_size)
+    args, _, params, strategy, head = _setup(
+        model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=1, num_return_sequences=num_return_sequences,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     prompt_len = args["input_ids"].shape[1]
-    head = _head(model, params)
     state = sampling.start(model, params, head, args["input_ids"], args["attention_mask"], strategy,
                            args["eos_token_id"], args["pad_token_id"], jnp.int32(seed),
                            cache_len=args["cache_len"], num_return_sequences=num_return_sequences)
