@@ -1,0 +1,74 @@
+"""One convention for every command line of the project (`sample`, `evaluate`, `convert`, `train`, ...).
+
+A user's mistake (a missing file, a bad flag value, a corrupt checkpoint) is one line on stderr that names
+the file or flag and the fix, with exit code 2 for usage errors and 1 for runtime errors; the traceback is
+shown only with `--debug`. A bug in the project (any other exception) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A bad command line (flag value, missing flag): exit code 2."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe something the user can fix; printed as one line, exit code 1."""
+    errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, FloatingPointError, KeyError,
+                                         json.JSONDecodeError, UnicodeDecodeError, ImportError]
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *, prog: str = "") -> int:
+    """Calls `main(argv)` with the `--debug` flag removed and turns exceptions into exit codes.
+
+    Returns the exit code: `main`'s own (None = 0), 2 for `UsageError` (and argparse's own usage
+    errors), 1 for user errors, 130 for Ctrl-C.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    prefix = f"{prog}: " if prog else ""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: 2 for usage errors, 0 for --help
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{prefix}error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prefix}interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except user_errors() as e:
+        if debug:
+            raise
+        logging.debug("error", exc_info=True)
+        print(f"{prefix}error: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_RUNTIME
+    return 0 if code is None else int(code)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages are joined; the type named if it says nothing)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) and len(error.args) == 1:
+        text = f"missing key {error.args[0]!r}"
+    return text or type(error).__name__
