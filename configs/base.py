@@ -102,9 +102,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 20  # held-out batches of `eval_batch_size` per eval
     c.eval_batch_size = 0  # 0 = micro_batch_size
     c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # at least 1
+    # Resuming a run under a config that differs from its checkpoints' is refused, naming the keys, unless
+    # the keys are harmless (cadence, steps, mesh, ...: train/run_guard.py) or this is True (lr, data, ...).
+    # Keys that fix the params' shapes (model sizes, param_dtype) can never change on resume.
+    c.allow_config_change = False
     c.async_checkpointing = True
     c.progress_bar = True
+    # A Cloud TPU topology (`v4-8`, `v5litepod-8`, ...): compile the train and eval steps for it on this
+    # machine, write compile_report.json (memory per chip, FLOPs) and exit without training.
+    c.compile_only = ""
     # Peak fp32 FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py).
     # An estimate for the 2-core dev machine: its fastest measured 2048^3 fp32 matmul (torch) reaches
     # ~300 GFLOP/s, about 2 cores x 2.6 GHz x 64 FLOP/cycle. Set your own machine's.

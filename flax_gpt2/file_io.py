@@ -99,6 +99,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        _set_mode(tmp, text)
         os.replace(tmp, text)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -116,6 +117,7 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             shutil.copyfileobj(f, out, 16 << 20)
             out.flush()
             os.fsync(out.fileno())
+        _set_mode(tmp, dst)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -149,6 +151,21 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[str]:
         _fsync_dir(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(tmp: str, target: str) -> None:
+    """Gives the temp file the mode the target has (or a new file would get): mkstemp makes it 0600."""
+    try:
+        mode = os.stat(target).st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    os.chmod(tmp, mode)
 
 
 def _fsync_file(path: str) -> None:

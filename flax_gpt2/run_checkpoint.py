@@ -12,7 +12,9 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
+from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 
@@ -21,7 +23,8 @@ ITEMS = ("params", "opt_state", "meta")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(run_dir), CHECKPOINT_DIR)
+    """`RUN/checkpoints`, as an absolute local path or a URL (orbax refuses relative paths)."""
+    return file_io.join(file_io.resolve_path(run_dir), CHECKPOINT_DIR)
 
 
 def _reader(run_dir):
@@ -34,11 +37,11 @@ def _reader(run_dir):
 
 def is_training_run(path: str | os.PathLike) -> bool:
     """Whether `path` is a training run's workdir with at least one complete checkpoint."""
-    folder = checkpoint_dir(path)
-    if not os.path.isdir(folder):
+    folder = file_io.epath(checkpoint_dir(path))
+    if not folder.is_dir():
         return False
     # orbax writes a step into a temporary folder and renames it to the bare step number when complete.
-    return any(name.isdigit() and os.path.isdir(os.path.join(folder, name, "meta")) for name in os.listdir(folder))
+    return any(child.name.isdigit() and (child / "meta").is_dir() for child in folder.iterdir())
 
 
 def abstract_params(config: GPT2Config, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -97,11 +100,77 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
             config = GPT2Config.from_hf_config(meta["model_config"])
             params = manager.restore(s, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params(config))))["params"]
+            verify(params, (meta.get("checksums") or {}).get("params"), f"checkpoint {checkpoint_dir(path)}/{s}")
         except Exception as e:  # orbax/tensorstore raise many types for a truncated or missing file
-            logging.warning("checkpoint %s/%d is unreadable (%s: %s)", checkpoint_dir(path), s, type(e).__name__, e)
+            logging.error("checkpoint %s/%d is corrupt or unreadable (%s: %s)", checkpoint_dir(path), s, type(e).__name__, e)
             errors.append(f"step {s}: {type(e).__name__}: {e}")
             continue
         if errors:
             logging.warning("using the checkpoint at step %d instead", s)
         return config, params
     raise RuntimeError(f"no readable checkpoint in {checkpoint_dir(path)}:\n" + "\n".join(errors))
+
+
+# --- integrity: a checksum of every array, stored in the checkpoint's meta and verified on restore ------
+
+_MIX = 2654435761  # Knuth's multiplicative hash constant: spreads element indices over uint32
+
+
+def fingerprint(tree: Any) -> dict[str, int]:
+    """`{leaf path: checksum}` of every array in `tree`, independent of how the arrays are sharded.
+
+    Each checksum is the sum, modulo 2**32, of the array's raw bits (as uint32 words) times an odd weight
+    that depends on the element's position. Wrapping integer sums are exact in any order, so the value is
+    the same on one device or a pod, before a save and after a restore; any change of a single word (a
+    flipped byte) changes it, and so does moving a value to another position.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = _fingerprints([x for _, x in flat])
+    # Replicated scalars: read the local copy (device_get refuses arrays spanning other hosts).
+    return {jax.tree_util.keystr(path): int(np.asarray(s.addressable_data(0)))
+            for (path, _), s in zip(flat, sums)}
+
+
+@jax.jit
+def _fingerprints(leaves):
+    return [_checksum(x) for x in leaves]
+
+
+def _checksum(x):
+    import jax.numpy as jnp
+    from jax import lax
+
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 8:
+        bits = lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    else:
+        unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    # The flat position of each element from per-axis iotas (no reshape: keeps the array's sharding).
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= bits.shape[axis]
+    weight = index * jnp.uint32(_MIX) | jnp.uint32(1)
+    return jnp.sum(bits * weight, dtype=jnp.uint32)
+
+
+class ChecksumMismatchError(RuntimeError):
+    """A restored array's checksum differs from the one saved with it: the checkpoint is corrupt."""
+
+
+def verify(tree: Any, expected: dict[str, int] | None, where: str) -> None:
+    """Raises `ChecksumMismatchError` naming the arrays whose checksum differs from `expected`.
+
+    Checkpoints written before checksums existed (`expected` None) are accepted as they are.
+    """
+    if not expected:
+        return
+    actual = fingerprint(tree)
+    bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+    if bad:
+        raise ChecksumMismatchError(f"{where}: {len(bad)} array(s) do not match the checksums saved with them "
+                                    f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): the files are corrupt")

@@ -1,23 +1,24 @@
-"""`python -m train --config configs/<name>.py --workdir DIR [--config.KEY=VALUE ...]`."""
+"""`python -m train --config configs/<name>.py --workdir DIR [--config.KEY=VALUE ...] [--debug]`."""
 
 import logging
 import sys
 
-from train.config_cli import UsageError, parse_args
+from flax_gpt2 import cli
+from train.config_cli import parse_args
 
 
-def main(argv=None) -> int:
-    try:
-        config, workdir = parse_args(sys.argv if argv is None else argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    config, workdir = parse_args(["train", *argv])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
     from train.train_loop import train_and_evaluate
 
-    train_and_evaluate(config, workdir)
-    return 0
+    result = train_and_evaluate(config, workdir)
+    return cli.EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, sys.argv[1:] if argv is None else argv, prog="train")
 
 
 if __name__ == "__main__":

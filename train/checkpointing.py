@@ -2,35 +2,57 @@
 
 Layout (shared with `flax_gpt2.run_checkpoint`, which reads params back for `from_pretrained`):
 `WORKDIR/checkpoints/<step>/{params, opt_state, meta}`. `meta` is JSON: the step, the data iterator's
-`(epoch, position)` and the model's Hugging Face config. orbax writes each step to a temporary folder
-and renames it when complete, so a run killed mid-save leaves no half checkpoint behind that could be
-mistaken for a complete one; one that is complete but unreadable (truncated files) is reported, moved
-aside to `WORKDIR/corrupt_checkpoints/`, and the one before it is used.
+`(epoch, position)`, the model's Hugging Face config, the flattened training config, and a checksum of
+every array (`run_checkpoint.fingerprint`).
+
+What a restore does with each checkpoint, newest first, and why:
+- written under a different config (meta's `train_config`, see `run_guard`) or holding arrays of other
+  shapes: the run stops and names the difference. The checkpoint is *not* touched: it is good, the
+  command is what changed.
+- fails to read, or reads with checksums that do not match: it is corrupt. It is reported, moved aside
+  to `WORKDIR/corrupt_checkpoints/` (never deleted), and the one before it is tried.
+orbax writes each step to a temporary folder and renames it when complete, so a run killed mid-save
+leaves no half checkpoint that could be mistaken for a complete one. A run that has ever completed a
+checkpoint (`WORKDIR/.has_checkpoints`) never silently restarts from step 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_gpt2.run_checkpoint import ITEMS, checkpoint_dir
+from flax_gpt2 import file_io, run_checkpoint
+from flax_gpt2.run_checkpoint import checkpoint_dir
+from train import run_guard
 from train.data import DataState
 from train.step import TrainState
+
+HAS_CHECKPOINTS = ".has_checkpoints"  # in the workdir, once the first checkpoint is complete
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """A readable checkpoint whose arrays do not fit the current config's train state."""
 
 
 class Checkpointer:
     """Saves every `every` steps (and at a preemption sync point on multi-host runs), keeps `keep`."""
 
-    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True,
+                 train_config: dict[str, Any] | None = None):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints={keep}: keep at least 1 checkpoint")
+        if every < 1:
+            raise ValueError(f"checkpoint_every={every}: must be at least 1")
         self.workdir = workdir
+        self.train_config = train_config or {}
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(every),
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
@@ -38,7 +60,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy,
             cleanup_tmp_directories=True)  # temporary folders of saves that a kill cut short
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        # Handlers named up front, so that item_metadata can describe a checkpoint before anything is restored.
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -47,61 +72,141 @@ class Checkpointer:
         """True on every process at the same step once any was told to stop (multi-host runs only)."""
         return self.manager.reached_preemption(step)
 
+    def has_ever_checkpointed(self) -> bool:
+        return file_io.exists(file_io.join(self.workdir, HAS_CHECKPOINTS))
+
     def save(self, state: TrainState, data_state: DataState, model_config: dict, *, force: bool = False) -> bool:
         """Starts saving `state` (in the background) if the policy says so or `force`; returns whether."""
         step = int(state.step)
         if step in self.manager.all_steps():
             return False
-        meta = {"step": step, "data": dataclasses.asdict(data_state), "model_config": model_config}
+        self._mark_if_checkpointed()
+        if not force and not self.manager.should_save(step):
+            return False
+        meta = {"step": step, "data": dataclasses.asdict(data_state), "model_config": model_config,
+                "train_config": self.train_config,
+                "checksums": {"params": run_checkpoint.fingerprint(state.params),
+                              "opt_state": run_checkpoint.fingerprint(state.opt_state)}}
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)), force=force)
+            meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, DataState] | None:
-        """The newest readable checkpoint, placed as `abstract_state`'s shardings say; None if there is none.
+    def restore_latest(self, abstract_state: TrainState, *, saved_config: dict[str, Any] | None = None,
+                       allow_config_change: bool = False) -> tuple[TrainState, DataState] | None:
+        """The newest intact checkpoint, placed as `abstract_state`'s shardings say; None if there is none.
 
-        Raises RuntimeError when checkpoints exist but none can be read: a run never silently restarts
-        from step 0.
+        `saved_config` (the workdir's train_config.json, flattened) stands in for checkpoints written
+        before meta carried the config.
+
+        Raises:
+          run_guard.ConfigChangedError / IncompatibleCheckpointError: the newest intact checkpoint does
+            not fit the current config; nothing was touched.
+          RuntimeError: checkpoints were written but none is intact (the corrupt ones are set aside):
+            a run never silently restarts from step 0.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []
         for step in steps:
             try:
+                meta = self._read_meta(step)
+            except Exception as e:  # orbax raises many types for a truncated or missing file
+                errors.append(self._corrupt(step, e))
+                continue
+            run_guard.check_resume_config(meta.get("train_config") or saved_config or self.train_config,
+                                          self.train_config, allow_change=allow_config_change, workdir=self.workdir)
+            try:
+                self._check_shapes(step, abstract_state)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:
+                errors.append(self._corrupt(step, e))
+                continue
+            try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state.params),
-                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-                    meta=ocp.args.JsonRestore()))
-            except Exception as e:  # orbax/tensorstore raise many types for truncated or missing files
-                logging.error("checkpoint at step %d is unreadable (%s: %s)", step, type(e).__name__, e)
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
-                self._set_aside(step)
+                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
+                checksums = meta.get("checksums") or {}
+                where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
+                run_checkpoint.verify(restored["params"], checksums.get("params"), where)
+                run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
+            except Exception as e:
+                errors.append(self._corrupt(step, e))
                 continue
             if errors:
                 logging.warning("resuming from the checkpoint at step %d instead", step)
-            meta = restored["meta"]
             state = TrainState(step=jax.device_put(jax.numpy.int32(meta["step"]), abstract_state.step.sharding),
                                params=restored["params"], opt_state=restored["opt_state"])
             return state, DataState(**meta["data"])
-        if errors:
-            raise RuntimeError(f"no readable checkpoint in {checkpoint_dir(self.workdir)}; refusing to restart "
-                               "from step 0 (move the folder away to start over):\n" + "\n".join(errors))
+        if errors or self.has_ever_checkpointed():
+            raise RuntimeError(
+                f"no intact checkpoint in {checkpoint_dir(self.workdir)} although this run has saved checkpoints"
+                f"{' (unreadable ones were moved to ' + CORRUPT_DIR + '/)' if errors else ''}; refusing to restart "
+                "from step 0. To start over, use a new --workdir." + "".join(f"\n  {e}" for e in errors))
         return None
 
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _check_shapes(self, step: int, abstract_state: TrainState) -> None:
+        """Raises IncompatibleCheckpointError if the saved arrays' shapes/dtypes differ from the state's."""
+        metadata = self.manager.item_metadata(step)
+        for item in ("params", "opt_state"):
+            saved = metadata[item]
+            have = _leaves_by_path(getattr(saved, "tree", saved))
+            want = _leaves_by_path(getattr(abstract_state, item))
+            if set(have) != set(want):
+                extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+                raise IncompatibleCheckpointError(
+                    f"checkpoint {step} in {self.workdir} holds other {item} arrays than the current config needs "
+                    f"(only in the checkpoint: {', '.join(extra[:3]) or 'none'}; only in the config: "
+                    f"{', '.join(missing[:3]) or 'none'}): was the model or optimizer changed? Nothing was changed "
+                    "in the workdir")
+            for path, w in want.items():
+                h = have[path]
+                if tuple(h.shape) != tuple(w.shape) or np.dtype(h.dtype) != np.dtype(w.dtype):
+                    raise IncompatibleCheckpointError(
+                        f"checkpoint {step} in {self.workdir}: {item}.{path} is {np.dtype(h.dtype).name}"
+                        f"{list(h.shape)} but the current config needs {np.dtype(w.dtype).name}{list(w.shape)}; "
+                        "nothing was changed in the workdir")
+
+    def _corrupt(self, step: int, error: Exception) -> str:
+        logging.error("checkpoint at step %d is corrupt or unreadable (%s: %s)", step, type(error).__name__, error)
+        self._set_aside(step)
+        return f"step {step}: {type(error).__name__}: {error}"
+
     def _set_aside(self, step: int) -> None:
-        """Moves an unreadable checkpoint out of the manager's folder, so the step can be saved again."""
+        """Moves a corrupt checkpoint out of the manager's folder (never deletes it)."""
         if jax.process_index() == 0:
-            target = os.path.join(self.workdir, "corrupt_checkpoints", f"{step}-{int(time.time())}")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(os.path.join(checkpoint_dir(self.workdir), str(step)), target)
+            target = file_io.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+            file_io.makedirs(file_io.join(self.workdir, CORRUPT_DIR))
+            file_io.epath(file_io.join(checkpoint_dir(self.workdir), str(step))).rename(target)
             logging.warning("moved it to %s", target)
         multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
 
+    def _mark_if_checkpointed(self) -> None:
+        if jax.process_index() == 0 and self.manager.latest_step() is not None and not self.has_ever_checkpointed():
+            file_io.atomic_write(file_io.join(self.workdir, HAS_CHECKPOINTS), "")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._mark_if_checkpointed()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    """`{"a.b.0": leaf}`: one spelling of a leaf's path whether the tree holds dicts, namedtuples or lists
+    (orbax's metadata turns the optimizer's namedtuples into dicts)."""
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {".".join(name(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+            if leaf is not None}
 
 
 def abstract_train_state(state_shapes: Any, shardings: TrainState) -> TrainState:

@@ -4,10 +4,10 @@ that appear in it (see `train.recipes.coverage`)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from flax_gpt2 import file_io
 from flax_gpt2.generation import generate
 from flax_gpt2.tokenizer import get_tokenizer
 from train import recipes
@@ -53,7 +53,6 @@ def commongen_coverage(model, params, data_config, concept_sets: list[list[str]]
             rows.append({"concepts": concepts, "sentence": sentence.strip(),
                          "coverage": recipes.coverage(concepts, sentence)})
     if workdir:
-        with open(os.path.join(workdir, "commongen_samples.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        file_io.atomic_write(file_io.join(workdir, "commongen_samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     return {"coverage": float(np.mean([r["coverage"] for r in rows])) if rows else float("nan"),
             "coverage_sets": len(rows), "samples": rows[:5]}

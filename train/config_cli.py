@@ -12,8 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 
-class UsageError(ValueError):
-    """A bad command line; the message says what is wrong."""
+from flax_gpt2.cli import UsageError  # noqa: E402  (re-exported: a bad command line, exit code 2)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import jax
 
+from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 
 # Dense bf16 peak FLOP/s of one JAX device, by `device.device_kind` (longest match first). TPU v2/v3
@@ -59,54 +60,112 @@ class MetricsWriter:
     """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard.
 
     Only process 0 writes. On resume, records past the restored step (logged after the last checkpoint
-    by the interrupted run) are dropped, so the file reads as one uninterrupted run.
+    by the interrupted run) are dropped, so the file reads as one uninterrupted run; nothing else is ever
+    removed, and a last line cut short by a crash is tolerated (dropped). The file is rewritten through a
+    temp file + rename, never truncated in place. On `gs://` (objects cannot be appended to) the file is
+    re-uploaded whole every `flush_seconds` and at `close`; TensorBoard events go to a local folder
+    that is copied up at the same times.
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, workdir: str, resume_step: int = 0, flush_seconds: float = 60.0):
+        self.path = file_io.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.remote = file_io.is_url(workdir)
+        self.flush_seconds = flush_seconds
         self._tb = None
+        self._lines: list[str] = []
+        self._last_flush = time.monotonic()
         if not self.enabled:
             return
-        if os.path.exists(self.path):
-            kept = [line for line in _read_lines(self.path) if json.loads(line)["step"] <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(line + "\n" for line in kept)
+        self._lines, changed = _kept_lines(self.path, resume_step)
+        if changed:
+            file_io.atomic_write(self.path, "".join(line + "\n" for line in self._lines))
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        tb_dir = file_io.join(workdir, "tensorboard")
+        if self.remote:
+            import tempfile
+            self._tb_remote, tb_dir = tb_dir, tempfile.mkdtemp(prefix="flax_gpt2_tb_")
+        self._tb_dir = tb_dir
+        self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, **scalars: float) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        self._lines.append(line)
+        if self.remote:
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                self.flush()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
         for name, value in scalars.items():
             self._tb.add_scalar(name, float(value), int(step))
 
+    def flush(self) -> None:
+        """Makes everything written so far durable (remote: one upload of the file and the events)."""
+        if not self.enabled or self._tb is None:
+            return
+        self._tb.flush()
+        if self.remote:
+            file_io.atomic_write(self.path, "".join(line + "\n" for line in self._lines))
+            for name in os.listdir(self._tb_dir):
+                file_io.epath(file_io.join(self._tb_remote, name)).parent.mkdir(parents=True, exist_ok=True)
+                with open(os.path.join(self._tb_dir, name), "rb") as f:
+                    file_io.atomic_write(file_io.join(self._tb_remote, name), f.read())
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
         if self._tb is not None:
+            self.flush()
             self._tb.close()
+            self._tb = None
 
 
-def _read_lines(path: str) -> list[str]:
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+def _kept_lines(path: str, resume_step: int) -> tuple[list[str], bool]:
+    """The lines of `path` to keep on a resume at `resume_step`, and whether any was dropped."""
+    if not file_io.exists(path):
+        return [], False
+    lines = [line.strip() for line in file_io.read_text(path).split("\n")]
+    lines = [line for line in lines if line]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # cut short by a crash mid-write
+            kept.append(line)  # not ours to judge: keep it
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > resume_step:
+            continue
+        kept.append(line)
+    return kept, len(kept) != len(lines)
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir/metrics.jsonl`."""
-    return [json.loads(line) for line in _read_lines(os.path.join(workdir, "metrics.jsonl"))]
+    """The records of `workdir/metrics.jsonl` (a last line cut short by a crash is skipped)."""
+    records = []
+    for line in file_io.read_text(file_io.join(workdir, "metrics.jsonl")).split("\n"):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def plot_losses(workdir: str, out: str | None = None) -> str:
     """Draws train and eval loss against step into `workdir/loss.png` (or `out`); returns the path."""
+    import io
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(workdir)
-    out = out or os.path.join(workdir, "loss.png")
+    out = out or file_io.join(workdir, "loss.png")
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in records if key in r]
@@ -117,8 +176,10 @@ def plot_losses(workdir: str, out: str | None = None) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    file_io.atomic_write(out, buffer.getvalue())
     return out
 
 

@@ -8,11 +8,13 @@ Rerunning the same command on the same workdir resumes from the newest readable 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -21,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
-from train import checkpointing, data, mesh as mesh_lib, metrics as metrics_lib, step as step_lib
+from train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
+from train import step as step_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -76,39 +80,96 @@ def _initialize_distributed(cfg) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (single-process runs).
+class _StopSignals:
+    """SIGTERM (a preemption) and Ctrl-C become a request the loop honours after the current step: it saves,
+    says so, and exits; rerunning the same command resumes. A second Ctrl-C aborts at once.
 
-    Multi-process runs leave SIGTERM to JAX's preemption service instead, which makes every host stop
-    at the same step (`Checkpointer.reached_preemption`).
+    On multi-host runs a signal may reach one host only (Ctrl-C on the launcher's terminal, a host's own
+    maintenance event): `should_stop` makes every process agree, once per step, so that all save the same
+    step; JAX's preemption service (`Checkpointer.reached_preemption`) covers pod-wide notices too.
     """
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = self.signum or signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: saving a checkpoint after this step, then stopping "
+              f"{'(press Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''}",
+              file=sys.stderr, flush=True)
+
+    def should_stop(self) -> bool:
+        local = self.signum is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+    @property
+    def reason(self) -> str:
+        return "interrupted" if self.signum == signal.SIGINT else "preempted"
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _save_tokenizer(name_or_path: str, workdir: str) -> None:
     """Writes the tokenizer's vocab.json + merges.txt into the workdir, so that the run is a model folder
     `python -m flax_gpt2.sample --model WORKDIR` can use offline."""
+    import tempfile
+
     from flax_gpt2.tokenizer import get_tokenizer
 
     try:
-        get_tokenizer(name_or_path or None).save(workdir)
+        tokenizer = get_tokenizer(name_or_path or None)
     except OSError as e:  # offline without the tokenizer files; training itself may only need cached tokens
         logging.warning("could not save the tokenizer into %s: %s", workdir, e)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in tokenizer.save(tmp):
+            with open(path, "rb") as f:
+                file_io.atomic_write(file_io.join(workdir, os.path.basename(path)), f.read())
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Creates the workdir; a file in its place or a folder that cannot be written is a clear error."""
+    if file_io.is_url(workdir):
+        file_io.makedirs(workdir)
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir {workdir} is a file; pass a folder (it is created if missing)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--workdir {workdir} cannot be created: {e.strerror}") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise PermissionError(f"--workdir {workdir} is not writable; choose a folder you can write to")
+
+
+def _read_saved_config(workdir: str) -> dict[str, Any] | None:
+    """The flattened config of the run already in `workdir` (its train_config.json), if any."""
+    path = file_io.join(workdir, "train_config.json")
+    if not file_io.exists(path):
+        return None
+    try:
+        return run_guard.flatten(json.loads(file_io.read_text(path)))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logging.warning("%s is not valid JSON; the checkpoints' own record of the config is used", path)
+        return None
 
 
 def _place(tree, shardings):
@@ -118,23 +179,33 @@ def _place(tree, shardings):
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the run described by `config` in `workdir`.
+    """Trains (or resumes) the run described by `config` in `workdir` (a local folder or a `gs://` URL).
 
     Writes `train_config.json`, `metrics.jsonl`, TensorBoard events (`tensorboard/`), checkpoints
     (`checkpoints/`) and, at the end, `loss.png`, `result.json` (and `sample.txt` if asked to sample).
-    Returns the final `{"step", "loss", "eval_loss", "stopped"}`, where `stopped` is "done" or "preempted".
+    Returns the final `{"step", "loss", "eval_loss", "stopped"}`, where `stopped` is "done", "preempted"
+    (SIGTERM) or "interrupted" (Ctrl-C); both of the latter saved a checkpoint first.
 
     Raises:
       FloatingPointError: the loss became NaN/inf; the last good state was saved first.
+      run_guard.ConfigChangedError: the workdir holds a run with a config that may not change on resume.
+      run_guard.WorkdirLockedError: another run is using the workdir.
     """
+    workdir = file_io.resolve_path(workdir)  # orbax needs absolute paths; a later chdir must not move the run
+    if config.compile_only:
+        from train.compile_only import compile_only
+        return compile_only(config, workdir)
+    config_checks.check_config(config)
     _initialize_distributed(config.distributed)
-    os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        # Not config.json: from_pretrained would take the workdir for a Hugging Face folder.
-        with open(os.path.join(workdir, "train_config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
-        _save_tokenizer(config.data.tokenizer, workdir)
+        _prepare_workdir(workdir)
+    with contextlib.ExitStack() as stack:
+        # Whatever fails below, the lock is released and orbax's async threads are closed: never a hang.
+        stack.enter_context(run_guard.WorkdirLock(workdir, enabled=jax.process_index() == 0))
+        return _train(config, workdir, stack)
 
+
+def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     gpt2_config, pretrained = model_config(config)
     seq_len = config.data.seq_len
     if seq_len > gpt2_config.n_positions:
@@ -164,12 +235,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len)
 
+    flat_config = run_guard.flatten(config)
     checkpointer = checkpointing.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
-                                              async_save=config.async_checkpointing)
-    restored = checkpointer.restore_latest(checkpointing.abstract_train_state(state_shapes, state_shardings))
+                                              async_save=config.async_checkpointing, train_config=flat_config)
+    stack.callback(checkpointer.close)
+    stack.callback(checkpointer.wait)  # runs first: a save in flight completes before the manager closes
+    saved_config = _read_saved_config(workdir)
+    restored = checkpointer.restore_latest(checkpointing.abstract_train_state(state_shapes, state_shardings),
+                                           saved_config=saved_config, allow_config_change=config.allow_config_change)
     if restored is not None:
         state, data_state = restored
         logging.info("resumed from the checkpoint at step %d", int(state.step))
+        changes = run_guard.config_diff(saved_config or flat_config, flat_config)
+        if changes:
+            logging.warning("resuming with changed config keys: %s",
+                            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     else:
         data_state = data.DataState()
         params = None
@@ -178,6 +258,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                             state_shardings.params)
         state = step_lib.init_train_state(model, tx, state_shardings, init_rng, seq_len, params)
     del pretrained
+    if jax.process_index() == 0:
+        # Written only now that the config is known to fit the run's checkpoints. Not config.json:
+        # from_pretrained would take the workdir for a Hugging Face folder.
+        file_io.atomic_write(file_io.join(workdir, "train_config.json"), config.to_json_best_effort(indent=1))
+        _save_tokenizer(config.data.tokenizer, workdir)
     start_step = int(state.step)
     hf_model_config = gpt2_config.to_hf_config()
 
@@ -193,28 +278,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return float(np.mean([float(eval_step(params, b)) for b in eval_set]))
 
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
+    stack.callback(writer.close)
     progress = metrics_lib.Progress(
         config.steps, start_step, config.batch_size * seq_len, metrics_lib.flops_per_token(gpt2_config, seq_len),
         metrics_lib.peak_flops(jax.devices(), config.cpu_peak_flops), enabled=config.progress_bar)
+    stack.callback(progress.close)
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _SigtermFlag() as sigterm:
-        try:
-            state, result = _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress,
-                                  sigterm, hf_model_config, dropout_rng, result)
-        finally:
-            progress.close()
-            checkpointer.wait()
-            checkpointer.close()
-            writer.close()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _StopSignals() as signals:
+        state, result = _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress,
+                              signals, hf_model_config, dropout_rng, result)
+    checkpointer.wait()
+    progress.close()
     if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
-        result.update(_commongen_coverage(model, state.params, config, cut, workdir, writer_step=result["step"]))
+        result.update(_commongen_coverage(model, state.params, config, cut, workdir, writer, result["step"]))
     if config.sample.prompt and result["stopped"] == "done":
         result["sample"] = sample(model, state.params, config, workdir)
+    writer.close()
     if jax.process_index() == 0:
         metrics_lib.plot_losses(workdir)
-        with open(os.path.join(workdir, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        file_io.atomic_write(file_io.join(workdir, "result.json"), json.dumps(result, indent=1))
     return result
 
 
@@ -236,7 +319,7 @@ def _resolve_epochs(config, steps_per_epoch: int):
     return config
 
 
-def _commongen_coverage(model, params, config, cut: int, workdir: str, writer_step: int) -> dict:
+def _commongen_coverage(model, params, config, cut: int, workdir: str, writer, writer_step: int) -> dict:
     """Coverage of held-out CommonGen concept sets; appended to metrics.jsonl and printed."""
     from train import commongen_eval
 
@@ -244,10 +327,8 @@ def _commongen_coverage(model, params, config, cut: int, workdir: str, writer_st
     sets = commongen_eval.held_out_concept_sets(config.data, cut, config.coverage_sets)
     out = commongen_eval.commongen_coverage(model, params, config.data, sets,
                                             workdir if jax.process_index() == 0 else None)
+    writer.write(writer_step, coverage=out["coverage"], coverage_sets=out["coverage_sets"])
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": writer_step, "coverage": out["coverage"],
-                                "coverage_sets": out["coverage_sets"]}) + "\n")
         print(f"CommonGen coverage on {out['coverage_sets']} held-out concept sets: {out['coverage']:.3f}", flush=True)
         for row in out["samples"]:
             print(f"  {', '.join(row['concepts'])}: {row['sentence']}  (coverage {row['coverage']:.2f})", flush=True)
@@ -271,13 +352,12 @@ def sample(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
                       temperature=config.sample.temperature, top_k=config.sample.top_k, seed=config.seed)
     text = tokenizer.decode(np.asarray(tokens[0]).tolist())
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "sample.txt"), "w") as f:
-            f.write(text + "\n")
+        file_io.atomic_write(file_io.join(workdir, "sample.txt"), text + "\n")
         print(f"--- sample ---\n{text}\n---", flush=True)
     return text
 
 
-def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, sigterm,
+def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, signals,
           hf_model_config, dropout_rng, result) -> tuple[step_lib.TrainState, dict[str, Any]]:
     step = int(state.step)
     if step >= config.steps:
@@ -320,13 +400,14 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
             progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): eval loss "
                            f"{result['eval_loss']:.4f}, perplexity {_exp(result['eval_loss']):.2f}")
             paused = True
-        preempted = sigterm.raised or checkpointer.reached_preemption(step)
-        paused |= checkpointer.save(state, batches.state, hf_model_config,
-                                    force=preempted or step == config.steps)
-        if preempted:
+        stop = signals.should_stop() or checkpointer.reached_preemption(step)
+        paused |= checkpointer.save(state, batches.state, hf_model_config, force=stop or step == config.steps)
+        if stop:
             checkpointer.wait()
-            progress.write(f"preempted: saved step {step}; rerun the same command to resume")
-            result["stopped"] = "preempted"
+            writer.flush()
+            result["stopped"] = signals.reason
+            progress.write(f"{result['stopped']}: saved step {step} in {checkpointer.workdir}; rerun the same "
+                           "command to resume")
             break
         if paused:
             progress.start_timing()

@@ -1,0 +1,63 @@
+"""Checks of a training config's values, run before anything is written: each bad value is one clear error
+naming the key, so a typo costs seconds, not a run."""
+
+from __future__ import annotations
+
+import math
+
+from flax_gpt2.cli import UsageError
+
+
+class ConfigValueError(UsageError):
+    """A config key holds a value the run cannot use; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigValueError(f"config.{key}={value!r}: {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(config) -> None:
+    """Raises ConfigValueError for the first value no run could use (counts, rates, fractions, ...)."""
+    at_least_one = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size", "data.seq_len")
+    non_negative = ("epochs", "eval_every", "eval_batches", "eval_batch_size", "micro_batch_size",
+                    "optimizer.warmup_steps", "optimizer.decay_steps", "coverage_sets", "data.num_threads",
+                    "sample.max_new_tokens", "sample.top_k", "seed")
+    for key in at_least_one:
+        value = _get(config, key)
+        _require(_is_int(value) and value >= 1, key, value, "must be an integer >= 1")
+    for key in non_negative:
+        value = _get(config, key)
+        _require(_is_int(value) and value >= 0, key, value, "must be an integer >= 0")
+    _require(config.seed < 2**32, "seed", config.seed, "must be below 2**32")
+    opt = config.optimizer
+    for key in ("lr", "eps", "weight_decay", "grad_clip"):
+        value = opt[key]
+        _require(_is_real(value) and value >= 0, f"optimizer.{key}", value, "must be a finite number >= 0")
+    for key in ("b1", "b2"):
+        _require(_is_real(opt[key]) and 0 <= opt[key] < 1, f"optimizer.{key}", opt[key], "must be in [0, 1)")
+    _require(_is_real(opt.min_lr_ratio) and 0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+             opt.min_lr_ratio, "must be in [0, 1]")
+    _require(_is_real(config.model.dropout) and 0 <= config.model.dropout < 1, "model.dropout",
+             config.model.dropout, "must be in [0, 1)")
+    _require(_is_real(config.data.val_fraction) and 0 <= config.data.val_fraction < 1, "data.val_fraction",
+             config.data.val_fraction, "must be in [0, 1)")
+    _require(_is_real(config.sample.temperature) and config.sample.temperature > 0, "sample.temperature",
+             config.sample.temperature, "must be a finite number > 0")
+    _require(_is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
+             config.cpu_peak_flops, "must be a finite number > 0")
+
+
+def _get(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
