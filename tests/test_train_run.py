@@ -192,7 +192,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(reference, cach
     _truncate_largest_file(workdir / "checkpoints" / "10" / "params")
     with caplog.at_level("WARNING"):
         result = train_and_evaluate(_tiny_config(cache_dir), str(workdir))
-    assert "checkpoint at step 10 is unreadable" in caplog.text
+    assert "checkpoint at step 10 is corrupt or unreadable" in caplog.text
     assert "resuming from the checkpoint at step 8" in caplog.text
     assert glob.glob(str(workdir / "corrupt_checkpoints" / "10-*"))
     assert result["step"] == STEPS  # steps 9 and 10 redone from step 8, as in the uninterrupted run
@@ -200,7 +200,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(reference, cach
     # With every checkpoint unreadable the run refuses to start over from step 0.
     for step in (4, 8, 10):
         _truncate_largest_file(workdir / "checkpoints" / str(step) / "params")
-    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    with pytest.raises(RuntimeError, match="no intact checkpoint .* refusing to restart from step 0"):
         train_and_evaluate(_tiny_config(cache_dir, steps=12), str(workdir))
 
 
