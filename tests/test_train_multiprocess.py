@@ -98,5 +98,70 @@ def test_two_processes_equal_one(tmp_path, shared_dir):
     assert reads[0]["rows"] == reads[1]["rows"] == single_reads["rows"] // 2  # each host reads only its half
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_host_saves_on_all_and_resumes(tmp_path, shared_dir):
+    """A preemption notice reaching only process 1 (the one that writes nothing): every process stops after
+    the same step with one checkpoint of it, and rerunning both resumes to the uninterrupted losses."""
+    import signal
+    import time
+
+    from configs import tiny
+    from train import data
+
+    config = tiny.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    corpus = data.load_tokens(config.data, progress=False).folder
+    common = ["--config", "configs/tiny.py", "--config.steps=10", "--config.log_every=1", "--config.eval_every=100",
+              "--config.checkpoint_every=100", f"--config.data.source={corpus}", "--config.progress_bar=False",
+              "--config.mesh.data=2", "--config.mesh.fsdp=4"]
+
+    def launch(workdir, devices, *extra):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        return subprocess.Popen([sys.executable, "-m", "train", "--workdir", str(workdir), *common, *extra], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def pair(workdir):
+        port = _free_port()
+        return [launch(workdir, 4, "--config.distributed.enabled=True",
+                       f"--config.distributed.coordinator_address=localhost:{port}",
+                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}")
+                for i in range(2)]
+
+    def steps(workdir):
+        path = workdir / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if line] if path.exists() else []
+
+    single = launch(tmp_path / "single", 8)
+    _, err = single.communicate(timeout=900)
+    assert single.returncode == 0, err[-4000:]
+
+    workdir = tmp_path / "multi"
+    procs = pair(workdir)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs) and max(steps(workdir) or [0]) < 3:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "preempted: saved step" in outs[0][0]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < 10, saved
+
+    procs = pair(workdir)  # the same command again, on both hosts
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+
+    def losses(w):
+        return {r["step"]: r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    got, want = losses(workdir), losses(tmp_path / "single")
+    assert sorted(got) == list(range(1, 11))
+    np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], rtol=0, atol=1e-5)
+
+
 if __name__ == "__main__":
     _driver(sys.argv[1:])

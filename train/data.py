@@ -24,6 +24,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from flax_gpt2 import file_io
 from train import tokenize_corpus as tc
 
 
@@ -58,18 +59,30 @@ class TokenStore:
 
 
 def _cache_root(cache_dir: str) -> str:
-    return cache_dir or os.path.join(
-        os.environ.get("FLAX_GPT2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2")), "tokens")
+    return cache_dir or os.path.join(_local_cache(), "tokens")
+
+
+def _local_cache() -> str:
+    return os.environ.get("FLAX_GPT2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2"))
+
+
+def _file_stamp(path: str) -> list:
+    """What identifies a source file's version: its path, size and modification time (local or remote)."""
+    if file_io.is_url(path):
+        stat = file_io.epath(path).stat()
+        return [path, int(stat.length), float(stat.mtime)]
+    return [os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path)]
 
 
 def _corpus_key(data_config) -> str:
     """Names a tokenized corpus by what went into it: the files (size, mtime) or the dataset, the fields
     read, and the tokenizer. A changed file gets a fresh cache entry."""
-    files = tc.resolve_files(data_config.source)
+    files = _remote_files(data_config.source) if file_io.is_url(data_config.source) else tc.resolve_files(
+        data_config.source)
     if files is None:
         what = ["datasets", data_config.source, data_config.dataset_config, data_config.split]
     else:
-        what = [[os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)] for f in files]
+        what = [_file_stamp(f) for f in files]
     tokenizer = os.path.abspath(data_config.tokenizer) if data_config.tokenizer else "gpt2"
     blob = json.dumps([tc.FORMAT_VERSION, what, data_config.text_field, tokenizer, data_config.recipe])
     name = os.path.basename(data_config.source.rstrip("/")).replace("*", "_") or "corpus"
@@ -79,21 +92,80 @@ def _corpus_key(data_config) -> str:
 def load_tokens(data_config, progress: bool = True) -> TokenStore:
     """The tokenized corpus for `data_config.source`, tokenizing it into the cache on first use.
 
-    `source` may also be a `tokenize_corpus` output folder, used as is.
+    `source` may also be a `tokenize_corpus` output folder, used as is. Both `source` and `cache_dir` may
+    be `gs://` URLs: shards are memory-mapped, so remote corpora are mirrored into the local cache
+    (`$FLAX_GPT2_CACHE/remote/`) first, and a corpus tokenized for a remote cache is uploaded there by
+    process 0 (its `meta.json` last, so that a partial upload is never taken for a corpus).
     """
     source = data_config.source
     if not source:
         raise ValueError("config.data.source is empty: give a text/jsonl file, a folder, or a datasets name")
-    if os.path.exists(os.path.join(os.path.expanduser(source), "meta.json")):
-        return TokenStore(os.path.expanduser(source))
-    folder = os.path.join(_cache_root(data_config.cache_dir), _corpus_key(data_config))
+    corpus = source if file_io.is_url(source) else os.path.expanduser(source)
+    if file_io.exists(file_io.join(corpus, "meta.json")):  # a tokenize_corpus folder
+        return TokenStore(_mirror(corpus) if file_io.is_url(corpus) else corpus)
+    key = _corpus_key(data_config)
+    cache = _cache_root(data_config.cache_dir)
+    remote = file_io.is_url(cache)
+    folder = os.path.join(_local_cache(), "remote", key) if remote else os.path.join(cache, key)
+    if remote and file_io.exists(file_io.join(cache, key, "meta.json")):
+        return TokenStore(_mirror(file_io.join(cache, key), folder))
     if not os.path.exists(os.path.join(folder, "meta.json")):
+        local_source = _download_source(source, key) if file_io.is_url(source) else source
         logging.info("tokenizing %s into %s", source, folder)
-        tc.tokenize_corpus(source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
+        tc.tokenize_corpus(local_source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
                            split=data_config.split,
                            dataset_config=data_config.dataset_config, tokenizer=data_config.tokenizer,
                            num_threads=data_config.num_threads, progress=progress)
+    if remote and jax.process_index() == 0:
+        _upload(folder, file_io.join(cache, key))
     return TokenStore(folder)
+
+
+def _remote_files(source: str) -> list[str]:
+    """The files a `gs://` source names: the object itself, or every text/jsonl object under the prefix."""
+    path = file_io.epath(source)
+    if path.is_file():
+        return [source]
+    suffixes = tc.TEXT_SUFFIXES + tc.JSONL_SUFFIXES
+    files = sorted(str(p) for p in path.iterdir() if str(p).endswith(suffixes)) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"data source {source!r} has no .txt or .jsonl objects")
+    return files
+
+
+def _download_source(source: str, key: str) -> str:
+    """A local copy of a remote text/jsonl source (a file or a folder of them), for the tokenizer."""
+    target = os.path.join(_local_cache(), "remote-sources", key)
+    os.makedirs(target, exist_ok=True)
+    for url in _remote_files(source):
+        local = os.path.join(target, os.path.basename(url))
+        if not os.path.exists(local):
+            file_io.atomic_write(local, file_io.read_bytes(url))
+    return target  # a folder of the source's files, read in name order as a local folder would be
+
+
+def _mirror(url: str, folder: str | None = None) -> str:
+    """A local copy of a tokenized corpus at `url` (shards first, meta.json last: complete or absent)."""
+    folder = folder or os.path.join(_local_cache(), "remote", hashlib.sha256(url.encode()).hexdigest()[:16])
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        return folder
+    meta = json.loads(file_io.read_text(file_io.join(url, "meta.json")))
+    os.makedirs(folder, exist_ok=True)
+    for shard in meta["shards"]:
+        file_io.atomic_write(os.path.join(folder, shard["file"]), file_io.read_bytes(file_io.join(url, shard["file"])))
+    file_io.atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))
+    return folder
+
+
+def _upload(folder: str, url: str) -> None:
+    """Copies a local tokenized corpus to `url` unless it is there already (meta.json last)."""
+    if file_io.exists(file_io.join(url, "meta.json")):
+        return
+    meta = json.loads(open(os.path.join(folder, "meta.json")).read())
+    for shard in meta["shards"]:
+        with open(os.path.join(folder, shard["file"]), "rb") as f:
+            file_io.atomic_write(file_io.join(url, shard["file"]), f.read())
+    file_io.atomic_write(file_io.join(url, "meta.json"), json.dumps(meta, indent=1))
 
 
 def split_point(store: TokenStore, val_fraction: float, seq_len: int) -> int:
