@@ -28,6 +28,8 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
         raise UsageError(_unknown_key_message(argv, e)) from e
     except flags.Error as e:
         raise UsageError(str(e)) from e
+    except Exception as e:  # the config file itself failed: a syntax error, a bad import, an error in get_config
+        raise UsageError(f"cannot load the config file: {type(e).__name__}: {e}") from e
     if len(rest) > 1:
         raise UsageError(f"unexpected arguments: {rest[1:]}")
     if fv["config"].present == 0:
@@ -36,7 +38,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
     try:
         config.keys()  # a config file that failed to load is an object that raises on any use
     except OSError as e:  # the config file could not be read
-        raise UsageError(f"cannot load the config file: {e}") from e
+        raise UsageError(f"cannot load the config file: {' '.join(str(e).split())}") from e
     if not fv["workdir"].value:
         raise UsageError("--workdir is required")
     return config, fv["workdir"].value
