@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2 import attention as attention_lib
 from flax_gpt2.activations import ACTIVATIONS
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.kv_cache import KVCache
@@ -83,14 +84,13 @@ def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with an optional KV cache."""
+    """Causal multi-head self-attention with an optional KV cache (`config.attention` picks the kernel)."""
 
     config: GPT2Config
-    layer_idx: int
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, cache_kv: tuple[Array, Array, Array] | None,
-                 deterministic: bool) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, mask: Array, layer_cache: tuple[Array, Array] | None, cache_index: Array | None,
+                 deterministic: bool, layer_idx) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         h, k_dim = cfg.n_head, cfg.head_dim
         qkv = nn.DenseGeneral(
@@ -100,32 +100,39 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
         new_kv = None
-        kv_axes = "BSHK"
-        if cache_kv is not None:
+        if layer_cache is not None:
             # The cache is [B, H, S, K]: each head's keys are contiguous, so the attention dots over the
             # cache need no per-step transpose (a copy of the whole cache) before the matmul.
-            cache_k, cache_v, index = cache_kv
+            cache_k, cache_v = layer_cache
             k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
-                                             (0, 0, index, 0))
+                                             (0, 0, cache_index, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
-                                             (0, 0, index, 0))
+                                             (0, 0, cache_index, 0))
             new_kv = (k, v)
             k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
-            kv_axes = "BHSK"
 
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale = k_dim ** -0.5
+        scale = k_dim ** -0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= float(self.layer_idx + 1)
+            # layer_idx is a Python int unrolled and a traced one under nn.scan; both give the same float32.
+            scale = jnp.float32(scale) / (jnp.asarray(layer_idx, jnp.float32) + 1)
         if cfg.reorder_and_upcast_attn:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-        scores = jnp.einsum(f"BTHK,{kv_axes}->BHTS", q, k, preferred_element_type=jnp.float32) * scale
-        # finfo.min (not -inf) as HF does: a fully masked row (a left-padding query) stays finite.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        out = jnp.einsum(f"BHTS,{kv_axes}->BTHK", probs, v)
+        dropout = not deterministic and cfg.attn_pdrop > 0
+        backend = "xla" if layer_cache is not None else attention_lib.choose_backend(cfg.attention, q,
+                                                                                     dropout=dropout)
+        if dropout and backend != "xla":
+            raise ValueError(f"attention={cfg.attention!r} has no attention dropout; set attn_pdrop=0 (or "
+                             "model.dropout=0 in training) or use attention='xla'")
+        if backend == "xla":
+            drop = nn.Dropout(cfg.attn_pdrop)
+            out = attention_lib.xla_attention(
+                q, k, v, mask, scale, kv_axes="BHSK" if layer_cache is not None else "BSHK", probs_dtype=cfg.dtype,
+                dropout=(lambda p: drop(p, deterministic=deterministic)) if dropout else None)
+        elif backend == "dot_product":
+            out = attention_lib.dot_product_attention(q, k, v, mask, scale)
+        else:  # splash: causal + padding (the last query row of the mask is the padding mask when S = T)
+            out = attention_lib.splash_attention(q, k, v, mask[:, 0, -1, :], scale)
+        out = out.astype(cfg.dtype)
 
         out = nn.DenseGeneral(
             features=cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",
@@ -153,19 +160,37 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    `layer_idx` is the block's depth (for `scale_attn_by_inverse_layer_idx`): an attribute when the
+    blocks are unrolled, an argument (traced) under `nn.scan`.
+    """
 
     config: GPT2Config
-    layer_idx: int
+    layer_idx: int | None = None
 
     @nn.compact
-    def __call__(self, x, mask, cache_kv, deterministic: bool):
-        attn_out, new_kv = Attention(self.config, self.layer_idx, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), mask, cache_kv, deterministic)
+    def __call__(self, x, mask, layer_cache, cache_index, deterministic: bool, layer_idx=None):
+        layer_idx = self.layer_idx if layer_idx is None else layer_idx
+        attn_out, new_kv = Attention(self.config, name="attn")(
+            _layer_norm(self.config, "ln_1")(x), mask, layer_cache, cache_index, deterministic, layer_idx)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, new_kv
+
+
+def _block_class(config: GPT2Config):
+    # static_argnums counts `self`: (self, x, mask, layer_cache, cache_index, deterministic, layer_idx).
+    return nn.remat(Block, static_argnums=(5,)) if config.remat else Block
+
+
+def _scanned_block(block: Block, x: Array, per_layer: tuple, mask: Array, cache_index, deterministic: bool,
+                   output_hidden_states: bool):
+    """The body of `nn.scan` over layers: carry the hidden state; per layer, its index and cache rows."""
+    layer_idx, layer_cache = per_layer
+    y, new_kv = block(x, mask, layer_cache, cache_index, deterministic, layer_idx)
+    return y, (new_kv, x if output_hidden_states else None)
 
 
 def attention_mask_4d(attention_mask: Array | None, batch: int, length: int, key_length: int,
@@ -197,8 +222,13 @@ class GPT2Model(nn.Module):
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             embedding_init=_normal(0.01, (None, "embed")))
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        block = nn.remat(Block, static_argnums=(4,)) if cfg.remat else Block
-        self.h = [block(cfg, i, name=f"h_{i}") for i in range(cfg.n_layer)]
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            # One block whose params carry a leading `layers` axis (logical name "layers"), run by nn.scan.
+            # Dropout keys are split per layer by the scan, so masks differ from the unrolled model's.
+            self.h = block(cfg, name="h")
+        else:
+            self.h = [block(cfg, i, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
@@ -222,16 +252,18 @@ class GPT2Model(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mask = attention_mask_4d(attention_mask, b, t, s, offset)
 
-        all_hidden = []
-        new_keys, new_values = [], []
-        for i, block in enumerate(self.h):
-            if output_hidden_states:
-                all_hidden.append(x)
-            layer_cache = (cache.keys[i], cache.values[i], cache.index) if cache is not None else None
-            x, kv = block(x, mask, layer_cache, deterministic)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+        if cfg.scan_layers:
+            x, all_hidden, new_keys, new_values = self._scan_blocks(x, mask, cache, deterministic, output_hidden_states)
+        else:
+            all_hidden, new_keys, new_values = [], [], []
+            for i, block in enumerate(self.h):
+                if output_hidden_states:
+                    all_hidden.append(x)
+                layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+                x, kv = block(x, mask, layer_cache, offset, deterministic)
+                if kv is not None:
+                    new_keys.append(kv[0])
+                    new_values.append(kv[1])
         x = self.ln_f(x)
         if output_hidden_states:
             all_hidden.append(x)
@@ -240,6 +272,21 @@ class GPT2Model(nn.Module):
             new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), index=cache.index + t)
         return GPT2ModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if output_hidden_states else None,
                                cache=new_cache)
+
+    def _scan_blocks(self, x, mask, cache, deterministic, output_hidden_states):
+        """The blocks under `nn.scan`. The KV cache keeps its per-layer layout outside the model (decoding
+        code reorders its rows), so it is stacked on the way in and split on the way out."""
+        n = self.config.n_layer
+        layer_cache = (jnp.stack(cache.keys), jnp.stack(cache.values)) if cache is not None else None
+        scan = nn.scan(_scanned_block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+        x, (new_kv, hidden) = scan(self.h, x, (jnp.arange(n), layer_cache), mask,
+                                   cache.index if cache is not None else 0, deterministic, output_hidden_states)
+        all_hidden = [hidden[i] for i in range(n)] if output_hidden_states else []
+        keys = [new_kv[0][i] for i in range(n)] if cache is not None else []
+        values = [new_kv[1][i] for i in range(n)] if cache is not None else []
+        return x, all_hidden, keys, values
 
     def attend(self, x: Array) -> Array:
         """Tied output projection: `[B, T, D] -> [B, T, V]` logits in float32."""

@@ -1,0 +1,110 @@
+"""The attention kernels behind `GPT2Config.attention`: the same math, three implementations.
+
+- "xla": einsum scores, masked softmax in float32, einsum with V. Handles everything (KV-cache decoding,
+  attention dropout, `reorder_and_upcast_attn`); the reference the others are tested against.
+- "dot_product": `jax.nn.dot_product_attention`. On NVIDIA GPUs with bf16/fp16 inputs it runs cuDNN's
+  flash attention (`implementation="cudnn"`); elsewhere XLA's own fused path.
+- "splash": the Pallas splash-attention kernel for TPU (`jax.experimental.pallas.ops.tpu`), causal with
+  padding expressed as segment ids; on other platforms it runs in Pallas interpret mode (tests only).
+- "auto": "splash" on TPU when the sequence tiles into 128-token blocks, "dot_product" on GPU, else
+  "xla" — chosen from the platform the program is compiled for (the mesh's devices), never from the host.
+
+A backend that cannot do something GPT-2 asks for refuses instead of quietly doing something else:
+attention dropout in training (attn_pdrop > 0) is only implemented by "xla".
+
+Shapes follow the model's alphabet: q `[B, T, H, K]`, k and v `[B, S, H, K]`, mask `[B, 1, T, S]` (True =
+visible); the output is `[B, T, H, K]`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+SPLASH_BLOCK = 128  # the TPU kernel's tile along the sequence
+
+
+def target_platform(x: Array) -> str:
+    """The platform the program tracing `x` is compiled for: that of the mesh `x` is sharded over (a TPU
+    program compiled on a CPU host is "tpu"), else that of the abstract mesh in context, else the first
+    device's."""
+    device = getattr(getattr(jax.typeof(x).sharding, "mesh", None), "abstract_device", None)
+    if device is None:
+        device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.devices()[0].platform
+
+
+def choose_backend(requested: str, q: Array, *, dropout: bool) -> str:
+    """The backend "auto" means for these inputs (others are returned as they are)."""
+    if requested != "auto":
+        return requested
+    if dropout:
+        return "xla"
+    platform = target_platform(q)
+    if platform == "tpu" and q.shape[1] % SPLASH_BLOCK == 0:
+        return "splash"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "dot_product"
+    return "xla"
+
+
+def xla_attention(q: Array, k: Array, v: Array, mask: Array, scale, *, kv_axes: str = "BSHK",
+                  probs_dtype=None, dropout=None) -> Array:
+    """Einsum attention; `kv_axes` "BHSK" reads a KV cache laid out heads-first without a transpose."""
+    scores = jnp.einsum(f"BTHK,{kv_axes}->BHTS", q, k, preferred_element_type=jnp.float32) * scale
+    # finfo.min (not -inf) as HF does: a fully masked row (a left-padding query) stays finite.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(probs_dtype or v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum(f"BHTS,{kv_axes}->BTHK", probs, v)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale) -> Array:
+    """`jax.nn.dot_product_attention`, with cuDNN flash attention where the platform and dtype allow it."""
+    implementation = None
+    if target_platform(q) in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
+        implementation = "cudnn"
+    if k.dtype != q.dtype:  # reorder_and_upcast_attn upcasts q and k only; the kernel wants one dtype
+        v = v.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    return out
+
+
+def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale, *,
+                     interpret: bool | None = None) -> Array:
+    """Causal self-attention through the Pallas splash kernel (T = S, a multiple of 128).
+
+    `padding` is the `[B, T]` attention mask (1 = token): padding and tokens become different segments,
+    so a token never sees padding. (A padding query sees other padding where "xla" would give it a uniform
+    row: its output differs, and nothing reads it.)
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    b, t, h, _ = q.shape
+    if t % SPLASH_BLOCK:
+        raise ValueError(f"attention='splash' needs the sequence length to be a multiple of {SPLASH_BLOCK}, got {t}")
+    if interpret is None:
+        interpret = target_platform(q) != "tpu"
+    kernel = _splash_kernel(t, h, interpret)
+    segments = (jnp.ones((b, t), jnp.int32) if padding is None else padding.astype(jnp.int32))
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
+    to_hsk = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, K] -> [B, H, T, K]
+    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
+        to_hsk(q), to_hsk(k), to_hsk(v.astype(q.dtype)), segments)
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(t: int, h: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
+    block = min(SPLASH_BLOCK, t)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
