@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype; master params and optimizer state stay in param_dtype
     c.model.param_dtype = "float32"
     c.model.remat = False  # recompute each block in the backward pass: less activation memory, ~30% more FLOPs
+    # nn.scan over the blocks: compile time independent of depth (see benchmarks/README.md for the
+    # measured trade-off); checkpoints of either layout resume in either.
+    c.model.scan_layers = False
+    c.model.attention = "auto"  # "xla", "dot_product" (cuDNN flash on GPU), "splash" (TPU), "auto" by platform
     # Start from pretrained weights: a Hugging Face folder or hub name, or a training run's workdir, read
     # by `flax_gpt2.from_pretrained`. Empty trains from scratch. The architecture then comes from there.
     c.init_from = ""

@@ -2,21 +2,30 @@
 
 Formats read (first found wins, in this order, per `WEIGHT_FILES`):
   * `model.safetensors`, or shards listed in `model.safetensors.index.json` (Hugging Face).
-  * `pytorch_model.bin` (or its `.index.json` shards): torch's zip format, read by a restricted
-    unpickler that only rebuilds tensors. Neither pickled code nor torch itself is ever run.
-  * `flax_model.msgpack`: transformers' old Flax GPT-2 layout, returned under HF's PyTorch key names.
+  * `pytorch_model.bin` (or its `.index.json` shards): torch's zip format, read by a small pickle
+    interpreter that only rebuilds tensors. Neither pickled code nor torch itself is ever run.
+  * `flax_model.msgpack`: transformers' old Flax GPT-2 layout, returned under HF PyTorch key names.
+
+Every file is untrusted input. A file that cannot be read is a `CheckpointError` (a ValueError) or an
+OSError whose message names the file and what is wrong with it, and reading never allocates much more
+than the tensors the file really holds: `.bin` tensors are read-only views of the memory-mapped file,
+so only the tensors a caller uses are ever read from disk.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import math
 import os
 import pickle
+import pickletools
 import re
+import struct
 import sys
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn
 
 import ml_dtypes
 import numpy as np
@@ -30,7 +39,29 @@ FLAX_MSGPACK = "flax_model.msgpack"
 # safetensors first: it is memory-mapped, safe by construction, and what transformers writes today.
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
 
-StateDict = dict[str, np.ndarray]
+
+class CheckpointError(ValueError):
+    """A weights file that is corrupt, truncated, inconsistent or unsafe to read; the message names the file."""
+
+
+class UnsafePickleError(CheckpointError, pickle.UnpicklingError):
+    """A `.bin` pickle that asks for something a state dict of tensors never needs (a global, an opcode, ...)."""
+
+
+class StateDict(dict):
+    """`{key: numpy array}` read from a checkpoint, remembering the file each tensor came from.
+
+    `source` is the file that was read (for shards, the index); `file_of(key)` is the file holding `key`.
+    """
+
+    def __init__(self, source: str, tensors: Mapping[str, np.ndarray] | Iterable = (),
+                 files: Mapping[str, str] | None = None):
+        super().__init__(tensors)
+        self.source = source
+        self._files = dict(files or {})
+
+    def file_of(self, key: str) -> str:
+        return self._files.get(key, self.source)
 
 
 def find_weights(folder: str | os.PathLike) -> str:
@@ -46,13 +77,19 @@ def find_weights(folder: str | os.PathLike) -> str:
 
 
 def read_weights(path: str | os.PathLike, *, progress: bool = True) -> StateDict:
-    """All tensors of any supported weights file (or shard index), under HF PyTorch key names."""
+    """All tensors of any supported weights file (or shard index), under HF PyTorch key names.
+
+    Raises:
+      CheckpointError (a ValueError): the file is corrupt, truncated, inconsistent or unsafe.
+      OSError: the file (or a shard) is missing, is a folder, or cannot be read.
+    """
     path = os.fspath(path)
     name = os.path.basename(path)
     if name.endswith(".index.json"):
         return _read_sharded(path, progress=progress)
     if name.endswith(".safetensors"):
-        return read_safetensors(path, progress=progress)[0]
+        tensors = read_safetensors(path, progress=progress)[0]
+        return StateDict(path, tensors)
     if name.endswith(".bin"):
         return read_torch_bin(path, progress=progress)
     if name.endswith(".msgpack"):
@@ -64,15 +101,62 @@ def _bar(total: int, desc: str, progress: bool, unit: str = "tensor"):
     return tqdm(total=total, desc=desc, unit=unit, disable=not progress, leave=False)
 
 
+def _require_file(path: str) -> None:
+    """OSError naming `path` unless it is a regular file (a folder where a file belongs is a common slip)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a weights file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+
+
+def _parse_errors() -> tuple[type[BaseException], ...]:
+    """What the parsers raise on malformed input (as opposed to OSErrors, which already name the path)."""
+    errors: list[type[BaseException]] = [ValueError, TypeError, KeyError, IndexError, EOFError, struct.error,
+                                         zipfile.BadZipFile, pickle.UnpicklingError, UnicodeDecodeError,
+                                         OverflowError, RecursionError]
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    with contextlib.suppress(ImportError):
+        import msgpack
+        errors.append(msgpack.exceptions.UnpackException)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+    """Re-raises a parser's error as a one-line CheckpointError naming `path` (ours pass through as they are)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except _parse_errors() as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{path} is not a valid {what} file ({type(e).__name__}: {detail})") from e
+
+
 # --- safetensors ---------------------------------------------------------------------------------------
 
 def read_safetensors(path: str, *, progress: bool = True) -> tuple[StateDict, dict[str, str]]:
-    """All tensors of one safetensors file, and its metadata."""
+    """All tensors of one safetensors file, and its metadata.
+
+    The safetensors library checks the header (dtypes, shapes, and that the tensors tile the data
+    exactly), so what is read is at most the file's size.
+    """
+    return _read_safetensors(path, progress=progress)
+
+
+def _read_safetensors(path: str, *, progress: bool = True, check_keys: Callable[[list[str]], None] | None = None
+                      ) -> tuple[StateDict, dict[str, str]]:
+    """`read_safetensors`, calling `check_keys(names)` after the header is read and before any data is."""
     from safetensors import safe_open
 
-    out = {}
-    with safe_open(path, framework="numpy") as f:
+    _require_file(path)
+    out = StateDict(path)
+    with _reading(path, "safetensors"), safe_open(path, framework="numpy") as f:
         keys = list(f.keys())
+        if check_keys is not None:
+            check_keys(keys)
         with _bar(len(keys), f"Reading {os.path.basename(path)}", progress) as bar:
             for key in keys:
                 out[key] = f.get_tensor(key)
@@ -80,27 +164,79 @@ def read_safetensors(path: str, *, progress: bool = True) -> tuple[StateDict, di
         return out, dict(f.metadata() or {})
 
 
+def _read_index(index_path: str) -> dict[str, str]:
+    """The `weight_map` of a shard index, checked to be `{tensor name: shard file name}`."""
+    _require_file(index_path)
+    with _reading(index_path, "shard index (JSON)"), open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    if not isinstance(index, Mapping) or not isinstance(index.get("weight_map"), Mapping):
+        raise CheckpointError(f"{index_path} has no weight_map object (the shard index maps each tensor name "
+                              "to the shard file that holds it)")
+    weight_map = index["weight_map"]
+    bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not (isinstance(v, str) and v)]
+    if bad:
+        raise CheckpointError(f"{index_path}: weight_map values must be shard file names, got {_join(bad)}")
+    return dict(weight_map)
+
+
 def _read_sharded(index_path: str, *, progress: bool = True) -> StateDict:
-    with open(index_path, encoding="utf-8") as f:
-        weight_map: Mapping[str, str] = json.load(f)["weight_map"]
+    """The tensors of every shard an index lists, checked against the index: each tensor must be in exactly
+    the shard the index names (a tensor in two shards, or one the index does not list, is an error)."""
+    # "model.safetensors.index.json" lists ".safetensors" shards, "pytorch_model.bin.index.json" ".bin" ones.
+    extension = os.path.splitext(os.path.basename(index_path).removesuffix(".index.json"))[1]
+    if extension not in (".safetensors", ".bin"):
+        raise ValueError(f"unknown shard index {index_path}: expected {SAFETENSORS_INDEX} or {TORCH_BIN_INDEX}")
+    weight_map = _read_index(index_path)
     folder = os.path.dirname(index_path)
-    shards = sorted(set(weight_map.values()))
-    out: StateDict = {}
-    with _bar(len(shards), f"Reading {len(shards)} shards", progress, unit="shard") as bar:
-        for shard in shards:
-            if os.path.basename(shard) != shard:
-                raise ValueError(f"{index_path} names shard {shard!r} outside its folder")
+    listed: dict[str, set[str]] = collections.defaultdict(set)
+    for key, shard in weight_map.items():
+        listed[shard].add(key)
+    for shard in listed:
+        if os.path.basename(shard) != shard or shard in (".", ".."):
+            raise CheckpointError(f"{index_path} names shard {shard!r} outside its folder")
+        if not shard.endswith(extension):
+            raise CheckpointError(f"{index_path} lists shard {shard!r}, which is not a {extension} file")
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            what = "a folder" if os.path.isdir(shard_path) else "not there"
+            raise FileNotFoundError(f"{index_path} lists shard {shard}, which is {what} ({folder})")
+
+    out = StateDict(index_path)
+    with _bar(len(listed), f"Reading {len(listed)} shards", progress, unit="shard") as bar:
+        for shard in sorted(listed):
             shard_path = os.path.join(folder, shard)
-            if not os.path.isfile(shard_path):
-                raise FileNotFoundError(f"{index_path} lists shard {shard}, which is not in {folder}")
-            tensors = (read_safetensors(shard_path, progress=False)[0] if shard.endswith(".safetensors")
-                       else read_torch_bin(shard_path, progress=False))
+            if extension == ".safetensors":  # names checked from the header, before any data is read
+                tensors = _read_safetensors(shard_path, progress=False, check_keys=lambda keys: _check_shard(
+                    index_path, weight_map, shard, keys))[0]
+            else:
+                tensors = read_torch_bin(shard_path, progress=False)  # lazy views: nothing read yet
+                _check_shard(index_path, weight_map, shard, list(tensors))
             out.update(tensors)
+            out._files.update(dict.fromkeys(tensors, shard_path))
             bar.update()
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-        raise ValueError(f"{index_path} lists tensors that no shard holds: {missing}")
     return out
+
+
+def _check_shard(index_path: str, weight_map: Mapping[str, str], shard: str, keys: list[str]) -> None:
+    """CheckpointError unless `shard` holds exactly the tensors `weight_map` assigns to it."""
+    problems = []
+    elsewhere = sorted(k for k in keys if k in weight_map and weight_map[k] != shard)
+    if elsewhere:
+        problems.append("also holds " + _join(f"{k} (which the index puts in {weight_map[k]})" for k in elsewhere))
+    unlisted = sorted(k for k in keys if k not in weight_map)
+    if unlisted:
+        problems.append("holds tensors the index does not list: " + _join(unlisted))
+    missing = sorted(set(k for k, s in weight_map.items() if s == shard) - set(keys))
+    if missing:
+        problems.append("lacks tensors the index puts there: " + _join(missing))
+    if problems:
+        raise CheckpointError(f"shard {shard} does not match {index_path}: it " + "; it ".join(problems))
+
+
+def _join(items: Iterable[str], limit: int = 12) -> str:
+    items = list(items)
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def parse_size(size: int | str) -> int:
@@ -159,40 +295,81 @@ def write_safetensors(folder: str | os.PathLike, tensors: Mapping[str, np.ndarra
 
 
 # --- PyTorch zip checkpoints, without torch and without running pickled code --------------------------
+#
+# A `torch.save` file is a zip archive holding `<root>/data.pkl` (a pickle of the state dict whose
+# tensors point, by "persistent id", at storages), one uncompressed record `<root>/data/<key>` per
+# storage, and `<root>/byteorder`. Everything in it is checked before it is used:
+#   * data.pkl is run by `_run_pickle`, an interpreter of just the opcodes `torch.save` writes, whose
+#     only callables are OrderedDict and the two tensor rebuilders below. No other global can be named,
+#     BUILD cannot touch anything but a fresh OrderedDict, and the memo cannot be made to grow.
+#   * a storage's record must be stored uncompressed (as torch writes it, so `torch.load(mmap=True)`
+#     works) with exactly the size the pickle declares; it is memory-mapped, never read whole.
+#   * a tensor is a view of its storage whose elements all lie inside it, and never has more elements
+#     than the storage (a stride-0 view cannot blow 4 bytes up into gigabytes).
 
 _TORCH_STORAGES = {
     "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
     "DoubleStorage": np.float64, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
     "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
 }
+# data.pkl of a GPT-2 state dict is ~170 bytes per tensor (gpt2-xl's: 97 KB). The cap bounds what the
+# pickle interpreter can build: at worst one empty dict (~72 bytes) per byte, ~36 MiB.
+_MAX_PICKLE_BYTES = 512 << 10
+_MAX_DIMS = 64  # numpy's limit
 
 
 # Stands in for `torch.FloatStorage` & co. inside the pickle.
 _StorageType = collections.namedtuple("_StorageType", "name dtype")
 
 
+class _Storage:
+    """A storage of a checkpoint: `array` is its flat, read-only data (a view of the memory-mapped file)."""
+
+    __slots__ = ("key", "array")
+
+    def __init__(self, key: str, array: np.ndarray):
+        self.key, self.array = key, array
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # not bool, not float
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    """numpy twin of `torch._utils._rebuild_tensor_v2`: a strided view of a storage, copied out."""
-    if not isinstance(storage, np.ndarray):
-        raise pickle.UnpicklingError("tensor without a storage in the checkpoint")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    offset = int(storage_offset)
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
-        raise pickle.UnpicklingError(f"invalid tensor layout: offset {offset}, size {size}, stride {stride}")
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    # Bounds are checked before as_strided, which would otherwise read past the buffer.
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if last >= storage.size:
-        raise pickle.UnpicklingError(f"tensor of size {size} (offset {offset}, stride {stride}) overruns its "
-                                     f"storage of {storage.size} elements")
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * storage.itemsize for s in stride), writeable=False)
-    return np.array(view)
+    """numpy twin of `torch._utils._rebuild_tensor_v2`: a read-only strided view of a storage.
+
+    The layout is checked first: every element must lie inside the storage, and the view may not have more
+    elements than the storage (overlapping views such as stride 0 would otherwise multiply memory).
+    """
+    if not isinstance(storage, _Storage):
+        raise UnsafePickleError("tensor without a storage in the checkpoint")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and all(map(_is_int, size + stride))
+            and _is_int(storage_offset)):
+        raise UnsafePickleError(f"invalid tensor layout: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
+    offset, n = storage_offset, storage.array.size
+    if len(size) != len(stride) or len(size) > _MAX_DIMS or offset < 0 or any(s < 0 for s in size + stride):
+        raise UnsafePickleError(f"invalid tensor layout: offset {offset}, size {size}, stride {stride}")
+    numel = math.prod(size)
+    if numel == 0:
+        return np.zeros(size, storage.array.dtype)
+    last = offset + sum((d - 1) * s for d, s in zip(size, stride))
+    if last >= n:
+        raise UnsafePickleError(f"tensor of size {size} (offset {offset}, stride {stride}) overruns its "
+                                f"storage data/{storage.key} of {n} elements")
+    if numel > n - offset:
+        raise UnsafePickleError(f"tensor of size {size} (stride {stride}) has {numel} elements but its storage "
+                                f"data/{storage.key} only {n - offset} from offset {offset}: overlapping "
+                                "(e.g. stride-0) views are not supported")
+    base = storage.array[offset:]
+    return np.lib.stride_tricks.as_strided(base, shape=size, strides=tuple(s * base.itemsize for s in stride),
+                                           writeable=False)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    """numpy twin of `torch._utils._rebuild_parameter`: the parameter's tensor."""
+    if not isinstance(data, np.ndarray):
+        raise UnsafePickleError(f"parameter of type {type(data).__name__}, expected a tensor")
     return data
 
 
@@ -201,83 +378,282 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
 }
+_CALLABLES = tuple(_ALLOWED_GLOBALS.values())  # what REDUCE may call (storage types are not callable)
+
+# Opcodes that push their decoded argument (pickletools decodes it); all else is handled in `_run_pickle`.
+# Protocol 2 ones are what torch.save writes; the protocol 0 text forms are as harmless (plain data).
+_CONSTANTS = {"BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE",
+              "BINUNICODE8", "INT", "LONG", "FLOAT", "UNICODE"}
+_FIXED = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 
 
-class _TorchUnpickler(pickle.Unpickler):
-    """Unpickles `data.pkl` of a torch zip checkpoint, allowing only what a state dict of tensors needs."""
+def _find_global(module: str, name: str, source: str):
+    if (module, name) in _ALLOWED_GLOBALS:
+        return _ALLOWED_GLOBALS[module, name]
+    if module in ("torch", "torch.storage") and name in _TORCH_STORAGES:
+        return _StorageType(name, _TORCH_STORAGES[name])
+    raise UnsafePickleError(
+        f"{source} references the global {module}.{name}, which is not allowed: only tensors and "
+        "OrderedDicts are loaded from pickles (no pickled code is ever run). Convert the checkpoint to "
+        "safetensors with a tool you trust if it really needs that global.")
 
-    def __init__(self, file, load_storage, source: str):
-        super().__init__(file)
-        self._load_storage = load_storage
-        self._source = source
 
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[module, name]
-        if module in ("torch", "torch.storage") and name in _TORCH_STORAGES:
-            return _StorageType(name, _TORCH_STORAGES[name])
-        raise pickle.UnpicklingError(
-            f"{self._source} references the global {module}.{name}, which is not allowed: only tensors and "
-            "OrderedDicts are loaded from pickles (no pickled code is ever run). Convert the checkpoint to "
-            "safetensors with a tool you trust if it really needs that global.")
+def _run_pickle(data: bytes, persistent_load: Callable[[Any], Any], source: str) -> Any:
+    """Unpickles `data` with only the opcodes `torch.save` writes (pickle protocol 2, plus 4's framing).
 
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"{self._source}: unsupported persistent id {pid!r}")
+    Unlike `pickle.Unpickler`, nothing can be called but the allowed globals; BUILD (which sets an
+    object's attributes or calls its `__setstate__`) is accepted only on an OrderedDict, and its state
+    is dropped; containers are only filled if they are plain lists and dicts; and memo slots must be
+    numbered in order as `pickle.Pickler` numbers them (a huge index cannot make the memo allocate).
+    """
+    stack: list[Any] = []
+    marks: list[list[Any]] = []
+    memo: dict[int, Any] = {}
+
+    def fail(what: str, pos: int) -> NoReturn:
+        raise UnsafePickleError(f"{source}: {what} (at byte {pos} of data.pkl)")
+
+    def pop_mark(pos: int) -> list[Any]:
+        nonlocal stack
+        if not marks:
+            fail("no MARK to pop to", pos)
+        items, stack = stack, marks.pop()
+        return items
+
+    def top(kinds: tuple[type, ...], op: str, pos: int):
+        """The top of the stack, which `op` is about to modify: it must be exactly one of `kinds`."""
+        if not stack or type(stack[-1]) not in kinds:
+            found = type(stack[-1]).__name__ if stack else "nothing"
+            fail(f"{op} on {found}: a state dict's pickle applies it only to "
+                 f"{' or '.join(k.__name__ for k in kinds)}", pos)
+        return stack[-1]
+
+    for op, arg, pos in pickletools.genops(data):
+        name = op.name
+        if name in ("PROTO", "FRAME"):
+            continue
+        if name == "STOP":
+            if len(stack) != 1 or marks:
+                fail("STOP with an unbalanced stack", pos)
+            return stack[0]
+        if name in _CONSTANTS:
+            stack.append(arg)
+        elif name in _FIXED:
+            stack.append(_FIXED[name])
+        elif name == "MARK":
+            marks.append(stack)
+            stack = []
+        elif name == "POP":
+            if not stack:
+                fail("POP on an empty stack", pos)
+            stack.pop()
+        elif name == "POP_MARK":
+            pop_mark(pos)
+        elif name == "EMPTY_TUPLE":
+            stack.append(())
+        elif name == "TUPLE":
+            items = pop_mark(pos)  # first: pop_mark rebinds `stack`
+            stack.append(tuple(items))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            k = int(name[-1])
+            if len(stack) < k:
+                fail(f"{name} on a stack of {len(stack)}", pos)
+            stack[-k:] = [tuple(stack[-k:])]
+        elif name == "EMPTY_LIST":
+            stack.append([])
+        elif name == "EMPTY_DICT":
+            stack.append({})
+        elif name == "APPEND":
+            value = stack.pop() if stack else fail("APPEND on an empty stack", pos)
+            top((list,), name, pos).append(value)
+        elif name == "APPENDS":
+            items = pop_mark(pos)
+            top((list,), name, pos).extend(items)
+        elif name in ("SETITEM", "SETITEMS"):
+            if name == "SETITEMS":
+                items = pop_mark(pos)
+            elif len(stack) >= 3:
+                items = [stack.pop(-2), stack.pop()]
+            else:
+                fail("SETITEM on a short stack", pos)
+            if len(items) % 2:
+                fail(f"{name} with an odd number of items", pos)
+            target = top((dict, collections.OrderedDict), name, pos)
+            for key, value in zip(items[::2], items[1::2]):
+                if not isinstance(key, (str, int)):
+                    fail(f"{name} with a key of type {type(key).__name__}", pos)
+                target[key] = value
+        elif name == "GLOBAL":
+            module, _, attr = arg.partition(" ")
+            stack.append(_find_global(module, attr, source))
+        elif name == "STACK_GLOBAL":
+            if len(stack) < 2 or not all(isinstance(x, str) for x in stack[-2:]):
+                fail("STACK_GLOBAL without a module and a name", pos)
+            attr, module = stack.pop(), stack.pop()
+            stack.append(_find_global(module, attr, source))
+        elif name == "REDUCE":
+            if len(stack) < 2:
+                fail("REDUCE on a short stack", pos)
+            args, func = stack.pop(), stack.pop()
+            if not any(func is f for f in _CALLABLES) or type(args) is not tuple:
+                fail(f"REDUCE calls {func!r}, which is not a tensor rebuilder or OrderedDict", pos)
+            try:
+                stack.append(func(*args))
+            except (UnsafePickleError, TypeError) as e:  # a bad layout, or the wrong number of arguments
+                fail(str(e), pos)
+        elif name == "BUILD":
+            # torch pickles `state_dict._metadata` this way; we do not need it. On anything else BUILD
+            # could set attributes (say, a function's __defaults__) or call a planted __setstate__.
+            state = stack.pop() if stack else fail("BUILD on an empty stack", pos)
+            top((collections.OrderedDict,), name, pos)
+            if state is not None and type(state) is not dict:
+                fail(f"BUILD with a state of type {type(state).__name__}", pos)
+            for key in state or ():  # dropped anyway; a dunder here is an attack, not a torch pickle
+                if not isinstance(key, str) or key.startswith("__"):
+                    fail(f"BUILD sets {key!r}, which a state dict's attributes never are", pos)
+        elif name == "BINPERSID":
+            pid = stack.pop() if stack else fail("BINPERSID on an empty stack", pos)
+            stack.append(persistent_load(pid))
+        elif name in ("BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            index = len(memo) if name == "MEMOIZE" else arg
+            if not stack or index > len(memo):
+                fail(f"{name} {index} with {len(memo)} memo entries (pickle.Pickler numbers them in order)", pos)
+            memo[index] = stack[-1]
+        elif name in ("BINGET", "LONG_BINGET"):
+            if arg not in memo:
+                fail(f"{name} {arg} of a memo entry that was never set", pos)
+            stack.append(memo[arg])
+        else:
+            fail(f"opcode {name} is not used by torch.save and is not allowed", pos)
+    fail("no STOP", len(data))
+
+
+class _TorchZip:
+    """The records of one `torch.save` zip file, checked before use and mapped rather than read."""
+
+    def __init__(self, path: str, zf: zipfile.ZipFile):
+        self.path, self.zf = path, zf
+        names = zf.namelist()
+        self.infos = {info.filename: info for info in zf.infolist()}
+        if len(names) != len(set(names)):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise CheckpointError(f"{path} holds more than one record named {_join(dupes)}")
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path} is a zip file but not a torch checkpoint (no <archive>/data.pkl)")
+        self.root = pickles[0][: -len("data.pkl")]
+        self.size = os.path.getsize(path)
+        self.byteorder = self._byteorder()
+        self.storages: dict[str, _Storage] = {}
+        self._file = np.asarray(np.memmap(path, np.uint8, mode="r"))  # mapped, not read
+
+    def _small_record(self, name: str, limit: int) -> bytes:
+        """A record's bytes, refusing before decompression if it declares more than `limit` bytes."""
+        info = self.infos[name]
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: {name} declares {info.file_size} bytes, more than the "
+                                  f"{limit} such a record can need")
+        return self.zf.read(info)
+
+    def _byteorder(self) -> str:
+        name = self.root + "byteorder"
+        if name not in self.infos:
+            return "little"  # torch writes this record since 1.x; older files are little-endian
+        raw = self._small_record(name, 16)
+        value = raw.decode("ascii", errors="replace").strip()
+        if value not in ("little", "big"):
+            raise CheckpointError(f"{self.path}: {name} says {raw[:16]!r}; expected 'little' or 'big'")
+        return value
+
+    def pickle_bytes(self) -> bytes:
+        return self._small_record(self.root + "data.pkl", _MAX_PICKLE_BYTES)
+
+    def persistent_load(self, pid) -> _Storage:
+        """The storage a tensor's persistent id names: ("storage", type, key, location, numel)."""
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is _StorageType
+                and type(pid[2]) is str and _is_int(pid[4]) and pid[4] >= 0):
+            raise UnsafePickleError(f"{self.path}: unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        return self._load_storage(str(key), storage_type.dtype, int(numel))
+        dtype = np.dtype(storage_type.dtype)
+        if key in self.storages:
+            known = self.storages[key].array
+            if known.dtype != dtype or known.size != numel:
+                raise CheckpointError(f"{self.path}: storage data/{key} is declared as both {known.size} x "
+                                      f"{known.dtype} and {numel} x {dtype}")
+            return self.storages[key]
+        self.storages[key] = _Storage(key, self._map(key, dtype, numel))
+        return self.storages[key]
+
+    def _map(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        """The record `data/<key>` as a flat read-only array, after checking its declared size and place."""
+        name = f"{self.root}data/{key}"
+        info = self.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: storage data/{key} is missing")
+        nbytes = numel * dtype.itemsize
+        if info.file_size != nbytes:
+            raise CheckpointError(f"{self.path}: storage data/{key} declares {info.file_size} bytes, but the "
+                                  f"pickle says {numel} x {dtype} = {nbytes} bytes")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise CheckpointError(f"{self.path}: storage data/{key} is compressed or encrypted; torch.save "
+                                  "stores storages uncompressed. Re-save the checkpoint with torch.save.")
+        start = self._data_offset(info)
+        if start + nbytes > self.size:  # (start >= 0: see _data_offset)
+            raise CheckpointError(f"{self.path}: storage data/{key} runs past the end of the file "
+                                  "(truncated download?)")
+        if nbytes == 0:
+            return np.zeros(0, dtype)
+        array = self._file[start:start + nbytes].view(dtype)
+        if self.byteorder != sys.byteorder:  # rare (written on a big-endian machine): a swapped copy
+            array = array.byteswap()
+            array.flags.writeable = False
+        return array
+
+    def _data_offset(self, info: zipfile.ZipInfo) -> int:
+        """Where a record's bytes start: after its local header, whose name and extra field may differ in
+        length from the central directory's copy."""
+        header = self._file[info.header_offset:info.header_offset + 30].tobytes() if info.header_offset >= 0 else b""
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.path}: the local header of {info.filename} is corrupt")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        return info.header_offset + 30 + name_len + extra_len
 
 
 def read_torch_bin(path: str, *, progress: bool = True) -> StateDict:
     """The state dict in a `torch.save` zip file (PyTorch >= 1.6), read without torch.
 
     Supports float32/float16/bfloat16 (and integer/bool) storages, shared, offset and strided tensors.
-    Any pickled global other than the tensor rebuilders, storage types and OrderedDict is an error
-    naming it, raised before anything is called.
+    The arrays are read-only views of the memory-mapped file: only what is used is ever read from disk
+    (so `progress` has nothing to show; copy an array to keep it past rewriting the file). Any pickled
+    global other than the tensor rebuilders, storage types and OrderedDict is an error naming it,
+    raised before anything is called.
     """
+    _require_file(path)
     if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            head = f.read(512)
-        kind = "tar archive (PyTorch < 0.4)" if head[257:262] == b"ustar" else "legacy pickle (PyTorch < 1.6)"
-        raise ValueError(
-            f"{path} is in torch's {kind} format, which cannot be read without running its pickled code. "
-            "Re-save it in the zip format (`torch.save(torch.load(path, weights_only=True), path)` with a "
-            "recent torch) or convert it to safetensors.")
-    with zipfile.ZipFile(path) as zf:
-        pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ValueError(f"{path} is a zip file but not a torch checkpoint (no <archive>/data.pkl)")
-        root = pickles[0][: -len("data.pkl")]
-        byteorder = "little"  # torch writes this file since 1.x; older files are little-endian
-        if root + "byteorder" in zf.namelist():
-            byteorder = zf.read(root + "byteorder").decode().strip()
-        storages: dict[str, np.ndarray] = {}
-        bar = _bar(0, f"Reading {os.path.basename(path)}", progress, unit="storage")
-
-        def load_storage(key: str, dtype, numel: int) -> np.ndarray:
-            if key not in storages:
-                dt = np.dtype(dtype)
-                try:
-                    raw = zf.read(f"{root}data/{key}")
-                except KeyError:
-                    raise ValueError(f"{path}: storage data/{key} is missing") from None
-                if len(raw) < numel * dt.itemsize:
-                    raise ValueError(f"{path}: storage data/{key} holds {len(raw)} bytes, "
-                                     f"expected {numel * dt.itemsize}")
-                array = np.frombuffer(raw, dt, count=numel)
-                if byteorder != sys.byteorder:
-                    array = array.byteswap()
-                storages[key] = array
-                bar.update()
-            return storages[key]
-
-        with bar, zf.open(pickles[0]) as f:
-            state = _TorchUnpickler(f, load_storage, path).load()
+        raise CheckpointError(_not_a_zip(path))
+    with _reading(path, "PyTorch checkpoint"), zipfile.ZipFile(path) as zf:
+        archive = _TorchZip(path, zf)
+        state = _run_pickle(archive.pickle_bytes(), archive.persistent_load, path)
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return dict(state)
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return StateDict(path, state)
+
+
+def _not_a_zip(path: str) -> str:
+    """Why a `.bin` that is not a zip archive cannot be read, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return f"{path} is empty"
+    if head.startswith(b"PK"):
+        return f"{path} is a truncated or corrupt zip archive (an interrupted download?); fetch it again"
+    if head[257:262] == b"ustar" or head.startswith(b"\x80"):
+        kind = "tar archive (PyTorch < 0.4)" if head[257:262] == b"ustar" else "legacy pickle (PyTorch < 1.6)"
+        return (f"{path} is in torch's {kind} format, which cannot be read without running its pickled code. "
+                "Re-save it in the zip format (`torch.save(torch.load(path, weights_only=True), path)` with a "
+                "recent torch) or convert it to safetensors.")
+    return f"{path} is not a PyTorch checkpoint (not a zip archive)"
 
 
 # --- transformers' old Flax layout ------------------------------------------------------------------------
@@ -291,17 +667,27 @@ def read_flax_msgpack(path: str) -> StateDict:
     """
     from flax.serialization import msgpack_restore
 
+    _require_file(path)
     with open(path, "rb") as f:
-        tree = msgpack_restore(f.read())
+        data = f.read()
+    with _reading(path, "msgpack"):
+        tree = msgpack_restore(data)
     if not isinstance(tree, Mapping):
-        raise ValueError(f"{path} does not hold a parameter tree")
-    out = {}
+        raise CheckpointError(f"{path} does not hold a parameter tree")
+    out = StateDict(path)
+    origin: dict[str, str] = {}
     for key, value in _flat_items(tree):
+        where = "/".join(key)
+        if not isinstance(value, np.ndarray):
+            raise CheckpointError(f"{path}: {where} is a {type(value).__name__}, not an array")
         *parents, leaf = key
         if leaf == "kernel":
-            value = np.asarray(value).T
+            value = value.T
         leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
-        out[".".join([*parents, leaf])] = np.asarray(value)
+        name = ".".join([*parents, leaf])
+        if name in out:  # e.g. both `scale` and `weight`: one would silently win
+            raise CheckpointError(f"{path}: {origin[name]} and {where} both become {name}")
+        out[name], origin[name] = value, where
     return out
 
 

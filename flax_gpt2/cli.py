@@ -7,8 +7,10 @@ shown only with `--debug`. A bug in the project (any other exception) keeps its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import sys
 from typing import Callable, Sequence
 
@@ -50,7 +52,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except UsageError as e:
         if debug:
             raise
-        print(f"{prefix}error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         if debug:
@@ -64,6 +66,27 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         print(f"{prefix}error: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME
     return 0 if code is None else int(code)
+
+
+def flag_type(convert: Callable[[str], object], ok: Callable[[object], bool], requirement: str) -> Callable:
+    """An argparse `type=` that converts a flag's text and checks it: `flag_type(int, lambda n: n > 0,
+    "a positive integer")` makes `--batch_size 0` a usage error (exit 2) that names the flag and the range.
+
+    NaN and ±inf never pass (argparse's `float` accepts them); `requirement` completes "must be ...".
+    """
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+            good = ok(value) and (not isinstance(value, float) or math.isfinite(value))
+        except (ValueError, TypeError, OverflowError):
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    parse.__name__ = requirement
+    return parse
 
 
 def one_line(error: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -69,23 +70,16 @@ class GPT2Config:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialize each block in the backward pass (saves activation memory)
+    # Run the blocks with `nn.scan` over params stacked on a leading `layers` axis (`transformer/h/...`):
+    # one compiled block instead of n_layer, so compile time no longer grows with depth. Same numbers.
+    scan_layers: bool = False
+    # Full-sequence attention: "xla" (einsum + softmax), "dot_product" (`jax.nn.dot_product_attention`:
+    # cuDNN flash attention on NVIDIA GPUs), "splash" (Pallas splash attention on TPU), or "auto" (by the
+    # platform the program is compiled for). Decoding with a KV cache always uses "xla".
+    attention: str = "auto"
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(
-                f"activation_function={self.activation_function!r} is not supported; "
-                f"choose one of {sorted(ACTIVATIONS)}")
-        if self.summary_type not in SUMMARY_TYPES:
-            raise ValueError(f"summary_type={self.summary_type!r} is not supported; choose one of {SUMMARY_TYPES}")
-        if self.summary_activation is not None and self.summary_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"summary_activation={self.summary_activation!r} is not supported; "
-                f"choose None or one of {sorted(ACTIVATIONS)}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_fields(self)
 
     @property
     def head_dim(self) -> int:
@@ -120,47 +114,143 @@ class GPT2Config:
 
         Every field that changes the math is honoured; one that cannot be is an error naming it.
         """
+        path = None
         if not isinstance(hf, Mapping):
             path = os.fspath(hf)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-        hf = dict(hf)
-        model_type = hf.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            raise ValueError(f"config.json has model_type={model_type!r}; flax_gpt2 reads only 'gpt2' models")
-        if hf.get("add_cross_attention"):
-            raise ValueError("config field add_cross_attention=True is not supported (GPT-2 as a decoder "
-                             "with cross-attention); flax_gpt2 models are decoder-only")
-        if hf.get("pruned_heads"):
-            raise ValueError(f"config field pruned_heads={hf['pruned_heads']!r} is not supported")
-        aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
-                   "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
-        for alias, name in aliases.items():
-            if alias in hf and name not in hf:
-                hf[name] = hf.pop(alias)
-            else:
-                hf.pop(alias, None)
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat"}
-        kwargs = {k: v for k, v in hf.items() if k in known and v is not None or k == "n_inner"}
-        unknown = sorted(set(hf) - known - _HF_IGNORED_KEYS)
-        if unknown:
-            # Fields we do not know cannot be silently dropped if they might change the math.
-            raise ValueError(f"config.json has fields flax_gpt2 does not know: {unknown}")
-        for tok in ("bos_token_id", "eos_token_id"):
-            if isinstance(kwargs.get(tok), list):
-                kwargs[tok] = kwargs[tok][0]
-        kwargs.update(overrides)
-        return cls(**kwargs)
+            hf = _read_json(path)
+        try:
+            return cls(**{**_hf_kwargs(cls, dict(hf)), **overrides})
+        except ValueError as e:
+            if path is None:
+                raise
+            raise ValueError(f"{path}: {e}") from e
 
     def to_hf_config(self, architectures: tuple[str, ...] = ("GPT2LMHeadModel",)) -> dict[str, Any]:
         """The Hugging Face `config.json` dict for this config."""
-        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name not in ("dtype", "param_dtype", "remat")}
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _JAX_FIELDS}
         hf.update(model_type="gpt2", architectures=list(architectures), n_ctx=self.n_positions,
                   use_cache=True, task_specific_params={"text-generation": {"do_sample": True, "max_length": 50}})
         return hf
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file if it is not one."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a config.json file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        hf = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object of config fields")
+    return hf
+
+
+def _hf_kwargs(cls, hf: dict[str, Any]) -> dict[str, Any]:
+    """GPT2Config keyword arguments from a Hugging Face config dict (values are checked by the config)."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"config.json has model_type={model_type!r}; flax_gpt2 reads only 'gpt2' models")
+    if hf.get("add_cross_attention") not in (None, False):
+        raise ValueError(f"config field add_cross_attention={hf['add_cross_attention']!r} is not supported "
+                         "(GPT-2 as a decoder with cross-attention); flax_gpt2 models are decoder-only")
+    if hf.get("pruned_heads"):
+        raise ValueError(f"config field pruned_heads={hf['pruned_heads']!r} is not supported")
+    aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+               "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+    for alias, name in aliases.items():
+        if alias in hf and name not in hf:
+            hf[name] = hf.pop(alias)
+        else:
+            hf.pop(alias, None)
+    known = {f.name for f in dataclasses.fields(cls)} - _JAX_FIELDS
+    unknown = sorted(set(hf) - known - _HF_IGNORED_KEYS)
+    if unknown:
+        # Fields we do not know cannot be silently dropped if they might change the math.
+        raise ValueError(f"config.json has fields flax_gpt2 does not know: {unknown}")
+    kwargs = {k: v for k, v in hf.items() if k in known}
+    for tok in ("bos_token_id", "eos_token_id"):
+        if isinstance(kwargs.get(tok), list):  # some configs list several; the first is the one generation uses
+            if not kwargs[tok]:
+                raise ValueError(f"{tok} is an empty list")
+            kwargs[tok] = kwargs[tok][0]
+        if kwargs.get(tok, 0) is None:  # "no such token" in HF; we keep GPT-2's
+            del kwargs[tok]
+    return kwargs
+
+
+# --- field checks: every field's type and range, so a bad config.json fails here, naming the field ------
+
+_JAX_FIELDS = frozenset({"dtype", "param_dtype", "remat", "scan_layers", "attention"})
+ATTENTION_BACKENDS = ("auto", "xla", "dot_product", "splash")
+_POSITIVE_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id")
+_BOOLS = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+          "tie_word_embeddings", "summary_use_proj", "summary_proj_to_labels", "remat", "scan_layers")
+_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout")
+
+
+def _is_int(x: Any) -> bool:
+    # JSON `true` is a Python bool, which is an int: `n_head: true` must not become 1 head.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fields(config: GPT2Config) -> None:
+    """ValueError naming the first field of `config` with a wrong type or an out-of-range value."""
+    def bad(name: str, requirement: str):
+        raise ValueError(f"{name} must be {requirement}, got {getattr(config, name)!r}")
+
+    for name in _POSITIVE_INTS:
+        if not _is_int(getattr(config, name)) or getattr(config, name) <= 0:
+            bad(name, "a positive integer")
+    if config.n_inner is not None and (not _is_int(config.n_inner) or config.n_inner <= 0):
+        bad("n_inner", "null (4 * n_embd) or a positive integer")
+    for name in _TOKEN_IDS:
+        if not _is_int(getattr(config, name)) or getattr(config, name) < 0:
+            bad(name, "a token id (an integer >= 0)")
+    for name in _BOOLS:
+        if not isinstance(getattr(config, name), bool):
+            bad(name, "true or false")
+    for name in _DROPOUTS:
+        if not (_is_real(getattr(config, name)) and 0 <= getattr(config, name) < 1):
+            bad(name, "a probability in [0, 1)")
+    if not (_is_real(config.layer_norm_epsilon) and config.layer_norm_epsilon > 0):
+        bad("layer_norm_epsilon", "a finite number > 0")
+    if not (_is_real(config.initializer_range) and config.initializer_range >= 0):
+        bad("initializer_range", "a finite number >= 0")
+    if not isinstance(config.activation_function, str) or config.activation_function not in ACTIVATIONS:
+        raise ValueError(f"activation_function={config.activation_function!r} is not supported; "
+                         f"choose one of {sorted(ACTIVATIONS)}")
+    if not isinstance(config.summary_type, str) or config.summary_type not in SUMMARY_TYPES:
+        raise ValueError(f"summary_type={config.summary_type!r} is not supported; choose one of {SUMMARY_TYPES}")
+    if config.summary_activation is not None and (not isinstance(config.summary_activation, str)
+                                                  or config.summary_activation not in ACTIVATIONS):
+        raise ValueError(f"summary_activation={config.summary_activation!r} is not supported; "
+                         f"choose None or one of {sorted(ACTIVATIONS)}")
+    for name in ("dtype", "param_dtype"):
+        if not _is_float_dtype(getattr(config, name)):
+            bad(name, "a floating-point dtype such as jnp.float32 or jnp.bfloat16")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if config.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={config.attention!r} is not supported; choose one of {ATTENTION_BACKENDS}")
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    if dtype is None:  # numpy would read None as float64
+        return False
+    try:
+        return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except (TypeError, ValueError):
+        return False
 
 
 PRESETS: dict[str, GPT2Config] = {

@@ -89,7 +89,9 @@ def perplexity(model, params, token_ids: Sequence[int], *, stride: int = 512, ma
     max_length = max_length or model.config.n_positions
     if max_length > model.config.n_positions:
         raise ValueError(f"max_length ({max_length}) exceeds the model's n_positions ({model.config.n_positions})")
-    tokens = np.asarray(token_ids, np.int32)
+    tokens = np.asarray(token_ids, np.int64)
+    _check_ids(tokens, model.config.vocab_size)
+    tokens = tokens.astype(np.int32)
     windows = sliding_windows(len(tokens), max_length, stride)
     score = scorer or make_scorer(model)
     nll_sum, count = 0.0, 0
@@ -104,10 +106,31 @@ def perplexity(model, params, token_ids: Sequence[int], *, stride: int = 512, ma
             nll_sum -= logprob[row, lo:hi].sum()
             count += hi - lo
         bar.update(len(chunk))
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / max(count, 1)):.3f}")
+        bar.set_postfix(ppl=f"{_exp(nll_sum / max(count, 1)):.3f}")
     bar.close()
     nll = nll_sum / count
-    return {"perplexity": math.exp(nll), "nll": nll, "num_tokens": count, "num_windows": len(windows)}
+    return {"perplexity": _finite_exp(nll, "perplexity"), "nll": nll, "num_tokens": count,
+            "num_windows": len(windows)}
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids range from {tokens.min()} to {tokens.max()}, but the model has "
+                         f"{vocab_size} tokens: the tokenizer does not belong to the model")
+
+
+def _exp(x: float) -> float:
+    """math.exp that gives inf instead of raising OverflowError."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _finite_exp(nll: float, name: str) -> float:
+    """exp(nll), or FloatingPointError when the model's log-probabilities are NaN/inf or it overflows."""
+    value = _exp(nll) if math.isfinite(nll) else math.nan
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{name} is not finite (mean negative log-likelihood {nll} nats/token): the "
+                                 f"model's outputs are NaN or overflow; check its weights")
+    return value
 
 
 def split_last_word(text: str, where: str = "record") -> tuple[str, str]:
@@ -136,7 +159,12 @@ def lambada(model, params, tokenizer, texts: Iterable[str], *, batch_size: int =
         target_ids = whole[len(ctx):]
         if not target_ids:
             raise ValueError(f"example {i}: the final word encodes to no tokens")
+        if len(target_ids) > max_length - 1:
+            raise ValueError(f"example {i}: the final word is {len(target_ids)} tokens, more than the "
+                             f"{max_length - 1} the model's window (n_positions={max_length}) can score after "
+                             f"one token of context: {target.strip()[:40]!r}")
         ids = (ctx + target_ids)[-max_length:]  # the scorer predicts ids[1:], so keep max_length tokens
+        _check_ids(np.asarray(ids), model.config.vocab_size)
         examples.append((ids, len(target_ids)))
     if not examples:
         raise ValueError("no LAMBADA examples to evaluate")
@@ -156,5 +184,5 @@ def lambada(model, params, tokenizer, texts: Iterable[str], *, batch_size: int =
         bar.set_postfix(acc=f"{correct / len(logprob_sums):.3f}")
     bar.close()
     n = len(logprob_sums)
-    return {"accuracy": correct / n, "perplexity": math.exp(-sum(logprob_sums) / n), "num_examples": n,
-            "num_target_tokens": scored_tokens}
+    return {"accuracy": correct / n, "perplexity": _finite_exp(-sum(logprob_sums) / n, "LAMBADA perplexity"),
+            "num_examples": n, "num_target_tokens": scored_tokens}

@@ -4,7 +4,11 @@
     python -m flax_gpt2.evaluate --model gpt2 --dataset wikitext-2-raw-v1        # datasets: wikitext, test split
     python -m flax_gpt2.evaluate --model gpt2 --lambada lambada_test.jsonl      # records {"text": ...}
 
-Shows a progress bar; the last line printed is one JSON object with the figures.
+The window follows the model: `--max_length` defaults to its `n_positions` and `--stride` to half the
+window (512 for GPT-2's 1024, as in Hugging Face's perplexity guide). `<|endoftext|>` in a text is the
+document separator token; no other special token is recognised. Shows a progress bar; the last line
+printed is one JSON object with the figures (never NaN or Infinity: a non-finite result is an error).
+Errors are one line on stderr (exit 2 for a bad flag, 1 otherwise); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,16 +18,33 @@ import json
 import os
 import sys
 
+import math
+
 import jax.numpy as jnp
 
-from flax_gpt2 import eval_metrics
+from flax_gpt2 import cli, eval_metrics
+
+PROG = "python -m flax_gpt2.evaluate"
+
+
+def _check_input_file(path: str, flag: str) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r} is a folder; pass a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+
+
+def _decode_error(path: str, flag: str, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{flag} {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8")
 
 
 def read_text_file(path: str) -> str:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--text_file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    _check_input_file(path, "--text_file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, "--text_file", e) from None
     if not text.strip():
         raise ValueError(f"--text_file {path!r} is empty: nothing to evaluate")
     return text
@@ -31,8 +52,14 @@ def read_text_file(path: str) -> str:
 
 def read_lambada(path: str) -> list[str]:
     """LAMBADA records, one JSON object `{"text": ...}` per line; each must end in a word after a context."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--lambada {path!r} does not exist")
+    _check_input_file(path, "--lambada")
+    try:
+        return _read_lambada(path)
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, "--lambada", e) from None
+
+
+def _read_lambada(path: str) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -69,29 +96,45 @@ def read_dataset(name: str, config: str | None, split: str, field: str) -> str:
 
 
 def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[str] | None = None,
-             stride: int = 512, max_length: int | None = None, batch_size: int = 4, dtype: str = "float32",
-             progress: bool = True) -> dict:
-    """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures."""
-    from flax_gpt2.pretrained import from_pretrained
-    from flax_gpt2.tokenizer import get_tokenizer
+             stride: int | None = None, max_length: int | None = None, batch_size: int = 4, dtype: str = "float32",
+             progress: bool = True, command_line: bool = False) -> dict:
+    """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures.
+
+    `max_length` (the window) defaults to the model's `n_positions`, `stride` to half the window. Every
+    figure returned is finite (a NaN or infinite result raises FloatingPointError). `command_line` makes
+    errors name the flags (`--model DIR`) instead of the Python API.
+    """
+    from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
+    from flax_gpt2.pretrained import from_pretrained, resolve
+    from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
 
     if text is None and lambada_texts is None:
         raise ValueError("nothing to evaluate: give --text_file, --dataset or --lambada")
-    if max_length is not None and stride > max_length:
+    if max_length is not None and stride is not None and stride > max_length:
         raise ValueError(f"--stride ({stride}) must not exceed --max_length ({max_length})")
-    model, params = from_pretrained(model_name, dtype=jnp.dtype(dtype), progress=progress)
-    try:
-        tokenizer = get_tokenizer(model_name)
-    except FileNotFoundError:  # a folder without tokenizer files (e.g. a training run): GPT-2's own
-        tokenizer = get_tokenizer(None)
+    folder = resolve(model_name, progress=progress,
+                     **({"pass_folder_as": "--model DIR"} if command_line else {}))
+    model, params = from_pretrained(folder, dtype=jnp.dtype(dtype), progress=progress)
+    tokenizer = model_tokenizer(folder, command_line=command_line)
+    check_vocab(model.config, tokenizer, str(model_name))
+    n_positions = model.config.n_positions
+    if max_length is not None and max_length > n_positions:
+        raise ValueError(f"--max_length ({max_length}) exceeds the model's n_positions ({n_positions}); "
+                         f"leave it out to use the whole window")
+    max_length = max_length or n_positions
+    if stride is None:
+        stride = max(1, max_length // 2)
+    elif stride > max_length:
+        raise ValueError(f"--stride ({stride}) must not exceed the window ({max_length}, the model's "
+                         f"n_positions); leave it out to use half the window")
     scorer = eval_metrics.make_scorer(model)
     result: dict = {"model": str(model_name)}
     if text is not None:
         # As HF's tokenizer does, '<|endoftext|>' in an evaluation text is the document separator token.
-        ids = tokenizer.encode(text, allowed_special="all")
+        ids = tokenizer.encode(text, allowed_special=USER_TEXT_SPECIAL)
         ppl = eval_metrics.perplexity(model, params, ids, stride=stride, max_length=max_length,
                                       batch_size=batch_size, progress=progress, scorer=scorer)
-        result.update(ppl, text_tokens=len(ids), stride=stride, max_length=max_length or model.config.n_positions)
+        result.update(ppl, text_tokens=len(ids), stride=stride, max_length=max_length)
     if lambada_texts is not None:
         lam = eval_metrics.lambada(model, params, tokenizer, lambada_texts, batch_size=batch_size,
                                    progress=progress, scorer=scorer)
@@ -99,11 +142,22 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
         result.setdefault("accuracy", lam["accuracy"])
         if text is None:
             result["perplexity"] = lam["perplexity"]
+    _check_finite(result)
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _check_finite(result: dict) -> None:
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"{', '.join(f'{k}={result[k]}' for k in bad)}: the model's outputs are not finite "
+                                 f"(NaN or overflowing weights?); no figures to report")
+
+
+_positive_int = cli.flag_type(int, lambda n: n >= 1, "a positive integer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, Hugging Face folder, or training run folder")
     src = p.add_argument_group("what to evaluate (one or more)")
     src.add_argument("--text_file", help="plain text file: sliding-window perplexity")
@@ -112,27 +166,38 @@ def main(argv=None) -> int:
     src.add_argument("--split", default="test")
     src.add_argument("--text_field", default="text")
     src.add_argument("--lambada", help="jsonl of {\"text\": ...} records: last-word accuracy and perplexity")
-    p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--max_length", type=int, default=None, help="window length (default: the model's n_positions)")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--stride", type=_positive_int, default=None,
+                   help="tokens between window starts (default: half the window)")
+    p.add_argument("--max_length", type=cli.flag_type(int, lambda n: n >= 2, "an integer >= 2"), default=None,
+                   help="window length (default: the model's n_positions)")
+    p.add_argument("--batch_size", type=_positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     if args.text_file and args.dataset:
         p.error("give --text_file or --dataset, not both")
-    try:
-        text = read_text_file(args.text_file) if args.text_file else None
-        if args.dataset:
-            text = read_dataset(args.dataset, args.dataset_config, args.split, args.text_field)
-        lambada_texts = read_lambada(args.lambada) if args.lambada else None
-        result = evaluate(args.model, text=text, lambada_texts=lambada_texts, stride=args.stride,
-                          max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
-                          progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    if not (args.text_file or args.dataset or args.lambada):
+        p.error("nothing to evaluate: give --text_file, --dataset or --lambada")
+    if args.stride is not None and args.max_length is not None and args.stride > args.max_length:
+        p.error(f"--stride ({args.stride}) must not exceed --max_length ({args.max_length}): tokens would go unscored")
+    return args
+
+
+def main(argv=None) -> int:
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    return cli.run(_main, argv, prog=PROG)
+
+
+def _main(argv) -> None:
+    args = parse_args(argv)
+    text = read_text_file(args.text_file) if args.text_file else None
+    if args.dataset:
+        text = read_dataset(args.dataset, args.dataset_config, args.split, args.text_field)
+    lambada_texts = read_lambada(args.lambada) if args.lambada else None
+    result = evaluate(args.model, text=text, lambada_texts=lambada_texts, stride=args.stride,
+                      max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
+                      progress=not args.no_progress, command_line=True)
+    print(json.dumps(result, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flax_gpt2 import checkpoint_files as files
+from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
 from flax_gpt2.weights import check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict
@@ -112,35 +113,65 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
     state = {k: v.astype(dtype, copy=False) if jnp.issubdtype(v.dtype, jnp.floating) else v
              for k, v in state.items()}
 
-    os.makedirs(folder, exist_ok=True)
-    _remove_stale_weights(folder)
-    files.write_safetensors(folder, state, metadata={"format": "pt"}, max_shard_size=max_shard_size,
-                            progress=progress)
     hf_config = config.to_hf_config(architectures=(model_class.__name__,))
     hf_config["dtype"] = dtype.name
-    _write_json(os.path.join(folder, "config.json"), hf_config)
-    _write_json(os.path.join(folder, "generation_config.json"),
-                {"_from_model_config": True, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
-    _save_tokenizer(folder, tokenizer)
+    created = not os.path.exists(folder)
+    try:
+        # Every new file is complete (and fsynced) before any old one is replaced: a full disk or a crash
+        # leaves the previous save, never a folder without its weights.
+        with file_io.staged_folder(folder) as staging:
+            written = files.write_safetensors(staging, state, metadata={"format": "pt"},
+                                              max_shard_size=max_shard_size, progress=progress)
+            _write_json(os.path.join(staging, "config.json"), hf_config)
+            _write_json(os.path.join(staging, "generation_config.json"),
+                        {"_from_model_config": True, "bos_token_id": config.bos_token_id,
+                         "eos_token_id": config.eos_token_id})
+            _save_tokenizer(staging, tokenizer)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only if the failed save left it empty
+        raise
+    _remove_stale_weights(folder, keep=written)
     return folder
 
 
 # --- resolution: local folder or hub id ----------------------------------------------------------------
 
-def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, progress: bool = True) -> str:
-    """A local folder for `name_or_path`: the folder itself, or a hub snapshot holding only one weights format."""
-    path = os.path.expanduser(os.fspath(name_or_path))
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, progress: bool = True,
+            pass_folder_as: str = "from_pretrained('DIR')") -> str:
+    """A local folder for `name_or_path`: the folder itself (as an absolute path), or a hub snapshot holding
+    only one weights format.
+
+    Local paths are made absolute (orbax refuses relative checkpoint paths, and a later `chdir` must not
+    move the run). URLs (`gs://...`) are never taken for hub ids or local folders. `pass_folder_as` is how
+    the error for an unreachable hub tells the user to pass a downloaded folder (`"--model DIR"` on a
+    command line).
+    """
+    if file_io.is_url(name_or_path):
+        return _resolve_url(os.fspath(name_or_path))
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ValueError("the model name or path is empty: pass a hub id such as 'gpt2' or a model folder")
+    path = file_io.resolve_path(text)
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
-        raise NotADirectoryError(f"{path} is a file; pass the folder that holds it and its config.json")
+        raise NotADirectoryError(f"{text} is a file; pass the folder that holds it and its config.json")
     # Hub ids are "name" or "org/name"; anything else can only have been meant as a local path.
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or os.path.isabs(text):
         raise FileNotFoundError(f"no such folder: {path}")
-    return _download(path, revision, progress)
+    return _download(text, revision, progress, pass_folder_as)
 
 
-def _download(repo_id: str, revision: str | None, progress: bool) -> str:
+def _resolve_url(url: str) -> str:
+    """Remote storage (gs://...): not read by from_pretrained yet; say how to get a local copy."""
+    file_io.resolve_path(url)  # unsupported schemes and missing dependencies get their own message
+    raise ValueError(f"{url}: models on remote storage are not loaded directly yet; copy the folder to a local "
+                     f"disk (e.g. `gcloud storage cp -r {url} DIR`) and pass DIR")
+
+
+def _download(repo_id: str, revision: str | None, progress: bool, pass_folder_as: str) -> str:
     from huggingface_hub import list_repo_files, snapshot_download
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -157,7 +188,7 @@ def _download(repo_id: str, revision: str | None, progress: bool) -> str:
                     f"{repo_id!r} is not a local folder, the Hugging Face hub cannot be reached "
                     f"({type(e).__name__}: {e}), and the hub cache holds no copy. On a machine with network, "
                     f"run `hf download {repo_id} --local-dir DIR` (or `git clone "
-                    f"https://huggingface.co/{repo_id}`), then pass that folder: from_pretrained('DIR').") from e
+                    f"https://huggingface.co/{repo_id}`), then pass that folder: {pass_folder_as}.") from e
         weights = next((name for name in files.WEIGHT_FILES if name in listing), None)
         if weights is None:
             raise FileNotFoundError(f"hub repo {repo_id!r} has no GPT-2 weights ({', '.join(files.WEIGHT_FILES)})")
@@ -225,12 +256,14 @@ def _check_writable(folder: str, overwrite: bool) -> None:
                               " pass overwrite=True to write into it (only the files a save writes are replaced)")
 
 
-def _remove_stale_weights(folder: str) -> None:
-    # Left behind, an old index or shards could be loaded instead of (or mixed with) the new weights.
+def _remove_stale_weights(folder: str, keep: list[str]) -> None:
+    """Removes safetensors weights a save did not write (run once the new ones are in place): left
+    behind, an old index or shards could be loaded instead of (or mixed with) the new weights."""
     for name in os.listdir(folder):
-        if name in (files.SAFETENSORS, files.SAFETENSORS_INDEX) or re.fullmatch(
-                _SHARD[files.SAFETENSORS_INDEX], name):
-            os.remove(os.path.join(folder, name))
+        if name not in keep and (name in (files.SAFETENSORS, files.SAFETENSORS_INDEX)
+                                 or re.fullmatch(_SHARD[files.SAFETENSORS_INDEX], name)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
 def _write_json(path: str, obj) -> None:

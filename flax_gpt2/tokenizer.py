@@ -11,11 +11,16 @@
 
 Files are checked against the sha256 sums tiktoken expects for GPT-2. Files that differ only in their
 JSON formatting (say, re-saved by transformers) are still the standard encoding. Files with a different
-vocabulary (your own BPE) work too, through tiktoken, with a warning that the ids are not GPT-2's.
+vocabulary (your own BPE) work too, through tiktoken, with a one-line warning that the ids are not
+GPT-2's. vocab.json entries that no merge produces become special tokens; a GPT-2-sized vocabulary
+with any of them besides `<|endoftext|>`, or any vocabulary with more than 64, is an error (merges.txt
+was truncated or belongs to another tokenizer).
 
 Special tokens: `encode` treats `<|endoftext|>` found in text as plain text by default, so text typed
-by a user or found in a corpus can never inject the end-of-text id. Pass `allowed_special="all"` to
-encode it as id 50256, e.g. for the CommonGen prompt `"<|endoftext|> kid, room, dance:"`.
+by a user or found in a corpus can never inject the end-of-text id. Pass
+`allowed_special=USER_TEXT_SPECIAL` (that is, `{"<|endoftext|>"}`) to encode it as id 50256, e.g. for
+the CommonGen prompt `"<|endoftext|> kid, room, dance:"`, as `sample`, `pipeline` and `evaluate` do;
+they never recognise a custom BPE's other special tokens in user text.
 Hugging Face's GPT-2 tokenizer differs here: by default it encodes that string as 50256 (its
 `split_special_tokens=True` gives our default).
 """
@@ -37,7 +42,12 @@ from typing import Literal
 import numpy as np
 import tiktoken
 
+from flax_gpt2 import file_io
+
 ENDOFTEXT = "<|endoftext|>"
+# The special tokens recognised in text a user types or a corpus holds (`sample`, `pipeline`, `evaluate`):
+# `<|endoftext|>` only, which GPT-2 knows as its document separator (e.g. the CommonGen prompt).
+USER_TEXT_SPECIAL = frozenset({ENDOFTEXT})
 
 # GPT-2's pre-tokenizer regex, as tiktoken writes it (tiktoken_ext/openai_public.py, `r50k_pat_str`):
 # equivalent to OpenAI's original r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""".
@@ -66,6 +76,11 @@ _GPT2_HUB_NAMES = {
     "distilgpt2": ("distilgpt2", "distilbert/distilgpt2"),
     "distilbert/distilgpt2": ("distilbert/distilgpt2", "distilgpt2"),
 }
+
+GPT2_VOCAB_SIZE = 50257
+# Special tokens besides <|endoftext|> that a custom BPE's vocab.json may hold (entries no merge produces);
+# more means merges.txt stops short of the vocabulary (see `_check_merges_cover_vocab`).
+_MAX_EXTRA_SPECIAL_TOKENS = 64
 
 # Below this many characters in all, encode_batch encodes in the calling thread (threads cost ~0.1 ms to start).
 _MIN_CHARS_FOR_THREADS = 1 << 16
@@ -352,17 +367,22 @@ class Tokenizer:
         """Writes `vocab.json` and `merges.txt` in `folder` (created if needed), as GPT-2 hub folders have them.
 
         For the standard encoding both files are byte-identical to OpenAI's `encoder.json` and `vocab.bpe`.
+        Existing files are replaced only once both new ones are complete (see `file_io.staged_folder`).
 
         Returns:
             The two paths written.
         """
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         # json.dumps' defaults (", ", ": ", ASCII escapes) are exactly encoder.json's formatting.
-        vocab_path.write_text(json.dumps(self.get_vocab()), encoding="utf-8")
-        merges_path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in self.merges()), encoding="utf-8")
-        return str(vocab_path), str(merges_path)
+        vocab = json.dumps(self.get_vocab())
+        merges = "#version: 0.2\n" + "".join(m + "\n" for m in self.merges())
+        # Both files complete before either replaces an older one: a crash or a full disk never leaves a
+        # truncated merges.txt, nor a new vocab.json next to a merges.txt it does not belong with.
+        with file_io.staged_folder(folder) as staging:
+            for name, text in (("vocab.json", vocab), ("merges.txt", merges)):
+                with open(os.path.join(staging, name), "w", encoding="utf-8", newline="\n") as f:
+                    f.write(text)
+        return str(folder / "vocab.json"), str(folder / "merges.txt")
 
 
 def _bpe(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -483,7 +503,28 @@ def _ranks_from_files(vocab_file: str, merges_file: str) -> tuple[dict[bytes, in
     special_tokens = {t: i for t, i in vocab.items() if t not in ranked}
     if ENDOFTEXT not in special_tokens:
         raise ValueError(f"{vocab_file} has no {ENDOFTEXT!r} entry (GPT-2's end-of-text token)")
+    _check_merges_cover_vocab(vocab_file, merges_file, vocab, len(merges), special_tokens)
     return ranks, special_tokens
+
+
+def _check_merges_cover_vocab(vocab_file: str, merges_file: str, vocab: dict[str, int], n_merges: int,
+                              unmerged: dict[str, int]) -> None:
+    """A ValueError when merges.txt leaves much of vocab.json unreached (a truncated or mismatched file).
+
+    Entries that are neither a byte nor produced by a merge can only be special tokens. A BPE has a few
+    (`<|endoftext|>`, maybe a pad token); a GPT-2-shaped vocabulary (50257 entries, `<|endoftext|>` last)
+    has exactly one, and more than `_MAX_EXTRA_SPECIAL_TOKENS` means the merges stop short of the
+    vocabulary: loading it anyway would turn ordinary tokens into special ones.
+    """
+    extra = sorted((i, t) for t, i in unmerged.items() if t != ENDOFTEXT)
+    gpt2_shaped = len(vocab) == GPT2_VOCAB_SIZE and vocab[ENDOFTEXT] == GPT2_VOCAB_SIZE - 1
+    if not extra or (not gpt2_shaped and len(extra) <= _MAX_EXTRA_SPECIAL_TOKENS):
+        return
+    shown = ", ".join(f"{t!r} (id {i})" for i, t in extra[:3]) + (", ..." if len(extra) > 3 else "")
+    expected = f"; GPT-2's vocabulary needs {GPT2_VOCAB_SIZE - 257} merges" if gpt2_shaped else ""
+    raise ValueError(f"{merges_file} ({n_merges} merges) does not cover {vocab_file}: {len(extra)} entries are "
+                     f"produced by no merge ({shown}){expected}. merges.txt is truncated or belongs to another "
+                     f"tokenizer; copy both files from the same source")
 
 
 def _sha256(path: str) -> str:
@@ -515,11 +556,11 @@ def _warn_if_custom(tokenizer: Tokenizer) -> None:
     if tokenizer.is_standard_gpt2:
         return
     vocab_file, merges_file = tokenizer._files
-    warnings.warn(
-        f"{vocab_file} and {merges_file} are not GPT-2's BPE files (their sha256 sums differ from the ones "
-        f"tiktoken expects, and so does their vocabulary): built a custom tiktoken encoding from them "
-        f"({tokenizer.vocab_size} tokens, special tokens {sorted(tokenizer.special_tokens)}). Its ids do "
-        f"not match OpenAI's GPT-2 checkpoints.", UserWarning, stacklevel=3)
+    special = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    shown = ", ".join(map(repr, special[:4])) + (f" and {len(special) - 4} more" if len(special) > 4 else "")
+    warnings.warn(f"{vocab_file} and {merges_file} are not GPT-2's BPE files: a custom encoding of "
+                  f"{tokenizer.vocab_size} tokens (special: {shown}) whose ids do not match OpenAI's GPT-2 "
+                  f"checkpoints", UserWarning, stacklevel=3)
 
 
 def _from_folder(folder: str) -> Tokenizer:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2.config import GPT2Config
@@ -154,11 +155,17 @@ def unflatten(flat: Mapping[str, Any]) -> Params:
 
 
 def _shape_problems(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Any], what: str,
-                    missing_ok: frozenset[str] = frozenset()) -> list[str]:
+                    missing_ok: frozenset[str] = frozenset(), name: Callable[[str], str] = str) -> list[str]:
+    """Every missing, unexpected, misshapen or not floating-point tensor of `got`, one line per kind.
+
+    Only shapes and dtypes are looked at: no tensor is read. `name(key)` is how a non-float key is named.
+    """
     problems = []
     missing = [k for k in expected if k not in got and k not in missing_ok]
     unexpected = [k for k in got if k not in expected]
     misshapen = [k for k in expected if k in got and tuple(np.shape(got[k])) != expected[k]]
+    # GPT-2's parameters are all floats: int weights would load as int parameters and compute garbage.
+    not_float = [k for k in expected if k in got and not _is_floating(_dtype(got[k]))]
     if missing:
         problems.append(f"missing {what}: " + _join(f"{k} {list(expected[k])}" for k in missing))
     if unexpected:
@@ -166,7 +173,20 @@ def _shape_problems(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, A
     if misshapen:
         problems.append(f"misshapen {what}: " + _join(
             f"{k} has shape {list(np.shape(got[k]))}, expected {list(expected[k])}" for k in misshapen))
+    if not_float:
+        problems.append(f"{what} that are not floating point: " + _join(
+            f"{name(k)} has dtype {_dtype(got[k]).name}" for k in not_float))
     return problems
+
+
+def _dtype(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    return dtype if isinstance(dtype, np.dtype) else np.asarray(x).dtype  # e.g. a torch tensor, or a list
+
+
+def _is_floating(dtype: np.dtype) -> bool:
+    """float16/32/64, bfloat16 and the other ml_dtypes floats (which numpy does not count as np.floating)."""
+    return jnp.issubdtype(dtype, jnp.floating)
 
 
 def _join(items, limit: int = 24) -> str:
@@ -176,7 +196,7 @@ def _join(items, limit: int = 24) -> str:
 
 
 def check_params(params: Mapping[str, Any], config: GPT2Config, model_class: type = GPT2LMHeadModel) -> None:
-    """Raises ValueError naming every missing, unexpected or misshapen parameter of `model_class(config)`."""
+    """Raises ValueError naming every missing, unexpected, misshapen or non-float parameter of `model_class(config)`."""
     problems = _shape_problems(expected_param_shapes(config, model_class), flatten(params), "parameters")
     if problems:
         raise ValueError(f"parameters do not fit {model_class.__name__} with this config:\n  " + "\n  ".join(problems))
@@ -201,15 +221,24 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config,
     `GPT2DoubleHeadsModel` needs but the checkpoint lacks is initialized randomly, as transformers does,
     with a warning naming its keys: that head must be trained before use. The tied `lm_head.weight`
     some checkpoints carry is ignored when `tie_word_embeddings=True`. Anything else missing,
-    unexpected or misshapen is a ValueError that names it.
+    unexpected, misshapen or not floating point is a ValueError that names it (and the file it came
+    from, when `state_dict` is a `checkpoint_files.StateDict`).
+
+    Tensors are read (`np.asarray`) only after every key, shape and dtype has been checked, and only
+    the ones the model uses: the unused tensors of a lazily read checkpoint are never read.
     """
+    source = getattr(state_dict, "source", None)
     normalized: dict[str, Any] = {}
+    original: dict[str, str] = {}  # short key -> the checkpoint's key
     for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise ValueError(f"checkpoint{_in(source)} has a non-string key {key!r}")
         short = key.removeprefix("transformer.")
         if short in normalized:
-            raise ValueError(f"checkpoint has {short!r} both with and without the 'transformer.' prefix")
+            raise ValueError(f"checkpoint{_in(source)} has {short!r} both with and without the 'transformer.' "
+                             "prefix")
         if not _IGNORED.match(short):
-            normalized[short] = value
+            normalized[short], original[short] = value, key
 
     table = {e.hf: e for e in entries(config, model_class)}
     dropped = sorted(k for k in normalized if k.startswith(_HEAD_PREFIXES) and k not in table)
@@ -222,9 +251,9 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config,
 
     mc_missing = frozenset(k for k, e in table.items() if e.scope == "mc_head" and k not in normalized)
     problems = _shape_problems({k: e.hf_shape for k, e in table.items()}, normalized, "checkpoint tensors",
-                               missing_ok=mc_missing)
+                               missing_ok=mc_missing, name=lambda k: _located(state_dict, original[k]))
     if problems:
-        raise ValueError(f"checkpoint does not fit {model_class.__name__} with this config "
+        raise ValueError(f"checkpoint{_in(source)} does not fit {model_class.__name__} with this config "
                          f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size={config.vocab_size}, "
                          f"n_positions={config.n_positions}, tie_word_embeddings={config.tie_word_embeddings}):"
                          "\n  " + "\n  ".join(problems))
@@ -245,6 +274,18 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config,
         warnings.warn(f"checkpoint has no multiple-choice head; {sorted(mc_missing)} initialized randomly "
                       "(train the head before using mc_logits)", stacklevel=2)
     return unflatten(flat)
+
+
+def _in(source: str | None) -> str:
+    return f" {source}" if source else ""
+
+
+def _located(state_dict: Mapping[str, Any], key: str) -> str:
+    """`key`, and the shard that holds it when that is not the file the error already names."""
+    file_of = getattr(state_dict, "file_of", None)
+    if file_of is None or file_of(key) == getattr(state_dict, "source", None):
+        return key
+    return f"{key} (in {file_of(key)})"
 
 
 def infer_model_class(params: Mapping[str, Any]) -> type:

@@ -134,14 +134,16 @@ def test_cli_prints_json_last(tiny, tmp_path, shared_dir, capsys):
     assert np.isfinite(result["perplexity"]) and result["lambada_num_examples"] == 2
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty", "is empty"),
-    ("no_final_word", "no final word"),
-    ("no_text_field", "no 'text' field"),
-    ("stride", "must not exceed"),
-    ("missing", "does not exist"),
+@pytest.mark.parametrize("case,message,code", [
+    ("empty", "is empty", 1),
+    ("no_final_word", "no final word", 1),
+    ("no_text_field", "no 'text' field", 1),
+    ("stride", "must not exceed", 2),
+    ("missing", "does not exist", 1),
+    ("folder", "is a folder", 1),
+    ("batch_size", "--batch_size: must be a positive integer", 2),
 ])
-def test_cli_bad_inputs(tiny, tmp_path, capsys, case, message):
+def test_cli_bad_inputs(tiny, tmp_path, capsys, case, message, code):
     folder = tiny[4]
     good = tmp_path / "good.txt"
     good.write_text("Some words to score here and there.\n" * 20)
@@ -155,7 +157,72 @@ def test_cli_bad_inputs(tiny, tmp_path, capsys, case, message):
         args += ["--lambada", str(tmp_path / "l.jsonl")]
     elif case == "stride":
         args += ["--text_file", str(good), "--stride", "600", "--max_length", "512"]
+    elif case == "folder":
+        args += ["--text_file", str(tmp_path)]
+    elif case == "batch_size":
+        args += ["--text_file", str(good), "--batch_size", "0"]
     else:
         args += ["--text_file", str(tmp_path / "nope.txt")]
-    assert evaluate.main(args) == 2
-    assert message in capsys.readouterr().err
+    assert evaluate.main(args) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_defaults_follow_the_model(tiny, tmp_path, capsys):
+    """A model with n_positions 128 (< the old fixed --stride 512): window 128, stride 64."""
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("Some words to score here and there.\n" * 60)
+    assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["max_length"], result["stride"]) == (128, 64)
+    assert result["num_tokens"] == result["text_tokens"] - 1
+    assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress",
+                          "--stride", "200"]) == 1
+    assert "--stride (200) must not exceed the window (128" in capsys.readouterr().err
+
+
+def test_only_endoftext_is_special_in_evaluated_text(tiny, tmp_path, capsys):
+    """'<|endoftext|>' separates documents; nothing else in the text becomes a special id."""
+    text_file = tmp_path / "t.txt"
+    text = "Hello world, the king<|endoftext|> A new document begins here."
+    text_file.write_text(text)
+    assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["text_tokens"] == len(tiny[3].encode(text, allowed_special={"<|endoftext|>"}))
+
+
+def test_a_model_smaller_than_its_tokenizer_is_an_error(tmp_path_factory, tmp_path, capsys):
+    """Used to print "perplexity": NaN (invalid JSON) with exit code 0."""
+    from conftest import make_hf_model
+
+    _, small = make_hf_model(tmp_path_factory, "small_vocab", vocab_size=1000)
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("Some words to score here and there.\n" * 5)
+    assert evaluate.main(["--model", str(small), "--text_file", str(text_file), "--no_progress"]) == 1
+    captured = capsys.readouterr()
+    assert "vocab_size (1000) is smaller than its tokenizer's (50257" in captured.err
+    assert captured.out == ""
+
+
+def test_non_finite_results_are_errors_not_json_nan(tiny, monkeypatch, tmp_path, capsys):
+    def nan_perplexity(*args, **kwargs):
+        return {"perplexity": float("nan"), "nll": float("nan"), "num_tokens": 3, "num_windows": 1}
+
+    monkeypatch.setattr(eval_metrics, "perplexity", nan_perplexity)
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("Some words to score.")
+    assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress"]) == 1
+    captured = capsys.readouterr()
+    assert "perplexity=nan" in captured.err and "NaN" not in captured.out
+    with pytest.raises(FloatingPointError, match="not finite"):
+        eval_metrics._finite_exp(float("nan"), "perplexity")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        eval_metrics._finite_exp(1e6, "perplexity")  # math.exp would raise OverflowError
+
+
+def test_lambada_final_word_longer_than_the_window_is_an_error(tiny):
+    _, model, params, tokenizer, _ = tiny
+    word = "a1" * 100  # letters and digits are separate pieces: 200 tokens, more than n_positions - 1 = 127
+    with pytest.raises(ValueError, match=r"example 1: the final word is \d+ tokens, more than the 127"):
+        eval_metrics.lambada(model, params, tokenizer, ["a fine text here", "some context " + word],
+                             progress=False)

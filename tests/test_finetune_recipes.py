@@ -69,7 +69,7 @@ def test_sample_cli_on_commongen_run(commongen_run, capsys):
     from flax_gpt2 import sample
 
     workdir, _, _ = commongen_run
-    sample.main(["--model", str(workdir), "--prompt", "<|endoftext|> kid, room, dance:", "--stop_token", ".",
+    assert 0 == sample.main(["--model", str(workdir), "--prompt", "<|endoftext|> kid, room, dance:", "--stop_token", ".",
                  "--max_new_tokens", "8", "--greedy", "--no_progress", "--cache_dir", str(workdir / "sample_cache")])
     out = capsys.readouterr().out
     assert "." not in out.strip().split("kid, room, dance:")[-1]  # cut at the stop token

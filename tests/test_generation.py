@@ -226,6 +226,15 @@ ERRORS = [
     (dict(max_new_tokens=0), ValueError, "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=254), ValueError, r"prompt length 3 \+ max_new_tokens 254 = 257 exceeds .*n_positions=256"),
     (dict(do_sample=True, temperature=0.0), ValueError, "temperature must be > 0"),
+    # Non-finite or overflowing numbers used to give degenerate tokens instead of an error.
+    (dict(do_sample=True, temperature=1e-39), ValueError, "temperature must be > 0 and at least 0.0001"),
+    (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature must be"),
+    (dict(do_sample=True, top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be > 0 and finite"),
+    (dict(num_beams=2, length_penalty=float("nan")), ValueError, "length_penalty must be a finite number"),
+    (dict(seed=99999999999), ValueError, r"seed must be an integer in \[0, 2\*\*32 - 1\]"),
+    (dict(seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*32 - 1\]"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
     (dict(do_sample=True, top_k=-1), ValueError, "top_k must be an integer >= 0"),
     (dict(do_sample=True, top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
@@ -244,6 +253,14 @@ def test_bad_arguments_are_clear_errors(tiny, kwargs, error, match):
     kwargs = {"input_ids": [[1, 2, 3]], "max_new_tokens": 4, **kwargs}
     with pytest.raises(error, match=match):
         generate(model, params, **kwargs)
+
+
+def test_seeds_use_all_32_bits(tiny):
+    model, params = tiny
+    kwargs = dict(max_new_tokens=6, do_sample=True)
+    high = generate(model, params, [[1, 2, 3]], seed=2**32 - 1, **kwargs)
+    np.testing.assert_array_equal(generate(model, params, [[1, 2, 3]], seed=2**32 - 1, **kwargs), high)
+    assert not np.array_equal(generate(model, params, [[1, 2, 3]], seed=2**31 - 1, **kwargs), high)
 
 
 def test_generate_needs_a_language_model():

@@ -407,6 +407,79 @@ def test_merges_with_unknown_byte_characters(bpe_dir, tmp_path):
         assert get_tokenizer(folder).special_tokens == {"\u4e00x": 256, ENDOFTEXT: 257}
 
 
+@pytest.mark.parametrize("kept_lines", [25001, 50000])
+def test_truncated_gpt2_merges_are_an_error(bpe_dir, tmp_path, kept_lines):
+    """Cut at a line boundary, GPT-2's merges.txt used to load with a 286 KB warning, its last 25,000
+    tokens turned into special tokens."""
+    folder = _tamper(bpe_dir, tmp_path / "cut", None, lambda m: "\n".join(m.split("\n")[:kept_lines]) + "\n")
+    with pytest.raises(ValueError) as info:
+        get_tokenizer(folder)
+    message = str(info.value)
+    assert "merges.txt" in message and "does not cover" in message and "needs 50000 merges" in message
+    assert "\n" not in message and len(message) < 500
+
+
+def test_a_custom_bpe_whose_merges_stop_short_is_an_error(bpe_dir, tmp_path):
+    folder = _custom_bpe(bpe_dir, tmp_path / "custom", 1000)
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (folder / "merges.txt").write_text("\n".join(lines[:1001 - 100]) + "\n", encoding="utf-8")  # 100 merges cut
+    with pytest.raises(ValueError, match=r"\(900 merges\) does not cover .*100 entries are produced by no merge"):
+        get_tokenizer(folder)
+    # A few unmerged entries are special tokens of a custom BPE: a warning of one short line.
+    (folder / "merges.txt").write_text("\n".join(lines[:1001 - 10]) + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning) as record:
+        tok = get_tokenizer(folder)
+    message = str(record[0].message)
+    assert "not GPT-2's BPE files" in message and "and 7 more" in message
+    assert "\n" not in message and len(message) < 400
+    # Only <|endoftext|> in user text is special, never what the merges do not reach.
+    unmerged = next(t for t in tok.special_tokens if t != ENDOFTEXT)
+    text = tok.decode([tok.token_to_id(unmerged)]) + ENDOFTEXT
+    ids = tok.encode(text, allowed_special=tokenizer_lib.USER_TEXT_SPECIAL)
+    assert ids[-1] == tok.eot_token and tok.token_to_id(unmerged) not in ids
+
+
+def test_save_replaces_files_only_when_both_are_complete(tok, bpe_dir, tmp_path, monkeypatch):
+    custom = get_tokenizer_quietly(_custom_bpe(bpe_dir, tmp_path / "custom", 300))
+    folder = tmp_path / "saved"
+    tok.save(folder)
+    before = {name: (folder / name).read_bytes() for name in ("vocab.json", "merges.txt")}
+
+    class FullDisk:
+        """A file that takes half of what is written, then fails as a full disk does."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+    def open_with_full_disk(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return FullDisk(f) if str(path).endswith("merges.txt") else f
+
+    monkeypatch.setattr(tokenizer_lib, "open", open_with_full_disk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        custom.save(folder)  # vocab.json was written in full, merges.txt half
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]  # no staging left behind
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    assert get_tokenizer(folder).is_standard_gpt2
+
+
+def get_tokenizer_quietly(folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_tokenizer(folder)
+
+
 def test_missing_files_are_clear_errors(bpe_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no tokenizer files in .*empty.*vocab.json \+ merges.txt"):

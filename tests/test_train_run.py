@@ -130,7 +130,7 @@ def test_run_exports_to_transformers_and_samples(reference, tmp_path, capsys):
         theirs = hf_model(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     # The run folder carries its tokenizer, so sampling from it works offline.
-    sample.main(["--model", str(workdir), "--prompt", "ROMEO:", "--max_new_tokens", "5",
+    assert 0 == sample.main(["--model", str(workdir), "--prompt", "ROMEO:", "--max_new_tokens", "5",
                  "--cache_dir", str(tmp_path / "cache"), "--no_progress"])
     assert "ROMEO:" in capsys.readouterr().out
 

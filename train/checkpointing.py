@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_gpt2 import file_io, run_checkpoint
+from flax_gpt2 import file_io, layer_stacking, run_checkpoint
 from flax_gpt2.run_checkpoint import checkpoint_dir
 from train import run_guard
 from train.data import DataState
@@ -112,10 +112,20 @@ class Checkpointer:
             except Exception as e:  # orbax raises many types for a truncated or missing file
                 errors.append(self._corrupt(step, e))
                 continue
-            run_guard.check_resume_config(meta.get("train_config") or saved_config or self.train_config,
-                                          self.train_config, allow_change=allow_config_change, workdir=self.workdir)
+            saved = meta.get("train_config") or saved_config or self.train_config
+            run_guard.check_resume_config(saved, self.train_config, allow_change=allow_config_change,
+                                          workdir=self.workdir)
+            # A run may switch between per-layer and scanned blocks: read the saved layout, convert after.
+            saved_scan = bool(saved.get("model.scan_layers", False))
+            current_scan = bool(self.train_config.get("model.scan_layers", False))
+            target = abstract_state
+            if saved_scan != current_scan:
+                convert = lambda tree: layer_stacking.convert_tree(  # noqa: E731
+                    tree, saved_scan, stack=layer_stacking.abstract_stack, take=layer_stacking.abstract_take)
+                target = abstract_state.replace(params=convert(abstract_state.params),
+                                                opt_state=convert(abstract_state.opt_state))
             try:
-                self._check_shapes(step, abstract_state)
+                self._check_shapes(step, target)
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:
@@ -123,8 +133,8 @@ class Checkpointer:
                 continue
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state.params),
-                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state)))
+                    params=ocp.args.StandardRestore(target.params),
+                    opt_state=ocp.args.StandardRestore(target.opt_state)))
                 checksums = meta.get("checksums") or {}
                 where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
                 run_checkpoint.verify(restored["params"], checksums.get("params"), where)
@@ -134,6 +144,11 @@ class Checkpointer:
                 continue
             if errors:
                 logging.warning("resuming from the checkpoint at step %d instead", step)
+            if saved_scan != current_scan:
+                logging.info("converting checkpoint %d to scan_layers=%s", step, current_scan)
+                restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),
+                                              jax.tree.map(lambda a: a.sharding, getattr(abstract_state, k)))
+                            for k in ("params", "opt_state")}
             state = TrainState(step=jax.device_put(jax.numpy.int32(meta["step"]), abstract_state.step.sharding),
                                params=restored["params"], opt_state=restored["opt_state"])
             return state, DataState(**meta["data"])

@@ -25,6 +25,8 @@ SAFE_ON_RESUME = (
     "keep_checkpoints", "async_checkpointing", "progress_bar", "cpu_peak_flops", "coverage_sets", "sample.",
     "distributed.", "mesh.", "logical_axis_rules", "micro_batch_size", "data.num_threads", "data.cache_dir",
     "compile_only", "allow_config_change",
+    # The same math in another form: rematerialized, scanned (checkpoints convert), another attention kernel.
+    "model.remat", "model.scan_layers", "model.attention",
 )
 # Keys that fix the shapes of the params and optimizer state: a checkpoint cannot be resumed under others.
 ARCHITECTURE = ("model.preset", "model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",

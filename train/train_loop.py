@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import file_io
+from flax_gpt2 import file_io, layer_stacking
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 from train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
@@ -42,7 +42,8 @@ def model_config(config) -> tuple[GPT2Config, Any]:
     """The `GPT2Config` to train, and the pretrained params (None when training from scratch)."""
     m = config.model
     jax_fields = dict(dtype=_dtype(m.dtype, "dtype"), param_dtype=_dtype(m.param_dtype, "param_dtype"),
-                      remat=m.remat, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
+                      remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
+                      resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
     sizes = {k: m[k] for k in ("n_layer", "n_embd", "n_head", "n_positions") if m[k] is not None}
     if config.init_from:
         import flax_gpt2
@@ -52,7 +53,7 @@ def model_config(config) -> tuple[GPT2Config, Any]:
                              "architecture; drop them")
         model, params = flax_gpt2.from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
                                                   progress=jax.process_index() == 0)
-        return model.config.replace(**jax_fields), params
+        return model.config.replace(**jax_fields), layer_stacking.to_layout(params, m.scan_layers)
     return GPT2Config.from_preset(m.preset, **sizes, **jax_fields), None
 
 

@@ -31,9 +31,13 @@ def _head(model: GPT2LMHeadModel, params: Any) -> jax.Array:
     the whole prefill of a short prompt)."""
     if not model.config.tie_word_embeddings:
         return params["lm_head"]["kernel"]
-    if jax.default_backend() != "cpu":
-        return _output_projection(model, params)
     wte = params["transformer"]["wte"]["embedding"]
+    try:  # where the weights are decides, not the default backend
+        platforms = {d.platform for d in wte.devices()}
+    except (AttributeError, jax.errors.ConcretizationTypeError):  # a host array or a tracer: default device
+        platforms = {jax.default_backend()}
+    if platforms != {"cpu"}:
+        return _output_projection(model, params)
     key = id(wte)
     if key in _heads and _heads[key][0]() is wte:
         return _heads[key][1]
@@ -94,26 +98,62 @@ def _check_prompt(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndar
     return ids, mask
 
 
+# The smallest sampling temperature: logits are divided by it in float32, and GPT-2's logits (|x| up to
+# a few hundred) divided by much less overflow to inf, which turns the softmax into NaN.
+MIN_TEMPERATURE = 1e-4
+MAX_SEED = 2**32 - 1  # jax.random.PRNGKey takes a 32-bit seed
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """A finite real number (int or float, not bool): NaN and ±inf are never a meaningful setting."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """`seed` as an int, or a ValueError: it must be an integer in [0, 2**32 - 1]."""
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**32 - 1] (jax.random.PRNGKey takes 32 bits), "
+                         f"got {seed!r}")
+    return int(seed)
+
+
+def check_sampling_options(*, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, length_penalty=1.0,
+                           seed=0) -> None:
+    """ValueError unless every numeric generation setting is finite and in its range (see `generate`).
+
+    `temperature` must be at least `MIN_TEMPERATURE` (smaller values overflow float32 logits); for the
+    most likely token use greedy decoding (`do_sample=False`) instead of a tiny temperature.
+    """
+    if not _is_real(temperature) or not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be > 0 and at least {MIN_TEMPERATURE:g} (smaller values overflow "
+                         f"float32 logits), got {temperature!r}; for greedy decoding use do_sample=False")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not _is_real(repetition_penalty) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 and finite (1.0 disables it), got {repetition_penalty!r}")
+    if not _is_real(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number (1.0 is the default), got {length_penalty!r}")
+    check_seed(seed)
+
+
 def _check_options(config, *, prompt_length, max_new_tokens, do_sample, temperature, top_k, top_p,
                    repetition_penalty, no_repeat_ngram_size, num_beams, num_return_sequences, eos_token_id,
-                   pad_token_id):
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
+                   pad_token_id, length_penalty=1.0, seed=0):
+    is_int = _is_int
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if prompt_length + max_new_tokens > config.n_positions:
         raise ValueError(
             f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} = {prompt_length + max_new_tokens} "
             f"exceeds the model's n_positions={config.n_positions}; shorten the prompt or ask for fewer tokens")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r} (for greedy decoding use do_sample=False)")
-    if not is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 disables it), got {repetition_penalty!r}")
+    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, length_penalty=length_penalty, seed=seed)
     if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {no_repeat_ngram_size!r}")
     if not is_int(num_beams) or num_beams < 1:
@@ -147,7 +187,7 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, options):
     pad = pad if pad is not None else (eos if eos is not None else 0)
     return dict(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
                 eos_token_id=jnp.int32(-1 if eos is None else eos), pad_token_id=jnp.int32(pad),
-                cache_len=cache_len), extra
+                seed=jnp.uint32(options["seed"]), cache_len=cache_len), extra
 
 
 def _setup(model, params, input_ids, attention_mask, max_new_tokens, **options):
@@ -179,15 +219,19 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
       max_new_tokens: how many tokens to add; `prompt_length + max_new_tokens` must fit `n_positions`.
       do_sample: sample instead of taking the most likely token (or the best beams).
       temperature, top_k, top_p: sampling warpers (only with `do_sample`); `top_k=0` and `top_p=1.0`
-        disable theirs.
+        disable theirs. `temperature` must be at least `MIN_TEMPERATURE` (1e-4; smaller values overflow
+        float32 logits): for the most likely token, use `do_sample=False`.
       repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL's penalty).
       no_repeat_ngram_size: if > 0, no n-gram of this size occurs twice.
       num_beams: > 1 runs beam search (with `do_sample`, beam sampling).
-      length_penalty: beam search scores a finished hypothesis `sum log p / new_tokens ** length_penalty`.
+      length_penalty: beam search scores a finished hypothesis `sum log p / new_tokens ** length_penalty`
+        (any finite number).
       num_return_sequences: sequences per prompt (samples, or the best beams); copies are adjacent rows.
       eos_token_id: a row that produces it stops, and the rest of its row is `pad_token_id`. None: never stop.
       pad_token_id: the filler after EOS (default `eos_token_id`).
-      seed: the random seed; the same seed and arguments give the same tokens.
+      seed: the random seed, an integer in [0, 2**32 - 1]; the same seed and arguments give the same tokens.
+    Raises:
+      ValueError: an argument is out of range or not finite (NaN, inf); the message names it.
     Returns:
       A numpy int32 array `[batch * num_return_sequences, prompt_length + max_new_tokens]`: the (padded)
       prompt, then the new tokens.
@@ -195,17 +239,17 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
     args, extra, params, strategy, head = _setup(
         model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
+        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
     if num_beams > 1:
         tokens = beam_search.beam_search_tokens(
             model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(length_penalty),
-            args["eos_token_id"], args["pad_token_id"], jnp.int32(seed), jnp.int32(max_new_tokens),
+            args["eos_token_id"], args["pad_token_id"], args["seed"], jnp.int32(max_new_tokens),
             cache_len=args["cache_len"], num_beams=num_beams, num_return_sequences=num_return_sequences)
     else:
         tokens = sampling.generate_tokens(
             model, params, head, args["input_ids"], args["attention_mask"], strategy, args["eos_token_id"],
-            args["pad_token_id"], jnp.int32(seed), jnp.int32(max_new_tokens), cache_len=args["cache_len"],
+            args["pad_token_id"], args["seed"], jnp.int32(max_new_tokens), cache_len=args["cache_len"],
             num_return_sequences=num_return_sequences)
     end = args["input_ids"].shape[1] + max_new_tokens
     return np.asarray(tokens)[:, extra:end]
@@ -229,10 +273,10 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
         model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, num_beams=1, num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
     prompt_len = args["input_ids"].shape[1]
     state = sampling.start(model, params, head, args["input_ids"], args["attention_mask"], strategy,
-                           args["eos_token_id"], args["pad_token_id"], jnp.int32(seed),
+                           args["eos_token_id"], args["pad_token_id"], args["seed"],
                            cache_len=args["cache_len"], num_return_sequences=num_return_sequences)
     done = 0
     while True:

@@ -61,8 +61,11 @@ class TextGenerationPipeline:
         prompts = [text_inputs] if single else text_inputs
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
+        from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+
         eot = self.tokenizer.eot_token
-        encoded = [self.tokenizer.encode(p, allowed_special="all") or [eot] for p in prompts]
+        # <|endoftext|> is the only special token a prompt may contain (a custom BPE's others are plain text).
+        encoded = [self.tokenizer.encode(p, allowed_special=USER_TEXT_SPECIAL) or [eot] for p in prompts]
         longest = max(len(e) for e in encoded)
         n_positions = self.model.config.n_positions
         if max_new_tokens is not None:
@@ -124,7 +127,40 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
         model, params = model
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = get_tokenizer(tokenizer if tokenizer is not None else tokenizer_source(folder))
+    check_vocab(model.config, tokenizer)
     return TextGenerationPipeline(model, params, tokenizer)
+
+
+def check_vocab(config, tokenizer, model_name: str | None = None) -> None:
+    """ValueError when the tokenizer has ids the model has no embedding for (they do not belong together).
+
+    A model vocabulary larger than the tokenizer's (e.g. padded to a multiple of 64) is fine.
+    """
+    if tokenizer.vocab_size > config.vocab_size:
+        where = f"{model_name}: " if model_name else ""
+        raise ValueError(f"{where}the model's vocab_size ({config.vocab_size}) is smaller than its tokenizer's "
+                         f"({tokenizer.vocab_size} tokens): ids past {config.vocab_size - 1} would have no "
+                         f"embedding. Use the tokenizer the model was trained with (vocab.json + merges.txt in "
+                         f"the model folder)")
+
+
+def model_tokenizer(folder: str | None, *, command_line: bool = False):
+    """The tokenizer for a resolved model folder: its own files, else the standard GPT-2 tokenizer.
+
+    With `command_line`, the error for a standard tokenizer that cannot be loaded offline says how to fix
+    it from a command line (files in the model folder, or tiktoken's cache), not with `get_tokenizer`.
+    """
+    from flax_gpt2.tokenizer import get_tokenizer
+
+    source = tokenizer_source(folder)
+    try:
+        return get_tokenizer(source)
+    except OSError as e:
+        if source is not None or not command_line:
+            raise
+        raise OSError(f"{folder} has no tokenizer files, and the standard GPT-2 tokenizer is neither cached nor "
+                      f"downloadable here: copy GPT-2's vocab.json + merges.txt into {folder}, or set "
+                      f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's GPT-2 files") from e
 
 
 def tokenizer_source(folder: str | None) -> str | None:
