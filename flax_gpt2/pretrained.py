@@ -20,12 +20,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flax_gpt2 import checkpoint_files as files
+from flax_gpt2 import layer_stacking
 from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
 from flax_gpt2.weights import check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
+# GPT2Config fields that say how a model runs, not what its weights are: from_pretrained overrides them.
+_RUNTIME_FIELDS = frozenset({"scan_layers", "attention", "remat"})
 # Non-weight files worth fetching from the hub: the config, generation defaults, the tokenizer.
 _HUB_EXTRA_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json")
@@ -34,8 +37,8 @@ _SHARD = {files.SAFETENSORS_INDEX: r"model-\d+-of-\d+\.safetensors",
 
 
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
-                    model_class: type = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
-                    seed: int = 0) -> tuple[Any, dict[str, Any]]:
+                    model_class: type | str = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
+                    seed: int = 0, **config_overrides) -> tuple[Any, dict[str, Any]]:
     """Loads a GPT-2 model and its parameters.
 
     Args:
@@ -51,13 +54,23 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
       revision: hub branch, tag or commit.
       progress: show progress bars.
       seed: seeds a missing multiple-choice head.
+      **config_overrides: how the model runs, as `GPT2Config` fields: `scan_layers=True` (params come
+        stacked on a leading layers axis), `attention="dot_product"`, `remat=True`. Fields that change
+        the weights' shapes cannot be overridden.
 
     Returns:
       `(model, params)`: call `model.apply({"params": params}, input_ids, attention_mask=mask)`.
     """
+    if isinstance(model_class, str) and model_class in MODEL_CLASSES:
+        model_class = MODEL_CLASSES[model_class]
     if model_class not in MODEL_CLASSES.values():
         raise ValueError(f"model_class must be one of {sorted(MODEL_CLASSES)}, got {model_class!r}")
+    not_runtime = sorted(set(config_overrides) - _RUNTIME_FIELDS)
+    if not_runtime:
+        raise TypeError(f"from_pretrained cannot override {', '.join(not_runtime)}: only how the model runs "
+                        f"({', '.join(sorted(_RUNTIME_FIELDS))}) can change; the checkpoint fixes the rest")
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    overrides.update(config_overrides)
     folder = resolve(name_or_path, revision=revision, progress=progress)
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -73,6 +86,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
         config = GPT2Config.from_hf_config(folder, **overrides)
         tensors = files.read_weights(files.find_weights(folder), progress=progress)
         params = params_from_hf_state_dict(tensors, config, model_class, seed=seed)
+    params = layer_stacking.to_layout(params, config.scan_layers)
     return model_class(config), _to_device(params, config.param_dtype, progress)
 
 
@@ -165,10 +179,10 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, pro
 
 
 def _resolve_url(url: str) -> str:
-    """Remote storage (gs://...): not read by from_pretrained yet; say how to get a local copy."""
-    file_io.resolve_path(url)  # unsupported schemes and missing dependencies get their own message
-    raise ValueError(f"{url}: models on remote storage are not loaded directly yet; copy the folder to a local "
-                     f"disk (e.g. `gcloud storage cp -r {url} DIR`) and pass DIR")
+    """Remote storage (gs://...): a local mirror folder (`flax_gpt2.remote_models`); never a hub id."""
+    from flax_gpt2 import remote_models
+
+    return remote_models.local_folder(url)
 
 
 def _download(repo_id: str, revision: str | None, progress: bool, pass_folder_as: str) -> str:
@@ -220,6 +234,9 @@ def _load_training_run(folder: str):
         if e.name != "flax_gpt2.run_checkpoint":
             raise
         return None
+    from flax_gpt2 import remote_models
+
+    folder = remote_models.run_url(folder) or folder  # a mirror of a run on remote storage
     if not run_checkpoint.is_training_run(folder):
         return None
     return run_checkpoint.load_run(folder)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flax_gpt2 import file_io
+from flax_gpt2 import file_io, layer_stacking
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 
@@ -64,8 +64,8 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> tuple[GPT2Conf
         reported and the one before it used.
 
     Returns:
-      `(GPT2Config, params)`: params of `GPT2LMHeadModel`, on the default device, in the dtype they were
-      trained in (usually float32).
+      `(GPT2Config, params)`: params of `GPT2LMHeadModel` with one subtree per layer (whatever layout the
+      run trained in), on the default device, in the dtype they were trained in (usually float32).
 
     Raises:
       FileNotFoundError: `path` has no checkpoint (or not `step`).
@@ -98,9 +98,12 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
         try:
             meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             config = GPT2Config.from_hf_config(meta["model_config"])
+            # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
+            scanned = bool((meta.get("train_config") or {}).get("model.scan_layers", False))
             params = manager.restore(s, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params(config))))["params"]
+                params=ocp.args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
             verify(params, (meta.get("checksums") or {}).get("params"), f"checkpoint {checkpoint_dir(path)}/{s}")
+            params = layer_stacking.unstack_layers(params)
         except Exception as e:  # orbax/tensorstore raise many types for a truncated or missing file
             logging.error("checkpoint %s/%d is corrupt or unreadable (%s: %s)", checkpoint_dir(path), s, type(e).__name__, e)
             errors.append(f"step {s}: {type(e).__name__}: {e}")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from flax_gpt2 import layer_stacking
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
 
@@ -196,7 +197,10 @@ def _join(items, limit: int = 24) -> str:
 
 
 def check_params(params: Mapping[str, Any], config: GPT2Config, model_class: type = GPT2LMHeadModel) -> None:
-    """Raises ValueError naming every missing, unexpected, misshapen or non-float parameter of `model_class(config)`."""
+    """Raises ValueError naming every missing, unexpected, misshapen or non-float parameter of `model_class(config)`.
+
+    Stacked (`scan_layers`) trees are checked layer by layer."""
+    params = layer_stacking.unstack_layers(params)
     problems = _shape_problems(expected_param_shapes(config, model_class), flatten(params), "parameters")
     if problems:
         raise ValueError(f"parameters do not fit {model_class.__name__} with this config:\n  " + "\n  ".join(problems))
@@ -304,6 +308,7 @@ def hf_state_dict_from_params(params: Mapping[str, Any], config: GPT2Config,
     `model_class` defaults to the one the tree's top level implies.
     """
     model_class = model_class or infer_model_class(params)
+    params = layer_stacking.unstack_layers(params)  # the rename table speaks per layer
     check_params(params, config, model_class)
     flat = flatten(params)
     prefix = "transformer." if _has_transformer_prefix(model_class) else ""

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax_gpt2.attention import target_platform
+from flax_gpt2 import layer_stacking
 from flax_gpt2.model import Block
 
 Array = jax.Array
@@ -119,7 +121,8 @@ def make_loss_fn(model: nn.Module) -> Callable[[Any, Array, Array], Array]:
     """`loss_fn(params, tokens [B, T+1], dropout_rng) -> mean loss` of predicting tokens[:, 1:]."""
 
     def loss_fn(params, tokens, rng):
-        cpu = jax.default_backend() == "cpu"  # GPU/TPU fusion does not have the problem; conditionals cost there
+        # GPU/TPU fusion does not have the problem; conditionals cost there.
+        cpu = target_platform(tokens) == "cpu"
         with nn.intercept_methods(_materialize_block_grads) if cpu else contextlib.nullcontext():
             logits = model.apply({"params": params}, tokens[:, :-1], deterministic=False,
                                  rngs={"dropout": rng}).logits
@@ -194,11 +197,14 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, state_s
     """A fresh train state placed by `state_shardings`: `params` (global arrays) or a random init.
 
     Each device computes only its own shard of a random init; partitionable threefry (JAX's default)
-    makes the values independent of the mesh.
+    makes the values independent of the mesh. The init is drawn per layer and then stacked for a
+    `scan_layers` model, so one seed gives the same weights in either layout.
     """
     def init(rng, params):
         if params is None:
-            params = nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+            unrolled = type(model)(model.config.replace(scan_layers=False))
+            params = nn.unbox(unrolled.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+            params = layer_stacking.to_layout(params, model.config.scan_layers)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return jax.jit(init, out_shardings=state_shardings)(rng, params)
