@@ -97,3 +97,32 @@ def test_gs_path_without_gcsfs_names_the_extra(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "flax_gpt2[gcs]" in proc.stderr and "Traceback" not in proc.stderr
     _no_local_gs_folder(tmp_path)
+
+
+def test_data_source_token_cache_and_init_from_on_gcs(gcs_bucket, gcs_workdir, tmp_path, shared_dir,  # noqa: F811
+                                                      monkeypatch):
+    """The run's inputs on Cloud Storage too: the text, the tokenized-shard cache, and the weights to start from."""
+    from configs import tiny
+    from flax_gpt2 import file_io
+    from train.train_loop import train_and_evaluate
+
+    monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "local-cache"))
+    text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:60_000]
+    file_io.atomic_write(f"{gcs_workdir}/data/plays.txt", text)
+
+    def config(**overrides):
+        c = tiny.get_config()
+        c.steps, c.checkpoint_every, c.eval_every, c.log_every, c.progress_bar = 2, 2, 2, 1, False
+        c.data.source = f"{gcs_workdir}/data/plays.txt"
+        c.data.cache_dir = f"{gcs_workdir}/token-cache"
+        for key, value in overrides.items():
+            setattr(c, key, value)
+        return c
+
+    first = train_and_evaluate(config(), f"{gcs_workdir}/first")
+    assert first["step"] == 2
+    cached = list(file_io.epath(f"{gcs_workdir}/token-cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "meta.json").exists()  # uploaded, meta.json last
+    second = train_and_evaluate(config(init_from=f"{gcs_workdir}/first", seed=1), f"{gcs_workdir}/second")
+    assert second["step"] == 2 and second["loss"] < first["loss"] + 0.5
+    _no_local_gs_folder(tmp_path, Path.cwd())
