@@ -13,6 +13,10 @@ from flax_gpt2.pretrained import from_pretrained, save_pretrained
 from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 from flax_gpt2.weights import hf_state_dict_from_params, params_from_hf_state_dict
 
+from flax_gpt2.lm_eval_cli import register_lm_eval_model as _register_lm_eval_model
+
+_register_lm_eval_model()  # lm-eval's model "flax_gpt2", when lm_eval is installed (lazy: nothing heavy imported)
+
 __all__ = [
     "PRESETS", "GPT2Config", "KVCache", "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ModelOutput",
     "GPT2LMOutput", "GPT2DoubleHeadsOutput", "init_params", "from_pretrained", "save_pretrained",

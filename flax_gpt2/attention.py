@@ -89,13 +89,29 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
         raise ValueError(f"attention='splash' needs the sequence length to be a multiple of {SPLASH_BLOCK}, got {t}")
     if interpret is None:
         interpret = target_platform(q) != "tpu"
-    kernel = _splash_kernel(t, h, interpret)
     segments = (jnp.ones((b, t), jnp.int32) if padding is None else padding.astype(jnp.int32))
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
-    to_hsk = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, K] -> [B, H, T, K]
-    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
-        to_hsk(q), to_hsk(k), to_hsk(v.astype(q.dtype)), segments)
-    return jnp.swapaxes(out, 1, 2).astype(v.dtype)
+    v = v.astype(q.dtype)
+
+    def local(q, k, v, segments):  # one device's rows and heads: [b, T, h, K]
+        kernel = _splash_kernel(t, q.shape[2], interpret)
+        to_hsk = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [b, T, h, K] -> [b, h, T, K]
+        out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1)))(
+            to_hsk(q), to_hsk(k), to_hsk(v), segments)
+        return jnp.swapaxes(out, 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segments)
+    # A Pallas (Mosaic) kernel is not partitioned by XLA: run it per shard, batch and heads as the logical
+    # axis rules in context place them (the sequence must not be split: causal attention needs all of it).
+    import flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+
+    batch, heads = nn.logical_to_mesh_axes(("batch", "heads"))
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segments)
 
 
 @functools.lru_cache(maxsize=None)

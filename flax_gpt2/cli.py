@@ -41,7 +41,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     Returns the exit code: `main`'s own (None = 0), 2 for `UsageError` (and argparse's own usage
     errors), 1 for user errors, 130 for Ctrl-C.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_underscored(a) for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     prefix = f"{prog}: " if prog else ""
@@ -87,6 +87,15 @@ def flag_type(convert: Callable[[str], object], ok: Callable[[object], bool], re
 
     parse.__name__ = requirement
     return parse
+
+
+def _underscored(arg: str) -> str:
+    """`--no-progress` -> `--no_progress`: flags are spelled with underscores, dashes are accepted too.
+    Only the flag's name changes (`--stop-token=a-b` -> `--stop_token=a-b`)."""
+    if not arg.startswith("--") or len(arg) < 3:
+        return arg
+    name, sep, value = arg.partition("=")
+    return "--" + name[2:].replace("-", "_") + sep + value
 
 
 def one_line(error: BaseException) -> str:

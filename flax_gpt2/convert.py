@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax_gpt2 import cli
 from flax_gpt2.pretrained import MODEL_CLASSES, from_pretrained, resolve, save_pretrained
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.convert"
 
 
@@ -99,7 +99,7 @@ def _main(argv: Sequence[str]) -> None:
         sub.add_argument("--overwrite", action="store_true",
                          help="write into a non-empty output folder (its old files stay until the new ones are "
                               "complete)")
-        sub.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+        sub.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
     to_flax.add_argument("--revision", default=None, help="hub branch, tag or commit")
     args = parser.parse_args(argv)
     sub = commands.choices[args.command]

@@ -3,6 +3,7 @@
     python -m flax_gpt2.evaluate --model gpt2 --text_file wiki.test.raw [--stride 512] [--max_length 1024]
     python -m flax_gpt2.evaluate --model gpt2 --dataset wikitext-2-raw-v1        # datasets: wikitext, test split
     python -m flax_gpt2.evaluate --model gpt2 --lambada lambada_test.jsonl      # records {"text": ...}
+    python -m flax_gpt2.evaluate --model gpt2 --tasks lambada_openai,hellaswag,wikitext   # lm-eval harness [eval]
 
 The window follows the model: `--max_length` defaults to its `n_positions` and `--stride` to half the
 window (512 for GPT-2's 1024, as in Hugging Face's perplexity guide). `<|endoftext|>` in a text is the
@@ -22,7 +23,7 @@ import math
 
 import jax.numpy as jnp
 
-from flax_gpt2 import cli, eval_metrics
+from flax_gpt2 import cli, dtypes, eval_metrics, lm_eval_cli
 
 PROG = "python -m flax_gpt2.evaluate"
 
@@ -97,7 +98,7 @@ def read_dataset(name: str, config: str | None, split: str, field: str) -> str:
 
 def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[str] | None = None,
              stride: int | None = None, max_length: int | None = None, batch_size: int = 4, dtype: str = "float32",
-             progress: bool = True, command_line: bool = False) -> dict:
+             param_dtype: str = "float32", progress: bool = True, command_line: bool = False) -> dict:
     """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures.
 
     `max_length` (the window) defaults to the model's `n_positions`, `stride` to half the window. Every
@@ -114,7 +115,8 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
         raise ValueError(f"--stride ({stride}) must not exceed --max_length ({max_length})")
     folder = resolve(model_name, progress=progress,
                      **({"pass_folder_as": "--model DIR"} if command_line else {}))
-    model, params = from_pretrained(folder, dtype=jnp.dtype(dtype), progress=progress)
+    model, params = from_pretrained(folder, dtype=dtypes.from_name(dtype, "--dtype"),
+                                    param_dtype=dtypes.from_name(param_dtype, "--param_dtype"), progress=progress)
     tokenizer = model_tokenizer(folder, command_line=command_line)
     check_vocab(model.config, tokenizer, str(model_name))
     n_positions = model.config.n_positions
@@ -171,13 +173,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=cli.flag_type(int, lambda n: n >= 2, "an integer >= 2"), default=None,
                    help="window length (default: the model's n_positions)")
     p.add_argument("--batch_size", type=_positive_int, default=4)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=sorted(dtypes.DTYPES), help="compute dtype")
+    p.add_argument("--param_dtype", default="float32", choices=sorted(dtypes.DTYPES), help="dtype the weights are kept in")
     p.add_argument("--no_progress", action="store_true")
+    lm_eval_cli.add_task_arguments(p)
     args = p.parse_args(argv)
+    if args.tasks is not None:
+        if args.text_file or args.dataset or args.lambada:
+            p.error("--tasks runs lm-eval tasks; give --text_file/--dataset/--lambada in a separate run")
+        return args
     if args.text_file and args.dataset:
         p.error("give --text_file or --dataset, not both")
     if not (args.text_file or args.dataset or args.lambada):
-        p.error("nothing to evaluate: give --text_file, --dataset or --lambada")
+        p.error("nothing to evaluate: give --text_file, --dataset, --lambada or --tasks")
     if args.stride is not None and args.max_length is not None and args.stride > args.max_length:
         p.error(f"--stride ({args.stride}) must not exceed --max_length ({args.max_length}): tokens would go unscored")
     return args
@@ -190,13 +198,16 @@ def main(argv=None) -> int:
 
 def _main(argv) -> None:
     args = parse_args(argv)
+    if args.tasks is not None:
+        lm_eval_cli.run_tasks(args)
+        return
     text = read_text_file(args.text_file) if args.text_file else None
     if args.dataset:
         text = read_dataset(args.dataset, args.dataset_config, args.split, args.text_field)
     lambada_texts = read_lambada(args.lambada) if args.lambada else None
     result = evaluate(args.model, text=text, lambada_texts=lambada_texts, stride=args.stride,
                       max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
-                      progress=not args.no_progress, command_line=True)
+                      param_dtype=args.param_dtype, progress=not args.no_progress, command_line=True)
     print(json.dumps(result, allow_nan=False))
 
 

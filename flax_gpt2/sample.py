@@ -38,7 +38,7 @@ from flax_gpt2.generation.generate import MAX_SEED, MIN_TEMPERATURE, generate, g
 from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
 from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.sample"
 
 
@@ -79,7 +79,8 @@ def _fingerprint(folder: str) -> str:
 _CACHE_MANIFEST = "flax_gpt2_cache.json"
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None, progress: bool = True,
+def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+               cache_dir: str | None = None, progress: bool = True,
                log: Callable[[str], None] = lambda msg: None):
     """`(model, params, tokenizer)` for a hub id, a Hugging Face folder or a training run.
 
@@ -92,7 +93,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", cache_dir: str | No
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
+    param_dtype = param_dtype or dtype  # inference keeps the weights in the compute dtype unless told otherwise
+    if param_dtype not in DTYPES:
+        raise ValueError(f"param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
+    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], progress=progress)
     folder = resolve(name_or_path, progress=progress, pass_folder_as="--model DIR")
     tokenizer = model_tokenizer(folder, command_line=True)
     if _needs_conversion(folder):
@@ -261,11 +265,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_return_sequences", type=_positive_int, default=1)
     parser.add_argument("--num_beams", type=_positive_int, default=1, help="> 1: beam search (no sampling)")
     parser.add_argument("--stop_token", default=None, help="cut each text just before this string")
-    parser.add_argument("--seed", default=42, help="random seed, 0 to 2**32 - 1 (default 42)",
+    parser.add_argument("--seed", default=0, help="random seed, 0 to 2**32 - 1 (default 0, as generate's)",
                         type=cli.flag_type(int, lambda n: 0 <= n <= MAX_SEED, "an integer from 0 to 2**32 - 1"))
     parser.add_argument("--greedy", action="store_true", help="most likely token instead of sampling")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="compute and parameter dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
+                        help="compute dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
+    parser.add_argument("--param_dtype", default=None, choices=sorted(DTYPES),
+                        help="dtype the weights are kept in (default: the same as --dtype)")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -287,7 +293,8 @@ def _main(argv: Sequence[str]) -> None:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.progress else (lambda msg: None)
     enable_compilation_cache(args.cache_dir)
     prompt = args.prompt if args.prompt is not None else _read_stdin()
-    model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir,
+    model, params, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype,
+                                          cache_dir=args.cache_dir,
                                           progress=args.progress, log=log)
     streaming = args.num_return_sequences == 1 and args.num_beams == 1
 

@@ -30,7 +30,7 @@ def check_config(config) -> None:
     at_least_one = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "batch_size", "data.seq_len")
     non_negative = ("epochs", "eval_every", "eval_batches", "eval_batch_size", "micro_batch_size",
                     "optimizer.warmup_steps", "optimizer.decay_steps", "coverage_sets", "data.num_threads",
-                    "sample.max_new_tokens", "sample.top_k", "seed")
+                    "sample.max_new_tokens", "sample.top_k", "seed", "eval_hellaswag_limit")
     for key in at_least_one:
         value = _get(config, key)
         _require(_is_int(value) and value >= 1, key, value, "must be an integer >= 1")

@@ -23,19 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import file_io, layer_stacking
+from flax_gpt2 import dtypes, file_io, layer_stacking
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 from train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
 from train import step as step_lib
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def _dtype(name: str, key: str):
-    if name not in _DTYPES:
-        raise ValueError(f"config.model.{key}={name!r}: choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return dtypes.from_name(name, f"config.model.{key}")
 
 
 def model_config(config) -> tuple[GPT2Config, Any]:
@@ -273,10 +268,14 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     max_eval_batches = config.eval_batches if config.eval_batches > 0 else val_windows.count // eval_batch
     eval_set = data.eval_batches(val_windows, eval_batch, max_eval_batches, batch_sharding)
 
-    def evaluate(params) -> float:
-        if not eval_set:
-            return math.nan
-        return float(np.mean([float(eval_step(params, b)) for b in eval_set]))
+    hellaswag_eval = _hellaswag(config, model, mesh, rules, state_shardings.params, eval_batch)
+
+    def evaluate(params) -> dict[str, float]:
+        """The held-out loss (NaN without held-out data), and HellaSwag accuracy when configured."""
+        out = {"eval_loss": float(np.mean([float(eval_step(params, b)) for b in eval_set])) if eval_set else math.nan}
+        if hellaswag_eval is not None:
+            out.update(hellaswag_eval(params))
+        return out
 
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
     stack.callback(writer.close)
@@ -300,6 +299,29 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
         metrics_lib.plot_losses(workdir)
         file_io.atomic_write(file_io.join(workdir, "result.json"), json.dumps(result, indent=1))
     return result
+
+
+def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
+    """`params -> {"hellaswag_acc", "hellaswag_acc_norm"}` over `config.eval_hellaswag` (None if unset).
+
+    The llm.c / build-nanogpt definition (flax_gpt2.hellaswag): each ending scored by its mean token loss;
+    the 4 * eval_batch rows of a call are split over the devices like a train batch.
+    """
+    if not config.eval_hellaswag:
+        return None
+    from flax_gpt2 import hellaswag
+    from flax_gpt2.tokenizer import get_tokenizer
+
+    examples = hellaswag.load(config.eval_hellaswag, get_tokenizer(config.data.tokenizer or None),
+                              limit=config.eval_hellaswag_limit)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(nn.logical_to_mesh_axes(("batch",), rules)[0],
+                                                                        None))
+    loss_fn = hellaswag.make_loss_fn(model, params_sharding, rows)
+
+    def run(params) -> dict[str, float]:
+        r = hellaswag.evaluate(params, examples, loss_fn, batch_size=eval_batch, max_length=model.config.n_positions)
+        return {"hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"]}
+    return run
 
 
 def _exp(x: float) -> float:
@@ -363,7 +385,7 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
     step = int(state.step)
     if step >= config.steps:
         progress.write(f"already trained to step {step} (steps={config.steps})")
-        result["eval_loss"] = evaluate(state.params)
+        result.update(evaluate(state.params))
         return state, result
     first = True
     started = time.perf_counter()
@@ -395,11 +417,14 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
             writer.write(step, **scalars)
         paused = False
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
-            result["eval_loss"] = evaluate(state.params)
-            writer.write(step, eval_loss=result["eval_loss"], eval_perplexity=_exp(result["eval_loss"]),
+            evals = evaluate(state.params)
+            result.update(evals)
+            writer.write(step, **evals, eval_perplexity=_exp(result["eval_loss"]),
                          epoch=round(step / batches.batches_per_epoch, 4), elapsed_s=time.perf_counter() - started)
+            hellaswag_note = (f", HellaSwag acc_norm {evals['hellaswag_acc_norm']:.4f}"
+                              if "hellaswag_acc_norm" in evals else "")
             progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): eval loss "
-                           f"{result['eval_loss']:.4f}, perplexity {_exp(result['eval_loss']):.2f}")
+                           f"{result['eval_loss']:.4f}, perplexity {_exp(result['eval_loss']):.2f}{hellaswag_note}")
             paused = True
         stop = signals.should_stop() or checkpointer.reached_preemption(step)
         paused |= checkpointer.save(state, batches.state, hf_model_config, force=stop or step == config.steps)
