@@ -6,7 +6,7 @@
   flash attention (`implementation="cudnn"`); elsewhere XLA's own fused path.
 - "splash": the Pallas splash-attention kernel for TPU (`jax.experimental.pallas.ops.tpu`), causal with
   padding expressed as segment ids; on other platforms it runs in Pallas interpret mode (tests only).
-- "auto": "splash" on TPU when the sequence tiles into 128-token blocks, "dot_product" on GPU, else
+- "auto": "splash" on TPU v4 and later when the sequence tiles into 128-token blocks, "dot_product" on GPU, else
   "xla" — chosen from the platform the program is compiled for (the mesh's devices), never from the host.
 
 A backend that cannot do something GPT-2 asks for refuses instead of quietly doing something else:
@@ -27,14 +27,19 @@ Array = jax.Array
 SPLASH_BLOCK = 128  # the TPU kernel's tile along the sequence
 
 
-def target_platform(x: Array) -> str:
-    """The platform the program tracing `x` is compiled for: that of the mesh `x` is sharded over (a TPU
-    program compiled on a CPU host is "tpu"), else that of the abstract mesh in context, else the first
-    device's."""
+def target_device(x: Array):
+    """The device (kind) the program tracing `x` is compiled for: that of the mesh `x` is sharded over (a
+    TPU program compiled on a CPU host is a TPU's), else of the abstract mesh in context, else the first
+    device. Has `.platform` and `.device_kind`."""
     device = getattr(getattr(jax.typeof(x).sharding, "mesh", None), "abstract_device", None)
     if device is None:
         device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.devices()[0].platform
+    return device if device is not None else jax.devices()[0]
+
+
+def target_platform(x: Array) -> str:
+    """`target_device(x).platform`: "cpu", "gpu"/"cuda", "tpu"."""
+    return target_device(x).platform
 
 
 def choose_backend(requested: str, q: Array, *, dropout: bool) -> str:
@@ -43,8 +48,11 @@ def choose_backend(requested: str, q: Array, *, dropout: bool) -> str:
         return requested
     if dropout:
         return "xla"
-    platform = target_platform(q)
-    if platform == "tpu" and q.shape[1] % SPLASH_BLOCK == 0:
+    device = target_device(q)
+    platform = device.platform
+    # Splash's Mosaic kernel targets TPU v4 and later; v2/v3 keep the XLA path.
+    if platform == "tpu" and q.shape[1] % SPLASH_BLOCK == 0 and not any(
+            old in str(getattr(device, "device_kind", "")) for old in ("v2", "v3")):
         return "splash"
     if platform in ("gpu", "cuda", "rocm"):
         return "dot_product"
