@@ -1,0 +1,116 @@
+"""Serve a GPT-2 model over HTTP with the OpenAI completions API and continuous batching.
+
+    python -m flax_gpt2.serve --model gpt2
+    python -m flax_gpt2.serve --model runs/my-run --port 8080 --max_batch 16 --max_length 512 --api_key KEY
+
+Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").completions.create(
+model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging Face folder or a flax_gpt2
+training run, loaded once at start-up (requests never name files or load models); it is served under
+`--served_model_name` (default: the `--model` text). Binds 127.0.0.1 unless `--host` says otherwise.
+Every computation is compiled before the port accepts requests (the compiled code is also kept in JAX's
+persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does). Errors are one line on
+stderr (exit 2 for a bad flag, 1 otherwise); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from typing import Sequence
+
+from flax_gpt2 import cli
+
+PROG = "python -m flax_gpt2.serve"
+
+_positive_int = cli.flag_type(int, lambda n: n >= 1, "a positive integer")
+
+
+def _buckets(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(text)
+    return sizes
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from flax_gpt2.sample import DTYPES
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     epilog="--debug shows the traceback of an error.")
+    parser.add_argument("--model", required=True, help="hub id, Hugging Face folder, or training run folder")
+    parser.add_argument("--served_model_name", default=None, help="the name clients pass as `model` "
+                        "(default: the --model text)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=cli.flag_type(int, lambda p: 0 <= p <= 65535, "a port from 0 to 65535"),
+                        default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--max_batch", type=_positive_int, default=8, help="decode slots (default 8)")
+    parser.add_argument("--max_length", type=_positive_int, default=None,
+                        help="tokens per slot, prompt + completion (default: the model's n_positions, 1024 for GPT-2)")
+    parser.add_argument("--prompt_buckets", type=cli.flag_type(_buckets, lambda b: True, "comma-separated positive "
+                        "integers"), default=None, help="prompt lengths that each get a compiled prefill "
+                        "(default 16, 32, 64, ... up to --max_length)")
+    parser.add_argument("--max_queue", type=_positive_int, default=64,
+                        help="sequences waiting for a slot before new requests get 503 (default 64)")
+    parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
+                        help="largest request body (default 1 MiB); larger ones get 413")
+    parser.add_argument("--api_key", default=os.environ.get("FLAX_GPT2_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default $FLAX_GPT2_API_KEY; none: open)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
+    parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
+    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    return cli.run(_main, argv, prog=PROG)
+
+
+def _main(argv: Sequence[str]) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("flax_gpt2.serve")
+    # Bind first: a taken port fails in a second, not after loading and compiling.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+
+    import uvicorn
+
+    from flax_gpt2.sample import enable_compilation_cache, load_model
+    from flax_gpt2.serve.api import create_app
+    from flax_gpt2.serve.engine import Engine
+
+    enable_compilation_cache(args.cache_dir)
+    model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
+                                          log=log.info)
+    n_positions = model.config.n_positions
+    if args.max_length is not None and args.max_length > n_positions:
+        raise cli.UsageError(f"--max_length {args.max_length} exceeds the model's n_positions={n_positions}")
+    engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_length=args.max_length,
+                    prompt_buckets=args.prompt_buckets, max_queue=args.max_queue)
+    log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
+    log.info("warm-up took %.1f s", engine.warm_up())
+    engine.start()
+    name = args.served_model_name or args.model
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    host, port = sock.getsockname()[:2]
+    log.info("serving %r on http://%s:%d/v1 (%d slots of %d tokens)%s", name, host, port, engine.max_batch,
+             engine.max_length, "" if args.api_key is None else ", API key required")
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
+                                           timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The HTTP layer (Starlette): `POST /v1/completions`, `GET /v1/models`, `GET /health`.
+
+Handlers validate, tokenize (in a worker thread) and queue the request on the engine, then wait on an
+asyncio queue that the engine thread fills: nothing here waits for the device. Errors are OpenAI-shaped
+JSON (`protocol.APIError`); a full queue is a 503 with `Retry-After`; a client that goes away (a closed
+stream, or a dropped connection while waiting) cancels its request, whose slots the engine frees at the
+next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from flax_gpt2.serve import protocol
+from flax_gpt2.serve.engine import Completion, Engine, Event, QueueFull, TokenLogprob
+from flax_gpt2.serve.protocol import APIError, bad_request
+
+log = logging.getLogger("flax_gpt2.serve")
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON: 413 over `max_bytes`, 400 for bytes that are not UTF-8 JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body ({declared} bytes) exceeds this server's limit of {max_bytes} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body exceeds this server's limit of {max_bytes} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})",
+                          code="invalid_encoding") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise bad_request(f"We could not parse the JSON body of your request. ({e})", code="invalid_json") from None
+
+
+class _Choices:
+    """Collects the events of a non-streaming request into its choices."""
+
+    def __init__(self, count: int):
+        self.text = [[] for _ in range(count)]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        self.finish: list[str | None] = [None] * count
+        self.tokens = [0] * count
+
+    def add(self, event: Event) -> None:
+        for c in event.choices:
+            self.text[c].append(event.text)
+            self.logprobs[c].extend(event.logprobs)
+            if event.finish_reason is not None:
+                self.finish[c] = event.finish_reason
+                self.tokens[c] = event.completion_tokens
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+
+def logprobs_object(records: list[TokenLogprob]) -> dict:
+    return {"tokens": [r.token for r in records], "token_logprobs": [r.logprob for r in records],
+            "top_logprobs": [r.top for r in records], "text_offset": [r.offset for r in records]}
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               retry_after_s: int = 1) -> Starlette:
+    """The ASGI app serving `engine` (already warmed up and started) as the model `model_name`."""
+    names = (model_name,)
+    created = int(time.time())
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided: send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    async def health(request: Request) -> Response:
+        stats = engine.stats
+        return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
+                             "max_length": engine.max_length, "prompt_buckets": engine.buckets,
+                             **vars(stats)})
+
+    async def models(request: Request) -> Response:
+        check_key(request)
+        return JSONResponse(protocol.model_list(names, created))
+
+    async def model(request: Request) -> Response:
+        check_key(request)
+        name = request.path_params["name"]
+        if name not in names:
+            raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return JSONResponse(protocol.model_list(names, created)["data"][0])
+
+    def prepare(req: protocol.CompletionRequest) -> tuple[list[list[int]], list[str]]:
+        prompt_ids = [engine.encode(p) for p in req.prompts]
+        for i, ids in enumerate(prompt_ids):
+            if len(ids) + req.max_tokens > engine.max_length:
+                raise protocol.context_error(len(ids), req.max_tokens, engine.max_length,
+                                             i if len(prompt_ids) > 1 else None)
+        echo = [p if isinstance(p, str) else engine.decode(ids) for p, ids in zip(req.prompts, prompt_ids)] \
+            if req.echo else [""] * len(prompt_ids)
+        return prompt_ids, echo
+
+    async def completions(request: Request) -> Response:
+        check_key(request)
+        body = await read_json(request, max_body_bytes)
+        req = protocol.parse_completion_request(body, vocab_size=engine.model.config.vocab_size, model_names=names)
+        prompt_ids, echo = await run_in_threadpool(prepare, req)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(event: Event) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+
+        completion = Completion(req, prompt_ids, echo, deliver)
+        try:
+            engine.submit(completion)
+        except QueueFull:
+            raise APIError(503, "The server is overloaded (its queue is full); retry after a moment.",
+                           code="overloaded", headers={"Retry-After": str(retry_after_s)}) from None
+        id_ = protocol.completion_id()
+        now = int(time.time())
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        count = len(prompt_ids) * req.n
+        if req.stream:
+            return StreamingResponse(_stream(completion, events, id_, now, count, prompt_tokens),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = _Choices(count)
+        try:
+            while not choices.done:
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        completion.cancel()
+                        return Response(status_code=499)
+                    continue
+                if event.error is not None:
+                    raise event.error
+                choices.add(event)
+        finally:
+            if not choices.done:
+                completion.cancel()
+        out = [{"text": "".join(choices.text[c]), "index": c,
+                "logprobs": logprobs_object(choices.logprobs[c]) if req.logprobs is not None else None,
+                "finish_reason": choices.finish[c]} for c in range(count)]
+        return JSONResponse(protocol.completion_object(id_, model_name, now, out,
+                                                       protocol.usage(prompt_tokens, sum(choices.tokens))))
+
+    async def _stream(completion: Completion, events: asyncio.Queue, id_: str, created: int, count: int,
+                      prompt_tokens: int):
+        req = completion.request
+        finished, completion_tokens = 0, 0
+        extra = {"usage": None} if req.include_usage else {}
+        try:
+            while finished < count:
+                event = await events.get()
+                if event.error is not None:
+                    yield f"data: {json.dumps(event.error.body())}\n\n"
+                    break
+                for c in event.choices:
+                    choice = {"text": event.text, "index": c,
+                              "logprobs": logprobs_object(event.logprobs) if req.logprobs is not None else None,
+                              "finish_reason": event.finish_reason}
+                    chunk = protocol.completion_object(id_, req.model, created, [choice], None)
+                    yield f"data: {json.dumps({**chunk, **extra}, ensure_ascii=False)}\n\n"
+                    if event.finish_reason is not None:
+                        finished += 1
+                        completion_tokens += event.completion_tokens
+            else:
+                if req.include_usage:
+                    chunk = protocol.completion_object(id_, req.model, created, [],
+                                                       protocol.usage(prompt_tokens, completion_tokens))
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if finished < count:
+                completion.cancel()  # the client went away (or an error): free the slots
+
+    async def on_api_error(request: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        message = {404: f"Unknown request URL: {request.method} {request.url.path}.",
+                   405: f"Method {request.method} is not allowed for {request.url.path}."}.get(exc.status_code,
+                                                                                             str(exc.detail))
+        return error_response(APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{name:path}", model, methods=["GET"]),
+              Route("/health", health, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
+                                                        Exception: on_error})

@@ -1,0 +1,532 @@
+"""The continuous-batching engine: N decode slots over one preallocated KV cache, driven by one thread.
+
+Each loop iteration admits waiting sequences into free slots (a prefill each, shared by the copies of one
+prompt that are admitted together), then runs one decoding step over the busy slots and hands every new
+token to its request. A sequence that finishes (EOS, a stop string, `max_tokens`, or its client gone)
+frees its slot at once, and the next waiting sequence takes it at the next iteration: short requests
+never wait for long ones.
+
+The slots live in one cache of 1, 2, 4, ... or `max_batch` rows, the smallest that holds the busy ones:
+it grows before sequences join and is compacted when half of it has gone idle (and nothing waits), so a
+lone request steps one row, not `max_batch` (a step costs about as much per row as the memory it reads).
+Compiles are bounded: the prefill and prompt scoring once per prompt bucket (prompts are left-padded up to
+the next bucket), the step once per cache size, the insertion once per (cache size, prompt bucket), the
+resize once per pair of sizes, all during `warm_up`.
+
+Reproducibility: every sampled sequence draws with its own key, `PRNGKey(seed)` folded with the choice
+index (not for choice 0) and then with the step, so the same request with the same seed gives the same
+text whatever else is running. Greedy and sampled rows follow `flax_gpt2.generate`'s computation (see
+`slots`); choice 0 of a sampled request without `top_k` draws exactly as `generate(do_sample=True,
+seed=seed)` does. Batched matrix products may round differently from batch-1 ones in the last bit, so
+bit-for-bit equality is the rule rather than a guarantee when two candidates tie to float precision.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from flax_gpt2.generation.model_step import output_projection
+from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.serve import slots as device
+from flax_gpt2.serve.protocol import APIError, CompletionRequest
+from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+
+log = logging.getLogger("flax_gpt2.serve")
+
+_output_projection = jax.jit(output_projection, static_argnums=0)
+
+
+def default_buckets(max_length: int) -> list[int]:
+    """Prompt buckets: powers of two from 16, then `max_length` itself."""
+    buckets, size = [], 16
+    while size < max_length:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_length]
+
+
+def cache_sizes(max_batch: int) -> list[int]:
+    """The numbers of rows the slots' cache takes: powers of two below `max_batch`, then `max_batch`."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch]
+
+
+class QueueFull(Exception):
+    """The waiting queue is full (answered 503 with Retry-After)."""
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One token of a choice with its log-probability and the top alternatives (`None` for a prompt's first)."""
+
+    token: str
+    logprob: float | None
+    top: dict[str, float] | None
+    offset: int
+
+
+@dataclasses.dataclass
+class Event:
+    """What the engine hands to a request: new text (and tokens) for some choices, or their end."""
+
+    choices: tuple[int, ...]
+    text: str = ""
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length" when the choices are finished
+    completion_tokens: int = 0  # with finish_reason: tokens generated for each of these choices
+    error: APIError | None = None
+
+
+class Completion:
+    """One request as the engine sees it: its prompts (token ids), settings, and where events go."""
+
+    def __init__(self, request: CompletionRequest, prompt_ids: list[list[int]], echo_texts: list[str],
+                 deliver: Callable[[Event], None]):
+        self.request = request
+        self.prompt_ids = prompt_ids
+        self.echo_texts = echo_texts  # the text each choice starts with (echo), per prompt
+        self.deliver = deliver
+        self.seed = secrets.randbits(32) if request.seed is None else request.seed % 2**32
+        self.cancelled = False
+        self.prefilled: dict[int, Any] = {}  # prompt index -> device prefill, while copies wait to be admitted
+        self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # prompt index -> echo's scored prompt
+        self.waiting_copies = collections.Counter()  # prompt index -> sequences not yet admitted
+
+    def cancel(self) -> None:
+        """Called by the HTTP side when the client has gone: the engine frees its slots at the next step."""
+        self.cancelled = True
+
+    def sequences(self) -> list["Sequence"]:
+        """One sequence per choice; a greedy request computes one per prompt and copies it to its n choices."""
+        r = self.request
+        out = []
+        for p in range(len(self.prompt_ids)):
+            choices = [p * r.n + j for j in range(r.n)]
+            if r.greedy:
+                out.append(Sequence(self, p, tuple(choices), stream=0))
+            else:
+                out.extend(Sequence(self, p, (c,), stream=c) for c in choices)
+        for s in out:
+            self.waiting_copies[s.prompt] += 1
+        return out
+
+
+class _Detokenizer:
+    """Text of the generated tokens as they come: holds back an unfinished UTF-8 character and, with stop
+    strings, the characters that could still begin one."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.sent = 0
+        self.stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+
+    def add(self, data: bytes, final: bool = False) -> bool:
+        """Appends a token's bytes; True if a stop string appeared (the text is then cut before it)."""
+        before = len(self.text)
+        self.text += self._decoder.decode(data, final=final)
+        if self.stop:
+            start = max(0, before - self._hold)
+            found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if found:
+                self.text = self.text[:min(found)]
+                return True
+        return False
+
+    def take(self, final: bool) -> str:
+        """The text not yet handed out that can no longer change."""
+        end = len(self.text) if final else max(self.sent, len(self.text) - self._hold)
+        delta = self.text[self.sent:end]
+        self.sent = end
+        return delta
+
+
+class Sequence:
+    """One generated continuation (one choice, or all choices of a greedy request) and its slot."""
+
+    def __init__(self, completion: Completion, prompt: int, choices: tuple[int, ...], stream: int):
+        self.completion = completion
+        self.prompt = prompt
+        self.choices = choices
+        self.stream = stream
+        self.slot = -1
+        self.tokens: list[int] = []
+        self.text = _Detokenizer(completion.request.stop)
+        self.offset = len(completion.echo_texts[prompt]) if completion.request.echo else 0
+        self.pending = Event(choices)  # what a non-streaming request has not been handed yet
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters shown by `GET /health`."""
+
+    requests: int = 0
+    steps: int = 0
+    tokens: int = 0
+    busy_slots: int = 0
+    peak_busy_slots: int = 0
+    batched_steps: int = 0  # steps with more than one busy slot
+    queued: int = 0
+    rejected: int = 0
+    step_seconds: float = 0.0  # wall time in decoding steps (device work and waiting for it)
+    resizes: int = 0  # times the cache grew or was compacted
+    compiles_after_warmup: int = 0
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots of `max_length` tokens for one model.
+
+    `submit` is called from the HTTP side (any thread); everything that touches the device runs on the
+    engine's own thread (`start`).
+    """
+
+    def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
+                 max_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64):
+        config = model.config
+        max_length = min(max_length or config.n_positions, config.n_positions)
+        self.model, self.tokenizer = model, tokenizer
+        self.params = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+        self.head = _output_projection(model, self.params)
+        self.max_batch, self.max_length, self.max_queue = max_batch, max_length, max_queue
+        self.buckets = sorted(set(b for b in (prompt_buckets or default_buckets(max_length)) if b < max_length)
+                              | {max_length})
+        self.cache_sizes = cache_sizes(max_batch)
+        self.stats = Stats()
+        self._slots = device.init_slots(model, self.cache_sizes[0], max_length)
+        self._settings = device.RowSettings.empty(self.cache_sizes[0])
+        self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._warm = False
+        self._token_bytes = [tokenizer.encoding.decode_single_token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self._token_strs: dict[int, str] = {}
+        jax.monitoring.register_event_duration_secs_listener(self._on_compile)
+
+    # ---- set-up ----
+
+    def _on_compile(self, event: str, duration: float, **kwargs) -> None:
+        if self._warm and event == "/jax/core/compile/backend_compile_duration":
+            self.stats.compiles_after_warmup += 1
+            log.warning("compiled after warm-up (%.2f s); a shape escaped the buckets", duration)
+
+    def warm_up(self) -> float:
+        """Compiles everything the engine will run (every prompt bucket and cache size); returns seconds."""
+        start = time.perf_counter()
+        eot = self.tokenizer.eot_token
+        prefilled = []
+        for p in self.buckets:
+            ids = np.full((1, p), eot, np.int32)
+            mask = np.zeros((1, p), np.int32)
+            mask[0, -1] = 1
+            prefilled.append((ids, device.prefill_prompt(self.model, self.params, self.head, ids, mask)))
+            jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask))
+        for n in self.cache_sizes:
+            slots = device.init_slots(self.model, n, self.max_length)
+            for ids, (logits, keys, values) in prefilled:
+                slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
+                                      values)
+            slots, token, _ = device.step(self.model, self.params, self.head, slots,
+                                          device.RowSettings.empty(n), np.ones(6, bool))
+            for m in self.cache_sizes:
+                if m != n:
+                    slots = device.resize(slots, np.zeros(m, np.int32))
+                    jax.block_until_ready(slots)
+                    slots = device.init_slots(self.model, n, self.max_length)
+            jax.block_until_ready(token)
+        self._warm = True
+        return time.perf_counter() - start
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="flax_gpt2-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the HTTP side ----
+
+    def submit(self, completion: Completion) -> None:
+        """Queues a request's sequences; raises `QueueFull` when they do not fit in the waiting queue."""
+        sequences = completion.sequences()
+        if len(sequences) > self.max_queue:
+            raise APIError(400, f"this request needs {len(sequences)} sequences (prompts x n), more than the "
+                                f"{self.max_queue} this server queues at once; split it", param="n",
+                           code="too_many_sequences")
+        with self._lock:
+            if self._stopping:
+                raise APIError(503, "the server is shutting down", code="shutting_down")
+            if len(self._waiting) + len(sequences) > self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull()
+            self._waiting.extend(sequences)
+            self.stats.requests += 1
+            self.stats.queued = len(self._waiting)
+            self._lock.notify_all()
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not any(self._running):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                admitted = self._take_waiting()
+            try:
+                busy = sum(s is not None for s in self._running)
+                self._fit(busy + sum(s.completion.request.max_tokens > 0 for s in admitted))
+                for sequence in admitted:
+                    self._admit(sequence)
+                if any(self._running):
+                    self._step()
+                if not self._waiting:
+                    self._fit(sum(s is not None for s in self._running))
+            except Exception as e:  # a bug or a device failure: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+
+    def _take_waiting(self) -> list[Sequence]:
+        """Pops the waiting sequences that fit in the free slots (and those that need no slot)."""
+        free = self.max_batch - sum(s is not None for s in self._running)
+        taken = []
+        while self._waiting and (free > 0 or self._waiting[0].completion.request.max_tokens == 0):
+            sequence = self._waiting.popleft()
+            if sequence.completion.cancelled:
+                continue
+            if sequence.completion.request.max_tokens > 0:
+                free -= 1
+            taken.append(sequence)
+        self.stats.queued = len(self._waiting)
+        return taken
+
+    def _fit(self, busy: int) -> None:
+        """Grows the cache to hold `busy` rows, or compacts it when `busy` fits in at most half of it."""
+        size = next(n for n in self.cache_sizes if n >= max(busy, 1))
+        cap = len(self._running)
+        if size > cap:
+            self._resize(list(range(cap)), size)
+        elif size <= cap // 2:
+            self._resize([i for i, s in enumerate(self._running) if s is not None], size)
+
+    def _resize(self, keep: list[int], size: int) -> None:
+        """Makes the cache `size` rows: row i becomes the old row `keep[i]`, the rest are idle."""
+        rows = keep + [keep[0] if keep else 0] * (size - len(keep))
+        self._slots = device.resize(self._slots, np.asarray(rows, np.int32))
+        settings = device.RowSettings.empty(size)
+        for field in dataclasses.fields(settings):
+            getattr(settings, field.name)[:len(keep)] = getattr(self._settings, field.name)[keep]
+        self._settings = settings
+        self._running = [self._running[i] for i in keep] + [None] * (size - len(keep))
+        for i, sequence in enumerate(self._running):
+            if sequence is not None:
+                sequence.slot = i
+        self.stats.resizes += 1
+
+    def _bucket(self, length: int) -> int:
+        return next(b for b in self.buckets if b >= length)
+
+    def _prefill(self, completion: Completion, prompt: int):
+        """The prompt's prefill, computed once for all its copies admitted before the last one leaves."""
+        if prompt not in completion.prefilled:
+            ids = completion.prompt_ids[prompt]
+            p = self._bucket(len(ids))
+            padded = np.zeros((1, p), np.int32)
+            padded[0, p - len(ids):] = ids
+            mask = np.zeros((1, p), np.int32)
+            mask[0, p - len(ids):] = 1
+            out = None
+            if completion.request.max_tokens > 0:
+                out = device.prefill_prompt(self.model, self.params, self.head, padded, mask)
+            completion.prefilled[prompt] = (padded, mask, out)
+        completion.waiting_copies[prompt] -= 1
+        if completion.waiting_copies[prompt] == 0:
+            return completion.prefilled.pop(prompt)
+        return completion.prefilled[prompt]
+
+    def _admit(self, sequence: Sequence) -> None:
+        completion, request = sequence.completion, sequence.completion.request
+        ids = completion.prompt_ids[sequence.prompt]
+        padded, mask, prefilled = self._prefill(completion, sequence.prompt)
+        first = Event(sequence.choices)
+        if request.echo:
+            first.text = completion.echo_texts[sequence.prompt]
+            if request.logprobs is not None:
+                if sequence.prompt not in completion.prompt_logprobs:
+                    completion.prompt_logprobs[sequence.prompt] = self._prompt_logprobs(padded, mask, ids,
+                                                                                        request.logprobs)
+                first.logprobs = list(completion.prompt_logprobs[sequence.prompt])
+        if request.max_tokens == 0:
+            first.finish_reason, first.completion_tokens = "length", 0
+            completion.deliver(first)
+            return
+        if first.text or first.logprobs:
+            completion.deliver(first)
+        slot = self._running.index(None)
+        p = padded.shape[1]
+        end = min(p, self.max_length - request.max_tokens)
+        logits, keys, values = prefilled
+        self._slots = device.insert(self._slots, np.int32(slot), np.int32(end), np.int32(len(ids)), padded, logits,
+                                    keys, values)
+        s = self._settings
+        s.active[slot] = True
+        s.greedy[slot] = request.greedy
+        s.temperature[slot] = 1.0 if request.greedy else request.temperature
+        s.top_k[slot] = min(request.top_k, self.model.config.vocab_size)
+        s.top_p[slot] = request.top_p
+        s.repetition_penalty[slot] = request.repetition_penalty
+        s.presence_penalty[slot] = request.presence_penalty
+        s.frequency_penalty[slot] = request.frequency_penalty
+        s.seed[slot] = completion.seed
+        s.stream[slot] = sequence.stream
+        s.logprobs[slot] = request.logprobs is not None
+        sequence.slot = slot
+        self._running[slot] = sequence
+
+    def _prompt_logprobs(self, padded, mask, ids: list[int], k: int) -> list[TokenLogprob]:
+        scores = device.score_prompt(self.model, self.params, padded, mask)
+        chosen, top_ids, top_values = (np.asarray(x) for x in scores)
+        start = padded.shape[1] - len(ids)
+        records, offset = [], 0
+        for i, token in enumerate(ids):
+            text = self._token_str(token)
+            if i == 0:
+                records.append(TokenLogprob(text, None, None, offset))
+            else:
+                c = start + i - 1  # the column that predicts token i
+                records.append(TokenLogprob(text, float(chosen[c]), self._top(token, float(chosen[c]), top_ids[c],
+                                                                               top_values[c], k), offset))
+            offset += len(text)
+        return records
+
+    def _token_str(self, token: int) -> str:
+        """A token as text, or `bytes:\\xNN...` (OpenAI's form) when it is not valid UTF-8 on its own."""
+        text = self._token_strs.get(token)
+        if text is None:
+            data = self._token_bytes[token]
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+            self._token_strs[token] = text
+        return text
+
+    def _top(self, token: int, logprob: float, ids, values, k: int) -> dict[str, float]:
+        top = {self._token_str(int(i)): float(v) for i, v in zip(ids[:k], values[:k])}
+        top.setdefault(self._token_str(token), logprob)  # OpenAI always includes the chosen token
+        return top
+
+    def _step(self) -> None:
+        busy = [i for i, s in enumerate(self._running) if s is not None]
+        settings = self._settings
+        act = settings.active
+        sampled = act & ~settings.greedy
+        flags = np.array([np.any(act & (settings.repetition_penalty != 1)),
+                          np.any(act & ((settings.presence_penalty != 0) | (settings.frequency_penalty != 0))),
+                          np.any(sampled), np.any(sampled & (settings.top_k > 0)),
+                          np.any(sampled & (settings.top_p < 1)),
+                          np.any(act & settings.logprobs)])
+        start = time.perf_counter()
+        self._slots, tokens, logprobs = device.step(self.model, self.params, self.head, self._slots, settings, flags)
+        tokens = np.asarray(tokens)
+        self.stats.step_seconds += time.perf_counter() - start
+        if flags[5]:
+            chosen, top_ids, top_values = (np.asarray(x) for x in logprobs)
+        self.stats.steps += 1
+        self.stats.tokens += len(busy)
+        self.stats.busy_slots = len(busy)
+        self.stats.peak_busy_slots = max(self.stats.peak_busy_slots, len(busy))
+        self.stats.batched_steps += len(busy) > 1
+        for slot in busy:
+            sequence = self._running[slot]
+            if sequence.completion.cancelled:
+                self._free(slot)
+                continue
+            record = None
+            if sequence.completion.request.logprobs is not None:
+                token = int(tokens[slot])
+                record = TokenLogprob(self._token_str(token), float(chosen[slot]),
+                                      self._top(token, float(chosen[slot]), top_ids[slot], top_values[slot],
+                                                sequence.completion.request.logprobs), 0)
+            self._emit(sequence, int(tokens[slot]), record)
+        self.stats.busy_slots = sum(s is not None for s in self._running)
+
+    def _emit(self, sequence: Sequence, token: int, record: TokenLogprob | None) -> None:
+        request = sequence.completion.request
+        sequence.tokens.append(token)
+        event = Event(sequence.choices)
+        if record is not None:
+            record.offset = sequence.offset + len(sequence.text.text)
+            event.logprobs.append(record)
+        finish = None
+        if token == self.tokenizer.eot_token:
+            finish = "stop"
+            sequence.text.add(b"", final=True)
+        elif sequence.text.add(self._token_bytes[token], final=len(sequence.tokens) >= request.max_tokens):
+            finish = "stop"
+        elif len(sequence.tokens) >= request.max_tokens:
+            finish = "length"
+        event.text = sequence.text.take(final=finish is not None)
+        if finish is not None:
+            event.finish_reason, event.completion_tokens = finish, len(sequence.tokens)
+            self._free(sequence.slot)
+        if not request.stream:  # one event at the end: the HTTP thread is not woken for every token
+            sequence.pending.text += event.text
+            sequence.pending.logprobs.extend(event.logprobs)
+            if finish is None:
+                return
+            event.text, event.logprobs = sequence.pending.text, sequence.pending.logprobs
+        if event.text or event.logprobs or finish:
+            sequence.completion.deliver(event)
+
+    def _free(self, slot: int) -> None:
+        self._running[slot] = None
+        empty = device.RowSettings.empty(1)
+        for field in dataclasses.fields(empty):
+            getattr(self._settings, field.name)[slot] = getattr(empty, field.name)[0]
+
+    def _fail_all(self, error: Exception) -> None:
+        """Ends every running and waiting request with a 500 and starts from fresh slots."""
+        api_error = APIError(500, f"the engine failed: {type(error).__name__}: {error}", code="engine_error")
+        with self._lock:
+            failed = [s for s in self._running if s is not None] + list(self._waiting)
+            self._waiting.clear()
+        done = set()
+        for sequence in failed:
+            if id(sequence.completion) not in done:
+                done.add(id(sequence.completion))
+                sequence.completion.deliver(Event(sequence.choices, error=api_error))
+        size = self.cache_sizes[0]
+        self._running = [None] * size
+        self._settings = device.RowSettings.empty(size)
+        self._slots = device.init_slots(self.model, size, self.max_length)
+
+    # ---- tokenization for the HTTP side ----
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids; an empty prompt starts from <|endoftext|>, as `generate` does."""
+        ids = self.tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) if isinstance(prompt, str) else prompt
+        return list(ids) or [self.tokenizer.eot_token]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)

@@ -1,0 +1,269 @@
+"""The device side of the server: a fixed set of decode slots, each a row of one preallocated KV cache.
+
+Every function here is jitted, and its compiled code depends only on the model, the number of slots N, the
+cache length S and (for `prefill`, `score_prompt` and `insert`) the prompt bucket P, so the engine compiles
+them all at start-up and never again.
+
+A slot's row holds one sequence laid out as `flax_gpt2.generate` lays out a prompt of its own: the prompt,
+left-padded, ends at column `start`; the new tokens follow from `start` on; position ids count real tokens
+only. Each row has its own write position (`pos`), which the model's KV cache (one shared `index` for the
+batch) does not have: the cached forward pass is therefore `jax.vmap`ped over the rows, each row being
+exactly `generate`'s batch-1 step (the cache write becomes a per-row scatter). The next-token choice
+applies the same logits processors as `generate` (`flax_gpt2.generation.logits_processors`), with every
+setting a per-row array instead of a per-batch constant, so one compiled step serves any mix of greedy and
+sampled requests.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_gpt2.generation.logits_processors import apply_temperature, argmax, repetition_penalty, sample, top_p_filter
+from flax_gpt2.generation.model_step import forward, prefill
+from flax_gpt2.kv_cache import KVCache
+from flax_gpt2.model import GPT2LMHeadModel
+
+Array = jax.Array
+
+# Top log-probabilities returned per token (the OpenAI completions API allows `logprobs` up to 5).
+MAX_LOGPROBS = 5
+
+
+@flax.struct.dataclass
+class Slots:
+    """The state of all N decode slots on the device (rows are slots)."""
+
+    keys: tuple[Array, ...]  # per layer [N, H, S, K]
+    values: tuple[Array, ...]  # per layer [N, H, S, K]
+    tokens: Array  # [N, S] int32: the left-padded prompt in columns < start, then the new tokens
+    mask: Array  # [N, S] int32: 0 on left padding, 1 elsewhere
+    lengths: Array  # [N] int32: real prompt tokens (= position id of the first new token)
+    start: Array  # [N] int32: column of the first new token
+    pos: Array  # [N] int32: column the next chosen token goes to (start + new tokens so far)
+    logits: Array  # [N, V] float32: logits for the token in column `pos`
+
+
+@flax.struct.dataclass
+class RowSettings:
+    """Per-slot decoding settings, `[N]` each, sent with every step (a few hundred bytes)."""
+
+    active: Array  # bool: the slot holds a running sequence
+    greedy: Array  # bool: the most likely token (temperature 0)
+    temperature: Array  # float32 (1.0 where greedy)
+    top_k: Array  # int32, 0 = off
+    top_p: Array  # float32, 1.0 = off
+    repetition_penalty: Array  # float32, 1.0 = off (the project's CTRL/HF penalty, prompt included)
+    presence_penalty: Array  # float32, 0.0 = off (OpenAI's, generated tokens only)
+    frequency_penalty: Array  # float32, 0.0 = off (OpenAI's, generated tokens only)
+    seed: Array  # uint32: jax.random.PRNGKey(seed)
+    stream: Array  # int32: 0, or the index of a sample's copy (its key is folded with it)
+    logprobs: Array  # bool: return the top log-probabilities
+
+    @classmethod
+    def empty(cls, n: int) -> "RowSettings":
+        """Host (numpy) settings for n idle slots."""
+        return cls(active=np.zeros(n, bool), greedy=np.ones(n, bool), temperature=np.ones(n, np.float32),
+                   top_k=np.zeros(n, np.int32), top_p=np.ones(n, np.float32),
+                   repetition_penalty=np.ones(n, np.float32), presence_penalty=np.zeros(n, np.float32),
+                   frequency_penalty=np.zeros(n, np.float32), seed=np.zeros(n, np.uint32),
+                   stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool))
+
+
+def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int) -> Slots:
+    """N empty slots of `cache_len` columns each."""
+    config = model.config
+    cache = KVCache.init(config, num_slots, cache_len)
+    zeros = lambda dtype: jnp.zeros((num_slots,), dtype)  # noqa: E731
+    return Slots(keys=cache.keys, values=cache.values, tokens=jnp.zeros((num_slots, cache_len), jnp.int32),
+                 mask=jnp.zeros((num_slots, cache_len), jnp.int32), lengths=zeros(jnp.int32),
+                 start=zeros(jnp.int32), pos=zeros(jnp.int32),
+                 logits=jnp.zeros((num_slots, config.vocab_size), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def prefill_prompt(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array):
+    """`generate`'s prefill of one left-padded prompt `[1, P]` into a cache of P columns.
+
+    Returns `(logits [1, V], keys, values)`, the cache as per-layer `[1, H, P, K]`.
+    """
+    logits, cache, _, _ = prefill(model, params, head, input_ids, attention_mask, input_ids.shape[1])
+    return logits, cache.keys, cache.values
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def score_prompt(model: GPT2LMHeadModel, params: Any, input_ids: Array, attention_mask: Array):
+    """Log-probabilities of a left-padded prompt's own tokens (for `echo` with `logprobs`).
+
+    Returns `(chosen [P], top_ids [P, MAX_LOGPROBS], top_logprobs [P, MAX_LOGPROBS])`: column c scores the
+    token in column c + 1 given the tokens up to c (the last column scores nothing).
+    """
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits = model.apply({"params": params}, input_ids, mask, positions).logits[0]  # [P, V]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    following = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])
+    chosen = jnp.take_along_axis(logprobs, following[:, None], axis=1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return chosen, top_ids, top_values
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def insert(slots: Slots, slot: Array, end: Array, length: Array, input_ids: Array, logits: Array,
+           keys: tuple[Array, ...], values: tuple[Array, ...]) -> Slots:
+    """Puts a prefilled prompt (`prefill_prompt`'s output, bucket P) into row `slot`, ending at column `end`.
+
+    The prompt's `length` real tokens sit at the end of its P columns; they are rotated left by `P - end`
+    (`end <= P`), which only drops left padding, so that a prompt near the end of the context still
+    leaves room for its new tokens without another bucket. Attention does not depend on the column order
+    of the keys (GPT-2's positions are embedded in them), so this is still `generate`'s computation (up
+    to the order of the softmax sums).
+    Columns from `end` on keep an earlier sequence's leftovers until the new tokens overwrite them; the
+    causal mask hides each one until then.
+    """
+    p = input_ids.shape[1]
+    s = slots.tokens.shape[1]
+    shift = p - end
+
+    def put(big, block):  # big [N, H, S, K], block [1, H, P, K]
+        block = jnp.roll(block, -shift, axis=2)
+        return jax.lax.dynamic_update_slice(big, block.astype(big.dtype), (slot, 0, 0, 0))
+
+    ids = jnp.roll(input_ids.astype(jnp.int32), -shift, axis=1)
+    row_mask = (jnp.arange(s) >= end - length).astype(jnp.int32)[None, :]
+    return slots.replace(
+        keys=tuple(put(b, k) for b, k in zip(slots.keys, keys)),
+        values=tuple(put(b, v) for b, v in zip(slots.values, values)),
+        tokens=jax.lax.dynamic_update_slice(slots.tokens, ids, (slot, 0)),
+        mask=jax.lax.dynamic_update_slice(slots.mask, row_mask, (slot, 0)),
+        lengths=slots.lengths.at[slot].set(length), start=slots.start.at[slot].set(end),
+        pos=slots.pos.at[slot].set(end), logits=jax.lax.dynamic_update_slice(slots.logits, logits, (slot, 0)))
+
+
+def kth_largest(logits: Array, k: Array) -> Array:
+    """`[B, V], [B] -> [B, 1]`: each row's k-th largest value (k >= 1, a per-row array), by bisection over
+    the order-preserving integer image of float32 (32 masked counts instead of a sort; exact, ties count)."""
+    bits = jax.lax.bitcast_convert_type(logits, jnp.int32)
+    # Flip the magnitude bits of negative floats: the int32 order is then the float order (-inf included).
+    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    lo = jnp.full(logits.shape[:-1] + (1,), jnp.iinfo(jnp.int32).min, jnp.int32)
+    hi = jnp.full_like(lo, jnp.iinfo(jnp.int32).max)
+    k = k.reshape(lo.shape)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # invariant: count(key >= lo) >= k, and the answer is at most hi
+        mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)  # the upper middle, without overflow
+        enough = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    bits = jnp.where(lo < 0, lo ^ 0x7FFFFFFF, lo)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
+    """The next token of every row, as `generate`'s `SamplingParams.choose` makes it, with per-row settings.
+
+    Order (transformers'): repetition penalty, presence/frequency penalties, then greedy argmax, or
+    temperature, top-k, top-p and a Gumbel-max draw with the row's key folded with its step.
+    """
+    n, s = slots.tokens.shape
+    cols = jnp.arange(s)[None, :]
+    step = slots.pos - slots.start
+    any_repetition, any_counts, any_sample, any_top_k, any_top_p, any_logprobs = (any_flags[i] for i in range(6))
+    raw = slots.logits
+    history = slots.mask.astype(bool) & (cols < slots.pos[:, None])
+    logits = jax.lax.cond(
+        any_repetition, lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
+        lambda x: x, raw)
+
+    def counts_penalty(x):
+        generated = (cols >= slots.start[:, None]) & (cols < slots.pos[:, None])
+        vocab = x.shape[-1]
+        ids = jnp.where(generated & (slots.tokens < vocab), slots.tokens, vocab)
+        counts = jnp.zeros((n, vocab + 1), jnp.float32).at[jnp.arange(n)[:, None], ids].add(1.0)[:, :vocab]
+        penalty = (rows.frequency_penalty[:, None] * counts
+                   + rows.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
+        return x - penalty
+
+    logits = jax.lax.cond(any_counts, counts_penalty, lambda x: x, logits)
+    greedy_token = argmax(logits)
+
+    def sampled(x):
+        x = apply_temperature(x, rows.temperature[:, None])
+        x = jax.lax.cond(any_top_k, lambda y: jnp.where(
+            (rows.top_k > 0)[:, None] & (y < kth_largest(y, jnp.maximum(rows.top_k, 1))), -jnp.inf, y),
+            lambda y: y, x)
+        x = jax.lax.cond(
+            any_top_p, lambda y: jnp.where((rows.top_p < 1)[:, None], top_p_filter(y, rows.top_p[:, None]), y),
+            lambda y: y, x)
+
+        def draw(seed, stream, step, row):
+            key = jax.random.PRNGKey(seed)
+            key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
+            return sample(jax.random.fold_in(key, step), row[None])[0]
+
+        return jax.vmap(draw)(rows.seed, rows.stream, step, x)
+
+    sampled_token = jax.lax.cond(any_sample, sampled, lambda x: greedy_token, logits)
+    token = jnp.where(rows.greedy, greedy_token, sampled_token)
+
+    def top(x):
+        logprobs = jax.nn.log_softmax(x, axis=-1)
+        values, ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+        return jnp.take_along_axis(logprobs, token[:, None], axis=1)[:, 0], ids, values
+
+    def no_top(x):
+        return (jnp.zeros((n,), jnp.float32), jnp.zeros((n, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((n, MAX_LOGPROBS), jnp.float32))
+
+    logprobs = jax.lax.cond(any_logprobs, top, no_top, raw)
+    return token, logprobs
+
+
+@jax.jit
+def resize(slots: Slots, rows: Array) -> Slots:
+    """A new set of `len(rows)` slots whose row i is row `rows[i]` of `slots` (a row repeated, or any row
+    for a new idle slot: idle rows' contents never matter). Grows or compacts the slots between steps."""
+    return jax.tree.map(lambda x: x[rows], slots)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("slots",))
+def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, any_flags: Array):
+    """One decoding step of every slot, in place: choose each row's next token, write it, and run it
+    through the model. Idle rows (`settings.active` False) compute too, but keep their position, and
+    their results are ignored.
+
+    (Stepping a subset of the rows, gathered from a larger cache, measured several times slower on XLA's
+    CPU backend than stepping a smaller cache in place; the engine resizes the slots instead.)
+
+    `any_flags` `[6]` bool says whether any active row uses the repetition penalty, the presence/frequency
+    penalties, sampling, top-k, top-p, log-probabilities: work that no row needs is skipped (`lax.cond`).
+
+    Returns `(slots, tokens [N], (chosen_logprob [N], top_ids [N, 5], top_logprobs [N, 5]))`.
+    """
+    n, s = slots.tokens.shape
+    token, logprobs = _choose(slots, settings, any_flags)
+    pos = jnp.minimum(slots.pos, s - 1)
+    token = jnp.where(settings.active, token, slots.tokens[jnp.arange(n), pos])
+    position = jnp.minimum(slots.lengths + slots.pos - slots.start, model.config.n_positions - 1)
+
+    def row_forward(token, mask, position, index, keys, values):
+        cache = KVCache(keys=tuple(k[None] for k in keys), values=tuple(v[None] for v in values), index=index)
+        logits, cache = forward(model, params, head, token[None, None], mask[None], position[None, None], cache)
+        return logits[0], tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values)
+
+    if n == 1:  # one row: the plain batch-1 step (a dynamic-update-slice, not a one-row scatter)
+        logits, keys, values = jax.tree.map(lambda x: x[None], row_forward(
+            token[0], slots.mask[0], position[0], pos[0], tuple(k[0] for k in slots.keys),
+            tuple(v[0] for v in slots.values)))
+    else:
+        logits, keys, values = jax.vmap(row_forward)(token, slots.mask, position, pos, slots.keys, slots.values)
+    slots = slots.replace(keys=keys, values=values, tokens=slots.tokens.at[jnp.arange(n), pos].set(token),
+                          logits=logits, pos=jnp.where(settings.active, slots.pos + 1, slots.pos))
+    return slots, token, logprobs

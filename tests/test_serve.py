@@ -1,0 +1,462 @@
+"""The completions server end to end: a real server in a subprocess, driven by the official `openai` client
+and by raw HTTP, on a tiny random GPT-2 with the real vocabulary; results checked against `generate`."""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_hf_model
+
+import openai  # the `test` extra installs it, and the `serve` extra's starlette and uvicorn
+
+from flax_gpt2 import from_pretrained, generate, get_tokenizer
+from flax_gpt2.serve.slots import kth_largest
+
+API_KEY = "sk-test-key"
+MAX_LENGTH = 128
+MAX_BATCH = 4
+MAX_QUEUE = 24
+MAX_BODY = 65536
+EOT = 50256
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
+
+
+def _post(port, body, headers=None, path="/v1/completions"):
+    """Raw POST; `body` is sent as is when bytes, else as JSON. Returns (status, headers, parsed JSON or bytes)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", path, data, {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}",
+                                      **(headers or {})})
+    response = conn.getresponse()
+    raw = response.read()
+    try:
+        raw = json.loads(raw)
+    except ValueError:
+        pass
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
+
+
+def _health(port) -> dict:
+    status, _, body = _get(port, "/health")
+    assert status == 200
+    return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, bpe_dir):
+    # A large initializer_range gives peaked, varied greedy continuations instead of one repeated token.
+    _, folder = make_hf_model(tmp_path_factory, "serve_tiny", n_positions=MAX_LENGTH, initializer_range=0.3)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    model, params = from_pretrained(tiny_folder, progress=False)
+    return model, params, get_tokenizer(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder, tmp_path_factory):
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")))
+    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flax_gpt2.serve", "--model", str(tiny_folder), "--served_model_name", "tiny",
+         "--port", str(port), "--max_batch", str(MAX_BATCH), "--max_length", str(MAX_LENGTH),
+         "--prompt_buckets", "16,64", "--max_queue", str(MAX_QUEUE), "--max_body_bytes", str(MAX_BODY),
+         "--api_key", API_KEY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 300
+    while True:
+        try:
+            if _health(port)["status"] == "ok":
+                break
+        except (OSError, http.client.HTTPException):
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield port
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _expected_text(tokenizer, tokens):
+    tokens = list(tokens)
+    return tokenizer.decode(tokens[:tokens.index(EOT)] if EOT in tokens else tokens)
+
+
+def _generate_text(reference, ids, max_tokens, **kwargs):
+    model, params, tokenizer = reference
+    out = generate(model, params, [ids], max_new_tokens=max_tokens, **kwargs)[0, len(ids):]
+    return _expected_text(tokenizer, out.tolist())
+
+
+def _prompt(n, seed=0):
+    return np.random.RandomState(seed).randint(0, EOT, n).tolist()
+
+
+# ---- the OpenAI client ----
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = _health(server)
+    assert health["max_batch"] == MAX_BATCH and health["max_length"] == MAX_LENGTH
+    assert health["prompt_buckets"] == [16, 64, MAX_LENGTH]
+
+
+def test_greedy_completion_equals_generate(client, reference):
+    _, _, tokenizer = reference
+    prompt = "The quick brown fox"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    ids = tokenizer.encode(prompt)
+    assert out.object == "text_completion" and out.model == "tiny" and len(out.choices) == 1
+    assert out.choices[0].text == _generate_text(reference, ids, 24)
+    assert len(set(tokenizer.encode(out.choices[0].text))) > 5  # a varied continuation, not one token repeated
+    assert out.choices[0].finish_reason == "length"
+    usage = out.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 24, len(ids) + 24)
+
+
+@pytest.mark.parametrize("length,max_tokens", [(1, 20), (17, 40), (70, 50), (100, 28)])
+def test_token_prompts_equal_generate_up_to_the_context(client, reference, length, max_tokens):
+    """Prompt lengths in every bucket, including prompts whose bucket leaves no room for the completion."""
+    ids = _prompt(length, seed=length)
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0)
+    assert out.choices[0].text == _generate_text(reference, ids, max_tokens)
+    assert out.usage.prompt_tokens == length
+
+
+def test_sampling_equals_generate_and_seeds_reproduce(client, reference):
+    """Choice 0 of a sampled request without top_k draws as generate(do_sample=True, seed=seed) does."""
+    ids = _prompt(9, seed=1)
+    for kwargs in (dict(), dict(top_p=0.9), dict(temperature=0.7)):
+        out = client.completions.create(model="tiny", prompt=ids, max_tokens=30, seed=7, **kwargs)
+        assert out.choices[0].text == _generate_text(reference, ids, 30, do_sample=True, seed=7, **kwargs)
+    again = [client.completions.create(model="tiny", prompt=ids, max_tokens=30, seed=11, extra_body={"top_k": 40})
+             .choices[0].text for _ in range(2)]
+    other = client.completions.create(model="tiny", prompt=ids, max_tokens=30, seed=12, extra_body={"top_k": 40})
+    assert again[0] == again[1] != other.choices[0].text
+
+
+def test_top_k_1_is_greedy_and_repetition_penalty_equals_generate(client, reference):
+    ids = _prompt(12, seed=2)
+    greedy = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0).choices[0].text
+    top1 = client.completions.create(model="tiny", prompt=ids, max_tokens=20, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy
+    penalized = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                          extra_body={"repetition_penalty": 1.5})
+    assert penalized.choices[0].text == _generate_text(reference, ids, 20, repetition_penalty=1.5)
+
+
+def test_presence_and_frequency_penalties_discourage_repeats(client):
+    ids = _prompt(3, seed=3)
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=60, temperature=0, logprobs=0)
+    penalized = client.completions.create(model="tiny", prompt=ids, max_tokens=60, temperature=0, logprobs=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0)
+    distinct = lambda out: len(set(out.choices[0].logprobs.tokens))  # noqa: E731
+    assert distinct(penalized) >= distinct(plain)
+    assert penalized.choices[0].text != plain.choices[0].text or distinct(plain) == 60
+
+
+def test_list_prompt_and_n(client, reference):
+    _, _, tokenizer = reference
+    prompts = ["Hello there", "Once upon a time, in a"]
+    out = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for p, prompt in enumerate(prompts):
+        expected = _generate_text(reference, tokenizer.encode(prompt), 12)
+        assert out.choices[2 * p].text == out.choices[2 * p + 1].text == expected  # greedy copies
+    assert out.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert out.usage.completion_tokens == 4 * 12
+    sampled = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, n=3, seed=5)
+    assert [c.index for c in sampled.choices] == [0, 1, 2]
+    assert len({c.text for c in sampled.choices}) == 3
+    assert sampled.choices[0].text == _generate_text(reference, tokenizer.encode("Hello there"), 12, do_sample=True,
+                                                     seed=5)
+
+
+def test_stream(client, reference):
+    _, _, tokenizer = reference
+    prompt = "Streaming works"
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == _generate_text(reference, tokenizer.encode(prompt), 20)
+    assert len([c for c in chunks if c.choices]) > 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_stream_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 3,
+                                                        "stream": True}),
+                 {"Authorization": f"Bearer {API_KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = [e for e in response.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_stop_strings(client, reference):
+    ids = _prompt(6, seed=4)
+    full = client.completions.create(model="tiny", prompt=ids, max_tokens=40, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = full[:full.index(stop)]
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=40, temperature=0, stop=[stop, "\x00never"])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt=ids, max_tokens=40, temperature=0, stop=stop,
+                                         stream=True)
+    chunks = [c.choices[0] for c in streamed]
+    assert "".join(c.text for c in chunks) == cut and chunks[-1].finish_reason == "stop"
+
+
+def test_echo_and_logprobs_equal_the_model(client, reference):
+    model, params, tokenizer = reference
+    prompt = "Scores of the prompt"
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, echo=True, logprobs=3)
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    ids = tokenizer.encode(prompt)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 6 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:2] == [0, len(tokenizer.decode(ids[:1]))]
+    # Teacher-forced log-probabilities of prompt + completion from one full forward pass.
+    full = np.asarray(ids + _generated_ids(reference, ids, 6))
+    logits = model.apply({"params": params}, jnp.asarray(full[None])).logits[0]
+    expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for i in range(1, len(full)):
+        assert lp.token_logprobs[i] == pytest.approx(float(expected[i - 1, full[i]]), abs=1e-4)
+        top = dict(sorted(lp.top_logprobs[i].items(), key=lambda kv: -kv[1])[:3])
+        best = np.argsort(-expected[i - 1])[:3]
+        assert list(top.values()) == pytest.approx([float(expected[i - 1, t]) for t in best], abs=1e-4)
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-6)
+
+
+def _generated_ids(reference, ids, n):
+    model, params, _ = reference
+    return generate(model, params, [ids], max_new_tokens=n)[0, len(ids):].tolist()
+
+
+def test_empty_prompt_starts_from_endoftext(client, reference):
+    out = client.completions.create(model="tiny", prompt="", max_tokens=10, temperature=0)
+    assert out.choices[0].text == _generate_text(reference, [EOT], 10)
+    assert out.usage.prompt_tokens == 1
+
+
+def test_concurrent_mixed_requests_equal_their_solo_results(client, server, reference):
+    """16 requests of mixed prompt lengths, lengths and settings at once (4 slots): each equals its result
+    alone, greedy ones equal generate, and the engine really ran them batched."""
+    requests = []
+    for i in range(16):
+        kwargs = dict(model="tiny", prompt=_prompt(1 + 7 * i, seed=100 + i), max_tokens=8 + 5 * (i % 5))
+        if i % 2 == 0:
+            kwargs["temperature"] = 0
+        else:
+            kwargs.update(seed=i, temperature=0.9, top_p=0.95 if i % 3 else 1.0)
+            if i % 4 == 1:
+                kwargs["extra_body"] = {"top_k": 30}
+            if i == 7:
+                kwargs["n"] = 2
+        requests.append(kwargs)
+    before = _health(server)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda kw: [c.text for c in client.completions.create(**kw).choices], requests))
+    after = _health(server)
+    assert after["peak_busy_slots"] == MAX_BATCH
+    assert after["batched_steps"] - before["batched_steps"] > 20
+    for kwargs, texts in zip(requests, together):
+        alone = [c.text for c in client.completions.create(**kwargs).choices]
+        assert texts == alone, kwargs
+        if kwargs.get("temperature") == 0:
+            assert texts[0] == _generate_text(reference, kwargs["prompt"], kwargs["max_tokens"])
+    assert _health(server)["busy_slots"] == 0
+
+
+# ---- bad input, overload, disconnects ----
+
+def _error(status, body):
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": _prompt(100), "max_tokens": 29}, "prompt"),  # 129 > 128 tokens
+    ({"prompt": "hi", "max_tokens": MAX_LENGTH}, "prompt"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature"),
+    ({"prompt": "hi", "temperature": 1e-6}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "hi", "n": True}, "n"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "stop": 5}, "stop"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "seed": 1.5}, "seed"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [50257]}, "prompt"),
+    ({"prompt": [[1, 2], [-1]]}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),
+    ({"prompt": "hi", "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+])
+def test_bad_requests_are_400(server, body, param):
+    status, _, out = _post(server, {"model": "tiny", **body})
+    assert status == 400, out
+    error = _error(status, out)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    if param == "frobnicate":
+        assert error["message"] == "Unrecognized request argument supplied: frobnicate"
+
+
+@pytest.mark.parametrize("data,code", [
+    (b'{"model": "tiny", "prompt": "\xff\xfe"}', "invalid_encoding"),
+    (b'{"model": "tiny", "prompt": ', "invalid_json"),
+    (b'{"model": "tiny", "prompt": "a", "temperature": NaN}', "invalid_json"),
+    (b'["model", "tiny"]', None),
+    (b"", "invalid_json"),
+])
+def test_malformed_bodies_are_400(server, data, code):
+    status, _, out = _post(server, data)
+    assert status == 400 and _error(status, out)["code"] == code
+
+
+def test_other_errors(server):
+    status, _, out = _post(server, {"model": "gpt-4", "prompt": "hi"})
+    assert status == 404 and _error(status, out)["code"] == "model_not_found"
+    status, _, out = _post(server, {"model": "tiny", "prompt": "x" * (MAX_BODY + 1)})
+    assert status == 413 and _error(status, out)["code"] == "request_too_large"
+    status, _, out = _post(server, {"model": "tiny", "prompt": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and _error(status, out)["code"] == "invalid_api_key"
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    conn.request("GET", "/v1/models")
+    response = conn.getresponse()
+    assert response.status == 401 and _error(401, json.loads(response.read()))
+    status, _, out = _get(server, "/v1/nothing", {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 404 and _error(status, json.loads(out))
+    status, _, out = _get(server, "/v1/completions", {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 405 and _error(status, json.loads(out))
+    assert _health(server)["status"] == "ok"
+    status, _, out = _post(server, {"model": "tiny", "prompt": "still fine", "max_tokens": 3})
+    assert status == 200 and out["usage"]["completion_tokens"] == 3
+
+
+def test_openai_client_raises_on_errors(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt=_prompt(120), max_tokens=20)
+    bad_key = openai.OpenAI(base_url=str(client.base_url), api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.completions.create(model="tiny", prompt="hi")
+
+
+def test_overload_is_503_with_retry_after(server):
+    body = {"model": "tiny", "prompt": "flood", "max_tokens": 120, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(lambda _: _post(server, body), range(48)))
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) == {200, 503}, statuses
+    status, headers, out = next(r for r in results if r[0] == 503)
+    assert headers["retry-after"] == "1" and _error(status, out)["code"] == "overloaded"
+    texts = {out["choices"][0]["text"] for status, _, out in results if status == 200}
+    assert len(texts) == 1  # the accepted ones were unaffected by the rejected ones
+    assert _health(server)["busy_slots"] == 0
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(server):
+    before = _health(server)
+    sock = socket.create_connection(("127.0.0.1", server), timeout=60)
+    body = json.dumps({"model": "tiny", "prompt": "bye", "max_tokens": 120, "stream": True}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                 + b"\r\n\r\n" + body)
+    received = b""
+    while b"data: " not in received:
+        chunk = sock.recv(4096)
+        assert chunk, received
+        received += chunk
+    sock.close()
+    deadline = time.time() + 30
+    while _health(server)["busy_slots"] and time.time() < deadline:
+        time.sleep(0.05)
+    after = _health(server)
+    assert after["busy_slots"] == 0
+    assert after["tokens"] - before["tokens"] < 120  # stopped early: the slot was freed, not run to the end
+
+
+def test_no_compiles_after_warm_up(server):
+    """Runs last: every request above reused the start-up compiles."""
+    assert _health(server)["compiles_after_warmup"] == 0
+
+
+# ---- pieces and the command line ----
+
+def test_kth_largest_matches_a_sort():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(6, 300).astype(np.float32)
+    logits[1, :50] = -np.inf
+    logits[2, 10:20] = logits[2, 5]  # ties
+    k = np.array([1, 7, 12, 300, 299, 40], np.int32)
+    got = np.asarray(kth_largest(jnp.asarray(logits), jnp.asarray(k)))[:, 0]
+    expected = -np.sort(-logits, axis=1)[np.arange(6), k - 1]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_cli_errors_are_one_line():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    bad = subprocess.run([sys.executable, "-m", "flax_gpt2.serve", "--model", "x", "--max_batch", "0"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--max_batch" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([sys.executable, "-m", "flax_gpt2.serve", "--model", "x", "--port", str(port)],
+                              capture_output=True, text=True, env=env, timeout=120)
+    assert busy.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
