@@ -31,8 +31,12 @@ def local_folder(url: str, *, progress: bool = True) -> str:
     file_io.resolve_path(url)  # unsupported schemes and missing dependencies get their own message
     url = url.rstrip("/")
     remote = file_io.epath(url)
-    if not remote.is_dir():
-        raise FileNotFoundError(f"no such folder: {url}")
+    try:
+        found = remote.is_dir()
+    except Exception as e:  # gcsfs/fsspec raise many types for auth, network and permission problems
+        raise OSError(f"cannot read {url}: {type(e).__name__}: {e}") from e
+    if not found:
+        raise FileNotFoundError(f"no such folder: {url} (or it cannot be reached with the current credentials)")
     target = os.path.join(mirror_root(), hashlib.sha256(url.encode()).hexdigest()[:20])
     os.makedirs(target, exist_ok=True)
     if run_checkpoint.is_training_run(url):

@@ -245,10 +245,14 @@ def test_a_relative_training_run_path(tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded["transformer"]["wte"]["embedding"], params["transformer"]["wte"]["embedding"])
 
 
-def test_urls_are_never_hub_ids_or_folders():
+def test_urls_are_never_hub_ids_or_folders(tmp_path, monkeypatch):
+    """A URL is remote storage or an error naming it, never a hub id or a local folder (gs:// itself is tested
+    against a local GCS server in test_train_gcs.py)."""
     from flax_gpt2.pretrained import resolve
 
-    with pytest.raises((ValueError, ImportError), match="gs://bucket/run"):
-        resolve("gs://bucket/run")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="ftp://bucket/run"):
+        resolve("ftp://bucket/run")
+    assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="empty"):
         resolve("")
