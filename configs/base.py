@@ -120,9 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     # A Cloud TPU topology (`v4-8`, `v5litepod-8`, ...): compile the train and eval steps for it on this
     # machine, write compile_report.json (memory per chip, FLOPs) and exit without training.
     c.compile_only = ""
-    # Peak fp32 FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py).
-    # An estimate for the 2-core dev machine: its fastest measured 2048^3 fp32 matmul (torch) reaches
-    # ~300 GFLOP/s, about 2 cores x 2.6 GHz x 64 FLOP/cycle. Set your own machine's.
+    # Peak fp32 FLOP/s of one CPU host, for MFU on CPU (accelerators are looked up in train/metrics.py):
+    # cores x clock x FLOP/cycle of your machine (the dev machine's estimate is in benchmarks/TRAIN.md).
     c.cpu_peak_flops = 300e9
 
     # CommonGen recipe: after training, generate for this many held-out concept sets and report coverage.

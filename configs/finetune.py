@@ -22,7 +22,7 @@ def get_config():
     c.steps = 200
     c.optimizer.lr = 3e-5
     c.optimizer.warmup_steps = 0
-    c.optimizer.min_lr_ratio = 1.0  # constant learning rate
+    c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0
     c.log_every = 5
     c.eval_every = 50
