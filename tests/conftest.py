@@ -40,11 +40,12 @@ def bpe_dir(shared_dir) -> Path:
 
 
 def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel", seed=0, tokenizer_files=True,
-                  **config_kwargs):
+                  randomize=False, **config_kwargs):
     """A random-init transformers GPT-2 saved with `save_pretrained`; returns (torch_model, folder).
 
     With `tokenizer_files`, the folder also gets `vocab.json` + `merges.txt` (GPT-2's, from ../shared) like
-    every hub checkpoint has.
+    every hub checkpoint has. With `randomize`, every parameter is redrawn after init (see
+    `randomize_parameters`): a fresh init has zero biases and unit LayerNorms, which hide same-shape mix-ups.
     """
     import shutil
 
@@ -55,6 +56,8 @@ def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel
     kwargs.update(config_kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(transformers.GPT2Config(**kwargs)).eval()
+    if randomize:
+        randomize_parameters(model, seed)
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     if tokenizer_files and (SHARED / "gpt2-bpe").is_dir():
@@ -63,7 +66,28 @@ def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel
     return model, folder
 
 
+def randomize_parameters(torch_model, seed=0):
+    """Redraws every parameter of a torch GPT-2 in place: LayerNorm scales N(1, 0.2), everything else
+    (matrices, embeddings, biases, LayerNorm shifts) N(0, 0.1). No two tensors of a shape share values, so
+    a swap of two of them changes the outputs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            layer_norm_scale = ("ln_" in name) and name.endswith(".weight")
+            center, std = (1.0, 0.2) if layer_norm_scale else (0.0, 0.1)
+            p.copy_(center + std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return torch_model
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """(torch GPT2LMHeadModel, its save_pretrained folder) for a tiny random config with the real vocabulary."""
     return make_hf_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_random(tmp_path_factory):
+    """Like `hf_tiny`, but every parameter random (non-zero biases, non-unit LayerNorm affine)."""
+    return make_hf_model(tmp_path_factory, "hf_tiny_random", seed=1, randomize=True)

@@ -100,23 +100,80 @@ def _greedy_word_examples(torch_model, tokenizer, contexts, want):
     return out
 
 
+def _first_token_only_examples(torch_model, tokenizer, contexts, want):
+    """Texts whose last word is two tokens: the model's greedy next token (a word), then a suffix that is not
+    the greedy token after it. Right on the first target token, wrong on the second."""
+    out = []
+    for context in contexts:
+        ids = tokenizer.encode(context)
+        with torch.no_grad():
+            first = int(torch_model(torch.tensor([ids])).logits[0, -1].argmax())
+            second = int(torch_model(torch.tensor([ids + [first]])).logits[0, -1].argmax())
+        piece = tokenizer.decode([first])
+        if not (piece.startswith(" ") and piece[1:].isalpha()):
+            continue
+        for suffix in ("s", "ing", "ed", "ly", "er", "est"):
+            whole = tokenizer.encode(context + piece + suffix)
+            if whole[:-1] == ids + [first] and len(whole) == len(ids) + 2 and whole[-1] != second:
+                out.append(context + piece + suffix)
+                break
+        if len(out) == want:
+            break
+    return out
+
+
 def test_lambada_matches_transformers(tiny, shared_dir, bpe_dir):
     import transformers
 
     torch_model, model, params, tokenizer, _ = tiny
     lines = [ln.strip() for ln in (shared_dir / "data" / "tinyshakespeare.txt").read_text().splitlines()
              if len(ln.split()) >= 4][:400]
-    greedy = _greedy_word_examples(torch_model, tokenizer, [" ".join(ln.split()[:-1]) for ln in lines[:200]], 4)
+    contexts = [" ".join(ln.split()[:-1]) for ln in lines[:200]]
+    greedy = _greedy_word_examples(torch_model, tokenizer, contexts, 4)
     assert greedy, "expected some lines whose greedy next token is a word"
-    texts = lines[200:212] + greedy
+    first_only = _first_token_only_examples(torch_model, tokenizer, contexts[100:], 3)
+    assert len(first_only) == 3, "expected lines whose greedy next token starts a two-token word"
+    texts = lines[200:212] + greedy + first_only
     # (transformers 5.x: the vocab_file=/merges_file= keywords silently build an empty vocabulary)
     hf_tok = transformers.GPT2Tokenizer(vocab=str(bpe_dir / "encoder.json"), merges=str(bpe_dir / "vocab.bpe"))
     assert hf_tok("Hello world")["input_ids"] == [15496, 995]
     ref_acc, ref_ppl = torch_lambada(torch_model, hf_tok, texts)
-    ours = eval_metrics.lambada(model, params, tokenizer, texts, batch_size=4, progress=False)
+    score = eval_metrics.make_scorer(model)
+    ours = eval_metrics.lambada(model, params, tokenizer, texts, batch_size=4, progress=False, scorer=score)
     assert ours["num_examples"] == len(texts)
     assert ours["accuracy"] == ref_acc and ours["accuracy"] >= len(greedy) / len(texts)
     assert ours["perplexity"] == pytest.approx(ref_ppl, rel=1e-4)
+    # A word is right only if every one of its tokens is the greedy prediction.
+    assert torch_lambada(torch_model, hf_tok, first_only)[0] == 0.0
+    assert eval_metrics.lambada(model, params, tokenizer, first_only, batch_size=4, progress=False,
+                                scorer=score)["accuracy"] == 0.0
+
+
+def test_lambada_counts_a_word_right_only_when_every_token_is(bpe_dir):
+    """A stand-in model whose greedy prediction is right except on chosen token ids (the scorer's contract:
+    log-prob and is-greedy of each next token), on final words of one to three tokens."""
+    from types import SimpleNamespace
+
+    tokenizer = flax_gpt2.get_tokenizer(bpe_dir)
+    # " Coriolanus" = " Cor" "iol" "anus", " Menenius" = " Men" "en" "ius", " Marcius" = " Mar" "cius".
+    wrong = {tokenizer.encode(" Coriolanus")[1], tokenizer.encode(" Marcius")[0]}
+
+    def score(params, ids):
+        ids = np.asarray(ids)
+        logprob = np.full(ids[:, 1:].shape, -0.5, np.float32)
+        return logprob, ~np.isin(ids[:, 1:], list(wrong))
+
+    model = SimpleNamespace(config=SimpleNamespace(n_positions=64, vocab_size=50257))
+    texts = {
+        "The tribune spoke against Coriolanus": False,  # first token right, the second wrong
+        "Then up rose the old Menenius": True,  # three tokens, all right
+        "The people cheered for Marcius": False,  # first token wrong, the last right
+        "They were all his friends": True,  # one token
+    }
+    result = eval_metrics.lambada(model, None, tokenizer, list(texts), batch_size=3, progress=False, scorer=score)
+    assert result["accuracy"] == sum(texts.values()) / len(texts)
+    assert result["num_target_tokens"] == 3 + 3 + 2 + 1
+    assert result["perplexity"] == pytest.approx(math.exp(0.5 * 9 / 4))
 
 
 def test_cli_prints_json_last(tiny, tmp_path, shared_dir, capsys):

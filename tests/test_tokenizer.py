@@ -255,7 +255,9 @@ def test_decode_accepts_arrays(tok, hf):
     emoji = tok.encode("\U0001f600")
     assert tok.decode(emoji[:1]) == hf.decode(emoji[:1]) and "\ufffd" in tok.decode(emoji[:1])
     batch, mask = tok.encode_batch(["Hello", "Hello \U0001f600 world"])
-    assert tok.decode_batch(batch) == [tok.decode(row) for row in batch]
+    # Without a mask the padding (<|endoftext|>) is text like any token, as in transformers' batch_decode.
+    assert tok.decode_batch(batch) == hf.batch_decode(batch.tolist()) == [
+        "<|endoftext|>" * (len(batch[0]) - 1) + "Hello", "Hello \U0001f600 world"]
     assert tok.decode_batch(jnp.asarray(batch), mask) == ["Hello", "Hello \U0001f600 world"]
     assert tok.decode_batch(batch, skip_special_tokens=True) == ["Hello", "Hello \U0001f600 world"]
 

@@ -87,6 +87,36 @@ def test_hf_to_flax_to_hf_is_bitwise_identical(request, which, model_class):
     assert init_shapes == {k: v.shape for k, v in _flat(params).items()}
 
 
+def test_every_tensor_lands_where_transformers_uses_it(hf_tiny_random):
+    """A round trip cannot see two table rows swapped (the swap undoes itself); logits and every gradient of a
+    checkpoint whose every tensor is random (biases and LayerNorm affine included) can: each HF tensor must
+    play in our model the role it plays in transformers."""
+    hf, folder = hf_tiny_random
+    model, params = from_pretrained(folder, progress=False)
+    config = model.config
+    ids = np.random.default_rng(5).integers(0, 50257, (2, 11))
+
+    def loss(p):
+        logits = model.apply({"params": p}, jnp.asarray(ids)).logits
+        nll = jax.nn.logsumexp(logits[:, :-1], -1) - jnp.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0]
+        return jnp.mean(nll), logits
+
+    (ours, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    with torch.enable_grad():
+        hf.zero_grad()
+        out = hf(torch.as_tensor(ids), labels=torch.as_tensor(ids))
+        out.loss.backward()
+    np.testing.assert_allclose(np.asarray(logits), out.logits.detach().numpy(), atol=1e-5, rtol=0)
+    assert float(ours) == pytest.approx(out.loss.item(), abs=1e-5)
+    # Our gradients, written out through the rename table, are transformers' gradients under the same keys.
+    ours_by_key = weights.hf_state_dict_from_params(grads, config)
+    theirs = {k: p.grad.numpy() for k, p in hf.named_parameters()}
+    assert sorted(ours_by_key) == sorted(theirs)
+    for key, grad in theirs.items():
+        np.testing.assert_allclose(ours_by_key[key], grad, atol=2e-5, rtol=1e-4, err_msg=key)
+    hf.zero_grad()
+
+
 def test_save_pretrained_writes_what_transformers_writes(hf_double, tmp_path, bpe_dir):
     """HF folder -> from_pretrained -> save_pretrained: same tensors bitwise, same config, generation config."""
     _, folder = hf_double
