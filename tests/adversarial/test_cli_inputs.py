@@ -94,7 +94,7 @@ CASES = [
     ("sample-bad-config", "sample", ["--model", "{bad_config}"], 1, "config.json"),
     ("sample-truncated-merges", "sample", ["--model", "{truncated_merges}"], 1, "merges.txt"),
     ("sample-offline-hub-id", "sample", ["--model", "nobody-here/no-such-model"], 1, "--model DIR"),
-    ("sample-url", "sample", ["--model", "gs://no-bucket/run"], 1, "gs://no-bucket/run"),
+    ("sample-url", "sample", ["--model", "ftp://no-bucket/run"], 1, "ftp://no-bucket/run"),  # gs:// itself: test_train_gcs.py
     # evaluate
     ("evaluate-batch-size-zero", "evaluate", ["--model", "{model}", "--text_file", "{text}", "--batch_size", "0"],
      2, "--batch_size"),
