@@ -1,7 +1,12 @@
 """GPT-2 XL (1558M) pretraining: T=1024, batch 512, lr 2e-4 (GPT-3's table for 1.3B).
 
-Params + AdamW moments are 25 GB in fp32: fsdp=16 leaves 1.6 GB per core (n_embd 1600 = 16 * 100
-divides evenly); data parallel over the rest.
+Params + AdamW moments are 25 GB in fp32: sharded over every device of the slice (fsdp = all, data = 1:
+3.1 GB per v3 core or v5e chip, 6.2 GB per v4 chip). With rematerialization, 16 accumulated micro-batches
+of 32 sequences fit a v3-8, a v4-8 and a v5litepod-8 (benchmarks/TPU_MEMORY.md, from
+`--config.compile_only=<topology>`); micro-batches of 64 need 16.5 GiB of a v5e chip's 15.75 (v3-8 and
+v4-8 would take them: `--config.micro_batch_size=64`).
+n_embd 1600 splits up to 64 ways; on a bigger slice set `--config.mesh.fsdp=16 --config.mesh.data=-1`
+and a `micro_batch_size` that is a multiple of the device count.
 """
 
 from configs import base
@@ -12,7 +17,9 @@ def get_config():
     c.model.preset = "gpt2-xl"
     c.model.remat = True
     c.data.source = "openwebtext"
+    c.micro_batch_size = 32
     c.steps = 600_000
     c.optimizer.lr = 2e-4
-    c.mesh.fsdp = 16
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     return c

@@ -1,6 +1,11 @@
 """GPT-2 large (774M) pretraining: T=1024, batch 512, lr 2.5e-4 (GPT-3's table for this size).
 
-Params + AdamW moments are 12.4 GB in fp32: sharded 8 ways (fsdp=8) that is 1.5 GB per core.
+Params + AdamW moments are 12.4 GB in fp32: more than a 16 GB v3 core or v5e chip can hold beside the
+activations, so they are sharded over every device of the slice (fsdp = all, data = 1: 1.5 GB per v3
+core, 3.1 GB per v4 chip). With rematerialization, 8 accumulated micro-batches of 64 sequences fit a v3-8,
+a v4-8 and a v5litepod-8 (benchmarks/TPU_MEMORY.md, from `--config.compile_only=<topology>`). n_embd
+1280 splits up to 256 ways; on a bigger slice set `--config.mesh.fsdp=8 --config.mesh.data=-1` and a
+`micro_batch_size` that is a multiple of the device count.
 """
 
 from configs import base
@@ -11,7 +16,9 @@ def get_config():
     c.model.preset = "gpt2-large"
     c.model.remat = True
     c.data.source = "openwebtext"
+    c.micro_batch_size = 64
     c.steps = 600_000
     c.optimizer.lr = 2.5e-4
-    c.mesh.fsdp = 8
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     return c
