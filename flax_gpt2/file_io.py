@@ -91,38 +91,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     if is_url(text):
         epath(text).write_bytes(raw)
         return
-    folder = os.path.dirname(os.path.abspath(text)) or "."
+    _replace_local(text, lambda f: f.write(raw))
+
+
+def _replace_local(target: str, write) -> None:
+    """`write(file)` into a temp file beside `target`, fsync, give it `target`'s mode, rename it over `target`."""
+    folder = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(text)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        _set_mode(tmp, text)
-        os.replace(tmp, text)
+        _set_mode(tmp, target)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
     _fsync_dir(folder)
-
-
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copies a local file to `dst` through a temp file + rename (the old `dst` survives a failure)."""
-    folder = os.path.dirname(os.path.abspath(dst)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            shutil.copyfileobj(f, out, 16 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        _set_mode(tmp, dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 @contextlib.contextmanager
