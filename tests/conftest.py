@@ -40,12 +40,13 @@ def bpe_dir(shared_dir) -> Path:
 
 
 def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel", seed=0, tokenizer_files=True,
-                  randomize=False, **config_kwargs):
+                  randomize=False, randomize_std=0.1, **config_kwargs):
     """A random-init transformers GPT-2 saved with `save_pretrained`; returns (torch_model, folder).
 
     With `tokenizer_files`, the folder also gets `vocab.json` + `merges.txt` (GPT-2's, from ../shared) like
     every hub checkpoint has. With `randomize`, every parameter is redrawn after init (see
-    `randomize_parameters`): a fresh init has zero biases and unit LayerNorms, which hide same-shape mix-ups.
+    `randomize_parameters`, with `randomize_std`): a fresh init has zero biases and unit LayerNorms, which
+    hide same-shape mix-ups; a larger std (0.3) also makes next-token distributions peaked (no near-ties).
     """
     import shutil
 
@@ -57,7 +58,7 @@ def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(transformers.GPT2Config(**kwargs)).eval()
     if randomize:
-        randomize_parameters(model, seed)
+        randomize_parameters(model, seed, std=randomize_std)
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     if tokenizer_files and (SHARED / "gpt2-bpe").is_dir():
@@ -66,9 +67,9 @@ def make_hf_model(tmp_path_factory, name="hf_tiny", model_class="GPT2LMHeadModel
     return model, folder
 
 
-def randomize_parameters(torch_model, seed=0):
+def randomize_parameters(torch_model, seed=0, std=0.1):
     """Redraws every parameter of a torch GPT-2 in place: LayerNorm scales N(1, 0.2), everything else
-    (matrices, embeddings, biases, LayerNorm shifts) N(0, 0.1). No two tensors of a shape share values, so
+    (matrices, embeddings, biases, LayerNorm shifts) N(0, std). No two tensors of a shape share values, so
     a swap of two of them changes the outputs."""
     import torch
 
@@ -76,8 +77,8 @@ def randomize_parameters(torch_model, seed=0):
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
             layer_norm_scale = ("ln_" in name) and name.endswith(".weight")
-            center, std = (1.0, 0.2) if layer_norm_scale else (0.0, 0.1)
-            p.copy_(center + std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+            center, scale = (1.0, 0.2) if layer_norm_scale else (0.0, std)
+            p.copy_(center + scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return torch_model
 
 

@@ -21,15 +21,8 @@ HELLASWAG = DATA / "hellaswag_tiny.jsonl"  # 12 records in the official hellaswa
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, bpe_dir):
     """A tiny random GPT-2 with every weight random and large (peaked next-token distributions)."""
-    torch_model, folder = make_hf_model(tmp_path_factory, name="hellaswag_tiny")
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for key, p in torch_model.named_parameters():
-            if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    torch_model.save_pretrained(folder)
+    torch_model, folder = make_hf_model(tmp_path_factory, name="hellaswag_tiny", seed=2, randomize=True,
+                                        randomize_std=0.3)
     model, params = flax_gpt2.from_pretrained(str(folder), progress=False)
     return torch_model, model, params, flax_gpt2.get_tokenizer(bpe_dir), folder
 

@@ -44,18 +44,7 @@ metadata:
 def peaked_hf_model(tmp_path_factory, name):
     """A tiny random GPT-2 (window 128) whose every weight is random and large enough that next-token
     distributions are peaked: near-ties in greedy decoding and argmax comparisons would hide nothing."""
-    import torch
-
-    torch_model, folder = make_hf_model(tmp_path_factory, name=name)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in torch_model.named_parameters():
-            if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    torch_model.save_pretrained(folder)
-    return torch_model, folder
+    return make_hf_model(tmp_path_factory, name=name, seed=1, randomize=True, randomize_std=0.3)
 
 
 @pytest.fixture(scope="module")
