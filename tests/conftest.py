@@ -23,6 +23,19 @@ def set_dotted(config, overrides: dict) -> None:
         node[last] = value
 
 
+def tiny_train_config(cache_dir, **overrides):
+    """configs/tiny.py for in-process training tests: no progress bar, a loss record every step, the token
+    cache in `cache_dir`; `overrides` are dotted keys (`steps=8`, `**{"optimizer.lr": 1e-3}`)."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.log_every = 1
+    config.progress_bar = False
+    config.data.cache_dir = str(cache_dir)
+    set_dotted(config, overrides)
+    return config
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

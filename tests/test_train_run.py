@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import set_dotted
+from conftest import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -164,17 +164,7 @@ def test_kill_9_between_checkpoints_then_resume_reproduces_the_run(reference, ca
 
 
 def _tiny_config(cache_dir, **overrides):
-    from configs import tiny
-
-    config = tiny.get_config()
-    config.steps = STEPS
-    config.checkpoint_every = 4
-    config.log_every = 1
-    config.eval_every = 5
-    config.progress_bar = False
-    config.data.cache_dir = str(cache_dir)
-    set_dotted(config, overrides)
-    return config
+    return tiny_train_config(cache_dir, **{"steps": STEPS, "checkpoint_every": 4, "eval_every": 5, **overrides})
 
 
 def _truncate_largest_file(folder):

@@ -15,24 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import set_dotted
+from conftest import tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
 def _config(cache_dir, **overrides):
-    from configs import tiny
-
-    config = tiny.get_config()
-    config.steps = STEPS
-    config.checkpoint_every = 4
-    config.log_every = 1
-    config.eval_every = 4
-    config.progress_bar = False
-    config.data.cache_dir = str(cache_dir)
-    set_dotted(config, overrides)
-    return config
+    return tiny_train_config(cache_dir, **{"steps": STEPS, "checkpoint_every": 4, "eval_every": 4, **overrides})
 
 
 def _cli(cache_dir, workdir, *extra, cwd=REPO):
