@@ -227,26 +227,15 @@ del base_model, base_params  # the run loads its own copy (config.init_from)
 
 # %%
 import contextvars
-import io
 import threading
 
 from IPython.display import Image, Markdown, display
-from matplotlib.figure import Figure
+from train import metrics
 
 
 def read_metrics(workdir):
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            pass
-    return records
+    """The run's metrics.jsonl records so far ([] before the first one; a line being written is skipped)."""
+    return metrics.read_metrics(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
 
 
 class LiveLossCurve:
@@ -261,25 +250,13 @@ class LiveLossCurve:
     def draw(self):
         records = read_metrics(self.workdir)
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
         if not train:
             return
-        fig = Figure(figsize=(7, 3.5))  # not pyplot: safe to draw from a thread
-        ax = fig.add_subplot()
-        ax.plot(*zip(*train), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss")
         last = records[-1]
         speed = f", {last['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in last else ""
-        ax.set_title(f"step {train[-1][0]}: loss {train[-1][1]:.3f}{speed}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png", dpi=90)
-        self._handle.update(Image(png.getvalue()))
+        png = metrics.loss_png(records, title=f"step {train[-1][0]}: loss {train[-1][1]:.3f}{speed}",
+                               mark_step=None, dpi=90, size=(7, 3.5))
+        self._handle.update(Image(png))
 
     def _watch(self):
         while not self._done.wait(self.every_s):

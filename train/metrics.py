@@ -158,29 +158,40 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def plot_losses(workdir: str, out: str | None = None) -> str:
     """Draws train and eval loss against step into `workdir/loss.png` (or `out`); returns the path."""
+    out = out or file_io.join(workdir, "loss.png")
+    file_io.atomic_write(out, loss_png(read_metrics(workdir)))
+    return out
+
+
+def loss_png(records: list[dict], *, title: str | None = None, mark_step: int | None = None, dpi: int = 120,
+             size: tuple[float, float] = (7, 4)) -> bytes:
+    """PNG bytes of train and eval loss against step for `metrics.jsonl` records (`read_metrics`).
+
+    Uses matplotlib's `Figure` directly, not pyplot, so it is safe to call from a thread (the notebooks'
+    live curve). `mark_step` draws a dotted line at that step (e.g. where a run resumed).
+    """
     import io
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    records = read_metrics(workdir)
-    out = out or file_io.join(workdir, "loss.png")
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=size)
+    ax = fig.add_subplot()
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    if mark_step:
+        ax.axvline(mark_step, color="gray", linestyle=":", label=f"resumed at step {mark_step}")
+    if title:
+        ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    file_io.atomic_write(out, buffer.getvalue())
-    return out
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 class Progress:
