@@ -53,6 +53,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint_every={every}: must be at least 1")
         self.workdir = workdir
         self.train_config = train_config or {}
+        self._marked = False  # HAS_CHECKPOINTS known to exist: save() runs every step, so no stat (or gs:// request) each time
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(every),
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
@@ -200,8 +201,11 @@ class Checkpointer:
         self.manager.reload()
 
     def _mark_if_checkpointed(self) -> None:
-        if jax.process_index() == 0 and self.manager.latest_step() is not None and not self.has_ever_checkpointed():
+        if self._marked or jax.process_index() != 0 or self.manager.latest_step() is None:
+            return
+        if not self.has_ever_checkpointed():
             file_io.atomic_write(file_io.join(self.workdir, HAS_CHECKPOINTS), "")
+        self._marked = True
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
