@@ -57,7 +57,7 @@ def step_seconds(preset: str, scan: bool, seq_len: int, micro: int, steps: int =
 
     from device_check import _train_setup
     from flax_gpt2.config import GPT2Config
-    from train import step as step_lib
+    from flax_gpt2.train import step as step_lib
 
     config = GPT2Config.from_preset(preset, dtype=jnp.float32, scan_layers=scan, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0)

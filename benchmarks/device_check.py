@@ -54,7 +54,7 @@ def _opt_config():
 def _train_setup(config, micro: int, seq_len: int):
     """(jitted step, abstract args, mesh) for one chip: state shardings from the model's logical axes."""
     from flax_gpt2.model import GPT2LMHeadModel
-    from train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     device = jax.devices()[:1]
     mesh = jax.make_mesh((1, 1, 1), mesh_lib.MESH_AXES, devices=device,
@@ -90,7 +90,7 @@ def train_case(preset: str, seq_len: int, attention: str, scan: bool, max_micro:
     import flax.linen as nn
 
     from flax_gpt2.config import GPT2Config
-    from train import metrics, step as step_lib
+    from flax_gpt2.train import metrics, step as step_lib
 
     # Dropout 0, as pretraining runs use (and the fused kernels require).
     config = GPT2Config.from_preset(preset, dtype=jnp.bfloat16, param_dtype=jnp.float32, attention=attention,

@@ -5,7 +5,7 @@
 
 Both sides run the same model (random init), the same batch, dropout, AdamW (betas 0.9/0.95, weight decay
 0.1 on matrices), global-norm clipping at 1.0, one optimizer step per batch, in the same process. The
-flax_gpt2 step is `train.step.jit_train_step` exactly as `python -m train` runs it, on a mesh of all
+flax_gpt2 step is `flax_gpt2.train.step.jit_train_step` exactly as `python -m train` runs it, on a mesh of all
 local devices (data parallel), with one loss value fetched per step. Tokens/s counts trained tokens;
 MFU = tokens/s x (6N + 12 L D T) / peak, with the peak from train/metrics.py (CPU: `--cpu-peak`, an
 estimate). The first step (compilation / warm-up) is not timed.
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from configs import base  # installed with flax_gpt2 (`pip install -e .`), like `train`
+from flax_gpt2.configs import base  # installed with flax_gpt2 (`pip install -e .`), like `train`
 
 
 def _time_steps(step, n: int) -> list[float]:
@@ -40,7 +40,7 @@ def bench_flax(batch: int, seq_len: int, steps: int, dropout: float, dtype: str,
     import ml_collections
 
     from flax_gpt2 import GPT2Config, GPT2LMHeadModel
-    from train import mesh as mesh_lib, metrics, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, metrics, step as step_lib
 
     config = base.get_config()
     gpt2 = GPT2Config.from_preset("gpt2", resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
@@ -105,7 +105,7 @@ def bench_torch(batch: int, seq_len: int, steps: int, dropout: float) -> dict:
     times = _time_steps(one, steps)
     tok_s = batch * seq_len / statistics.median(times)
     from flax_gpt2 import GPT2Config
-    from train import metrics
+    from flax_gpt2.train import metrics
     mfu = tok_s * metrics.flops_per_token(GPT2Config(), seq_len) / ARGS.cpu_peak
     return {"framework": f"transformers {transformers.__version__} + torch {torch.__version__}",
             "device": "cpu", "threads": torch.get_num_threads(), "tokens_per_sec": tok_s, "mfu": mfu,

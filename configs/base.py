@@ -1,7 +1,8 @@
 """Defaults for every training run; the run configs beside this file only override them.
 
-`python -m train --config configs/<name>.py --workdir DIR --config.KEY=VALUE` loads `get_config()` from
-the file and applies dotted overrides (`--config.optimizer.lr=3e-4`, `--config.mesh.fsdp=4`); a key that
+`python -m train --config configs/<name>.py --workdir DIR --config.KEY=VALUE` (from a checkout) or
+`python -m flax_gpt2.train --config <name> ...` (installed) loads `get_config()` from the file and applies
+dotted overrides (`--config.optimizer.lr=3e-4`, `--config.mesh.fsdp=4`); a key that
 is not defined here is an error.
 """
 
@@ -10,14 +11,16 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-# The folder beside the checkout with the GPT-2 BPE files and small corpora (tests, demos).
-SHARED = os.environ.get("FLAX_GPT2_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
-
 
 def shared_path(*parts: str) -> str:
-    """A path under SHARED if it exists there, else "" (the config then needs it set)."""
-    path = os.path.normpath(os.path.join(SHARED, *parts))
-    return path if os.path.exists(path) else ""
+    """A path under `$FLAX_GPT2_SHARED` (a folder of GPT-2 BPE files and small corpora that the tests and
+    demos use) if that is set and has it, else "": the run then needs the key set on the command line.
+
+    Only an environment variable, never a guess relative to this file: installed, it lives in site-packages.
+    """
+    root = os.environ.get("FLAX_GPT2_SHARED", "")
+    path = os.path.normpath(os.path.join(os.path.expanduser(root), *parts)) if root else ""
+    return path if path and os.path.exists(path) else ""
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@
 from there. Small constant learning rate, a little dropout, few steps (nanoGPT's finetune_shakespeare).
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

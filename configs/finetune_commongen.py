@@ -12,7 +12,7 @@ After training, the run generates a sentence for held-out concept sets and repor
 share of concepts that appear) next to the eval loss.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

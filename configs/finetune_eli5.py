@@ -11,7 +11,7 @@ run logs eval loss and perplexity at the end of every epoch (metrics.jsonl `epoc
 Sources: `eli5_category` on the hub (`answers.text`), or local json/jsonl with `answers`/`answer` fields.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

@@ -13,7 +13,7 @@ OpenWebText). Learning rate, warmup and cosine decay to 10% follow GPT-3's table
 Tokenize OpenWebText once with `python -m train.tokenize_corpus openwebtext /data/openwebtext_tokens`.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

@@ -23,7 +23,7 @@ without the hardware (compile only): `--config.compile_only=v4-8` (or `v5litepod
 compile_report.json; the model and batch are configs/gpt2_124m.py's, see benchmarks/TPU_MEMORY.md.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

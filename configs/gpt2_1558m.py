@@ -9,7 +9,7 @@ n_embd 1600 splits up to 64 ways; on a bigger slice set `--config.mesh.fsdp=16 -
 and a `micro_batch_size` that is a multiple of the device count.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

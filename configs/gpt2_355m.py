@@ -7,7 +7,7 @@ chip, 16 per v4 chip) fit a v3-8, a v4-8 and a v5litepod-8 (benchmarks/TPU_MEMOR
 count.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

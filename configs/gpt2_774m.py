@@ -8,7 +8,7 @@ a v4-8 and a v5litepod-8 (benchmarks/TPU_MEMORY.md, from `--config.compile_only=
 `micro_batch_size` that is a multiple of the device count.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

@@ -3,12 +3,13 @@
     python -m train --config configs/shakespeare.py --workdir runs/shakespeare
     python -m train --config configs/shakespeare.py --workdir runs/mine --config.data.source=my.txt
 
-By default the text is `../shared/data/tinyshakespeare.txt` beside the checkout; `data.source` may be
+The text is `$FLAX_GPT2_SHARED/data/tinyshakespeare.txt` when that variable is set (the tests and the
+README's demo command set it to `../shared`), else `--config.data.source=input.txt`; `data.source` may be
 any text/jsonl file or `datasets` name. Sized for a laptop CPU: on 2 shared cores the held-out loss is
 below 6.0 nats/token after ~4 minutes and ~5.0 after 600 steps (~16 minutes); see benchmarks/TRAIN.md.
 """
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Seconds-fast smoke run (tests, CI): the `tiny` preset (2 layers, width 64) on a text file."""
 
-from configs import base
+from flax_gpt2.configs import base
 
 
 def get_config():

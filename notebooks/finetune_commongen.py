@@ -60,7 +60,7 @@ repo_dir = ""  # a checkout of flax_gpt2 to import (CI); empty: install it from 
 
 # %% [markdown]
 # ## Install
-# `pip install`s this repository (the `flax_gpt2` library and its `train` application) from git with the
+# `pip install`s this repository (the `flax_gpt2` library and its training application, `flax_gpt2.train`) from git with the
 # JAX build for this runtime: the `[tpu]` extra on a TPU VM, `[cuda]` on an NVIDIA GPU, none on CPU. JAX is
 # not imported before the install, so no restart is needed. Does nothing when `flax_gpt2` is importable.
 
@@ -139,15 +139,15 @@ print("compute dtype:", compute_dtype)
 
 # %% [markdown]
 # ## The recipe's config
-# `configs/finetune_commongen.py`, what `python -m train --config configs/finetune_commongen.py` runs, with
+# `configs/finetune_commongen.py`, what `python -m flax_gpt2.train --config finetune_commongen` runs, with
 # this notebook's parameters. The mesh is data parallel over every device (`mesh.data = -1`): each holds a
 # copy of the parameters and `batch_size / devices` sequences of every batch.
 
 # %%
-from configs import finetune_commongen
-from train import data as data_lib
-from train import mesh as mesh_lib
-from train.train_loop import train_and_evaluate
+from flax_gpt2.configs import finetune_commongen
+from flax_gpt2.train import data as data_lib
+from flax_gpt2.train import mesh as mesh_lib
+from flax_gpt2.train.train_loop import train_and_evaluate
 
 config = finetune_commongen.get_config()
 config.init_from = model_name
@@ -230,7 +230,7 @@ import contextvars
 import threading
 
 from IPython.display import Image, Markdown, display
-from train import metrics
+from flax_gpt2.train import metrics
 
 
 def read_metrics(workdir):
@@ -294,7 +294,7 @@ print(result)
 import html
 
 from IPython.display import HTML
-from train import commongen_eval, recipes
+from flax_gpt2.train import commongen_eval, recipes
 
 model, params = flax_gpt2.from_pretrained(workdir, progress=False)  # the run's newest checkpoint
 after = sentence(model, params, CARD_PROMPT)

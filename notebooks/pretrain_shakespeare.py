@@ -23,7 +23,7 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/flax-gpt2/flax_gpt2/blob/main/notebooks/pretrain_shakespeare.ipynb)
 #
-# The project's training application (`train.train_loop.train_and_evaluate`, what `python -m train` runs)
+# The project's training application (`flax_gpt2.train.train_loop.train_and_evaluate`, what `python -m flax_gpt2.train` runs)
 # trains a 4-layer, 128-wide GPT-2 (GPT-2's tokenizer, 7.3M parameters) on Tiny Shakespeare with one
 # sharded, jitted train step across every device of the runtime. You will see the device mesh and where
 # each parameter lives, interrupt training (it saves a checkpoint and stops), resume it from that
@@ -62,7 +62,7 @@ repo_dir = ""  # a checkout of flax_gpt2 to import (CI); empty: install it from 
 
 # %% [markdown]
 # ## Install
-# `pip install`s this repository (the `flax_gpt2` library and its `train` application) from git with the
+# `pip install`s this repository (the `flax_gpt2` library and its training application, `flax_gpt2.train`) from git with the
 # JAX build for this runtime: the `[tpu]` extra on a TPU VM, `[cuda]` on an NVIDIA GPU, none on CPU. JAX is
 # not imported before the install, so no restart is needed. Does nothing when `flax_gpt2` is importable.
 
@@ -161,14 +161,14 @@ print(text[:300])
 
 # %% [markdown]
 # ## The run's config
-# `configs/shakespeare.py` (what `python -m train --config configs/shakespeare.py` uses), with this
+# `configs/shakespeare.py` (what `python -m flax_gpt2.train --config shakespeare` uses), with this
 # notebook's parameters. The mesh puts every device on the `fsdp` axis: each device holds a slice of the
 # parameters and optimizer state and a slice of every batch (ZeRO-3 data parallelism).
 
 # %%
-from configs import shakespeare
-from train import data as data_lib
-from train.train_loop import train_and_evaluate
+from flax_gpt2.configs import shakespeare
+from flax_gpt2.train import data as data_lib
+from flax_gpt2.train.train_loop import train_and_evaluate
 
 config = shakespeare.get_config()
 config.data.source = os.path.abspath(data_path)
@@ -202,9 +202,9 @@ print(f"workdir: {os.path.abspath(workdir)}")
 # which slice.
 
 # %%
-from train import mesh as mesh_lib
-from train import step as step_lib
-from train.train_loop import model_config
+from flax_gpt2.train import mesh as mesh_lib
+from flax_gpt2.train import step as step_lib
+from flax_gpt2.train.train_loop import model_config
 
 gpt2_config, _ = model_config(config)
 model = flax_gpt2.GPT2LMHeadModel(gpt2_config)
@@ -245,7 +245,7 @@ import signal
 import threading
 
 from IPython.display import Image, Markdown, display
-from train import metrics
+from flax_gpt2.train import metrics
 
 
 def read_metrics(workdir):
@@ -313,7 +313,7 @@ print(first_run)
 # The same call on the same `workdir` restores the newest checkpoint (parameters, optimizer state and the
 # position in the data, so the batches are the ones an uninterrupted run would draw) and trains on to
 # `steps`. Records logged after that checkpoint are dropped from `metrics.jsonl`, so the curve reads as one
-# run. (On the command line: rerun the same `python -m train ...` command.)
+# run. (On the command line: rerun the same `python -m flax_gpt2.train ...` command.)
 
 # %%
 checkpoint_steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())

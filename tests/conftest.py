@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED = Path(os.environ.get("FLAX_GPT2_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+# The demo configs (configs/tiny.py, ...) find their data only through this variable; the test runs and the
+# command lines they start inherit it.
+os.environ.setdefault("FLAX_GPT2_SHARED", str(SHARED))
 
 
 def set_dotted(config, overrides: dict) -> None:
@@ -26,7 +29,7 @@ def set_dotted(config, overrides: dict) -> None:
 def tiny_train_config(cache_dir, **overrides):
     """configs/tiny.py for in-process training tests: no progress bar, a loss record every step, the token
     cache in `cache_dir`; `overrides` are dotted keys (`steps=8`, `**{"optimizer.lr": 1e-3}`)."""
-    from configs import tiny
+    from flax_gpt2.configs import tiny
 
     config = tiny.get_config()
     config.log_every = 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from train import topologies
+from flax_gpt2.train import topologies
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = float(1 << 30)
@@ -148,8 +148,8 @@ def test_tiny_compiles_for_a_gpu_server(tmp_path):
 _PLATFORM_PROBE = r"""
 import sys
 import jax
-from train import compile_only as co, topologies
-from train.config_cli import parse_args
+from flax_gpt2.train import compile_only as co, topologies
+from flax_gpt2.train.config_cli import parse_args
 
 config, _ = parse_args(["train", "--config", "configs/tiny.py", "--workdir", "/nonexistent"])
 target = topologies.lookup("v4-8")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from train import config_cli, train_loop
+from flax_gpt2.train import config_cli, train_loop
 
 
 def _run(config_file, workdir, *overrides):
@@ -49,7 +49,7 @@ def test_commongen_trains_evaluates_per_epoch_and_reports_coverage(commongen_run
     samples = _records(workdir / "commongen_samples.jsonl")
     assert len(samples) == 3 and all(s["concepts"] for s in samples)
     # The logged figure is the mean of the samples' coverage, each recomputed from its sentence.
-    from train import recipes
+    from flax_gpt2.train import recipes
     assert all(s["coverage"] == recipes.coverage(s["concepts"], s["sentence"]) for s in samples)
     assert coverage[0]["coverage"] == pytest.approx(np.mean([s["coverage"] for s in samples]), abs=1e-12)
     assert result["coverage"] == coverage[0]["coverage"]
@@ -58,7 +58,7 @@ def test_commongen_trains_evaluates_per_epoch_and_reports_coverage(commongen_run
 def test_commongen_held_out_sets_are_not_trained_on(commongen_run):
     """The coverage sets come from the held-out tail of the stream: none of their scenes were trained on."""
     from flax_gpt2 import get_tokenizer
-    from train import commongen_eval, data
+    from flax_gpt2.train import commongen_eval, data
 
     _, _, config = commongen_run
     store = data.load_tokens(config.data, progress=False)
@@ -119,8 +119,8 @@ def test_linear_schedule_matches_transformers():
     import torch
     import transformers
 
-    from configs import base
-    from train import step
+    from flax_gpt2.configs import base
+    from flax_gpt2.train import step
 
     opt = base.get_config().optimizer
     opt.schedule, opt.lr, opt.warmup_steps = "linear", 2e-5, 10

@@ -179,11 +179,11 @@ def test_sharded_loss_fn_splits_rows_over_devices(tiny, bpe_dir):
 def test_hellaswag_during_training_is_logged_and_right(tmp_path, shared_dir, bpe_dir):
     """`--config.eval_hellaswag=FILE` scores HellaSwag at every eval; the logged accuracy equals a one-off
     evaluation of the saved params."""
-    from configs import tiny as tiny_config
+    from flax_gpt2.configs import tiny as tiny_config
     from flax_gpt2 import run_checkpoint
     from flax_gpt2.model import GPT2LMHeadModel
-    from train.metrics import read_metrics
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.metrics import read_metrics
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     data = Path(__file__).parent / "data" / "hellaswag_tiny.jsonl"
     config = tiny_config.get_config()

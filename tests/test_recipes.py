@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train import recipes
+from flax_gpt2.train import recipes
 
 
 def test_commongen_release_record_matches_card_format():

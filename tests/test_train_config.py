@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import set_dotted
 
-from train.config_cli import UsageError, parse_args
+from flax_gpt2.train.config_cli import UsageError, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("__init__", "base"))
@@ -22,7 +22,7 @@ def test_all_run_configs_exist():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_is_consistent(name):
-    from train.train_loop import model_config
+    from flax_gpt2.train.train_loop import model_config
 
     config, workdir = parse_args(["train", "--config", f"configs/{name}.py", "--workdir", "/tmp/x"])
     assert workdir == "/tmp/x"
@@ -68,8 +68,30 @@ def test_missing_config_or_workdir():
         parse_args(["train", "--workdir", "w"])
     with pytest.raises(UsageError, match="--workdir is required"):
         parse_args(["train", "--config", "configs/tiny.py"])
-    with pytest.raises(UsageError, match="cannot load the config file"):
+    with pytest.raises(UsageError, match=r"configs/nope.py: no such file; shipped configs: .*shakespeare, tiny"):
         parse_args(["train", "--config", "configs/nope.py", "--workdir", "w"])
+
+
+def test_broken_config_file_is_a_usage_error(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    with pytest.raises(UsageError, match="cannot load the config file: SyntaxError"):
+        parse_args(["train", "--config", str(broken), "--workdir", "w"])
+
+
+@pytest.mark.parametrize("spelling", ["tiny", "tiny.py", "configs/tiny.py", "--config=tiny"])
+def test_shipped_configs_load_by_name_outside_a_checkout(spelling, tmp_path, monkeypatch):
+    """pip users have no configs/ folder beside them: a shipped config's name (or the checkout's path to it)
+    loads the installed flax_gpt2/configs file, the same config as the checkout's."""
+    from_checkout, _ = parse_args(["train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", "w"])
+    monkeypatch.chdir(tmp_path)
+    argv = [spelling] if spelling.startswith("--") else ["--config", spelling]
+    config, _ = parse_args(["train", *argv, "--workdir", "w", "--config.steps=3"])
+    assert config.steps == 3 and config.model.preset == from_checkout.model.preset == "tiny"
+    assert config.data.seq_len == from_checkout.data.seq_len and config.batch_size == from_checkout.batch_size
+    (tmp_path / "tiny").mkdir()  # a local path of that name wins (and is no config file)
+    with pytest.raises(UsageError, match="cannot load the config file"):
+        parse_args(["train", "--config", "tiny", "--workdir", "w"])
 
 
 def test_cli_reports_unknown_key_and_exits_2():
@@ -81,7 +103,7 @@ def test_cli_reports_unknown_key_and_exits_2():
 
 
 def _tiny(tmp_path, **overrides):
-    from configs import tiny
+    from flax_gpt2.configs import tiny
 
     config = tiny.get_config()
     config.data.cache_dir = str(tmp_path / "cache")
@@ -99,7 +121,7 @@ def _tiny(tmp_path, **overrides):
     ({"model.preset": "gpt5"}, ValueError, "unknown GPT-2 preset 'gpt5'"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, overrides, error, message):
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     with pytest.raises(error, match=message):
         train_and_evaluate(_tiny(tmp_path, **overrides), str(tmp_path / "run"))
@@ -109,9 +131,9 @@ def test_finetune_starts_from_hf_weights(hf_tiny, tmp_path):
     import jax
 
     import flax_gpt2
-    from configs import finetune
+    from flax_gpt2.configs import finetune
     from flax_gpt2 import run_checkpoint
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     _, folder = hf_tiny
     config = finetune.get_config()

@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import base
-from train import data, tokenize_corpus as tc
+from flax_gpt2.configs import base
+from flax_gpt2.train import data, tokenize_corpus as tc
 
 
 @pytest.fixture(scope="module")

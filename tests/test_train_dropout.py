@@ -15,8 +15,8 @@ def setup():
     import flax.linen as nn
 
     import flax_gpt2
-    from configs import base
-    from train import step as step_lib
+    from flax_gpt2.configs import base
+    from flax_gpt2.train import step as step_lib
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", vocab_size=VOCAB, resid_pdrop=0.1, embd_pdrop=0.1,
                                               attn_pdrop=0.1)

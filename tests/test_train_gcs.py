@@ -90,7 +90,7 @@ def test_gs_path_without_gcsfs_names_the_extra(tmp_path):
     code = ("import sys, importlib.util as u; real = u.find_spec; "
             "u.find_spec = lambda name, *a: None if name == 'gcsfs' else real(name, *a); "
             "sys.argv = ['train', '--config', sys.argv[1], '--workdir', 'gs://bucket/run']; "
-            "from train.__main__ import main; sys.exit(main())")
+            "from flax_gpt2.train.__main__ import main; sys.exit(main())")
     proc = subprocess.run([sys.executable, "-c", code, str(REPO / "configs" / "tiny.py")], cwd=tmp_path,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), capture_output=True,
                           text=True, timeout=300)
@@ -102,9 +102,9 @@ def test_gs_path_without_gcsfs_names_the_extra(tmp_path):
 def test_data_source_token_cache_and_init_from_on_gcs(gcs_bucket, gcs_workdir, tmp_path, shared_dir,  # noqa: F811
                                                       monkeypatch):
     """The run's inputs on Cloud Storage too: the text, the tokenized-shard cache, and the weights to start from."""
-    from configs import tiny
+    from flax_gpt2.configs import tiny
     from flax_gpt2 import file_io
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "local-cache"))
     text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:60_000]

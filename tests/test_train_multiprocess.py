@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _driver(argv):
     import jax
 
-    from train import data
-    from train.config_cli import parse_args
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train import data
+    from flax_gpt2.train.config_cli import parse_args
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     config, workdir = parse_args(["train", *argv])
     rows = [0]
@@ -49,8 +49,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, shared_dir):
     from flax_gpt2 import run_checkpoint
-    from train import data
-    from configs import tiny
+    from flax_gpt2.train import data
+    from flax_gpt2.configs import tiny
 
     # Tokenize once, so that the three runs do not race to fill the cache.
     config = tiny.get_config()
@@ -105,8 +105,8 @@ def test_sigterm_on_one_host_saves_on_all_and_resumes(tmp_path, shared_dir):
     import signal
     import time
 
-    from configs import tiny
-    from train import data
+    from flax_gpt2.configs import tiny
+    from flax_gpt2.train import data
 
     config = tiny.get_config()
     config.data.cache_dir = str(tmp_path / "cache")

@@ -26,9 +26,9 @@ def test_train_steps_match_torch_adamw_with_accumulation(hf_tiny_random):
     import transformers
 
     import flax_gpt2
-    from configs import base
+    from flax_gpt2.configs import base
     from flax_gpt2 import weights
-    from train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     _, folder = hf_tiny_random  # every parameter random: decaying a bias or a LayerNorm scale moves it
     opt = base.get_config().optimizer  # AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1, clipping at 1.0
@@ -137,9 +137,9 @@ def test_decay_mask_on_the_real_parameter_tree():
     """Decayed: every kernel and both embeddings (untied lm_head included), in both layer layouts.
     Not decayed: biases, LayerNorm scales and shifts. And the optimizer really decays exactly those."""
     import flax_gpt2
-    from configs import base
+    from flax_gpt2.configs import base
     from flax_gpt2 import layer_stacking
-    from train import step as step_lib
+    from flax_gpt2.train import step as step_lib
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", tie_word_embeddings=False)
     params = _random_params(flax_gpt2.GPT2LMHeadModel(config))
@@ -202,7 +202,7 @@ def _rel_diff(a, b) -> float:
 def test_remat_gives_the_same_loss_and_gradients():
     """`remat=True` recomputes each block in the backward pass: the same loss and gradients as without, with
     dropout on (the recomputation must draw the same masks). (Remat under scan: test_scan_attention.)"""
-    from train import step as step_lib
+    from flax_gpt2.train import step as step_lib
 
     params = _random_params(_tiny())
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, SMALL_VOCAB, (2, 17)), jnp.int32)
@@ -226,8 +226,8 @@ BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL, BF16_UPDATE_RTOL = 1e-3, 1e-2, 0.2
 
 
 def test_bf16_train_step_is_finite_and_close_to_fp32():
-    from configs import base
-    from train import step as step_lib
+    from flax_gpt2.configs import base
+    from flax_gpt2.train import step as step_lib
 
     params = _random_params(_tiny())
     opt = base.get_config().optimizer

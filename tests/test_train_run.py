@@ -175,7 +175,7 @@ def _truncate_largest_file(folder):
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(reference, cache_dir, tmp_path, caplog):
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(reference[0], workdir)
@@ -199,8 +199,8 @@ def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monk
     import jax.numpy as jnp
 
     from flax_gpt2 import run_checkpoint
-    from train import step as step_lib
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train import step as step_lib
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     real = step_lib.cross_entropy
     monkeypatch.setattr(step_lib, "cross_entropy",

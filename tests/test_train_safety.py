@@ -69,7 +69,7 @@ def cache_dir(tmp_path_factory, shared_dir):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, cache_dir):
     """A complete run of STEPS steps with checkpoints at 4 and 8."""
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path_factory.mktemp("base")
     train_and_evaluate(_config(cache_dir), str(workdir))
@@ -102,8 +102,8 @@ def test_relative_workdir_trains_resumes_and_serves(cache_dir, tmp_path, monkeyp
 
 
 def test_resume_under_a_changed_config_touches_nothing(base_run, cache_dir, tmp_path):
-    from train import checkpointing, run_guard
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train import checkpointing, run_guard
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(base_run, workdir)
@@ -147,7 +147,7 @@ def test_workdir_that_is_a_file_is_a_clear_error(cache_dir, tmp_path):
 
 
 def test_a_second_run_on_a_busy_workdir_is_refused(base_run, cache_dir, tmp_path):
-    from train import run_guard
+    from flax_gpt2.train import run_guard
 
     workdir = tmp_path / "run"
     shutil.copytree(base_run, workdir)
@@ -184,7 +184,7 @@ def test_ctrl_c_saves_then_the_same_command_resumes(base_run, cache_dir, tmp_pat
 
 def test_flipped_bytes_in_a_checkpoint_are_caught(base_run, cache_dir, tmp_path, caplog):
     from flax_gpt2 import run_checkpoint
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(base_run, workdir)
@@ -210,7 +210,7 @@ def test_flipped_bytes_in_a_checkpoint_are_caught(base_run, cache_dir, tmp_path,
 
 
 def test_a_run_that_has_checkpointed_never_restarts_from_zero(base_run, cache_dir, tmp_path):
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(base_run, workdir)
@@ -222,7 +222,7 @@ def test_a_run_that_has_checkpointed_never_restarts_from_zero(base_run, cache_di
 
 
 def test_metrics_survive_a_crash_mid_write(base_run, cache_dir, tmp_path):
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
     shutil.copytree(base_run, workdir)

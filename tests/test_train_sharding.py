@@ -22,9 +22,9 @@ def _setup(mesh_shape, devices, dropout=0.1, seq_len=32):
     """Model, optimizer and shardings of the tiny model on a (data, fsdp, tensor) mesh of `devices`."""
     import ml_collections
 
-    from configs import base
+    from flax_gpt2.configs import base
     from flax_gpt2 import GPT2Config, GPT2LMHeadModel
-    from train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     # GPT-2's optimizer (lr 6e-4, AdamW, clipping) with its warmup shortened from 2000 to 10 steps. AdamW's
     # first update of an entry is ~lr * g / (|g| + eps): for entries whose gradient is near zero, fp32
@@ -47,7 +47,7 @@ def _run(mesh_shape, devices, tokens, n_steps=3):
     import flax.linen as nn
     import jax
 
-    from train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     model, tx, schedule, mesh, rules, shardings = _setup(mesh_shape, devices, seq_len=tokens.shape[-1] - 1)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
@@ -77,7 +77,7 @@ def _max_diff(a, b) -> float:
 def _worker(out_path):
     import jax
 
-    from train import train_loop
+    from flax_gpt2.train import train_loop
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50257, size=(2, 8, 33), dtype=np.int32)  # 2 micro-batches of 8 rows
@@ -107,7 +107,7 @@ def _worker(out_path):
 
 
 def _tiny_train_config():
-    from configs import tiny
+    from flax_gpt2.configs import tiny
     return tiny.get_config()
 
 
@@ -146,7 +146,7 @@ def test_gradient_accumulation_equals_big_batch():
     """4 micro-batches of 2 rows give the loss, grads and update of one batch of 8 (fp32, 1 device)."""
     import jax
 
-    from train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     tokens = np.random.default_rng(1).integers(0, 50257, size=(8, 33), dtype=np.int32)
     model, tx, schedule, mesh, rules, shardings = _setup((1, 1, 1), jax.devices()[:1], dropout=0.0)

@@ -1,17 +1,18 @@
-"""`python -m train --config configs/<name>.py --workdir DIR [--config.KEY=VALUE ...] [--debug]`."""
+"""`python -m train --config configs/<name>.py --workdir DIR [--config.KEY=VALUE ...] [--debug]` from a
+checkout; installed, the same app is `python -m flax_gpt2.train --config <name> ...` (or `flax-gpt2-train`)."""
 
 import logging
 import sys
 
 from flax_gpt2 import cli
-from train.config_cli import parse_args
+from flax_gpt2.train.config_cli import parse_args
 
 
 def _main(argv: list[str]) -> int:
     config, workdir = parse_args(["train", *argv])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
-    from train.train_loop import train_and_evaluate
+    from flax_gpt2.train.train_loop import train_and_evaluate
 
     result = train_and_evaluate(config, workdir)
     return cli.EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0

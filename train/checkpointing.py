@@ -30,9 +30,9 @@ from jax.experimental import multihost_utils
 
 from flax_gpt2 import file_io, layer_stacking, run_checkpoint
 from flax_gpt2.run_checkpoint import checkpoint_dir
-from train import run_guard
-from train.data import DataState
-from train.step import TrainState
+from flax_gpt2.train import run_guard
+from flax_gpt2.train.data import DataState
+from flax_gpt2.train.step import TrainState
 
 HAS_CHECKPOINTS = ".has_checkpoints"  # in the workdir, once the first checkpoint is complete
 CORRUPT_DIR = "corrupt_checkpoints"

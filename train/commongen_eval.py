@@ -10,8 +10,8 @@ import numpy as np
 from flax_gpt2 import file_io
 from flax_gpt2.generation import generate
 from flax_gpt2.tokenizer import get_tokenizer
-from train import recipes
-from train import tokenize_corpus as tc
+from flax_gpt2.train import recipes
+from flax_gpt2.train import tokenize_corpus as tc
 
 
 def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:

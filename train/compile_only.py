@@ -45,7 +45,7 @@ from typing import Any
 import jax
 
 from flax_gpt2 import file_io
-from train import topologies
+from flax_gpt2.train import topologies
 
 GiB = float(1 << 30)
 MFU = 0.5  # the utilization the step-time prediction assumes
@@ -78,7 +78,7 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
       ValueError: an unknown topology name, or a mesh / batch the topology cannot take.
       DoesNotFit: the step needs more HBM per chip than the topology has (the report is written first).
     """
-    from train import config_checks
+    from flax_gpt2.train import config_checks
 
     config_checks.check_config(config)
     target = topologies.lookup(config.compile_only)
@@ -140,7 +140,7 @@ def _prepare_jax(target) -> None:
 def _model_config(config):
     """`train_loop.model_config` without loading pretrained weights: only the architecture is needed."""
     from flax_gpt2.config import GPT2Config, PRESETS
-    from train.train_loop import model_config
+    from flax_gpt2.train.train_loop import model_config
 
     if not config.init_from:
         return model_config(config)[0]
@@ -163,8 +163,8 @@ def _plan(config, devices) -> _Plan:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from flax_gpt2.model import GPT2LMHeadModel
-    from train import mesh as mesh_lib, step as step_lib
-    from train.train_loop import _check_batch
+    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
+    from flax_gpt2.train.train_loop import _check_batch
 
     gpt2_config = _model_config(config)
     seq_len = config.data.seq_len
@@ -294,7 +294,7 @@ def _largest_buffers(jitted, args, mesh, rules, count: int = 8) -> list[dict]:
 
 
 def _flops(compiled, report: dict, plan: _Plan, kernels: int = 0) -> dict:
-    from train import metrics as metrics_lib
+    from flax_gpt2.train import metrics as metrics_lib
 
     tokens = report["batch_size"] * report["seq_len"]
     model_flops = metrics_lib.flops_per_token(plan.gpt2_config, report["seq_len"]) * tokens
@@ -365,7 +365,7 @@ def _describe(config, target, plan: _Plan) -> dict:
 
 
 def _batch_shards(plan: _Plan) -> int:
-    from train import mesh as mesh_lib
+    from flax_gpt2.train import mesh as mesh_lib
 
     return mesh_lib.batch_shards(plan.mesh, plan.rules)
 

@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from flax_gpt2 import file_io
-from train import tokenize_corpus as tc
+from flax_gpt2.train import tokenize_corpus as tc
+from flax_gpt2.train.config_checks import ConfigValueError
 
 
 class TokenStore:
@@ -99,7 +100,9 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     """
     source = data_config.source
     if not source:
-        raise ValueError("config.data.source is empty: give a text/jsonl file, a folder, or a datasets name")
+        raise ConfigValueError("config.data.source is empty: give --config.data.source=... (a text/jsonl file, a "
+                               "folder, a tokenized corpus or a datasets name); the demo configs fill it in from "
+                               "$FLAX_GPT2_SHARED when that names a folder with data/tinyshakespeare.txt")
     corpus = source if file_io.is_url(source) else os.path.expanduser(source)
     if file_io.exists(file_io.join(corpus, "meta.json")):  # a tokenize_corpus folder
         return TokenStore(_mirror(corpus) if file_io.is_url(corpus) else corpus)

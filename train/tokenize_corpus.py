@@ -137,7 +137,7 @@ def _load_dataset(source: str, dataset_config: str, split: str):
 
 
 def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str) -> Iterator[list[str]]:
-    from train import recipes
+    from flax_gpt2.train import recipes
 
     if recipe not in recipes.RECIPES:
         raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {recipes.RECIPES}")

@@ -26,8 +26,8 @@ import numpy as np
 from flax_gpt2 import dtypes, file_io, layer_stacking
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
-from train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
-from train import step as step_lib
+from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
+from flax_gpt2.train import step as step_lib
 
 def _dtype(name: str, key: str):
     return dtypes.from_name(name, f"config.model.{key}")
@@ -189,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     workdir = file_io.resolve_path(workdir)  # orbax needs absolute paths; a later chdir must not move the run
     if config.compile_only:
-        from train.compile_only import compile_only
+        from flax_gpt2.train.compile_only import compile_only
         return compile_only(config, workdir)
     config_checks.check_config(config)
     _initialize_distributed(config.distributed)
@@ -344,7 +344,7 @@ def _resolve_epochs(config, steps_per_epoch: int):
 
 def _commongen_coverage(model, params, config, cut: int, workdir: str, writer, writer_step: int) -> dict:
     """Coverage of held-out CommonGen concept sets; appended to metrics.jsonl and printed."""
-    from train import commongen_eval
+    from flax_gpt2.train import commongen_eval
 
     params = jax.device_get(params)
     sets = commongen_eval.held_out_concept_sets(config.data, cut, config.coverage_sets)

@@ -41,6 +41,10 @@ def copy_repo(repo: Path, dest: Path) -> None:
         target = dest / f
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / f, target)
+    # setup.cfg installs train/ and configs/ as flax_gpt2.train / flax_gpt2.configs; on PYTHONPATH the copy
+    # needs the same names inside its own package, or they would resolve to the editable install's files.
+    for name in ("train", "configs"):
+        (dest / "flax_gpt2" / name).symlink_to(Path("..") / name, target_is_directory=True)
 
 
 def check_anchors(root: Path, mutations) -> None:
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
         copy_repo(REPO, root)
         check_anchors(root, mutations)
         print(f"{len(mutations)} mutations; copy of {REPO} in {root}", flush=True)
-        where = "import flax_gpt2, train; print(flax_gpt2.__file__, train.__file__)"
+        where = ("import flax_gpt2, flax_gpt2.train, flax_gpt2.configs; "
+                 "print(flax_gpt2.__file__, flax_gpt2.train.__file__, flax_gpt2.configs.__file__)")
         env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
         probe = subprocess.run([sys.executable, "-c", where], cwd=root, env=env, capture_output=True, text=True,
                                check=True).stdout.split()
