@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax_gpt2 import attention as attention_lib
 from flax_gpt2.activations import ACTIVATIONS
 from flax_gpt2.config import GPT2Config
+from flax_gpt2.grad_barrier import grad_barrier
 from flax_gpt2.kv_cache import KVCache
 
 Array = jax.Array
@@ -177,6 +178,8 @@ class Block(nn.Module):
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if self.config.block_grad_barrier:
+            x = grad_barrier(x)
         return x, new_kv
 
 
@@ -290,9 +293,15 @@ class GPT2Model(nn.Module):
 
     def attend(self, x: Array) -> Array:
         """Tied output projection: `[B, T, D] -> [B, T, V]` logits in float32."""
-        embedding = self.wte.embedding.astype(self.config.dtype)
-        return jnp.einsum("BTD,VD->BTV", x.astype(self.config.dtype), embedding,
-                          preferred_element_type=jnp.float32)
+        return output_logits(x, self.wte.embedding, self.config.dtype, vocab_major=True)
+
+
+def output_logits(hidden: Array, head: Array, dtype: Any, *, vocab_major: bool = False) -> Array:
+    """Logits `[..., V]` in float32 from hidden states `[..., D]`: the one output projection that the model
+    and the decoding loop both use. `head` is `[D, V]` (an `lm_head` kernel), or `[V, D]` with
+    `vocab_major=True` (the tied `wte` embedding); both operands are cast to the compute `dtype`."""
+    spec = "...D,VD->...V" if vocab_major else "...D,DV->...V"
+    return jnp.einsum(spec, hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 
 
 class LMHead(nn.Module):
@@ -305,8 +314,7 @@ class LMHead(nn.Module):
         cfg = self.config
         kernel = self.param("kernel", _normal(cfg.initializer_range, ("embed", "vocab")),
                             (cfg.n_embd, cfg.vocab_size), cfg.param_dtype)
-        return jnp.einsum("BTD,DV->BTV", x.astype(cfg.dtype), kernel.astype(cfg.dtype),
-                          preferred_element_type=jnp.float32)
+        return output_logits(x, kernel, cfg.dtype)
 
 
 class _WithLMHead(nn.Module):

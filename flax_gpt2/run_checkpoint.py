@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -20,6 +20,7 @@ from flax_gpt2.model import GPT2LMHeadModel
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
 ITEMS = ("params", "opt_state", "meta")
+T = TypeVar("T")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> str:
@@ -93,25 +94,52 @@ def _steps_to_try(manager, path, step: int | None) -> list[int]:
 def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config, Any]:
     import orbax.checkpoint as ocp
 
+    def restore(s: int) -> tuple[GPT2Config, Any]:
+        meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = GPT2Config.from_hf_config(meta["model_config"])
+        # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
+        scanned = bool((meta.get("train_config") or {}).get("model.scan_layers", False))
+        params = manager.restore(s, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
+        verify(params, (meta.get("checksums") or {}).get("params"), f"checkpoint {checkpoint_dir(path)}/{s}")
+        return config, layer_stacking.unstack_layers(params)
+
+    restored, errors = restore_newest_intact(steps, restore, where=checkpoint_dir(path))
+    if restored is None:
+        raise RuntimeError(f"no readable checkpoint in {checkpoint_dir(path)}:\n" + "\n".join(errors))
+    if errors:
+        logging.warning("using the checkpoint at step %d instead", restored[0])
+    return restored[1]
+
+
+def restore_newest_intact(steps: list[int], restore: Callable[[int], T], *, where: str,
+                          on_corrupt: Callable[[int], None] | None = None,
+                          fatal: tuple[type[BaseException], ...] = ()) -> tuple[tuple[int, T] | None, list[str]]:
+    """`restore(step)` for each of `steps` (newest first) until one succeeds: the one loop that both the
+    run reader (`load_run`) and training's resume use to skip a corrupt checkpoint.
+
+    Any exception but the `fatal` types (which propagate: e.g. a checkpoint that is intact but does not fit
+    the config) marks that step corrupt: it is logged, `on_corrupt(step)` runs (training sets it aside),
+    and the next older step is tried.
+
+    Returns:
+      `((step, restore(step)) or None if every step failed, ["step N: Error: message", ...])`.
+    """
     errors = []
-    for s in steps:
+    for step in steps:
         try:
-            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            config = GPT2Config.from_hf_config(meta["model_config"])
-            # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
-            scanned = bool((meta.get("train_config") or {}).get("model.scan_layers", False))
-            params = manager.restore(s, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
-            verify(params, (meta.get("checksums") or {}).get("params"), f"checkpoint {checkpoint_dir(path)}/{s}")
-            params = layer_stacking.unstack_layers(params)
+            result = restore(step)
+        except fatal:
+            raise
         except Exception as e:  # orbax/tensorstore raise many types for a truncated or missing file
-            logging.error("checkpoint %s/%d is corrupt or unreadable (%s: %s)", checkpoint_dir(path), s, type(e).__name__, e)
-            errors.append(f"step {s}: {type(e).__name__}: {e}")
+            logging.error("checkpoint at step %d is corrupt or unreadable (%s/%d: %s: %s)", step, where, step,
+                          type(e).__name__, e)
+            errors.append(f"step {step}: {type(e).__name__}: {e}")
+            if on_corrupt is not None:
+                on_corrupt(step)
             continue
-        if errors:
-            logging.warning("using the checkpoint at step %d instead", s)
-        return config, params
-    raise RuntimeError(f"no readable checkpoint in {checkpoint_dir(path)}:\n" + "\n".join(errors))
+        return (step, result), errors
+    return None, errors
 
 
 # --- integrity: a checksum of every array, stored in the checkpoint's meta and verified on restore ------

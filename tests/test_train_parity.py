@@ -218,6 +218,39 @@ def test_remat_gives_the_same_loss_and_gradients():
     assert _rel_diff(plain(params, tokens, jax.random.key(4))[1], grads_a) > 1e-2
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_block_grad_barrier_changes_no_number(scan_layers):
+    """The CPU train step stores each block's output cotangent (`block_grad_barrier`, a conditional in the
+    backward pass): on for the CPU step, off in the model by default, and the same loss and gradients."""
+    from flax_gpt2.grad_barrier import grad_barrier
+    from flax_gpt2.train import step as step_lib
+
+    model = _tiny(scan_layers=scan_layers)
+    params = _random_params(_tiny())
+    if scan_layers:
+        from flax_gpt2 import layer_stacking
+        params = layer_stacking.to_layout(params, True)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, SMALL_VOCAB, (2, 17)), jnp.int32)
+    step_loss = step_lib.make_loss_fn(model)
+    barrier = model.clone(config=model.config.replace(block_grad_barrier=True))
+
+    def plain_loss(params, tokens, rng):
+        logits = model.apply({"params": params}, tokens[:, :-1], deterministic=False, rngs={"dropout": rng}).logits
+        return step_lib.cross_entropy(logits, tokens[:, 1:])
+
+    assert model.config.block_grad_barrier is False
+    jaxprs = [str(jax.make_jaxpr(jax.grad(f))(params, tokens, jax.random.key(3))) for f in (plain_loss, step_loss)]
+    assert " cond[" not in jaxprs[0] and jaxprs[1].count(" cond[") == (1 if scan_layers else 2)
+    (loss_a, grads_a), (loss_b, grads_b) = (jax.jit(jax.value_and_grad(f))(params, tokens, jax.random.key(3))
+                                            for f in (plain_loss, step_loss))
+    assert float(loss_a) == float(loss_b)
+    assert _rel_diff(grads_b, grads_a) <= 1e-6
+    # identity forward; a NaN cotangent stays NaN
+    x = jnp.arange(6.0).reshape(2, 3)
+    assert (grad_barrier(x) == x).all() and (barrier.config.block_grad_barrier is True)
+    assert bool(jnp.isnan(jax.grad(lambda v: grad_barrier(v).sum() * jnp.nan)(x)).all())
+
+
 # One bf16-compute train step (fp32 master weights) against the fp32 step, same weights and batch: loss within
 # 0.1%, gradient norm within 1%, and the parameter updates within 20% (relative L2; Adam turns the sign of
 # each tiny gradient into a full-size step, so a rounding-level gradient difference can flip an entry's step).

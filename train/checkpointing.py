@@ -105,14 +105,8 @@ class Checkpointer:
           RuntimeError: checkpoints were written but none is intact (the corrupt ones are set aside):
             a run never silently restarts from step 0.
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        errors = []
-        for step in steps:
-            try:
-                meta = self._read_meta(step)
-            except Exception as e:  # orbax raises many types for a truncated or missing file
-                errors.append(self._corrupt(step, e))
-                continue
+        def restore(step: int) -> tuple[TrainState, DataState]:
+            meta = self._read_meta(step)
             saved = meta.get("train_config") or saved_config or self.train_config
             run_guard.check_resume_config(saved, self.train_config, allow_change=allow_config_change,
                                           workdir=self.workdir)
@@ -125,26 +119,13 @@ class Checkpointer:
                     tree, saved_scan, stack=layer_stacking.abstract_stack, take=layer_stacking.abstract_take)
                 target = abstract_state.replace(params=convert(abstract_state.params),
                                                 opt_state=convert(abstract_state.opt_state))
-            try:
-                self._check_shapes(step, target)
-            except IncompatibleCheckpointError:
-                raise
-            except Exception as e:
-                errors.append(self._corrupt(step, e))
-                continue
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target.params),
-                    opt_state=ocp.args.StandardRestore(target.opt_state)))
-                checksums = meta.get("checksums") or {}
-                where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
-                run_checkpoint.verify(restored["params"], checksums.get("params"), where)
-                run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
-            except Exception as e:
-                errors.append(self._corrupt(step, e))
-                continue
-            if errors:
-                logging.warning("resuming from the checkpoint at step %d instead", step)
+            self._check_shapes(step, target)
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state)))
+            checksums = meta.get("checksums") or {}
+            where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
+            run_checkpoint.verify(restored["params"], checksums.get("params"), where)
+            run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
             if saved_scan != current_scan:
                 logging.info("converting checkpoint %d to scan_layers=%s", step, current_scan)
                 restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),
@@ -153,6 +134,15 @@ class Checkpointer:
             state = TrainState(step=jax.device_put(jax.numpy.int32(meta["step"]), abstract_state.step.sharding),
                                params=restored["params"], opt_state=restored["opt_state"])
             return state, DataState(**meta["data"])
+
+        # An intact checkpoint that does not fit the config stops the resume; anything else is corruption.
+        restored, errors = run_checkpoint.restore_newest_intact(
+            sorted(self.manager.all_steps(), reverse=True), restore, where=checkpoint_dir(self.workdir),
+            on_corrupt=self._set_aside, fatal=(run_guard.ConfigChangedError, IncompatibleCheckpointError))
+        if restored is not None:
+            if errors:
+                logging.warning("resuming from the checkpoint at step %d instead", restored[0])
+            return restored[1]
         if errors or self.has_ever_checkpointed():
             raise RuntimeError(
                 f"no intact checkpoint in {checkpoint_dir(self.workdir)} although this run has saved checkpoints"
@@ -184,11 +174,6 @@ class Checkpointer:
                         f"checkpoint {step} in {self.workdir}: {item}.{path} is {np.dtype(h.dtype).name}"
                         f"{list(h.shape)} but the current config needs {np.dtype(w.dtype).name}{list(w.shape)}; "
                         "nothing was changed in the workdir")
-
-    def _corrupt(self, step: int, error: Exception) -> str:
-        logging.error("checkpoint at step %d is corrupt or unreadable (%s: %s)", step, type(error).__name__, error)
-        self._set_aside(step)
-        return f"step {step}: {type(error).__name__}: {error}"
 
     def _set_aside(self, step: int) -> None:
         """Moves a corrupt checkpoint out of the manager's folder (never deletes it)."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.model import GPT2LMHeadModel, output_logits
 
 Array = jax.Array
 
@@ -40,9 +40,7 @@ def forward(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, 
 
     hidden, cache = model.apply({"params": params}, input_ids, attention_mask, position_ids, None, cache,
                                 method=last_hidden)
-    dtype = model.config.dtype  # the same math as the model's own logits
-    logits = jnp.einsum("BD,DV->BV", hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
-    return logits, cache
+    return output_logits(hidden, head, model.config.dtype), cache  # the same math as the model's own logits
 
 
 def prefill(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
