@@ -14,10 +14,10 @@ import hashlib
 import json
 import os
 
-from flax_gpt2 import file_io
+from flax_gpt2 import bpe_files, file_io
 
 RUN_POINTER = "remote_run.json"  # in a mirror of a training run: {"url": ..., "steps": [...]}
-_SMALL_RUN_FILES = ("vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "train_config.json")
+_SMALL_RUN_FILES = (*(name for pair in bpe_files.FILE_PAIRS for name in pair), "train_config.json")
 
 
 def mirror_root() -> str:

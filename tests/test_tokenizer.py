@@ -5,6 +5,7 @@ Offline: a fixture blocks sockets wherever a test reaches for the hub or tiktoke
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 import warnings
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tiktoken
 
+from flax_gpt2 import bpe_files, tokenizer_sources
 from flax_gpt2 import tokenizer as tokenizer_lib
 from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 
@@ -403,7 +405,7 @@ def test_merges_with_unknown_byte_characters(bpe_dir, tmp_path):
     with pytest.raises(ValueError, match=r"merges.txt, line 4: .* not in .*vocab.json"):
         get_tokenizer(folder)
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (folder / "vocab.json").write_text(json.dumps({**{c: i for i, c in enumerate(tokenizer_lib._CHAR_TO_BYTE)},
+    (folder / "vocab.json").write_text(json.dumps({**{c: i for i, c in enumerate(bpe_files.CHAR_TO_BYTE)},
                                                    "\u4e00x": 256, ENDOFTEXT: 257}), encoding="utf-8")
     with pytest.warns(UserWarning):  # an unmergeable entry is a special token, spelled as in vocab.json
         assert get_tokenizer(folder).special_tokens == {"\u4e00x": 256, ENDOFTEXT: 257}
@@ -467,13 +469,25 @@ def test_save_replaces_files_only_when_both_are_complete(tok, bpe_dir, tmp_path,
         f = open(path, *args, **kwargs)
         return FullDisk(f) if str(path).endswith("merges.txt") else f
 
-    monkeypatch.setattr(tokenizer_lib, "open", open_with_full_disk, raising=False)
+    monkeypatch.setattr(bpe_files, "open", open_with_full_disk, raising=False)
     with pytest.raises(OSError, match="No space left"):
         custom.save(folder)  # vocab.json was written in full, merges.txt half
     monkeypatch.undo()
     assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]  # no staging left behind
     assert {name: (folder / name).read_bytes() for name in before} == before
     assert get_tokenizer(folder).is_standard_gpt2
+
+
+def test_tokenizer_files_takes_either_naming(bpe_dir, hf_folder, tmp_path):
+    assert tokenizer_lib.tokenizer_files(hf_folder) == (str(hf_folder / "vocab.json"), str(hf_folder / "merges.txt"))
+    assert bpe_files.tokenizer_files(str(bpe_dir)) == (str(bpe_dir / "encoder.json"), str(bpe_dir / "vocab.bpe"))
+    (tmp_path / "empty").mkdir()
+    assert bpe_files.tokenizer_files(tmp_path / "empty") is None
+    assert bpe_files.tokenizer_files(tmp_path / "nowhere") is None
+    (tmp_path / "half").mkdir()
+    shutil.copy(bpe_dir / "vocab.bpe", tmp_path / "half" / "vocab.bpe")
+    with pytest.raises(FileNotFoundError, match=r"half/encoder.json is missing: the folder has vocab.bpe"):
+        bpe_files.tokenizer_files(tmp_path / "half")
 
 
 def get_tokenizer_quietly(folder):
@@ -511,6 +525,14 @@ def test_hub_name_offline_says_how_to_work_offline(empty_caches, name):
     message = str(info.value)
     assert "vocab.json + merges.txt" in message and "TIKTOKEN_CACHE_DIR" in message
     assert "not in the local cache" in message
+    assert "e.g. get_tokenizer('/path/to/gpt2')" in message
+
+
+def test_offline_error_names_the_callers_way_to_pass_a_folder(empty_caches):
+    with pytest.raises(OSError) as info:
+        get_tokenizer("gpt2", pass_folder_as="--tokenizer DIR")
+    assert "e.g. --tokenizer DIR, or point TIKTOKEN_CACHE_DIR" in str(info.value)
+    assert "get_tokenizer(" not in str(info.value)
 
 
 def test_hub_name_without_network_says_how_to_work_offline(empty_caches, monkeypatch):
@@ -554,9 +576,9 @@ def test_hub_cache(empty_caches, bpe_dir, hf_folder, tok, tmp_path):
 
 
 def test_tiktoken_cache(empty_caches, bpe_dir, tok, tmp_path, monkeypatch):
-    # tiktoken's cache names files by the sha1 of their download address.
-    for url, name in zip(tokenizer_lib._TIKTOKEN_URLS, ("vocab.bpe", "encoder.json")):
-        shutil.copy(bpe_dir / name, empty_caches / "tiktoken" / hashlib.sha1(url.encode()).hexdigest())
+    # Filled where tiktoken_cache_path says (test_tiktoken_cache_path_is_where_tiktoken_writes checks it).
+    for url, name in zip(tokenizer_sources.TIKTOKEN_GPT2_FILES, ("vocab.bpe", "encoder.json")):
+        shutil.copy(bpe_dir / name, tokenizer_sources.tiktoken_cache_path(url))
     (tmp_path / "cwd" / "gpt2").mkdir(parents=True)  # None never means a local folder called gpt2
     monkeypatch.chdir(tmp_path / "cwd")
     from_tiktoken = get_tokenizer(None)
@@ -568,3 +590,49 @@ def test_tiktoken_cache(empty_caches, bpe_dir, tok, tmp_path, monkeypatch):
     vocab_path, merges_path = from_tiktoken.save(tmp_path / "saved")
     assert open(vocab_path, "rb").read() == (bpe_dir / "encoder.json").read_bytes()
     assert open(merges_path, "rb").read() == (bpe_dir / "vocab.bpe").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR", "tempdir", "disabled"])
+def test_tiktoken_cache_path_is_where_tiktoken_writes(empty_caches, bpe_dir, tmp_path, monkeypatch, where):
+    # tiktoken has no public "is it cached?", so tiktoken_cache_path repeats its naming: the installed
+    # tiktoken fills an empty cache from a stand-in download, and its files must be where we look.
+    import tempfile
+
+    import tiktoken.load
+
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR")
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    cache = tmp_path / "cache"
+    if where == "tempdir":  # neither variable: <tempdir>/data-gym-cache
+        (tmp_path / "tmp").mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+        cache = tmp_path / "tmp" / "data-gym-cache"
+    elif where == "disabled":
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    else:
+        monkeypatch.setenv(where, str(cache))
+    assert not tokenizer_sources.tiktoken_cache_has_gpt2()
+    served = {url: (bpe_dir / url.rsplit("/", 1)[1]).read_bytes() for url in tokenizer_sources.TIKTOKEN_GPT2_FILES}
+    downloaded = []
+
+    def download(url):
+        downloaded.append(url)
+        return served[url]
+
+    with monkeypatch.context() as m:
+        m.setattr(tiktoken.load, "read_file", download)  # the network, as tiktoken reaches it
+        tiktoken.get_encoding("gpt2")
+    assert sorted(downloaded) == sorted(served)
+    paths = [tokenizer_sources.tiktoken_cache_path(url) for url in served]
+    if where == "disabled":  # TIKTOKEN_CACHE_DIR="" turns tiktoken's cache off
+        assert paths == [None, None] and not tokenizer_sources.tiktoken_cache_has_gpt2()
+        assert not cache.exists()
+        return
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(p) for p in paths)
+    assert {os.path.dirname(p) for p in paths} == {str(cache)}
+    assert tokenizer_sources.tiktoken_cache_has_gpt2()
+    # Then get_tokenizer takes tiktoken's encoding from that cache, with no network.
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    from_cache = get_tokenizer(None)
+    assert from_cache.encoding is tiktoken.get_encoding("gpt2") and from_cache.is_standard_gpt2
+    assert len(downloaded) == 2

@@ -9,9 +9,11 @@ import numpy as np
 
 from flax_gpt2 import file_io
 from flax_gpt2.generation import generate
-from flax_gpt2.tokenizer import get_tokenizer
+from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
 from flax_gpt2.train import recipes
 from flax_gpt2.train import tokenize_corpus as tc
+
+_TOKENIZER_FLAG = "--config.data.tokenizer=DIR"  # how the offline tokenizer error says to pass a folder
 
 
 def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
@@ -20,7 +22,7 @@ def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
     The stream is the recipe's documents in order, each followed by `<|endoftext|>`, so re-encoding them
     gives each document's start; a set is held out when its first example starts at or after `cut`.
     """
-    encoding = tc.gpt2_encoding(data_config.tokenizer)
+    encoding = tc.gpt2_encoding(data_config.tokenizer, pass_folder_as=_TOKENIZER_FLAG)
     docs = [d[0] for d in tc.iter_documents(data_config.source, split=data_config.split,
                                               dataset_config=data_config.dataset_config, recipe="commongen")]
     lengths = [len(ids) + 1 for ids in encoding.encode_ordinary_batch(docs)]
@@ -35,17 +37,15 @@ def commongen_coverage(model, params, data_config, concept_sets: list[list[str]]
                        max_new_tokens: int = 32, batch_size: int = 16) -> dict:
     """Greedy sentences for `concept_sets` from the card's prompt, cut after the first '.'; returns the mean
     coverage and writes `workdir/commongen_samples.jsonl` (concepts, sentence, coverage)."""
-    tokenizer = get_tokenizer(data_config.tokenizer or None)
+    tokenizer = get_tokenizer(data_config.tokenizer or None, pass_folder_as=_TOKENIZER_FLAG)
     eot = tokenizer.eot_token
     rows = []
     for i in range(0, len(concept_sets), batch_size):
         chunk = concept_sets[i:i + batch_size]
-        prompts = [[eot] + tokenizer.encode(recipes.commongen_prompt(c)) for c in chunk]
-        width = max(map(len, prompts))
-        ids = np.full((len(chunk), width), eot, np.int32)
-        mask = np.zeros_like(ids)
-        for r, p in enumerate(prompts):  # left padding, as generate expects
-            ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+        # The card's prompt "<|endoftext|> kid, room, dance:", left-padded (with <|endoftext|>) as generate expects.
+        ids, mask = tokenizer.encode_batch([ENDOFTEXT + recipes.commongen_prompt(c) for c in chunk],
+                                           padding_side="left", pad_id=eot, allowed_special=USER_TEXT_SPECIAL)
+        width = ids.shape[1]
         out = generate(model, params, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eot, pad_token_id=eot)
         for concepts, new in zip(chunk, np.asarray(out)[:, width:]):
             text = tokenizer.decode([t for t in new.tolist() if t != eot])

@@ -118,7 +118,8 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
         tc.tokenize_corpus(local_source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
                            split=data_config.split,
                            dataset_config=data_config.dataset_config, tokenizer=data_config.tokenizer,
-                           num_threads=data_config.num_threads, progress=progress)
+                           num_threads=data_config.num_threads, progress=progress,
+                           pass_folder_as="--config.data.tokenizer=DIR")
     if remote and jax.process_index() == 0:
         _upload(folder, file_io.join(cache, key))
     return TokenStore(folder)

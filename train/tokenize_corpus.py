@@ -29,12 +29,14 @@ _CHUNK_CHARS = 1 << 20  # a large text file is cut into pieces of about this siz
 FORMAT_VERSION = 1
 
 
-def gpt2_encoding(tokenizer: str = ""):
+def gpt2_encoding(tokenizer: str = "", *, pass_folder_as: str | None = None):
     """The tiktoken `Encoding` of `flax_gpt2.get_tokenizer(tokenizer or None)` (a folder or hub name;
-    empty is the standard GPT-2 encoding)."""
+    empty is the standard GPT-2 encoding). `pass_folder_as` is the command line's way to name a folder
+    (`"--tokenizer DIR"`), for the error when the tokenizer cannot be loaded offline."""
     from flax_gpt2.tokenizer import get_tokenizer
 
-    return get_tokenizer(tokenizer or None).encoding
+    hint = {} if pass_folder_as is None else {"pass_folder_as": pass_folder_as}
+    return get_tokenizer(tokenizer or None, **hint).encoding
 
 
 def split_text(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
@@ -193,14 +195,16 @@ def _batches(documents: Iterable[list[str]]) -> Iterator[tuple[list[str], list[b
 
 def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", recipe: str = "text", split: str = "train",
                     dataset_config: str = "", tokenizer: str = "", num_threads: int = 0,
-                    shard_tokens: int = SHARD_TOKENS, progress: bool = True) -> dict:
+                    shard_tokens: int = SHARD_TOKENS, progress: bool = True,
+                    pass_folder_as: str | None = None) -> dict:
     """Tokenizes `source` into `out_dir` (created atomically: written beside it, then renamed).
 
     Returns the `meta.json` dict. Encoding runs `tiktoken`'s `encode_ordinary_batch` on all cores.
+    `pass_folder_as` is as in `gpt2_encoding`.
     """
     documents = iter_documents(source, text_field=text_field, split=split, dataset_config=dataset_config,
                                recipe=recipe)
-    encoding = gpt2_encoding(tokenizer)
+    encoding = gpt2_encoding(tokenizer, pass_folder_as=pass_folder_as)
     if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocabulary of {encoding.n_vocab} tokens does not fit uint16 shards")
     eot = encoding.eot_token
@@ -277,7 +281,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     meta = tokenize_corpus(args.source, args.out_dir, text_field=args.text_field, split=args.split,
                            dataset_config=args.dataset_config, tokenizer=args.tokenizer,
-                           num_threads=args.num_threads)
+                           num_threads=args.num_threads, pass_folder_as="--tokenizer DIR")
     print(f"{meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents -> {args.out_dir}")
 
 
