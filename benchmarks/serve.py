@@ -1,7 +1,7 @@
 """Serving throughput: N concurrent clients against `python -m flax_gpt2.serve`, versus one at a time.
 
     python benchmarks/serve.py                                 # gpt2-124M random weights, prompt 32, 64 new tokens
-    python benchmarks/serve.py --clients 1 4 8 16 --requests_per_client 2 --max_batch 8 --max_length 128
+    python benchmarks/serve.py --clients 1 4 8 16 --requests_per_client 2 --max_batch 8 --context_length 128
 
 Writes a random-init GPT-2 124M folder (GPT-2's tokenizer from ../shared/gpt2-bpe), starts the server on a
 free 127.0.0.1 port, and sends greedy completions over raw HTTP (one connection per client): every request
@@ -121,7 +121,8 @@ def main(argv=None):
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--max_batch", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=128, help="server slot length (prompt + completion)")
+    parser.add_argument("--context_length", type=int, default=128,
+                        help="the server's --context_length: prompt + completion tokens per slot")
     parser.add_argument("--preset", default="gpt2", help="model size (random weights)")
     parser.add_argument("--model_dir", default=None, help="reuse (or create) the random model here")
     parser.add_argument("--generate_repeats", type=int, default=3)
@@ -136,7 +137,7 @@ def main(argv=None):
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     log = open(Path(tmp.name) / "server.log", "w")
     command = [sys.executable, "-m", "flax_gpt2.serve", "--model", str(folder), "--served_model_name", "bench",
-               "--port", str(port), "--max_batch", str(args.max_batch), "--max_length", str(args.max_length),
+               "--port", str(port), "--max_batch", str(args.max_batch), "--context_length", str(args.context_length),
                "--max_queue", str(max(64, max(args.clients) * args.requests_per_client))]
     print(" ".join(command[1:]), flush=True)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -167,7 +168,7 @@ def main(argv=None):
         log.close()
 
     print(f"\nprompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; --max_batch {args.max_batch} "
-          f"--max_length {args.max_length}\n")
+          f"--context_length {args.context_length}\n")
     print("| clients | requests | tokens | wall s | aggregate tok/s | vs one at a time | p50 latency s | "
           "p95 latency s | mean busy slots | ms/step |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -6,6 +6,9 @@ Formats read (first found wins, in this order, per `WEIGHT_FILES`):
     interpreter that only rebuilds tensors. Neither pickled code nor torch itself is ever run.
   * `flax_model.msgpack`: transformers' old Flax GPT-2 layout, returned under HF PyTorch key names.
 
+Formats written: safetensors (`write_safetensors`, what transformers writes today) and the Flax msgpack
+layout (`write_flax_msgpack`, for transformers <= 4.x's `FlaxGPT2*.from_pretrained`).
+
 Every file is untrusted input. A file that cannot be read is a `CheckpointError` (a ValueError) or an
 OSError whose message names the file and what is wrong with it, and reading never allocates much more
 than the tensors the file really holds: `.bin` tensors are read-only views of the memory-mapped file,
@@ -689,6 +692,48 @@ def read_flax_msgpack(path: str) -> StateDict:
             raise CheckpointError(f"{path}: {origin[name]} and {where} both become {name}")
         out[name], origin[name] = value, where
     return out
+
+
+def write_flax_msgpack(folder: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,
+                       filename: str = FLAX_MSGPACK, progress: bool = True) -> list[str]:
+    """Writes an HF PyTorch-named GPT-2 state dict as transformers' Flax `flax_model.msgpack`; the inverse
+    of `read_flax_msgpack`.
+
+    The layout is what `FlaxGPT2Model` / `FlaxGPT2LMHeadModel.save_pretrained` wrote (transformers <= 4.x):
+    the params tree without a `params` level, nested by the key's dots (blocks `h/0/...`), each 2-D
+    `weight` a transposed `kernel` (`FlaxConv1D` keeps `[out, in]`, `nn.Dense` `[in, out]`), embeddings'
+    `weight` an `embedding` and LayerNorms' (the only 1-D weights) a `scale`. One file, never sharded.
+
+    Returns the names of the files written.
+    """
+    from flax.serialization import msgpack_serialize
+
+    tree: dict[str, Any] = {}
+    for key, value in tensors.items():
+        *parents, leaf = key.split(".")
+        if leaf == "weight":
+            if parents and parents[-1] in _EMBEDDINGS:
+                leaf = "embedding"
+            elif np.ndim(value) == 1:
+                leaf = "scale"
+            else:
+                leaf, value = "kernel", np.asarray(value).T
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf in node:
+            raise ValueError(f"two tensors become {'/'.join([*parents, leaf])} in {filename}")
+        node[leaf] = np.ascontiguousarray(value)
+    with _bar(1, f"Writing {filename}", progress, unit="file") as bar:
+        data = msgpack_serialize(tree)
+        with open(os.path.join(os.fspath(folder), filename), "wb") as f:
+            f.write(data)
+        bar.update()
+    return [filename]
+
+
+# nn.Embed modules of transformers' Flax GPT-2: their `weight` is saved as `embedding`.
+_EMBEDDINGS = ("wte", "wpe")
 
 
 def _flat_items(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:

@@ -1,16 +1,21 @@
-"""Checkpoint conversion in both directions.
+"""Checkpoint conversion: any GPT-2 checkpoint `from_pretrained` reads in, one chosen format out.
 
-    # Hub id or any HF folder (safetensors, sharded, pytorch_model.bin, flax_model.msgpack) -> a local
-    # folder that flax_gpt2.from_pretrained loads fast (and transformers too):
-    python -m flax_gpt2.convert hf-to-flax --model gpt2 --out ~/models/gpt2 [--dtype bfloat16]
+    # A hub id, a Hugging Face folder in any format (safetensors, sharded, pytorch_model.bin,
+    # flax_model.msgpack), a training run or gs://... -> a Hugging Face folder in safetensors that
+    # flax_gpt2.from_pretrained loads fast (memory-mapped) and transformers reads unchanged:
+    python -m flax_gpt2.convert --model gpt2 --out ~/models/gpt2 [--dtype bfloat16]
+    python -m flax_gpt2.convert --model runs/my-run --out ~/models/my-gpt2
 
-    # A flax_gpt2 training run (or any folder from_pretrained reads) -> a Hugging Face folder:
-    python -m flax_gpt2.convert flax-to-hf --model runs/my-run --out ~/models/my-gpt2
+    # The same, with the weights in transformers' old Flax layout (flax_model.msgpack), which
+    # transformers <= 4.x's FlaxGPT2LMHeadModel.from_pretrained reads:
+    python -m flax_gpt2.convert --model runs/my-run --out ~/models/my-gpt2-flax --format msgpack
 
-Both load the weights through flax_gpt2's strict rename table, so a converted folder is known to fit
-the model. The output is the Hugging Face layout in safetensors: it memory-maps, needs no renaming
-beyond reshapes, and `transformers` reads it unchanged. With `--overwrite`, every new file is complete
-before an old one is replaced, so a full disk or a crash leaves the previous folder loadable.
+`--format` names what is written (`safetensors`, the default, or `msgpack`); the input format is found
+from the folder. Every input is loaded through flax_gpt2's strict rename table, so a converted folder is
+known to fit the model. With `--overwrite`, every new file is complete before an old one is replaced, so
+a full disk or a crash leaves the previous folder loadable. The old subcommands `hf-to-flax` and
+`flax-to-hf` both wrote the same safetensors folder; they are still accepted as a first word (with a
+note on stderr) and mean plain `convert`.
 Errors are one line on stderr (exit 2 for a bad flag, 1 otherwise); `--debug` shows the traceback.
 """
 
@@ -20,24 +25,31 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Sequence
 
-import jax.numpy as jnp
-
 from flax_gpt2 import cli
-from flax_gpt2.pretrained import MODEL_CLASSES, from_pretrained, resolve, save_pretrained
+from flax_gpt2.bpe_files import tokenizer_files
+from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_save_format, from_pretrained, resolve,
+                                  save_pretrained)
 
 from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.convert"
+FORMATS = SAVE_FORMATS
+# The old subcommands: both wrote the safetensors folder, whatever their names said.
+_OLD_COMMANDS = ("hf-to-flax", "flax-to-hf")
 
 
-def hf_to_flax(model: str, out: str, *, revision: str | None = None, dtype: str = "float32",
-               overwrite: bool = False, progress: bool = True, pass_folder_as: str = "hf_to_flax('DIR', ...)") -> str:
-    """Fetches (if a hub id) and checks a Hugging Face GPT-2, and writes it to `out` as safetensors.
+def convert(model: str, out: str, *, format: str = "safetensors", revision: str | None = None,
+            dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+            pass_folder_as: str = "convert('DIR', ...)") -> str:
+    """Reads a GPT-2 checkpoint from anywhere `from_pretrained` reads, checks it, and writes it to `out`.
 
     Args:
-      model: hub id or local Hugging Face folder.
+      model: hub id, Hugging Face folder (any weights format), flax_gpt2 training run, or gs://... path.
       out: output folder (must be empty or new unless `overwrite`).
+      format: what is written: "safetensors" (a Hugging Face folder) or "msgpack" (the same folder with
+        transformers' old Flax `flax_model.msgpack` as its weights; not for GPT2DoubleHeadsModel).
       revision: hub branch, tag or commit.
       dtype: "float32", "bfloat16" or "float16": the dtype the weights are stored in.
       overwrite: allow writing into a non-empty folder.
@@ -47,28 +59,34 @@ def hf_to_flax(model: str, out: str, *, revision: str | None = None, dtype: str 
     Returns:
       `out`.
     """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     folder = resolve(model, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
-    return _convert(folder, out, dtype=dtype, overwrite=overwrite, progress=progress)
+    model_class = _saved_model_class(folder)
+    check_save_format(format, model_class)  # before the weights are read
+    loaded, params = from_pretrained(folder, model_class=model_class, param_dtype=DTYPES[dtype], progress=progress)
+    has_tokenizer = tokenizer_files(folder) is not None  # vocab.json + merges.txt or encoder.json + vocab.bpe
+    return save_pretrained(out, loaded, params, tokenizer=folder if has_tokenizer else True, dtype=DTYPES[dtype],
+                           overwrite=overwrite, format=format, progress=progress)
+
+
+def hf_to_flax(model: str, out: str, *, revision: str | None = None, dtype: str = "float32",
+               overwrite: bool = False, progress: bool = True, pass_folder_as: str = "hf_to_flax('DIR', ...)") -> str:
+    """Deprecated: `convert(model, out, ...)`, which writes the same safetensors folder."""
+    warnings.warn("flax_gpt2.convert.hf_to_flax is deprecated; use flax_gpt2.convert.convert (it writes the same "
+                  "safetensors folder)", DeprecationWarning, stacklevel=2)
+    return convert(model, out, revision=revision, dtype=dtype, overwrite=overwrite, progress=progress,
+                   pass_folder_as=pass_folder_as)
 
 
 def flax_to_hf(model: str, out: str, *, dtype: str = "float32", overwrite: bool = False,
                progress: bool = True, pass_folder_as: str = "flax_to_hf('DIR', ...)") -> str:
-    """Writes a flax_gpt2 training run (or any folder `from_pretrained` reads) as a Hugging Face folder.
-
-    Args and returns as `hf_to_flax`.
-    """
-    folder = resolve(model, progress=progress, pass_folder_as=pass_folder_as)
-    return _convert(folder, out, dtype=dtype, overwrite=overwrite, progress=progress)
-
-
-def _convert(folder: str, out: str, *, dtype: str, overwrite: bool, progress: bool) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model_class = _saved_model_class(folder)
-    model, params = from_pretrained(folder, model_class=model_class, param_dtype=DTYPES[dtype], progress=progress)
-    has_tokenizer = all(os.path.isfile(os.path.join(folder, n)) for n in ("vocab.json", "merges.txt"))
-    return save_pretrained(out, model, params, tokenizer=folder if has_tokenizer else True, dtype=DTYPES[dtype],
-                           overwrite=overwrite, progress=progress)
+    """Deprecated: `convert(model, out, ...)`, which writes the same safetensors folder."""
+    warnings.warn("flax_gpt2.convert.flax_to_hf is deprecated; use flax_gpt2.convert.convert (it writes the same "
+                  "safetensors folder)", DeprecationWarning, stacklevel=2)
+    return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, pass_folder_as=pass_folder_as)
 
 
 def _saved_model_class(folder: str) -> type:
@@ -88,31 +106,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> None:
+    argv = list(argv)
+    if argv and argv[0] in _OLD_COMMANDS:
+        print(f"{PROG}: note: '{argv[0]}' is the same as plain convert (it writes --format safetensors, the "
+              "default); drop the word", file=sys.stderr)
+        argv = argv[1:]
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    to_flax = commands.add_parser("hf-to-flax", help="hub id or Hugging Face folder -> fast-loading local folder")
-    to_hf = commands.add_parser("flax-to-hf", help="training run or flax_gpt2 folder -> Hugging Face folder")
-    for sub in (to_flax, to_hf):
-        sub.add_argument("--model", required=True, help="hub id, Hugging Face folder or training run folder")
-        sub.add_argument("--out", required=True, help="output folder")
-        sub.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
-        sub.add_argument("--overwrite", action="store_true",
-                         help="write into a non-empty output folder (its old files stay until the new ones are "
-                              "complete)")
-        sub.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
-    to_flax.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    parser.add_argument("--model", required=True,
+                        help="what to read: hub id, Hugging Face folder (any weights format), training run folder, "
+                             "or gs://...")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", default="safetensors", choices=FORMATS,
+                        help="what to write: safetensors (a Hugging Face folder, default) or msgpack "
+                             "(flax_model.msgpack, transformers <= 4.x Flax models)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty output folder (its old files stay until the new ones are "
+                             "complete)")
+    parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
     args = parser.parse_args(argv)
-    sub = commands.choices[args.command]
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sub.error(f"--out {args.out} is a file; pass a folder (new, empty, or with --overwrite)")
+        parser.error(f"--out {args.out} is a file; pass a folder (new, empty, or with --overwrite)")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        sub.error(f"--out {args.out} is not empty; pass --overwrite to replace the files a conversion writes")
-    if args.command == "hf-to-flax":
-        out = hf_to_flax(args.model, args.out, revision=args.revision, dtype=args.dtype, overwrite=args.overwrite,
-                         progress=args.progress, pass_folder_as="--model DIR")
-    else:
-        out = flax_to_hf(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=args.progress,
-                         pass_folder_as="--model DIR")
+        parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the files a conversion writes")
+    out = convert(args.model, args.out, format=args.format, revision=args.revision, dtype=args.dtype,
+                  overwrite=args.overwrite, progress=args.progress, pass_folder_as="--model DIR")
     print(f"wrote {out}")
 
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2.deprecation import renamed_kwargs
+
 _BUCKET = 64
 
 
@@ -36,8 +38,9 @@ def make_scorer(model) -> Callable:
     return score
 
 
-def _padded_batch(rows: Sequence[Sequence[int]], batch_size: int, max_length: int) -> np.ndarray:
-    length = min(max_length, -(-max(len(r) for r in rows) // _BUCKET) * _BUCKET)
+def _padded_batch(rows: Sequence[Sequence[int]], batch_size: int, longest: int) -> np.ndarray:
+    """`[batch_size, T]` ids, T the longest row rounded up to a bucket (fewer compiles), at most `longest`."""
+    length = min(longest, -(-max(len(r) for r in rows) // _BUCKET) * _BUCKET)
     ids = np.zeros((batch_size, length), np.int32)  # unused rows/positions are never read back
     for i, r in enumerate(rows):
         ids[i, :len(r)] = r
@@ -53,19 +56,22 @@ class Window:
     score_from: int
 
 
-def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Window]:
-    """Windows of HF's perplexity guide: start every `stride` tokens, at most `max_length` long; each window
-    scores only the tokens the previous one did not (after the first, the last `stride` tokens). The very first
-    token is never scored (nothing predicts it)."""
-    if stride <= 0 or max_length <= 1:
-        raise ValueError(f"need stride > 0 and max_length > 1, got stride={stride}, max_length={max_length}")
-    if stride > max_length:
-        raise ValueError(f"stride ({stride}) must not exceed max_length ({max_length}): tokens would go unscored")
+@renamed_kwargs(max_length="window_length")
+def sliding_windows(num_tokens: int, window_length: int, stride: int) -> list[Window]:
+    """Windows of HF's perplexity guide (its `max_length`): start every `stride` tokens, at most
+    `window_length` tokens long; each window scores only the tokens the previous one did not (after the
+    first, the last `stride` tokens). The very first token is never scored (nothing predicts it)."""
+    if stride <= 0 or window_length <= 1:
+        raise ValueError(f"need stride > 0 and window_length > 1, got stride={stride}, "
+                         f"window_length={window_length}")
+    if stride > window_length:
+        raise ValueError(f"stride ({stride}) must not exceed window_length ({window_length}): "
+                         "tokens would go unscored")
     if num_tokens < 2:
         raise ValueError(f"need at least 2 tokens to compute perplexity, got {num_tokens}")
     windows, prev_end = [], 0
     for begin in range(0, num_tokens, stride):
-        end = min(begin + max_length, num_tokens)
+        end = min(begin + window_length, num_tokens)
         windows.append(Window(begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == num_tokens:
@@ -73,32 +79,36 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[Windo
     return windows
 
 
-def perplexity(model, params, token_ids: Sequence[int], *, stride: int = 512, max_length: int | None = None,
-               batch_size: int = 4, progress: bool = True, scorer: Callable | None = None) -> dict:
+@renamed_kwargs(max_length="window_length")
+def perplexity(model, params, token_ids: Sequence[int], *, stride: int = 512,
+               window_length: int | None = None, batch_size: int = 4, progress: bool = True,
+               scorer: Callable | None = None) -> dict:
     """Sliding-window perplexity of one token stream.
 
-    Every token is scored at most once, with at least `max_length - stride` tokens of context (all before it,
-    in the first window). With `stride < max_length` that is every token after the first; with
-    `stride == max_length` (no overlap) each window's first token has no context and is not scored, as in
-    HF's guide. Returns `perplexity`, `nll` (mean nats/token), `num_tokens` (scored) and
-    `num_windows`.
+    `window_length` (HF's guide calls it `max_length`) is the tokens each window feeds the model; default
+    the model's `n_positions`. Every token is scored at most once, with at least `window_length - stride`
+    tokens of context (all before it, in the first window). With `stride < window_length` that is every
+    token after the first; with `stride == window_length` (no overlap) each window's first token has no
+    context and is not scored, as in HF's guide. Returns `perplexity`, `nll` (mean nats/token),
+    `num_tokens` (scored) and `num_windows`.
 
     The mean is over scored tokens exactly; HF's guide weights each window by `valid - 1` tokens, which
     differs from this in the last decimals for multi-window texts.
     """
-    max_length = max_length or model.config.n_positions
-    if max_length > model.config.n_positions:
-        raise ValueError(f"max_length ({max_length}) exceeds the model's n_positions ({model.config.n_positions})")
+    window_length = window_length or model.config.n_positions
+    if window_length > model.config.n_positions:
+        raise ValueError(f"window_length ({window_length}) exceeds the model's n_positions "
+                         f"({model.config.n_positions})")
     tokens = np.asarray(token_ids, np.int64)
     _check_ids(tokens, model.config.vocab_size)
     tokens = tokens.astype(np.int32)
-    windows = sliding_windows(len(tokens), max_length, stride)
+    windows = sliding_windows(len(tokens), window_length, stride)
     score = scorer or make_scorer(model)
     nll_sum, count = 0.0, 0
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     for i in range(0, len(windows), batch_size):
         chunk = windows[i:i + batch_size]
-        ids = _padded_batch([tokens[w.begin:w.end] for w in chunk], batch_size, max_length)
+        ids = _padded_batch([tokens[w.begin:w.end] for w in chunk], batch_size, window_length)
         logprob = np.asarray(score(params, jnp.asarray(ids))[0], np.float64)
         for row, w in enumerate(chunk):
             # logprob[row, j] scores token begin + j + 1.
@@ -148,7 +158,7 @@ def lambada(model, params, tokenizer, texts: Iterable[str], *, batch_size: int =
     """LAMBADA last-word prediction: `accuracy` (every token of the final word is the greedy prediction)
     and `perplexity` = exp(-mean over examples of log p(final word | context)), as lm-eval-harness reports it.
     """
-    max_length = model.config.n_positions
+    context_length = model.config.n_positions
     examples = []
     for i, text in enumerate(texts):
         context, target = split_last_word(text, where=f"example {i}")
@@ -159,11 +169,11 @@ def lambada(model, params, tokenizer, texts: Iterable[str], *, batch_size: int =
         target_ids = whole[len(ctx):]
         if not target_ids:
             raise ValueError(f"example {i}: the final word encodes to no tokens")
-        if len(target_ids) > max_length - 1:
+        if len(target_ids) > context_length - 1:
             raise ValueError(f"example {i}: the final word is {len(target_ids)} tokens, more than the "
-                             f"{max_length - 1} the model's window (n_positions={max_length}) can score after "
-                             f"one token of context: {target.strip()[:40]!r}")
-        ids = (ctx + target_ids)[-max_length:]  # the scorer predicts ids[1:], so keep max_length tokens
+                             f"{context_length - 1} the model's window (n_positions={context_length}) can score "
+                             f"after one token of context: {target.strip()[:40]!r}")
+        ids = (ctx + target_ids)[-context_length:]  # the scorer predicts ids[1:]: keep the whole window
         _check_ids(np.asarray(ids), model.config.vocab_size)
         examples.append((ids, len(target_ids)))
     if not examples:
@@ -174,7 +184,8 @@ def lambada(model, params, tokenizer, texts: Iterable[str], *, batch_size: int =
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         rows = [ids for ids, _ in chunk]
-        logprob, greedy = (np.asarray(a) for a in score(params, jnp.asarray(_padded_batch(rows, batch_size, max_length))))
+        batch = jnp.asarray(_padded_batch(rows, batch_size, context_length))
+        logprob, greedy = (np.asarray(a) for a in score(params, batch))
         for row, (ids, n) in enumerate(chunk):
             sl = slice(len(ids) - 1 - n, len(ids) - 1)  # the last n next-token predictions
             logprob_sums.append(float(logprob[row, sl].astype(np.float64).sum()))

@@ -1,11 +1,12 @@
 """Evaluate a GPT-2: sliding-window perplexity of a text, and LAMBADA last-word accuracy.
 
-    python -m flax_gpt2.evaluate --model gpt2 --text_file wiki.test.raw [--stride 512] [--max_length 1024]
+    python -m flax_gpt2.evaluate --model gpt2 --text_file wiki.test.raw [--stride 512] [--window_length 1024]
     python -m flax_gpt2.evaluate --model gpt2 --dataset wikitext-2-raw-v1        # datasets: wikitext, test split
     python -m flax_gpt2.evaluate --model gpt2 --lambada lambada_test.jsonl      # records {"text": ...}
     python -m flax_gpt2.evaluate --model gpt2 --tasks lambada_openai,hellaswag,wikitext   # lm-eval harness [eval]
 
-The window follows the model: `--max_length` defaults to its `n_positions` and `--stride` to half the
+The window follows the model: `--window_length` (tokens per scored window; HF's perplexity guide calls
+it `max_length`, which this command still accepts) defaults to its `n_positions` and `--stride` to half the
 window (512 for GPT-2's 1024, as in Hugging Face's perplexity guide). `<|endoftext|>` in a text is the
 document separator token; no other special token is recognised. Shows a progress bar; the last line
 printed is one JSON object with the figures (never NaN or Infinity: a non-finite result is an error).
@@ -24,6 +25,7 @@ import math
 import jax.numpy as jnp
 
 from flax_gpt2 import cli, dtypes, eval_metrics, lm_eval_cli
+from flax_gpt2.deprecation import renamed_kwargs
 
 PROG = "python -m flax_gpt2.evaluate"
 
@@ -96,12 +98,15 @@ def read_dataset(name: str, config: str | None, split: str, field: str) -> str:
     return "\n\n".join(ds[field])
 
 
+@renamed_kwargs(max_length="window_length")
 def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[str] | None = None,
-             stride: int | None = None, max_length: int | None = None, batch_size: int = 4, dtype: str = "float32",
-             param_dtype: str = "float32", progress: bool = True, command_line: bool = False) -> dict:
+             stride: int | None = None, window_length: int | None = None, batch_size: int = 4,
+             dtype: str = "float32", param_dtype: str = "float32", progress: bool = True,
+             command_line: bool = False) -> dict:
     """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures.
 
-    `max_length` (the window) defaults to the model's `n_positions`, `stride` to half the window. Every
+    `window_length` (tokens per perplexity window; `max_length` is its deprecated name) defaults to the
+    model's `n_positions`, `stride` to half the window. Every
     figure returned is finite (a NaN or infinite result raises FloatingPointError). `command_line` makes
     errors name the flags (`--model DIR`) instead of the Python API.
     """
@@ -111,8 +116,8 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
 
     if text is None and lambada_texts is None:
         raise ValueError("nothing to evaluate: give --text_file, --dataset or --lambada")
-    if max_length is not None and stride is not None and stride > max_length:
-        raise ValueError(f"--stride ({stride}) must not exceed --max_length ({max_length})")
+    if window_length is not None and stride is not None and stride > window_length:
+        raise ValueError(f"--stride ({stride}) must not exceed --window_length ({window_length})")
     folder = resolve(model_name, progress=progress,
                      **({"pass_folder_as": "--model DIR"} if command_line else {}))
     model, params = from_pretrained(folder, dtype=dtypes.from_name(dtype, "--dtype"),
@@ -120,23 +125,25 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
     tokenizer = model_tokenizer(folder, command_line=command_line)
     check_vocab(model.config, tokenizer, str(model_name))
     n_positions = model.config.n_positions
-    if max_length is not None and max_length > n_positions:
-        raise ValueError(f"--max_length ({max_length}) exceeds the model's n_positions ({n_positions}); "
+    if window_length is not None and window_length > n_positions:
+        raise ValueError(f"--window_length ({window_length}) exceeds the model's n_positions ({n_positions}); "
                          f"leave it out to use the whole window")
-    max_length = max_length or n_positions
+    window_length = window_length or n_positions
     if stride is None:
-        stride = max(1, max_length // 2)
-    elif stride > max_length:
-        raise ValueError(f"--stride ({stride}) must not exceed the window ({max_length}, the model's "
+        stride = max(1, window_length // 2)
+    elif stride > window_length:
+        raise ValueError(f"--stride ({stride}) must not exceed the window ({window_length}, the model's "
                          f"n_positions); leave it out to use half the window")
     scorer = eval_metrics.make_scorer(model)
     result: dict = {"model": str(model_name)}
     if text is not None:
         # As HF's tokenizer does, '<|endoftext|>' in an evaluation text is the document separator token.
         ids = tokenizer.encode(text, allowed_special=USER_TEXT_SPECIAL)
-        ppl = eval_metrics.perplexity(model, params, ids, stride=stride, max_length=max_length,
+        ppl = eval_metrics.perplexity(model, params, ids, stride=stride, window_length=window_length,
                                       batch_size=batch_size, progress=progress, scorer=scorer)
-        result.update(ppl, text_tokens=len(ids), stride=stride, max_length=max_length)
+        # `max_length` repeats `window_length` under its old name, for scripts that read it.
+        result.update(ppl, text_tokens=len(ids), stride=stride, window_length=window_length,
+                      max_length=window_length)
     if lambada_texts is not None:
         lam = eval_metrics.lambada(model, params, tokenizer, lambada_texts, batch_size=batch_size,
                                    progress=progress, scorer=scorer)
@@ -170,8 +177,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--lambada", help="jsonl of {\"text\": ...} records: last-word accuracy and perplexity")
     p.add_argument("--stride", type=_positive_int, default=None,
                    help="tokens between window starts (default: half the window)")
-    p.add_argument("--max_length", type=cli.flag_type(int, lambda n: n >= 2, "an integer >= 2"), default=None,
-                   help="window length (default: the model's n_positions)")
+    window = cli.flag_type(int, lambda n: n >= 2, "an integer >= 2")
+    p.add_argument("--window_length", type=window, default=None,
+                   help="tokens per scored window (default: the model's n_positions)")
+    p.add_argument("--max_length", dest="window_length", type=window, help=argparse.SUPPRESS,
+                   action=cli.renamed_flag("--window_length", "tokens per scored window"))
     p.add_argument("--batch_size", type=_positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=sorted(dtypes.DTYPES), help="compute dtype")
     p.add_argument("--param_dtype", default="float32", choices=sorted(dtypes.DTYPES), help="dtype the weights are kept in")
@@ -186,8 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --text_file or --dataset, not both")
     if not (args.text_file or args.dataset or args.lambada):
         p.error("nothing to evaluate: give --text_file, --dataset, --lambada or --tasks")
-    if args.stride is not None and args.max_length is not None and args.stride > args.max_length:
-        p.error(f"--stride ({args.stride}) must not exceed --max_length ({args.max_length}): tokens would go unscored")
+    if args.stride is not None and args.window_length is not None and args.stride > args.window_length:
+        p.error(f"--stride ({args.stride}) must not exceed --window_length ({args.window_length}): tokens would go "
+                "unscored")
     return args
 
 
@@ -206,7 +217,7 @@ def _main(argv) -> None:
         text = read_dataset(args.dataset, args.dataset_config, args.split, args.text_field)
     lambada_texts = read_lambada(args.lambada) if args.lambada else None
     result = evaluate(args.model, text=text, lambada_texts=lambada_texts, stride=args.stride,
-                      max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
+                      window_length=args.window_length, batch_size=args.batch_size, dtype=args.dtype,
                       param_dtype=args.param_dtype, progress=not args.no_progress, command_line=True)
     print(json.dumps(result, allow_nan=False))
 

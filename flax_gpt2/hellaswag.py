@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2.deprecation import renamed_kwargs
+
 STYLES = ("nanogpt", "harness")
 NUM_ENDINGS = 4
 
@@ -202,11 +204,12 @@ def make_loss_fn(model, params_sharding: Any = None, rows_sharding: jax.sharding
     return loss_fn
 
 
-def rows_length(examples: Examples, max_length: int) -> int:
+@renamed_kwargs(max_length="context_length")
+def rows_length(examples: Examples, context_length: int) -> int:
     """The padded row length (in model inputs) `evaluate` uses by default: the longest row, rounded up to a
-    multiple of 64, capped at `max_length` (the model's window)."""
+    multiple of 64, capped at `context_length` (the model's window, `n_positions`)."""
     longest = max(len(e.context) + max(len(x) for x in e.endings) - 1 for e in examples.examples)
-    return min(max_length, -(-longest // 64) * 64)
+    return min(context_length, -(-longest // 64) * 64)
 
 
 def score(params, examples: Examples, loss_fn: Callable, *, seq_len: int, batch_size: int = 16,
@@ -255,8 +258,9 @@ def accuracy(examples: Examples, sum_loss: np.ndarray, num_tokens: np.ndarray) -
             "num_examples": len(labels)}
 
 
+@renamed_kwargs(max_length="context_length")
 def evaluate(params, examples: Examples, loss_fn: Callable, *, batch_size: int = 16, seq_len: int | None = None,
-             max_length: int = 1024, progress: bool = False) -> dict:
+             context_length: int = 1024, progress: bool = False) -> dict:
     """HellaSwag `acc`, `acc_norm` and `num_examples` of the model behind `loss_fn` (see `make_loss_fn`).
 
     Args:
@@ -265,12 +269,13 @@ def evaluate(params, examples: Examples, loss_fn: Callable, *, batch_size: int =
       loss_fn: `loss_fn(params, tokens [4 * batch_size, seq_len + 1]) -> losses [4 * batch_size, seq_len]`.
       batch_size: examples per call (4 rows each); with a sharded `loss_fn`, make `4 * batch_size` divisible
         by the number of batch shards.
-      seq_len: model inputs per row; default `rows_length(examples, max_length)`.
-      max_length: the model's window (`config.n_positions`), the cap of the default `seq_len`.
+      seq_len: model inputs per row; default `rows_length(examples, context_length)`.
+      context_length: the model's window (`config.n_positions`), the cap of the default `seq_len`
+        (`max_length` is its deprecated name).
     """
     if not len(examples):
         raise ValueError("no HellaSwag examples to evaluate")
-    seq_len = seq_len or rows_length(examples, max_length)
+    seq_len = seq_len or rows_length(examples, context_length)
     sums, counts = score(params, examples, loss_fn, seq_len=seq_len, batch_size=batch_size, progress=progress)
     if not np.all(np.isfinite(sums)):
         raise FloatingPointError("HellaSwag losses are not finite: the model's outputs are NaN or overflow")
@@ -290,4 +295,4 @@ def evaluate_model(model, params, path_or_examples: str | os.PathLike | Examples
             tokenizer = get_tokenizer(None)
         examples = load(path_or_examples, tokenizer, style=style, limit=limit)
     return evaluate(params, examples, make_loss_fn(model), batch_size=batch_size,
-                    max_length=model.config.n_positions, progress=progress)
+                    context_length=model.config.n_positions, progress=progress)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from flax_gpt2.config import GPT2Config
+from flax_gpt2.deprecation import renamed_kwargs
 
 
 @flax.struct.dataclass
@@ -23,16 +26,25 @@ class KVCache:
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: GPT2Config, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-        """An empty cache of `max_length` slots (at most `config.n_positions`)."""
-        if max_length > config.n_positions:
-            raise ValueError(f"cache length {max_length} exceeds the model's n_positions={config.n_positions}")
-        shape = (batch_size, config.n_head, max_length, config.head_dim)
+    @renamed_kwargs(max_length="cache_length")
+    def init(cls, config: GPT2Config, batch_size: int, cache_length: int, dtype=None) -> "KVCache":
+        """An empty cache of `cache_length` slots S (the tokens it can hold: prompt + new tokens, padding
+        included; at most `config.n_positions`). `max_length` is the deprecated name of `cache_length`."""
+        if cache_length > config.n_positions:
+            raise ValueError(f"cache length {cache_length} exceeds the model's n_positions={config.n_positions}")
+        shape = (batch_size, config.n_head, cache_length, config.head_dim)
         dtype = dtype or config.dtype
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
                    index=jnp.zeros((), jnp.int32))
 
     @property
-    def max_length(self) -> int:
+    def cache_length(self) -> int:
+        """S, the number of slots."""
         return self.keys[0].shape[2]
+
+    @property
+    def max_length(self) -> int:
+        """The deprecated name of `cache_length`."""
+        warnings.warn("KVCache.max_length is deprecated; use KVCache.cache_length", DeprecationWarning, stacklevel=2)
+        return self.cache_length

@@ -242,7 +242,7 @@ class GPT2Model(nn.Module):
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         b, t = input_ids.shape
         offset = cache.index if cache is not None else 0
-        s = cache.max_length if cache is not None else t
+        s = cache.cache_length if cache is not None else t
         if attention_mask is not None and attention_mask.shape != (b, s):
             where = "the cache's slots" if cache is not None else "input_ids"
             raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {(b, s)} to match {where}")

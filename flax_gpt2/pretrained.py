@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2 import bpe_files
 from flax_gpt2 import checkpoint_files as files
 from flax_gpt2 import layer_stacking
 from flax_gpt2 import file_io
@@ -30,10 +31,13 @@ MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2D
 # GPT2Config fields that say how a model runs, not what its weights are: from_pretrained overrides them.
 _RUNTIME_FIELDS = frozenset({"scan_layers", "attention", "remat"})
 # Non-weight files worth fetching from the hub: the config, generation defaults, the tokenizer.
-_HUB_EXTRA_FILES = ("config.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
-                    "tokenizer_config.json", "special_tokens_map.json")
+_HUB_EXTRA_FILES = ("config.json", "generation_config.json", *(name for pair in bpe_files.FILE_PAIRS for name in pair),
+                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SHARD = {files.SAFETENSORS_INDEX: r"model-\d+-of-\d+\.safetensors",
           files.TORCH_BIN_INDEX: r"pytorch_model-\d+-of-\d+\.bin"}
+# The weight formats `save_pretrained` writes: the Hugging Face folder in safetensors (what transformers
+# writes today), or transformers' old Flax layout `flax_model.msgpack` (transformers <= 4.x Flax models).
+SAVE_FORMATS = ("safetensors", "msgpack")
 
 
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
@@ -92,23 +96,27 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
 
 def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], tokenizer: Any = True, *,
                     overwrite: bool = False, dtype: Any = jnp.float32, max_shard_size: int | str = "50GB",
-                    progress: bool = True) -> str:
+                    format: str = "safetensors", progress: bool = True) -> str:
     """Writes a Hugging Face GPT-2 folder that `transformers.AutoModel*.from_pretrained` and
     `flax_gpt2.from_pretrained` both load.
 
     Writes `config.json`, `model.safetensors` (HF key names; shards plus `model.safetensors.index.json`
     past `max_shard_size`; a tied `lm_head` is not written, as transformers does),
-    `generation_config.json`, and the tokenizer's `vocab.json` + `merges.txt`.
+    `generation_config.json`, and the tokenizer's `vocab.json` + `merges.txt`. With `format="msgpack"`
+    the weights are `flax_model.msgpack` instead, as transformers' `FlaxGPT2LMHeadModel` (<= 4.x) saved
+    them; that layout has no double-heads model.
 
     Args:
       path: the output folder. If it exists and holds anything, `overwrite=True` is required; then only
         the files written here (and stale weight shards that would shadow them) are replaced.
       model: the flax_gpt2 model (its class sets `architectures` and the key prefix).
       params: its parameters (`{"params": ...}` is accepted too).
-      tokenizer: True for the standard GPT-2 tokenizer, a folder to take it from, a `Tokenizer`, or
-        False/None to write none.
+      tokenizer: True for the standard GPT-2 tokenizer, a folder to take it from (`vocab.json` +
+        `merges.txt` or `encoder.json` + `vocab.bpe`, see `flax_gpt2.tokenizer.tokenizer_files`; written
+        as `vocab.json` + `merges.txt`), a `Tokenizer`, or False/None to write none.
       dtype: dtype of the saved floating-point tensors (float32 unless asked; bf16 params are upcast).
-      max_shard_size: e.g. "5GB"; larger models are sharded.
+      max_shard_size: e.g. "5GB"; larger models are sharded (safetensors only: msgpack is one file).
+      format: "safetensors" or "msgpack" (see `SAVE_FORMATS`).
       progress: show progress bars.
 
     Returns:
@@ -117,6 +125,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
     model_class = type(model)
     if model_class not in MODEL_CLASSES.values():
         raise ValueError(f"model must be a GPT2Model, GPT2LMHeadModel or GPT2DoubleHeadsModel, got {model_class}")
+    check_save_format(format, model_class)
     if set(params) == {"params"}:
         params = params["params"]
     folder = os.fspath(path)
@@ -134,8 +143,11 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
         # Every new file is complete (and fsynced) before any old one is replaced: a full disk or a crash
         # leaves the previous save, never a folder without its weights.
         with file_io.staged_folder(folder) as staging:
-            written = files.write_safetensors(staging, state, metadata={"format": "pt"},
-                                              max_shard_size=max_shard_size, progress=progress)
+            if format == "msgpack":
+                written = files.write_flax_msgpack(staging, state, progress=progress)
+            else:
+                written = files.write_safetensors(staging, state, metadata={"format": "pt"},
+                                                  max_shard_size=max_shard_size, progress=progress)
             _write_json(os.path.join(staging, "config.json"), hf_config)
             _write_json(os.path.join(staging, "generation_config.json"),
                         {"_from_model_config": True, "bos_token_id": config.bos_token_id,
@@ -146,8 +158,17 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
             with contextlib.suppress(OSError):
                 os.rmdir(folder)  # only if the failed save left it empty
         raise
-    _remove_stale_weights(folder, keep=written)
+    _remove_stale_weights(folder, keep=written, format=format)
     return folder
+
+
+def check_save_format(format: str, model_class: type) -> None:
+    """ValueError unless `save_pretrained` can write `model_class` in `format` (checked before any work)."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(SAVE_FORMATS)}, got {format!r}")
+    if format == "msgpack" and model_class is GPT2DoubleHeadsModel:
+        raise ValueError("format='msgpack' cannot hold a GPT2DoubleHeadsModel: transformers' Flax GPT-2 had no "
+                         "double-heads model; save it as safetensors")
 
 
 # --- resolution: local folder or hub id ----------------------------------------------------------------
@@ -273,12 +294,17 @@ def _check_writable(folder: str, overwrite: bool) -> None:
                               " pass overwrite=True to write into it (only the files a save writes are replaced)")
 
 
-def _remove_stale_weights(folder: str, keep: list[str]) -> None:
-    """Removes safetensors weights a save did not write (run once the new ones are in place): left
-    behind, an old index or shards could be loaded instead of (or mixed with) the new weights."""
+def _remove_stale_weights(folder: str, keep: list[str], format: str = "safetensors") -> None:
+    """Removes weights a save did not write that could be loaded instead of (or mixed with) the new ones
+    (run once the new ones are in place): an old safetensors index or shards, and, after a msgpack save,
+    every other format too, since `checkpoint_files.find_weights` prefers them all to msgpack."""
+    stale_names = {files.SAFETENSORS, files.SAFETENSORS_INDEX}
+    stale_shards = [_SHARD[files.SAFETENSORS_INDEX]]
+    if format == "msgpack":
+        stale_names |= {files.TORCH_BIN, files.TORCH_BIN_INDEX}
+        stale_shards.append(_SHARD[files.TORCH_BIN_INDEX])
     for name in os.listdir(folder):
-        if name not in keep and (name in (files.SAFETENSORS, files.SAFETENSORS_INDEX)
-                                 or re.fullmatch(_SHARD[files.SAFETENSORS_INDEX], name)):
+        if name not in keep and (name in stale_names or any(re.fullmatch(p, name) for p in stale_shards)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
 

@@ -1,7 +1,7 @@
 """Generate text from the command line.
 
     python -m flax_gpt2.sample --model gpt2 --prompt "Hello, I'm a language model,"
-    echo "Once upon a time" | python -m flax_gpt2.sample --model gpt2 --length 50 --seed 1
+    echo "Once upon a time" | python -m flax_gpt2.sample --model gpt2 --max_new_tokens 50 --seed 1
     python -m flax_gpt2.sample --model runs/my-run --prompt "<|endoftext|> kid, room, dance:" --stop_token "."
 
 `--model` is a hub id, a Hugging Face folder, or a flax_gpt2 training run. Sampling (top-k 50, as
@@ -30,10 +30,10 @@ import uuid
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2 import checkpoint_files, cli, file_io
+from flax_gpt2.deprecation import renamed_attributes
 from flax_gpt2.generation.generate import MAX_SEED, MIN_TEMPERATURE, generate, generate_stream
 from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
 from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
@@ -211,11 +211,14 @@ def _new_text(tokenizer, tokens: np.ndarray, stop_token: str | None) -> str:
     return text
 
 
-def sample(model, params, tokenizer, prompt: str, *, max_new_tokens: int = 20, do_sample: bool = True,
-           temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
-           num_return_sequences: int = 1, num_beams: int = 1, stop_token: str | None = None, seed: int = 0,
-           stream: Callable[[str], None] | None = None) -> list[str]:
-    """Continues `prompt`; returns each sequence's text (prompt + continuation).
+def generate_text(model, params, tokenizer, prompt: str, *, max_new_tokens: int = 20, do_sample: bool = True,
+                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  num_return_sequences: int = 1, num_beams: int = 1, stop_token: str | None = None, seed: int = 0,
+                  stream: Callable[[str], None] | None = None) -> list[str]:
+    """Continues `prompt` (text in, text out); returns each sequence's text (prompt + continuation).
+
+    Greedy, sampled (the default) or beam search, as `generate`'s options say; this is what
+    `python -m flax_gpt2.sample` runs.
 
     `<|endoftext|>` in the prompt is the special token (as in the model card's CommonGen format), and the
     only one: a custom BPE's other special tokens are plain text there. An empty prompt starts from it.
@@ -303,11 +306,11 @@ def _main(argv: Sequence[str]) -> None:
         sys.stdout.flush()
 
     start = time.perf_counter()
-    texts = sample(model, params, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                   do_sample=not args.greedy and args.num_beams == 1, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   num_return_sequences=args.num_return_sequences, num_beams=args.num_beams,
-                   stop_token=args.stop_token, seed=args.seed, stream=write if streaming else None)
+    texts = generate_text(model, params, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                          do_sample=not args.greedy and args.num_beams == 1, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          num_return_sequences=args.num_return_sequences, num_beams=args.num_beams,
+                          stop_token=args.stop_token, seed=args.seed, stream=write if streaming else None)
     if streaming:
         print()
     else:
@@ -322,6 +325,11 @@ def _read_stdin() -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"the prompt on stdin is not valid UTF-8 ({e.reason} at byte {e.start}); "
                          f"pass --prompt or fix the text's encoding") from None
+
+
+# The old name, kept importable: `sample` said neither that it takes and returns text nor that it also runs
+# greedy and beam search.
+__getattr__ = renamed_attributes(__name__, sample=("flax_gpt2.sample.generate_text", generate_text))
 
 
 if __name__ == "__main__":

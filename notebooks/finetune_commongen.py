@@ -195,19 +195,19 @@ print(run_tokenizer.decode(store.read(0, 80)))
 
 # %% [markdown]
 # ## The model before fine-tuning
-# `from_pretrained` downloads `gpt2` from the hub (or reads a local folder). `flax_gpt2.sample.sample` is
-# what `python -m flax_gpt2.sample --stop_token "."` runs: the continuation ends before the stop string.
+# `from_pretrained` downloads `gpt2` from the hub (or reads a local folder). `flax_gpt2.sample.generate_text`
+# is what `python -m flax_gpt2.sample --stop_token "."` runs: the continuation ends before the stop string.
 
 # %%
-from flax_gpt2.sample import sample as sample_text
+from flax_gpt2.sample import generate_text
 
 CARD_PROMPT = "<|endoftext|> kid, room, dance:"
 
 
 def sentence(model, params, concepts_prompt):
     """The greedy continuation of a CommonGen prompt, up to its first '.' (not included)."""
-    text = sample_text(model, params, run_tokenizer, concepts_prompt, max_new_tokens=32, do_sample=False,
-                       stop_token=".")[0]
+    text = generate_text(model, params, run_tokenizer, concepts_prompt, max_new_tokens=32, do_sample=False,
+                         stop_token=".")[0]
     return text[len(concepts_prompt):].strip()
 
 
@@ -316,7 +316,7 @@ display(HTML("<table><tr><th>concepts</th><th>sentence</th><th>coverage</th></tr
 # ## Export to a Hugging Face folder
 # `save_pretrained` writes `config.json`, `model.safetensors`, `generation_config.json` and the tokenizer,
 # which `transformers` (PyTorch) and `flax_gpt2` both load: upload it to the hub, or serve it anywhere.
-# (From a command line: `python -m flax_gpt2.convert flax-to-hf --model runs/commongen --out DIR`.) If
+# (From a command line: `python -m flax_gpt2.convert --model runs/commongen --out DIR`.) If
 # `transformers` and `torch` are installed (they are on Colab), the cell loads the export back with them and
 # checks that both libraries compute the same logits and the same greedy sentence.
 

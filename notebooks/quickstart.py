@@ -281,13 +281,14 @@ paragraph = (
 paragraph_ids = tokenizer.encode(paragraph)
 window = min(ppl_window, config.n_positions)
 ppl = {
-    f"sliding window {window}, stride {ppl_stride}": perplexity(model, params, paragraph_ids, max_length=window,
+    f"sliding window {window}, stride {ppl_stride}": perplexity(model, params, paragraph_ids, window_length=window,
                                                                  stride=ppl_stride, progress=False),
-    f"non-overlapping windows of {window}": perplexity(model, params, paragraph_ids, max_length=window,
+    f"non-overlapping windows of {window}": perplexity(model, params, paragraph_ids, window_length=window,
                                                          stride=window, progress=False),
 }
 full = min(len(paragraph_ids), config.n_positions)
-ppl[f"one window of {full}"] = perplexity(model, params, paragraph_ids, max_length=full, stride=full, progress=False)
+ppl[f"one window of {full}"] = perplexity(model, params, paragraph_ids, window_length=full, stride=full,
+                                          progress=False)
 print(f"{len(paragraph_ids)} tokens")
 for name, r in ppl.items():
     print(f"{name:>36}: perplexity {r['perplexity']:8.2f} "

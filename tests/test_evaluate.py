@@ -25,12 +25,12 @@ def shakespeare_ids(shared_dir, tiny):
     return tiny[3].encode(text)
 
 
-def torch_sliding_nll(torch_model, ids, max_length, stride):
+def torch_sliding_nll(torch_model, ids, window_length, stride):
     """HF's perplexity guide, scoring with per-token sums so the mean is exact."""
     ids = torch.tensor(ids)[None]
     nll_sum, count, prev_end = 0.0, 0, 0
     for begin in range(0, ids.shape[1], stride):
-        end = min(begin + max_length, ids.shape[1])
+        end = min(begin + window_length, ids.shape[1])
         trg_len = end - prev_end
         window = ids[:, begin:end]
         labels = window.clone()
@@ -47,14 +47,14 @@ def torch_sliding_nll(torch_model, ids, max_length, stride):
     return nll_sum / count, count
 
 
-@pytest.mark.parametrize("max_length,stride", [(128, 64), (128, 128), (96, 40)])
-def test_perplexity_matches_transformers(tiny, shakespeare_ids, max_length, stride):
+@pytest.mark.parametrize("window_length,stride", [(128, 64), (128, 128), (96, 40)])
+def test_perplexity_matches_transformers(tiny, shakespeare_ids, window_length, stride):
     torch_model, model, params, _, _ = tiny
-    ours = eval_metrics.perplexity(model, params, shakespeare_ids, stride=stride, max_length=max_length,
+    ours = eval_metrics.perplexity(model, params, shakespeare_ids, stride=stride, window_length=window_length,
                                    batch_size=4, progress=False)
-    nll, count = torch_sliding_nll(torch_model, shakespeare_ids, max_length, stride)
+    nll, count = torch_sliding_nll(torch_model, shakespeare_ids, window_length, stride)
     assert ours["num_tokens"] == count
-    if stride < max_length:  # with overlap every token but the first is scored; else window starts are not
+    if stride < window_length:  # with overlap every token but the first is scored; else window starts are not
         assert count == len(shakespeare_ids) - 1
     assert ours["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
 
@@ -64,7 +64,7 @@ def test_sliding_windows_score_every_token_once():
         scored = [i for w in eval_metrics.sliding_windows(n, length, stride) for i in range(w.score_from, w.end)]
         assert scored == list(range(1, n))
         assert all(w.end - w.begin <= length for w in eval_metrics.sliding_windows(n, length, stride))
-    # No overlap (stride == max_length): each window's first token has no context, as in HF's guide.
+    # No overlap (stride == window_length): each window's first token has no context, as in HF's guide.
     scored = [i for w in eval_metrics.sliding_windows(300, 100, 100) for i in range(w.score_from, w.end)]
     assert scored == [i for i in range(300) if i % 100]
 
@@ -183,7 +183,7 @@ def test_cli_prints_json_last(tiny, tmp_path, shared_dir, capsys):
     lam = tmp_path / "l.jsonl"
     lam.write_text("\n".join(json.dumps({"text": t}) for t in ["To be or not to be", "All the world's a stage"]))
     rc = evaluate.main(["--model", str(folder), "--text_file", str(text_file), "--stride", "64",
-                        "--max_length", "128", "--lambada", str(lam), "--no_progress"])
+                        "--window_length", "128", "--lambada", str(lam), "--no_progress"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"perplexity", "accuracy", "num_tokens", "lambada_num_examples"} <= set(result)
@@ -213,7 +213,7 @@ def test_cli_bad_inputs(tiny, tmp_path, capsys, case, message, code):
         (tmp_path / "l.jsonl").write_text(json.dumps({"text": "fine text here"}) + "\n" + json.dumps(record))
         args += ["--lambada", str(tmp_path / "l.jsonl")]
     elif case == "stride":
-        args += ["--text_file", str(good), "--stride", "600", "--max_length", "512"]
+        args += ["--text_file", str(good), "--stride", "600", "--window_length", "512"]
     elif case == "folder":
         args += ["--text_file", str(tmp_path)]
     elif case == "batch_size":
@@ -231,7 +231,8 @@ def test_defaults_follow_the_model(tiny, tmp_path, capsys):
     text_file.write_text("Some words to score here and there.\n" * 60)
     assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (result["max_length"], result["stride"]) == (128, 64)
+    assert (result["window_length"], result["stride"]) == (128, 64)
+    assert result["max_length"] == 128  # the old name of the field, kept for scripts that read it
     assert result["num_tokens"] == result["text_tokens"] - 1
     assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress",
                           "--stride", "200"]) == 1
@@ -283,3 +284,19 @@ def test_lambada_final_word_longer_than_the_window_is_an_error(tiny):
     with pytest.raises(ValueError, match=r"example 1: the final word is \d+ tokens, more than the 127"):
         eval_metrics.lambada(model, params, tokenizer, ["a fine text here", "some context " + word],
                              progress=False)
+
+
+def test_old_max_length_names_still_work(tiny, shakespeare_ids, capsys):
+    """`max_length` (HF's perplexity guide's name) meant the window: accepted, with a warning or a note."""
+    model, params = tiny[1], tiny[2]
+    with pytest.warns(DeprecationWarning, match=r"perplexity\(max_length=...\) is deprecated; use window_length="):
+        old = eval_metrics.perplexity(model, params, shakespeare_ids[:300], stride=64, max_length=128, progress=False)
+    assert old == eval_metrics.perplexity(model, params, shakespeare_ids[:300], stride=64, window_length=128,
+                                          progress=False)
+    with pytest.warns(DeprecationWarning, match="use window_length="):
+        old_windows = eval_metrics.sliding_windows(300, max_length=100, stride=100)
+    assert old_windows == eval_metrics.sliding_windows(300, 100, 100)
+    args = evaluate.parse_args(["--model", "x", "--text_file", "t.txt", "--max_length", "128"])
+    assert args.window_length == 128
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--max_length is now --window_length" in err

@@ -55,6 +55,37 @@ def test_commongen_trains_evaluates_per_epoch_and_reports_coverage(commongen_run
     assert result["coverage"] == coverage[0]["coverage"]
 
 
+def test_commongen_prompts_are_left_padded_for_generate(bpe_dir, monkeypatch):
+    """The card's prompt, `<|endoftext|>` + " kid, room, dance:", ends at the last column of each row."""
+    from types import SimpleNamespace
+
+    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.train import commongen_eval, recipes
+
+    tok = get_tokenizer(bpe_dir)
+    eot = tok.eot_token
+    answer = tok.encode(" A kid dances in the room.")
+    calls = []
+
+    def fake_generate(model, params, ids, mask, **kwargs):
+        calls.append((ids, mask))
+        return np.concatenate([ids, np.tile(np.int32(answer), (len(ids), 1))], axis=1)
+
+    monkeypatch.setattr(commongen_eval, "generate", fake_generate)
+    sets = [["kid", "room", "dance"], ["ski", "mountain"], ["dog", "frisbee", "catch", "throw"]]
+    result = commongen_eval.commongen_coverage(None, None, SimpleNamespace(tokenizer=str(bpe_dir)), sets, None,
+                                               batch_size=2)
+    assert [r["sentence"] for r in result["samples"]] == ["A kid dances in the room."] * 3
+    assert result["samples"][0]["coverage"] == 1.0
+    for (ids, mask), chunk in zip(calls, (sets[:2], sets[2:]), strict=True):
+        prompts = [[eot] + tok.encode(recipes.commongen_prompt(c)) for c in chunk]
+        width = max(map(len, prompts))
+        assert ids.dtype == mask.dtype == np.int32 and ids.shape == mask.shape == (len(chunk), width)
+        for row, row_mask, prompt in zip(ids, mask, prompts):
+            pad = width - len(prompt)
+            assert row.tolist() == [eot] * pad + prompt and row_mask.tolist() == [0] * pad + [1] * len(prompt)
+
+
 def test_commongen_held_out_sets_are_not_trained_on(commongen_run):
     """The coverage sets come from the held-out tail of the stream: none of their scenes were trained on."""
     from flax_gpt2 import get_tokenizer
@@ -103,7 +134,7 @@ def test_eli5_card_recipe_per_epoch_table_and_export(tmp_path, shared_dir):
 
     from flax_gpt2 import convert
 
-    hf_dir = convert.flax_to_hf(str(workdir), str(tmp_path / "hf"), progress=False)
+    hf_dir = convert.convert(str(workdir), str(tmp_path / "hf"), progress=False)
     reference = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     import flax_gpt2
 

@@ -66,7 +66,7 @@ def test_nanogpt_style_matches_build_nanogpt(tiny):
     labels = np.array([r["label"] for r in records])
     expected = {"acc": np.mean(ref_sums.argmin(1) == labels),
                 "acc_norm": np.mean((ref_sums / ref_counts).argmin(1) == labels)}
-    result = hellaswag.evaluate(params, examples, loss_fn, batch_size=5, max_length=128)
+    result = hellaswag.evaluate(params, examples, loss_fn, batch_size=5, context_length=128)
     assert result == {**expected, "num_examples": 12}
     assert hellaswag.evaluate_model(model, params, HELLASWAG, tokenizer, batch_size=5) == result
     assert loss_fn._cache_size() == 1  # one shape for every batch, the short last one included
@@ -91,7 +91,7 @@ def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path):
     sums, _ = hellaswag.score(params, examples, loss_fn, seq_len=hellaswag.rows_length(examples, 128), batch_size=4)
     lls = np.array([[resp[0][0] for resp in sample["resps"]] for sample in out["samples"]["hellaswag"]])
     np.testing.assert_allclose(-sums, lls, rtol=1e-4)
-    result = hellaswag.evaluate(params, examples, loss_fn, batch_size=4, max_length=128)
+    result = hellaswag.evaluate(params, examples, loss_fn, batch_size=4, context_length=128)
     assert result["acc"] == out["results"]["hellaswag"]["acc,none"]
     assert result["acc_norm"] == out["results"]["hellaswag"]["acc_norm,none"]
 

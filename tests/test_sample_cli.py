@@ -102,6 +102,16 @@ def test_commongen_prompt_format(capsys, folder, loaded):
     assert out == prompt + expected.split(".")[0] + "\n"
 
 
+def test_generate_text_and_its_old_name(loaded):
+    """`flax_gpt2.sample.generate_text` (text in, text out) was `sample`: the old name still works, and warns."""
+    model, params, tokenizer = loaded
+    text = cli.generate_text(model, params, tokenizer, "Hello", max_new_tokens=6, do_sample=False)
+    assert text == ["Hello" + greedy_text(loaded, tokenizer.encode("Hello"), 6)[0]]
+    with pytest.warns(DeprecationWarning, match="sample.sample is deprecated; use flax_gpt2.sample.generate_text"):
+        from flax_gpt2.sample import sample
+    assert sample is cli.generate_text
+
+
 def test_stream_printer_holds_back_a_partial_stop_string():
     printed = []
     printer = cli._Printer(printed.append, "END")

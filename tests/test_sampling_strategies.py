@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
-from flax_gpt2.generation import (SamplingParams, apply_temperature, generate, no_repeat_ngram, repetition_penalty,
+from flax_gpt2 import GPT2Config, GPT2LMHeadModel, KVCache, init_params
+from flax_gpt2.generation import (GenerationConfig, apply_temperature, generate, no_repeat_ngram, repetition_penalty,
                                   top_k_filter, top_p_filter)
 from flax_gpt2.generation.logits_processors import argmax, nucleus_of_sorted
 
@@ -49,7 +49,7 @@ def test_top_k_keeps_ties_with_the_kth_value():
 def test_sampling_with_top_k_never_leaves_the_top_k():
     logits = jnp.asarray(fake_logits(batch=2, scale=0.5))  # flat: many tokens outside the top k are likely
     top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
-    params = SamplingParams.create(do_sample=True, top_k=5)
+    params = GenerationConfig.create(do_sample=True, top_k=5)
     choose = jax.jit(jax.vmap(lambda key: params.choose(logits, None, None, 0, key)))
     drawn = np.asarray(choose(jax.random.split(jax.random.PRNGKey(0), 2000)))  # [draws, B]
     for row in range(2):
@@ -100,7 +100,7 @@ def test_temperature_matches_transformers():
 @pytest.mark.parametrize("top_k", [0, 40])
 def test_temperature_to_zero_is_greedy(top_k):
     logits = jnp.asarray(fake_logits(batch=8, vocab=5000, scale=1.0))
-    params = SamplingParams.create(do_sample=True, temperature=1e-4, top_k=top_k)
+    params = GenerationConfig.create(do_sample=True, temperature=1e-4, top_k=top_k)
     for key in jax.random.split(jax.random.PRNGKey(0), 20):
         np.testing.assert_array_equal(params.choose(logits, None, None, 0, key), np.argmax(logits, -1))
 
@@ -119,7 +119,7 @@ def test_argmax_takes_the_first_of_ties():
 
 def test_sampling_follows_the_softmax():
     logits = jnp.asarray([[2.0, 1.0, 0.0, -1.0, -np.inf]])
-    params = SamplingParams.create(do_sample=True)
+    params = GenerationConfig.create(do_sample=True)
     choose = jax.jit(jax.vmap(lambda key: params.choose(logits, None, None, 0, key)))
     drawn = np.asarray(choose(jax.random.split(jax.random.PRNGKey(1), 20000)))[:, 0]
     freq = np.bincount(drawn, minlength=5) / len(drawn)
@@ -174,7 +174,7 @@ def test_no_repeat_ngram_ignores_left_padding():
 def test_processor_chain_matches_transformers():
     tokens, mask = padded_history(vocab=50)
     logits = fake_logits(batch=3, vocab=50)
-    params = SamplingParams.create(do_sample=True, temperature=0.8, top_k=20, top_p=0.7, repetition_penalty=1.2,
+    params = GenerationConfig.create(do_sample=True, temperature=0.8, top_k=20, top_p=0.7, repetition_penalty=1.2,
                                    no_repeat_ngram_size=2)
     chain = hf.LogitsProcessorList([
         hf.RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=torch.as_tensor(mask.argmax(1))),
@@ -206,3 +206,20 @@ def test_a_seed_reproduces_the_output(tiny, kwargs):
     np.testing.assert_array_equal(generate(model, params, prompts, max_new_tokens=16, seed=7, **kwargs), first)
     other = np.asarray(generate(model, params, prompts, max_new_tokens=16, seed=8, **kwargs))
     assert (other != first).any()
+
+
+def test_old_names_are_deprecated_aliases():
+    """`SamplingParams` drove greedy and beam search too, and `logits_processors.sample` only draws a token:
+    both renamed, the old names still importable with a DeprecationWarning."""
+    from flax_gpt2.generation import logits_processors
+
+    with pytest.warns(DeprecationWarning, match="SamplingParams is deprecated; use GenerationConfig"):
+        from flax_gpt2.generation import SamplingParams
+    assert SamplingParams is GenerationConfig
+    with pytest.warns(DeprecationWarning, match="SamplingParams is deprecated; use GenerationConfig"):
+        assert logits_processors.SamplingParams is GenerationConfig
+    with pytest.warns(DeprecationWarning, match="sample is deprecated; use draw_tokens"):
+        assert logits_processors.sample is logits_processors.draw_tokens
+    with pytest.warns(DeprecationWarning, match=r"KVCache.init\(max_length=...\) is deprecated; use cache_length="):
+        cache = KVCache.init(GPT2Config.from_preset("tiny"), 1, max_length=8)
+    assert cache.cache_length == 8

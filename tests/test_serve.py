@@ -24,7 +24,7 @@ from flax_gpt2 import from_pretrained, generate, get_tokenizer
 from flax_gpt2.serve.slots import kth_largest
 
 API_KEY = "sk-test-key"
-MAX_LENGTH = 128
+CONTEXT_LENGTH = 128
 MAX_BATCH = 4
 MAX_QUEUE = 24
 MAX_BODY = 65536
@@ -68,7 +68,7 @@ def _health(port) -> dict:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, bpe_dir):
     # A large initializer_range gives peaked, varied greedy continuations instead of one repeated token.
-    _, folder = make_hf_model(tmp_path_factory, "serve_tiny", n_positions=MAX_LENGTH, initializer_range=0.3)
+    _, folder = make_hf_model(tmp_path_factory, "serve_tiny", n_positions=CONTEXT_LENGTH, initializer_range=0.3)
     return folder
 
 
@@ -86,7 +86,7 @@ def server(tiny_folder, tmp_path_factory):
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flax_gpt2.serve", "--model", str(tiny_folder), "--served_model_name", "tiny",
-         "--port", str(port), "--max_batch", str(MAX_BATCH), "--max_length", str(MAX_LENGTH),
+         "--port", str(port), "--max_batch", str(MAX_BATCH), "--context_length", str(CONTEXT_LENGTH),
          "--prompt_buckets", "16,64", "--max_queue", str(MAX_QUEUE), "--max_body_bytes", str(MAX_BODY),
          "--api_key", API_KEY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
     deadline = time.time() + 300
@@ -134,8 +134,9 @@ def _prompt(n, seed=0):
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = _health(server)
-    assert health["max_batch"] == MAX_BATCH and health["max_length"] == MAX_LENGTH
-    assert health["prompt_buckets"] == [16, 64, MAX_LENGTH]
+    assert health["max_batch"] == MAX_BATCH and health["context_length"] == CONTEXT_LENGTH
+    assert health["max_length"] == CONTEXT_LENGTH  # the old name of the field, kept for clients that read it
+    assert health["prompt_buckets"] == [16, 64, CONTEXT_LENGTH]
 
 
 def test_greedy_completion_equals_generate(client, reference):
@@ -319,7 +320,7 @@ def _error(status, body):
 
 @pytest.mark.parametrize("body,param", [
     ({"prompt": _prompt(100), "max_tokens": 29}, "prompt"),  # 129 > 128 tokens
-    ({"prompt": "hi", "max_tokens": MAX_LENGTH}, "prompt"),
+    ({"prompt": "hi", "max_tokens": CONTEXT_LENGTH}, "prompt"),
     ({"prompt": "hi", "n": 0}, "n"),
     ({"prompt": "hi", "temperature": -0.5}, "temperature"),
     ({"prompt": "hi", "temperature": 1e-6}, "temperature"),
@@ -460,3 +461,12 @@ def test_cli_errors_are_one_line():
                               capture_output=True, text=True, env=env, timeout=120)
     assert busy.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
+
+
+def test_old_max_length_flag_is_context_length(capsys):
+    """`--max_length` was the slot length (prompt + completion): still accepted, with a note naming the new flag."""
+    from flax_gpt2.serve.__main__ import parse_args
+
+    assert parse_args(["--model", "x", "--max_length", "64"]).context_length == 64
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--max_length is now --context_length" in err

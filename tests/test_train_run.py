@@ -121,7 +121,7 @@ def test_run_exports_to_transformers_and_samples(reference, tmp_path, capsys):
     from flax_gpt2 import convert, sample
 
     workdir, _ = reference
-    out = convert.flax_to_hf(str(workdir), str(tmp_path / "hf"), progress=False)
+    out = convert.convert(str(workdir), str(tmp_path / "hf"), progress=False)
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     model, params = flax_gpt2.from_pretrained(str(workdir), progress=False)
     ids = np.random.default_rng(0).integers(0, 50257, (2, 16))

@@ -93,7 +93,7 @@ def test_relative_workdir_trains_resumes_and_serves(cache_dir, tmp_path, monkeyp
     out = _run([sys.executable, "-m", "flax_gpt2.sample", "--model", "runs/tiny", "--prompt", "ROMEO:",
                 "--max_new_tokens", "3", "--seed", "0", "--cache_dir", "cache"], cwd=tmp_path)
     assert "ROMEO:" in out.stdout
-    _run([sys.executable, "-m", "flax_gpt2.convert", "flax-to-hf", "--model", "runs/tiny", "--out", "hf"], cwd=tmp_path)
+    _run([sys.executable, "-m", "flax_gpt2.convert", "--model", "runs/tiny", "--out", "hf"], cwd=tmp_path)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     (tmp_path / "text.txt").write_text("To be, or not to be, that is the question. " * 20)
     evaluated = _run([sys.executable, "-m", "flax_gpt2.evaluate", "--model", "runs/tiny", "--text_file", "text.txt"],

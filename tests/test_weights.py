@@ -136,6 +136,9 @@ def test_save_pretrained_writes_what_transformers_writes(hf_double, tmp_path, bp
     ref = transformers.GenerationConfig.from_pretrained(folder)
     assert (gen.bos_token_id, gen.eos_token_id) == (ref.bos_token_id, ref.eos_token_id) == (50256, 50256)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path)("Hello world")["input_ids"] == [15496, 995]
+    # tokenizer= took OpenAI's encoder.json + vocab.bpe and wrote the same bytes under Hugging Face's names.
+    assert (tmp_path / "vocab.json").read_bytes() == (bpe_dir / "encoder.json").read_bytes()
+    assert (tmp_path / "merges.txt").read_bytes() == (bpe_dir / "vocab.bpe").read_bytes()
 
 
 def test_loaded_params_are_jax_arrays_in_param_dtype(hf_tiny):
@@ -506,7 +509,7 @@ def test_save_pretrained_without_tokenizer_module(hf_tiny, tmp_path, monkeypatch
 
 # --- the converter ---------------------------------------------------------------------------------------
 
-def test_convert_cli_both_directions(hf_untied, tmp_path, bpe_dir, capsys):
+def test_convert_cli(hf_untied, tmp_path, bpe_dir, capsys):
     hf, folder = hf_untied
     src = tmp_path / "src"
     shutil.copytree(folder, src)
@@ -515,24 +518,100 @@ def test_convert_cli_both_directions(hf_untied, tmp_path, bpe_dir, capsys):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(bpe_dir / {"vocab.json": "encoder.json", "merges.txt": "vocab.bpe"}[name], src / name)
 
-    convert.main(["hf-to-flax", "--model", str(src), "--out", str(tmp_path / "fast"), "--no-progress"])
+    assert convert.main(["--model", str(src), "--out", str(tmp_path / "fast"), "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert {"model.safetensors", "config.json", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "fast"))
     _, reference = from_pretrained(folder, progress=False)
     _, fast = from_pretrained(tmp_path / "fast", progress=False)
     _assert_bitwise(_flat(reference), _flat(fast))
 
-    convert.main(["flax-to-hf", "--model", str(tmp_path / "fast"), "--out", str(tmp_path / "hf"),
-                  "--dtype", "bfloat16", "--no-progress"])
+    assert convert.main(["--model", str(tmp_path / "fast"), "--out", str(tmp_path / "hf"), "--format", "safetensors",
+                         "--dtype", "bfloat16", "--no-progress"]) == 0
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert reloaded.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(reloaded.lm_head.weight, hf.lm_head.weight.bfloat16())
 
     capsys.readouterr()
     # A second run into the same folder is a usage error that names the flag.
-    code = convert.main(["flax-to-hf", "--model", str(tmp_path / "fast"), "--out", str(tmp_path / "hf"), "--no-progress"])
+    code = convert.main(["--model", str(tmp_path / "fast"), "--out", str(tmp_path / "hf"), "--no-progress"])
     assert code == 2
     assert "pass --overwrite" in capsys.readouterr().err
+    code = convert.main(["--model", str(tmp_path / "fast"), "--out", str(tmp_path / "x"), "--format", "onnx"])
+    assert code == 2 and "--format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("word", ["hf-to-flax", "flax-to-hf"])
+def test_convert_old_subcommands_still_work_with_a_note(hf_tiny, tmp_path, capsys, word):
+    """The old subcommands both wrote the safetensors folder: they are plain convert, with a note."""
+    _, folder = hf_tiny
+    assert convert.main([word, "--model", str(folder), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"'{word}' is the same as plain convert" in err
+    _assert_bitwise(_flat(from_pretrained(folder, progress=False)[1]),
+                    _flat(from_pretrained(tmp_path / "out", progress=False)[1]))
+
+
+def test_convert_old_python_names_are_deprecated_aliases(hf_tiny, tmp_path):
+    _, folder = hf_tiny
+    with pytest.warns(DeprecationWarning, match="hf_to_flax is deprecated; use flax_gpt2.convert.convert"):
+        convert.hf_to_flax(str(folder), str(tmp_path / "a"), progress=False)
+    with pytest.warns(DeprecationWarning, match="flax_to_hf is deprecated; use flax_gpt2.convert.convert"):
+        convert.flax_to_hf(str(folder), str(tmp_path / "b"), progress=False)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("which,model_class,with_prefix", [
+    ("hf_tiny", "GPT2LMHeadModel", True), ("hf_untied", "GPT2LMHeadModel", True), ("hf_base", "GPT2Model", False)])
+def test_convert_to_flax_msgpack(request, tmp_path, which, model_class, with_prefix):
+    """`--format msgpack` writes transformers' Flax layout exactly (the tree `_hf_flax_layout` builds by hand,
+    bit for bit), and from_pretrained reads it back to the same logits."""
+    hf, folder = request.getfixturevalue(which)
+    out = tmp_path / "flax"
+    assert convert.main(["--model", str(folder), "--out", str(out), "--format", "msgpack", "--no_progress"]) == 0
+    assert sorted(os.listdir(out)) == ["config.json", "flax_model.msgpack", "generation_config.json", "merges.txt",
+                                       "vocab.json"]
+    assert json.loads((out / "config.json").read_text())["architectures"] == [model_class]
+    state = dict(hf.state_dict())
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    written = flax.serialization.msgpack_restore((out / "flax_model.msgpack").read_bytes())
+    expected = {k: np.ascontiguousarray(v) for k, v in weights.flatten(_hf_flax_layout(state, with_prefix)).items()}
+    _assert_bitwise(expected, weights.flatten(written))
+
+    model, params = from_pretrained(out, model_class=model_class, progress=False)
+    _, reference = from_pretrained(folder, model_class=model_class, progress=False)
+    _assert_bitwise(_flat(reference), _flat(params))
+    ids = np.random.default_rng(0).integers(0, 50257, (1, 6))
+    ours = model.apply({"params": params}, jnp.asarray(ids))
+    ref = hf(torch.as_tensor(ids))
+    if model_class == "GPT2Model":
+        assert np.abs(np.asarray(ours.last_hidden_state) - ref.last_hidden_state.numpy()).max() <= 1e-5
+    else:
+        assert np.abs(np.asarray(ours.logits) - ref.logits.numpy()).max() <= 1e-5
+
+
+def test_convert_to_msgpack_replaces_weights_that_would_shadow_it(hf_tiny, tmp_path):
+    """find_weights prefers safetensors and .bin to msgpack: after an --overwrite msgpack save they must go."""
+    _, folder = hf_tiny
+    out = tmp_path / "out"
+    convert.convert(str(folder), str(out), progress=False)
+    (out / "pytorch_model.bin").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    convert.convert(str(folder), str(out), format="msgpack", dtype="bfloat16", overwrite=True, progress=False)
+    assert checkpoint_files.find_weights(out).endswith("flax_model.msgpack")
+    assert not {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(out))
+    assert (out / "notes.txt").read_text() == "mine"
+    _, params = from_pretrained(out, param_dtype=jnp.bfloat16, progress=False)
+    _, reference = from_pretrained(folder, param_dtype=jnp.bfloat16, progress=False)
+    _assert_bitwise(_flat(reference), _flat(params))
+
+
+def test_convert_double_heads_to_msgpack_is_refused(hf_double, tmp_path, capsys):
+    _, folder = hf_double
+    code = convert.main(["--model", str(folder), "--out", str(tmp_path / "o"), "--format", "msgpack"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no double-heads model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.filterwarnings("ignore:the GPT-2 tokenizer could not be loaded")  # offline, no tiktoken cache
@@ -551,7 +630,7 @@ def test_training_run_folder(tmp_path, bpe_dir):
 
     _, loaded = from_pretrained(tmp_path / "run", progress=False)
     _assert_bitwise(_flat(params), _flat(loaded))
-    convert.flax_to_hf(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
+    convert.convert(str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     ids = np.random.default_rng(4).integers(0, 50257, (1, 6))
     ref = hf(torch.as_tensor(ids)).logits.numpy()

@@ -12,8 +12,8 @@ from flax_gpt2.generation import generate
 from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
 from flax_gpt2.train import recipes
 from flax_gpt2.train import tokenize_corpus as tc
+from flax_gpt2.train.data import TOKENIZER_FLAG
 
-_TOKENIZER_FLAG = "--config.data.tokenizer=DIR"  # how the offline tokenizer error says to pass a folder
 
 
 def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
@@ -22,7 +22,7 @@ def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
     The stream is the recipe's documents in order, each followed by `<|endoftext|>`, so re-encoding them
     gives each document's start; a set is held out when its first example starts at or after `cut`.
     """
-    encoding = tc.gpt2_encoding(data_config.tokenizer, pass_folder_as=_TOKENIZER_FLAG)
+    encoding = tc.gpt2_encoding(data_config.tokenizer, pass_folder_as=TOKENIZER_FLAG)
     docs = [d[0] for d in tc.iter_documents(data_config.source, split=data_config.split,
                                               dataset_config=data_config.dataset_config, recipe="commongen")]
     lengths = [len(ids) + 1 for ids in encoding.encode_ordinary_batch(docs)]
@@ -37,7 +37,7 @@ def commongen_coverage(model, params, data_config, concept_sets: list[list[str]]
                        max_new_tokens: int = 32, batch_size: int = 16) -> dict:
     """Greedy sentences for `concept_sets` from the card's prompt, cut after the first '.'; returns the mean
     coverage and writes `workdir/commongen_samples.jsonl` (concepts, sentence, coverage)."""
-    tokenizer = get_tokenizer(data_config.tokenizer or None, pass_folder_as=_TOKENIZER_FLAG)
+    tokenizer = get_tokenizer(data_config.tokenizer or None, pass_folder_as=TOKENIZER_FLAG)
     eot = tokenizer.eot_token
     rows = []
     for i in range(0, len(concept_sets), batch_size):

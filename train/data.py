@@ -28,6 +28,9 @@ from flax_gpt2 import file_io
 from flax_gpt2.train import tokenize_corpus as tc
 from flax_gpt2.train.config_checks import ConfigValueError
 
+# How an error that cannot load the tokenizer offline tells a training user to pass a folder.
+TOKENIZER_FLAG = "--config.data.tokenizer=DIR"
+
 
 class TokenStore:
     """A token stream in memory-mapped uint16 shards (a `tokenize_corpus` output folder)."""
@@ -119,7 +122,7 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
                            split=data_config.split,
                            dataset_config=data_config.dataset_config, tokenizer=data_config.tokenizer,
                            num_threads=data_config.num_threads, progress=progress,
-                           pass_folder_as="--config.data.tokenizer=DIR")
+                           pass_folder_as=TOKENIZER_FLAG)
     if remote and jax.process_index() == 0:
         _upload(folder, file_io.join(cache, key))
     return TokenStore(folder)

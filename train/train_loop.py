@@ -131,7 +131,7 @@ def _save_tokenizer(name_or_path: str, workdir: str) -> None:
     from flax_gpt2.tokenizer import get_tokenizer
 
     try:
-        tokenizer = get_tokenizer(name_or_path or None)
+        tokenizer = get_tokenizer(name_or_path or None, pass_folder_as=data.TOKENIZER_FLAG)
     except OSError as e:  # offline without the tokenizer files; training itself may only need cached tokens
         logging.warning("could not save the tokenizer into %s: %s", workdir, e)
         return
@@ -293,7 +293,7 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
         result.update(_commongen_coverage(model, state.params, config, cut, workdir, writer, result["step"]))
     if config.sample.prompt and result["stopped"] == "done":
-        result["sample"] = sample(model, state.params, config, workdir)
+        result["sample"] = sample_after_training(model, state.params, config, workdir)
     writer.close()
     if jax.process_index() == 0:
         metrics_lib.plot_losses(workdir)
@@ -312,14 +312,14 @@ def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
     from flax_gpt2 import hellaswag
     from flax_gpt2.tokenizer import get_tokenizer
 
-    examples = hellaswag.load(config.eval_hellaswag, get_tokenizer(config.data.tokenizer or None),
-                              limit=config.eval_hellaswag_limit)
+    tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)
+    examples = hellaswag.load(config.eval_hellaswag, tokenizer, limit=config.eval_hellaswag_limit)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(nn.logical_to_mesh_axes(("batch",), rules)[0],
                                                                         None))
     loss_fn = hellaswag.make_loss_fn(model, params_sharding, rows)
 
     def run(params) -> dict[str, float]:
-        r = hellaswag.evaluate(params, examples, loss_fn, batch_size=eval_batch, max_length=model.config.n_positions)
+        r = hellaswag.evaluate(params, examples, loss_fn, batch_size=eval_batch, context_length=model.config.n_positions)
         return {"hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"]}
     return run
 
@@ -358,7 +358,7 @@ def _commongen_coverage(model, params, config, cut: int, workdir: str, writer, w
     return {"coverage": out["coverage"], "coverage_sets": out["coverage_sets"]}
 
 
-def sample(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
+def sample_after_training(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
     """Samples `config.sample.max_new_tokens` after `config.sample.prompt`; writes `workdir/sample.txt`."""
     from jax.experimental import multihost_utils
 
@@ -368,7 +368,7 @@ def sample(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
     if jax.process_count() > 1:  # every host generates from a full local copy
         params = multihost_utils.process_allgather(params, tiled=True)
     params = jax.device_put(params, jax.devices()[0] if jax.process_count() == 1 else jax.local_devices()[0])
-    tokenizer = get_tokenizer(config.data.tokenizer or None)
+    tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)
     prompt = np.asarray([tokenizer.encode(config.sample.prompt)], np.int32)
     max_new = min(config.sample.max_new_tokens, model.config.n_positions - prompt.shape[1])
     tokens = generate(model, params, prompt, max_new_tokens=max_new, do_sample=True,

@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2.generation.logits_processors import SamplingParams
+from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import forward, prefill, repeat_rows, take_rows
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import GPT2LMHeadModel
@@ -43,7 +43,7 @@ class BeamState:
     key: Array
 
 
-def _select(state: BeamState, sampling: SamplingParams, length_penalty: Array, eos_token_id: Array,
+def _select(state: BeamState, sampling: GenerationConfig, length_penalty: Array, eos_token_id: Array,
             max_new_tokens: Array, prompt_len: int) -> tuple[BeamState, Array]:
     """One beam step on `state.logits`; returns the new state and, per new running beam, the flat row
     `[N * M]` it continues (for reordering the cache)."""
@@ -100,7 +100,7 @@ def _select(state: BeamState, sampling: SamplingParams, length_penalty: Array, e
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "num_beams", "num_return_sequences"))
 def beam_search_tokens(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
-                       sampling: SamplingParams, length_penalty: Array, eos_token_id: Array, pad_token_id: Array,
+                       sampling: GenerationConfig, length_penalty: Array, eos_token_id: Array, pad_token_id: Array,
                        seed: Array, max_new_tokens: Array, *, cache_len: int, num_beams: int,
                        num_return_sequences: int) -> Array:
     """Beam search over a left-padded prompt `[N, T]`; returns the best `num_return_sequences`

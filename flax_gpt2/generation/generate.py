@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2.generation import beam_search, sampling
-from flax_gpt2.generation.logits_processors import SamplingParams
+from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.model import GPT2LMHeadModel
 
@@ -195,7 +195,7 @@ def _setup(model, params, input_ids, attention_mask, max_new_tokens, **options):
     sampling strategy and the output projection."""
     args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
     params = _unwrap(params)
-    strategy = SamplingParams.create(**{k: options[k] for k in (
+    strategy = GenerationConfig.create(**{k: options[k] for k in (
         "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})
     return args, extra, params, strategy, _head(model, params)
 

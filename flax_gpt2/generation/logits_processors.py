@@ -1,4 +1,5 @@
-"""Next-token logits processors: small pure functions over `[B, V]` logits, and `SamplingParams` that chains them.
+"""Next-token logits processors: small pure functions over `[B, V]` logits, and `GenerationConfig`, which
+chains them into one decoding strategy (greedy, sampling, or the per-step choice of beam search).
 
 Each filter matches the Hugging Face transformers logits processor of the same purpose (named in its
 docstring), so that greedy and beam search reproduce `transformers.generate` token for token. The token
@@ -16,6 +17,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2.deprecation import renamed_attributes
+
 Array = jax.Array
 
 
@@ -30,7 +33,7 @@ def argmax(logits: Array) -> Array:
     return jnp.min(jnp.where(logits == largest, index, logits.shape[-1] - 1), axis=-1)
 
 
-def sample(key: Array, logits: Array) -> Array:
+def draw_tokens(key: Array, logits: Array) -> Array:
     """`[B, V] -> [B]` a token drawn from softmax(logits) (Gumbel-max); -inf logits are never drawn."""
     return argmax(logits + jax.random.gumbel(key, logits.shape, jnp.float32))
 
@@ -151,9 +154,10 @@ def no_repeat_ngram(logits: Array, tokens: Array, valid: Array, length: Array | 
 
 
 @flax.struct.dataclass
-class SamplingParams:
+class GenerationConfig:
     """How the next token is chosen: penalties, then greedy or sampling with temperature, top-k and top-p,
-    applied in transformers' order.
+    applied in transformers' order. Greedy search, sampling and beam search all run on it (hence the name
+    Hugging Face uses for the same settings, not "sampling params").
 
     Numbers that may change between calls without recompiling (`temperature`, `top_p`,
     `repetition_penalty`) are pytree leaves; the choices that change the computation (`do_sample`,
@@ -171,7 +175,7 @@ class SamplingParams:
 
     @classmethod
     def create(cls, *, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-               no_repeat_ngram_size=0) -> "SamplingParams":
+               no_repeat_ngram_size=0) -> "GenerationConfig":
         return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
                    repetition_penalty=jnp.float32(repetition_penalty), do_sample=bool(do_sample),
                    top_k=int(top_k) if do_sample else 0, no_repeat_ngram_size=int(no_repeat_ngram_size),
@@ -215,7 +219,12 @@ class SamplingParams:
             values, indices = _top_k(logits, self.top_k)
             if self.use_top_p:
                 values = jnp.where(nucleus_of_sorted(values, self.top_p), values, -jnp.inf)
-            return jnp.take_along_axis(indices, sample(key, values)[:, None], axis=1)[:, 0]
+            return jnp.take_along_axis(indices, draw_tokens(key, values)[:, None], axis=1)[:, 0]
         if self.use_top_p:
             logits = top_p_filter(logits, self.top_p)
-        return sample(key, logits)
+        return draw_tokens(key, logits)
+
+
+# Old names, kept importable: `SamplingParams` drives greedy and beam search too, and `sample` only draws.
+__getattr__ = renamed_attributes(__name__, SamplingParams=("GenerationConfig", GenerationConfig),
+                                 sample=("draw_tokens", draw_tokens))

@@ -61,27 +61,26 @@ class TextGenerationPipeline:
         prompts = [text_inputs] if single else text_inputs
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
-        from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+        from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL
 
         eot = self.tokenizer.eot_token
         # <|endoftext|> is the only special token a prompt may contain (a custom BPE's others are plain text).
-        encoded = [self.tokenizer.encode(p, allowed_special=USER_TEXT_SPECIAL) or [eot] for p in prompts]
-        longest = max(len(e) for e in encoded)
+        # An empty prompt starts from <|endoftext|>, as GPT-2 was trained; rows are left-padded for generate.
+        ids, mask = self.tokenizer.encode_batch([p or ENDOFTEXT for p in prompts], padding_side="left", pad_id=eot,
+                                                allowed_special=USER_TEXT_SPECIAL)
+        lengths = [int(n) for n in mask.sum(axis=1)]
+        longest = ids.shape[1]
         n_positions = self.model.config.n_positions
         if max_new_tokens is not None:
-            per_prompt = [max_new_tokens] * len(encoded)
+            per_prompt = [max_new_tokens] * len(prompts)
         elif max_length is not None:
-            per_prompt = [max_length - len(e) for e in encoded]
+            per_prompt = [max_length - n for n in lengths]
             short = [i for i, n in enumerate(per_prompt) if n < 1]
             if short:
                 raise ValueError(f"max_length={max_length} leaves no room for new tokens after prompt {short[0]} "
-                                 f"({len(encoded[short[0]])} tokens); raise it or pass max_new_tokens")
+                                 f"({lengths[short[0]]} tokens); raise it or pass max_new_tokens")
         else:
-            per_prompt = [min(_DEFAULT_MAX_NEW_TOKENS, n_positions - longest)] * len(encoded)
-        ids = np.full((len(encoded), longest), eot, np.int32)
-        mask = np.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, longest - len(e):], mask[i, longest - len(e):] = e, 1
+            per_prompt = [min(_DEFAULT_MAX_NEW_TOKENS, n_positions - longest)] * len(prompts)
         if seed is None:
             seed = int(_seeds.integers(2**31 - 1))
         # One batch; each row's output equals generating it alone, so a shorter max_length just cuts it.
@@ -164,8 +163,7 @@ def model_tokenizer(folder: str | None, *, command_line: bool = False):
 
 
 def tokenizer_source(folder: str | None) -> str | None:
-    """The model folder when it holds tokenizer files, else None (the standard GPT-2 tokenizer)."""
-    if folder is not None and any(os.path.isfile(os.path.join(folder, a)) and os.path.isfile(os.path.join(folder, b))
-                                  for a, b in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))):
-        return folder
-    return None
+    """The model folder when it holds tokenizer files (either naming), else None (the standard GPT-2 tokenizer)."""
+    from flax_gpt2.bpe_files import tokenizer_files
+
+    return folder if folder is not None and tokenizer_files(folder) is not None else None

@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2.generation.logits_processors import SamplingParams
+from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import forward, prefill, repeat_rows
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import GPT2LMHeadModel
@@ -39,7 +39,7 @@ class DecodeState:
     prompt_len: int = flax.struct.field(pytree_node=False)
 
 
-def _choose(state: DecodeState, sampling: SamplingParams) -> DecodeState:
+def _choose(state: DecodeState, sampling: GenerationConfig) -> DecodeState:
     """Picks the token for slot prompt_len + step from `state.logits` and writes it to the buffer."""
     slot = state.prompt_len + state.step
     history = state.attention_mask.astype(bool) & (jnp.arange(state.tokens.shape[1]) < slot)[None, :]
@@ -61,7 +61,7 @@ def _advance(model: GPT2LMHeadModel, params: Any, head: Array, state: DecodeStat
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "num_return_sequences"))
 def start(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
-          sampling: SamplingParams, eos_token_id: Array, pad_token_id: Array, seed: Array, *,
+          sampling: GenerationConfig, eos_token_id: Array, pad_token_id: Array, seed: Array, *,
           cache_len: int, num_return_sequences: int = 1) -> DecodeState:
     """Prefills the left-padded prompt `[B, T]` and chooses the first new token. `head` is
     `output_projection(model, params)`.
@@ -81,7 +81,7 @@ def start(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, at
     return _choose(state, sampling)
 
 
-def _decode(model, params, head, state: DecodeState, sampling: SamplingParams, stop_at: Array) -> DecodeState:
+def _decode(model, params, head, state: DecodeState, sampling: GenerationConfig, stop_at: Array) -> DecodeState:
     def running(state):
         return (state.step < stop_at) & ~jnp.all(state.finished)
 
@@ -92,7 +92,7 @@ def _decode(model, params, head, state: DecodeState, sampling: SamplingParams, s
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("state",))
-def decode(model: GPT2LMHeadModel, params: Any, head: Array, state: DecodeState, sampling: SamplingParams,
+def decode(model: GPT2LMHeadModel, params: Any, head: Array, state: DecodeState, sampling: GenerationConfig,
            stop_at: Array) -> DecodeState:
     """Runs the loop until `state.step == stop_at` or every row has finished; returns the new state.
 
@@ -103,7 +103,7 @@ def decode(model: GPT2LMHeadModel, params: Any, head: Array, state: DecodeState,
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_len", "num_return_sequences"))
 def generate_tokens(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
-                    sampling: SamplingParams, eos_token_id: Array, pad_token_id: Array, seed: Array,
+                    sampling: GenerationConfig, eos_token_id: Array, pad_token_id: Array, seed: Array,
                     max_new_tokens: Array, *, cache_len: int, num_return_sequences: int = 1) -> Array:
     """Prefill and the whole decode loop in one computation; returns the token buffer `[B, S]`.
 

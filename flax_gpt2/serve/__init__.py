@@ -1,6 +1,6 @@
 """An OpenAI-compatible completions server for flax_gpt2 models, with continuous batching.
 
-    python -m flax_gpt2.serve --model gpt2 [--host 127.0.0.1] [--port 8000] [--max_batch 8] [--max_length 1024]
+    python -m flax_gpt2.serve --model gpt2 [--host 127.0.0.1] [--port 8000] [--max_batch 8] [--context_length 1024]
 
 `Engine` runs the decode slots on its own thread; `create_app` is the Starlette app in front of it.
 """

@@ -1,7 +1,7 @@
 """Serve a GPT-2 model over HTTP with the OpenAI completions API and continuous batching.
 
     python -m flax_gpt2.serve --model gpt2
-    python -m flax_gpt2.serve --model runs/my-run --port 8080 --max_batch 16 --max_length 512 --api_key KEY
+    python -m flax_gpt2.serve --model runs/my-run --port 8080 --max_batch 16 --context_length 512 --api_key KEY
 
 Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").completions.create(
 model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging Face folder or a flax_gpt2
@@ -47,11 +47,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=cli.flag_type(int, lambda p: 0 <= p <= 65535, "a port from 0 to 65535"),
                         default=8000, help="TCP port (default 8000; 0 picks a free one)")
     parser.add_argument("--max_batch", type=_positive_int, default=8, help="decode slots (default 8)")
-    parser.add_argument("--max_length", type=_positive_int, default=None,
-                        help="tokens per slot, prompt + completion (default: the model's n_positions, 1024 for GPT-2)")
+    parser.add_argument("--context_length", type=_positive_int, default=None,
+                        help="tokens a request's prompt + completion may total, each slot's cache length "
+                             "(default: the model's n_positions, 1024 for GPT-2)")
+    parser.add_argument("--max_length", dest="context_length", type=_positive_int, help=argparse.SUPPRESS,
+                        action=cli.renamed_flag("--context_length", "prompt + completion tokens per slot"))
     parser.add_argument("--prompt_buckets", type=cli.flag_type(_buckets, lambda b: True, "comma-separated positive "
                         "integers"), default=None, help="prompt lengths that each get a compiled prefill "
-                        "(default 16, 32, 64, ... up to --max_length)")
+                        "(default 16, 32, 64, ... up to --context_length)")
     parser.add_argument("--max_queue", type=_positive_int, default=64,
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
@@ -92,9 +95,9 @@ def _main(argv: Sequence[str]) -> None:
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
                                           log=log.info)
     n_positions = model.config.n_positions
-    if args.max_length is not None and args.max_length > n_positions:
-        raise cli.UsageError(f"--max_length {args.max_length} exceeds the model's n_positions={n_positions}")
-    engine = Engine(model, params, tokenizer, max_batch=args.max_batch, max_length=args.max_length,
+    if args.context_length is not None and args.context_length > n_positions:
+        raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
+    engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
@@ -103,7 +106,7 @@ def _main(argv: Sequence[str]) -> None:
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     host, port = sock.getsockname()[:2]
     log.info("serving %r on http://%s:%d/v1 (%d slots of %d tokens)%s", name, host, port, engine.max_batch,
-             engine.max_length, "" if args.api_key is None else ", API key required")
+             engine.context_length, "" if args.api_key is None else ", API key required")
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                            timeout_graceful_shutdown=5))
     try:

@@ -109,9 +109,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def health(request: Request) -> Response:
         stats = engine.stats
+        # "max_length" repeats "context_length" under its old name, for clients that read it.
         return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
-                             "max_length": engine.max_length, "prompt_buckets": engine.buckets,
-                             **vars(stats)})
+                             "context_length": engine.context_length, "max_length": engine.context_length,
+                             "prompt_buckets": engine.buckets, **vars(stats)})
 
     async def models(request: Request) -> Response:
         check_key(request)
@@ -127,8 +128,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     def prepare(req: protocol.CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompt_ids = [engine.encode(p) for p in req.prompts]
         for i, ids in enumerate(prompt_ids):
-            if len(ids) + req.max_tokens > engine.max_length:
-                raise protocol.context_error(len(ids), req.max_tokens, engine.max_length,
+            if len(ids) + req.max_tokens > engine.context_length:
+                raise protocol.context_error(len(ids), req.max_tokens, engine.context_length,
                                              i if len(prompt_ids) > 1 else None)
         echo = [p if isinstance(p, str) else engine.decode(ids) for p, ids in zip(req.prompts, prompt_ids)] \
             if req.echo else [""] * len(prompt_ids)

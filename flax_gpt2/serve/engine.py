@@ -30,11 +30,13 @@ import logging
 import secrets
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
+from flax_gpt2.deprecation import renamed_kwargs
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.model import GPT2LMHeadModel
 from flax_gpt2.serve import slots as device
@@ -46,13 +48,13 @@ log = logging.getLogger("flax_gpt2.serve")
 _output_projection = jax.jit(output_projection, static_argnums=0)
 
 
-def default_buckets(max_length: int) -> list[int]:
-    """Prompt buckets: powers of two from 16, then `max_length` itself."""
+def default_buckets(context_length: int) -> list[int]:
+    """Prompt buckets: powers of two from 16, then `context_length` itself."""
     buckets, size = [], 16
-    while size < max_length:
+    while size < context_length:
         buckets.append(size)
         size *= 2
-    return buckets + [max_length]
+    return buckets + [context_length]
 
 
 def cache_sizes(max_batch: int) -> list[int]:
@@ -188,25 +190,27 @@ class Stats:
 
 
 class Engine:
-    """Continuous batching over `max_batch` slots of `max_length` tokens for one model.
+    """Continuous batching over `max_batch` slots of `context_length` tokens for one model.
 
-    `submit` is called from the HTTP side (any thread); everything that touches the device runs on the
-    engine's own thread (`start`).
+    `context_length` is what a request's prompt + completion may total (each slot's cache length; default
+    and cap the model's `n_positions`); `max_length` is its deprecated name. `submit` is called from the
+    HTTP side (any thread); everything that touches the device runs on the engine's own thread (`start`).
     """
 
+    @renamed_kwargs(max_length="context_length")
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
-                 max_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64):
+                 context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64):
         config = model.config
-        max_length = min(max_length or config.n_positions, config.n_positions)
+        context_length = min(context_length or config.n_positions, config.n_positions)
         self.model, self.tokenizer = model, tokenizer
         self.params = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
         self.head = _output_projection(model, self.params)
-        self.max_batch, self.max_length, self.max_queue = max_batch, max_length, max_queue
-        self.buckets = sorted(set(b for b in (prompt_buckets or default_buckets(max_length)) if b < max_length)
-                              | {max_length})
+        self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
+        self.buckets = sorted(set(b for b in (prompt_buckets or default_buckets(context_length))
+                                  if b < context_length) | {context_length})
         self.cache_sizes = cache_sizes(max_batch)
         self.stats = Stats()
-        self._slots = device.init_slots(model, self.cache_sizes[0], max_length)
+        self._slots = device.init_slots(model, self.cache_sizes[0], context_length)
         self._settings = device.RowSettings.empty(self.cache_sizes[0])
         self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -217,6 +221,12 @@ class Engine:
         self._token_bytes = [tokenizer.encoding.decode_single_token_bytes(i) for i in range(tokenizer.vocab_size)]
         self._token_strs: dict[int, str] = {}
         jax.monitoring.register_event_duration_secs_listener(self._on_compile)
+
+    @property
+    def max_length(self) -> int:
+        """Deprecated name of `context_length`."""
+        warnings.warn("Engine.max_length is deprecated; use Engine.context_length", DeprecationWarning, stacklevel=2)
+        return self.context_length
 
     # ---- set-up ----
 
@@ -237,7 +247,7 @@ class Engine:
             prefilled.append((ids, device.prefill_prompt(self.model, self.params, self.head, ids, mask)))
             jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask))
         for n in self.cache_sizes:
-            slots = device.init_slots(self.model, n, self.max_length)
+            slots = device.init_slots(self.model, n, self.context_length)
             for ids, (logits, keys, values) in prefilled:
                 slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
                                       values)
@@ -247,7 +257,7 @@ class Engine:
                 if m != n:
                     slots = device.resize(slots, np.zeros(m, np.int32))
                     jax.block_until_ready(slots)
-                    slots = device.init_slots(self.model, n, self.max_length)
+                    slots = device.init_slots(self.model, n, self.context_length)
             jax.block_until_ready(token)
         self._warm = True
         return time.perf_counter() - start
@@ -384,7 +394,7 @@ class Engine:
             completion.deliver(first)
         slot = self._running.index(None)
         p = padded.shape[1]
-        end = min(p, self.max_length - request.max_tokens)
+        end = min(p, self.context_length - request.max_tokens)
         logits, keys, values = prefilled
         self._slots = device.insert(self._slots, np.int32(slot), np.int32(end), np.int32(len(ids)), padded, logits,
                                     keys, values)
@@ -519,7 +529,7 @@ class Engine:
         size = self.cache_sizes[0]
         self._running = [None] * size
         self._settings = device.RowSettings.empty(size)
-        self._slots = device.init_slots(self.model, size, self.max_length)
+        self._slots = device.init_slots(self.model, size, self.context_length)
 
     # ---- tokenization for the HTTP side ----
 

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2.generation.logits_processors import apply_temperature, argmax, repetition_penalty, sample, top_p_filter
+from flax_gpt2.generation.logits_processors import (apply_temperature, argmax, draw_tokens, repetition_penalty,
+                                                    top_p_filter)
 from flax_gpt2.generation.model_step import forward, prefill
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import GPT2LMHeadModel
@@ -167,7 +168,7 @@ def kth_largest(logits: Array, k: Array) -> Array:
 
 
 def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
-    """The next token of every row, as `generate`'s `SamplingParams.choose` makes it, with per-row settings.
+    """The next token of every row, as `generate`'s `GenerationConfig.choose` makes it, with per-row settings.
 
     Order (transformers'): repetition penalty, presence/frequency penalties, then greedy argmax, or
     temperature, top-k, top-p and a Gumbel-max draw with the row's key folded with its step.
@@ -206,7 +207,7 @@ def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
         def draw(seed, stream, step, row):
             key = jax.random.PRNGKey(seed)
             key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
-            return sample(jax.random.fold_in(key, step), row[None])[0]
+            return draw_tokens(jax.random.fold_in(key, step), row[None])[0]
 
         return jax.vmap(draw)(rows.seed, rows.stream, step, x)
 

@@ -87,16 +87,42 @@ def test_convert_overwrite_on_a_full_disk_keeps_the_old_weights(hf_tiny, tmp_pat
     src = tmp_path / "src"
     shutil.copytree(hf_tiny[1], src)
     out = tmp_path / "out"
-    assert convert.main(["hf-to-flax", "--model", str(src), "--out", str(out), "--no-progress"]) == 0
+    assert convert.main(["--model", str(src), "--out", str(out), "--no-progress"]) == 0
     before = snapshot(out)
     monkeypatch.setattr(safetensors.numpy, "save_file", _failing_after(safetensors.numpy.save_file))
     capsys.readouterr()
-    assert convert.main(["hf-to-flax", "--model", str(src), "--out", str(out), "--overwrite",
+    assert convert.main(["--model", str(src), "--out", str(out), "--overwrite",
                          "--dtype", "bfloat16", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert snapshot(out) == before
     assert_loads(out, from_pretrained(src, progress=False)[1])
+
+
+def test_convert_to_msgpack_on_a_full_disk_keeps_the_old_weights(hf_tiny, tmp_path, capsys, monkeypatch):
+    """`--format msgpack --overwrite` over a safetensors folder: the msgpack writer fails half way, and the
+    old safetensors (which the msgpack save would remove once complete) must still be there and load."""
+    from flax_gpt2 import checkpoint_files
+
+    out = tmp_path / "out"
+    assert convert.main(["--model", str(hf_tiny[1]), "--out", str(out), "--no-progress"]) == 0
+    before = snapshot(out)
+    real_write = checkpoint_files.write_flax_msgpack
+
+    def write_half(folder, tensors, **kwargs):
+        names = real_write(folder, tensors, **kwargs)
+        path = os.path.join(folder, names[0])
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint_files, "write_flax_msgpack", write_half)
+    capsys.readouterr()
+    assert convert.main(["--model", str(hf_tiny[1]), "--out", str(out), "--format", "msgpack", "--overwrite",
+                         "--no-progress"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert_loads(out, from_pretrained(hf_tiny[1], progress=False)[1])
 
 
 # --- the sample CLI's conversion cache --------------------------------------------------------------------

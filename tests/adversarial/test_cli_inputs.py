@@ -103,8 +103,8 @@ CASES = [
     ("evaluate-stride-zero", "evaluate", ["--model", "{model}", "--text_file", "{text}", "--stride", "0"],
      2, "--stride"),
     ("evaluate-nothing-to-do", "evaluate", ["--model", "{model}"], 2, "--text_file"),
-    ("evaluate-max-length-past-window", "evaluate",
-     ["--model", "{model}", "--text_file", "{text}", "--max_length", "1000"], 1, "--max_length"),
+    ("evaluate-window-length-past-n-positions", "evaluate",
+     ["--model", "{model}", "--text_file", "{text}", "--window_length", "1000"], 1, "--window_length"),
     ("evaluate-text-file-is-a-folder", "evaluate", ["--model", "{model}", "--text_file", "{root}"], 1, "--text_file"),
     ("evaluate-text-not-utf8", "evaluate", ["--model", "{model}", "--text_file", "{latin1}"], 1, "latin1.txt"),
     ("evaluate-lambada-bad-json", "evaluate", ["--model", "{model}", "--lambada", "{bad_jsonl}"], 1, "bad.jsonl:2"),
@@ -115,12 +115,12 @@ CASES = [
     ("evaluate-index-missing-shard", "evaluate", ["--model", "{index_missing_shard}", "--text_file", "{text}"],
      1, "model-00001-of-00002.safetensors"),
     # convert
-    ("convert-out-is-a-file", "convert", ["hf-to-flax", "--model", "{model}", "--out", "{a_file}"], 2, "--out"),
-    ("convert-out-not-empty", "convert", ["hf-to-flax", "--model", "{model}", "--out", "{not_empty}"], 2,
+    ("convert-out-is-a-file", "convert", ["--model", "{model}", "--out", "{a_file}"], 2, "--out"),
+    ("convert-out-not-empty", "convert", ["--model", "{model}", "--out", "{not_empty}"], 2,
      "--overwrite"),
-    ("convert-missing-model", "convert", ["flax-to-hf", "--model", "{root}/nowhere", "--out", "{root}/o"], 1,
+    ("convert-missing-model", "convert", ["--model", "{root}/nowhere", "--out", "{root}/o"], 1,
      "nowhere"),
-    ("convert-bad-header", "convert", ["hf-to-flax", "--model", "{bad_header}", "--out", "{root}/o2"], 1,
+    ("convert-bad-header", "convert", ["--model", "{bad_header}", "--out", "{root}/o2"], 1,
      "bad_header/model.safetensors"),
 ]
 
