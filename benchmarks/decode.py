@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import jax
@@ -147,4 +148,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from flax_gpt2 import cli
+
+    sys.exit(cli.run(main, prog="benchmarks/decode.py"))  # the CLI conventions (README)

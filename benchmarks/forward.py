@@ -9,6 +9,7 @@ same run. Timings on a shared 2-core machine vary by 20-40% between runs: compar
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
@@ -80,4 +81,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from flax_gpt2 import cli
+
+    sys.exit(cli.run(main, prog="benchmarks/forward.py"))  # the CLI conventions (README)

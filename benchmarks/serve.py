@@ -182,4 +182,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from flax_gpt2 import cli
+
+    sys.exit(cli.run(main, prog="benchmarks/serve.py"))  # the CLI conventions (README)

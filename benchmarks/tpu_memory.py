@@ -218,4 +218,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flax_gpt2 import cli
+
+    sys.exit(cli.run(main, prog="benchmarks/tpu_memory.py"))  # the CLI conventions (README)

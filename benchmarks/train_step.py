@@ -1,18 +1,19 @@
 """Train-step throughput of a GPT-2 124M-shaped model: flax_gpt2's sharded step vs transformers + torch AdamW.
 
     python benchmarks/train_step.py                       # CPU: 8x256 and 4x1024, fp32, both frameworks
-    python benchmarks/train_step.py --shapes 8x1024 --dtype bfloat16 --no-torch   # on a GPU/TPU: MFU
+    python benchmarks/train_step.py --shapes 8x1024 --dtype bfloat16 --no_torch   # on a GPU/TPU: MFU
 
 Both sides run the same model (random init), the same batch, dropout, AdamW (betas 0.9/0.95, weight decay
 0.1 on matrices), global-norm clipping at 1.0, one optimizer step per batch, in the same process. The
 flax_gpt2 step is `flax_gpt2.train.step.jit_train_step` exactly as `python -m train` runs it, on a mesh of all
 local devices (data parallel), with one loss value fetched per step. Tokens/s counts trained tokens;
-MFU = tokens/s x (6N + 12 L D T) / peak, with the peak from train/metrics.py (CPU: `--cpu-peak`, an
+MFU = tokens/s x (6N + 12 L D T) / peak, with the peak from train/metrics.py (CPU: `--cpu_peak`, an
 estimate). The first step (compilation / warm-up) is not timed.
 """
 
 from __future__ import annotations
 
+import sys
 import argparse
 import json
 import os
@@ -120,8 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--no-torch", dest="torch", action="store_false")
-    parser.add_argument("--cpu-peak", type=float, default=base.get_config().cpu_peak_flops,
+    parser.add_argument("--no_torch", dest="torch", action="store_false")
+    parser.add_argument("--cpu_peak", type=float, default=base.get_config().cpu_peak_flops,
                         help="peak FLOP/s of this CPU for MFU (default: the config's estimate)")
     parser.add_argument("--json", help="also write the results here")
     ARGS = parser.parse_args(argv)
@@ -151,4 +152,6 @@ def main(argv=None) -> None:
 ARGS = None
 
 if __name__ == "__main__":
-    main()
+    from flax_gpt2 import cli
+
+    sys.exit(cli.run(main, prog="benchmarks/train_step.py"))  # the CLI conventions (README)

@@ -72,3 +72,27 @@ def test_pair_format_errors(tmp_path):
 ])
 def test_coverage(concepts, sentence, expected):
     assert recipes.coverage(concepts, sentence) == pytest.approx(expected)
+
+
+def test_tokenize_corpus_command_line_takes_a_recipe(shared_dir, bpe_dir, tmp_path, capsys):
+    """The command line exposes what `tokenize_corpus` supports (`--recipe`, `--no_progress`) with the CLI
+    conventions: the same tokens as the function, and a bad recipe is a usage error (exit 2, one line)."""
+    import json
+
+    from flax_gpt2.train import tokenize_corpus as tc
+
+    source = str(shared_dir / "data" / "commongen" / "commongen.dev.jsonl")
+    argv = [source, str(tmp_path / "cli"), "--recipe", "commongen", "--tokenizer", str(bpe_dir), "--no-progress"]
+    assert tc.main(argv) == 0
+    meta = tc.tokenize_corpus(source, str(tmp_path / "fn"), recipe="commongen", tokenizer=str(bpe_dir),
+                              progress=False)
+    cli_meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
+    assert (cli_meta["num_tokens"], cli_meta["num_documents"]) == (meta["num_tokens"], meta["num_documents"])
+    assert (tmp_path / "cli" / "tokens_00000.bin").read_bytes() == (tmp_path / "fn" / "tokens_00000.bin").read_bytes()
+    capsys.readouterr()
+    # without the recipe these records have no text field: a runtime error naming it, exit 1
+    assert tc.main([source, str(tmp_path / "plain"), "--tokenizer", str(bpe_dir), "--no_progress"]) == 1
+    assert "has no field 'text'" in capsys.readouterr().err
+    assert tc.main([source, str(tmp_path / "bad"), "--recipe", "alpaca"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'alpaca'" in err and "Traceback" not in err and not (tmp_path / "bad").exists()

@@ -1,6 +1,7 @@
 """Tokenize a corpus once into memory-mapped uint16 shards that later runs reuse.
 
-    python -m train.tokenize_corpus SOURCE OUT_DIR [--text_field text] [--split train] [--tokenizer DIR]
+    python -m flax_gpt2.train.tokenize_corpus SOURCE OUT_DIR [--text_field text] [--recipe text|commongen|eli5]
+        [--split train] [--dataset_config NAME] [--tokenizer DIR] [--num_threads N] [--no_progress] [--debug]
 
 SOURCE is a text file, a jsonl file (one JSON object per line, the text under `text_field`), a folder
 or glob of such files, local parquet/csv/arrow files, or a `datasets` hub name. Each document (a text
@@ -269,21 +270,40 @@ def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", reci
             bar.close()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.tokenize_corpus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source")
-    parser.add_argument("out_dir")
-    parser.add_argument("--text_field", default="text")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--dataset_config", default="")
+PROG = "python -m flax_gpt2.train.tokenize_corpus"
+
+
+def main(argv=None) -> int:
+    """The command line (flags as in `--help`, plus `--debug`); returns the exit code (`flax_gpt2.cli`)."""
+    from flax_gpt2 import cli
+
+    return cli.run(_main, argv, prog=PROG)
+
+
+def _main(argv) -> None:
+    from flax_gpt2 import cli
+    from flax_gpt2.train.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="text/jsonl file, folder or glob of them, parquet/csv/arrow, or a datasets name")
+    parser.add_argument("out_dir", help="the tokenized corpus folder (must not hold another corpus)")
+    parser.add_argument("--text_field", default="text", help="the text column of jsonl / datasets records")
+    parser.add_argument("--recipe", default="text", choices=RECIPES,
+                        help="how records become documents: the text field, or a model card's fine-tuning format")
+    parser.add_argument("--split", default="train", help="the datasets split")
+    parser.add_argument("--dataset_config", default="", help="datasets.load_dataset(source, name=...)")
     parser.add_argument("--tokenizer", default="", help="folder with the GPT-2 BPE files (default: tiktoken's gpt2)")
-    parser.add_argument("--num_threads", type=int, default=0)
+    parser.add_argument("--num_threads", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
+                        help="tokenizer threads; 0 = all cores")
+    parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)
-    meta = tokenize_corpus(args.source, args.out_dir, text_field=args.text_field, split=args.split,
-                           dataset_config=args.dataset_config, tokenizer=args.tokenizer,
-                           num_threads=args.num_threads, pass_folder_as="--tokenizer DIR")
+    meta = tokenize_corpus(args.source, args.out_dir, text_field=args.text_field, recipe=args.recipe,
+                           split=args.split, dataset_config=args.dataset_config, tokenizer=args.tokenizer,
+                           num_threads=args.num_threads, progress=args.progress, pass_folder_as="--tokenizer DIR")
     print(f"{meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents -> {args.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())
