@@ -82,6 +82,26 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> tuple[GPT2Conf
         manager.close()
 
 
+def saved_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The Hugging Face config dict saved with a run's newest readable checkpoint; None without one.
+
+    Reads only the small `meta` item, so a resumed fine-tune learns its architecture without loading
+    (or even reaching) the weights it started from.
+    """
+    if not is_training_run(path):
+        return None
+    import orbax.checkpoint as ocp
+
+    manager = _reader(path)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        read = lambda s: manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]  # noqa: E731
+        found, _ = restore_newest_intact(steps, lambda s: dict(read(s)["model_config"]), where=checkpoint_dir(path))
+    finally:
+        manager.close()
+    return None if found is None else found[1]
+
+
 def _steps_to_try(manager, path, step: int | None) -> list[int]:
     steps = sorted(manager.all_steps(), reverse=True)
     if step is None:

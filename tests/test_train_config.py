@@ -2,6 +2,7 @@
 fine-tuning starts from Hugging Face weights."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,7 +153,9 @@ def test_finetune_starts_from_hf_weights(hf_tiny, tmp_path):
     from flax_gpt2 import run_checkpoint
     from flax_gpt2.train.train_loop import train_and_evaluate
 
-    _, folder = hf_tiny
+    _, shared_folder = hf_tiny
+    folder = tmp_path / "pretrained"
+    shutil.copytree(shared_folder, folder)
     config = finetune.get_config()
     config.init_from = str(folder)
     config.data.cache_dir = str(tmp_path / "cache")
@@ -165,6 +168,14 @@ def test_finetune_starts_from_hf_weights(hf_tiny, tmp_path):
     _, trained = run_checkpoint.load_run(tmp_path / "run")
     _, expected = flax_gpt2.from_pretrained(str(folder), progress=False)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Resuming takes the architecture and weights from the run's own checkpoint: init_from is not read
+    # again (here it is gone), and the weights are still the loaded ones.
+    shutil.rmtree(folder)
+    config.steps = 3
+    assert train_and_evaluate(config, str(tmp_path / "run"))["step"] == 3
+    _, resumed = run_checkpoint.load_run(tmp_path / "run")
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     config.model.n_layer = 4
     with pytest.raises(ValueError, match="init_from=.* fixes the architecture"):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import dtypes, file_io, layer_stacking
+from flax_gpt2 import dtypes, file_io, layer_stacking, run_checkpoint
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
@@ -33,8 +33,13 @@ def _dtype(name: str, key: str):
     return dtypes.from_name(name, f"config.model.{key}")
 
 
-def model_config(config) -> tuple[GPT2Config, Any]:
-    """The `GPT2Config` to train, and the pretrained params (None when training from scratch)."""
+def model_config(config, resumed: dict[str, Any] | None = None) -> tuple[GPT2Config, Any]:
+    """The `GPT2Config` to train, and the pretrained params (None when training from scratch).
+
+    `resumed` is the Hugging Face config saved in the run's own checkpoints: a fine-tune that resumes takes
+    its architecture from there and does not load `init_from` again (its checkpoint has newer weights, and
+    `init_from` may no longer be reachable, e.g. a hub model on an offline pod).
+    """
     m = config.model
     jax_fields = dict(dtype=_dtype(m.dtype, "dtype"), param_dtype=_dtype(m.param_dtype, "param_dtype"),
                       remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
@@ -46,6 +51,8 @@ def model_config(config) -> tuple[GPT2Config, Any]:
         if sizes:
             raise ValueError(f"config.model sets {sorted(sizes)} but init_from={config.init_from!r} fixes the "
                              "architecture; drop them")
+        if resumed is not None:
+            return GPT2Config.from_hf_config(resumed).replace(**jax_fields), None
         model, params = flax_gpt2.from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
                                                   progress=jax.process_index() == 0)
         return model.config.replace(**jax_fields), layer_stacking.to_layout(params, m.scan_layers)
@@ -202,7 +209,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
-    gpt2_config, pretrained = model_config(config)
+    gpt2_config, pretrained = model_config(config, run_checkpoint.saved_model_config(workdir) if config.init_from
+                                           else None)
     seq_len = config.data.seq_len
     if seq_len > gpt2_config.n_positions:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={gpt2_config.n_positions}")
