@@ -121,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--max_batch", type=int, default=8)
+    parser.add_argument("--decode_steps", type=int, default=8, help="the server's --decode_steps")
     parser.add_argument("--context_length", type=int, default=128,
                         help="the server's --context_length: prompt + completion tokens per slot")
     parser.add_argument("--preset", default="gpt2", help="model size (random weights)")
@@ -138,6 +139,7 @@ def main(argv=None):
     log = open(Path(tmp.name) / "server.log", "w")
     command = [sys.executable, "-m", "flax_gpt2.serve", "--model", str(folder), "--served_model_name", "bench",
                "--port", str(port), "--max_batch", str(args.max_batch), "--context_length", str(args.context_length),
+               "--decode_steps", str(args.decode_steps),
                "--max_queue", str(max(64, max(args.clients) * args.requests_per_client))]
     print(" ".join(command[1:]), flush=True)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -168,7 +170,7 @@ def main(argv=None):
         log.close()
 
     print(f"\nprompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; --max_batch {args.max_batch} "
-          f"--context_length {args.context_length}\n")
+          f"--context_length {args.context_length} --decode_steps {args.decode_steps}\n")
     print("| clients | requests | tokens | wall s | aggregate tok/s | vs one at a time | p50 latency s | "
           "p95 latency s | mean busy slots | ms/step |")
     print("|---|---|---|---|---|---|---|---|---|---|")

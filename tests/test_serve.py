@@ -152,6 +152,24 @@ def test_greedy_completion_equals_generate(client, reference):
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 24, len(ids) + 24)
 
 
+def test_lone_request_decodes_several_steps_per_device_call(client, server, reference):
+    """With nothing waiting, one device call runs `--decode_steps` (8) steps: 37 tokens take 4 calls of 8
+    and 5 of 1, where one step per call would take 37, and the text is still `generate`'s. A stop string
+    met inside a group of steps ends the text there."""
+    _, _, tokenizer = reference
+    ids = _prompt(9, seed=3)
+    before = _health(server)
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=37, temperature=0)
+    after = _health(server)
+    expected = _generate_text(reference, ids, 37)
+    assert out.choices[0].text == expected
+    assert after["steps"] - before["steps"] == 37 and after["dispatches"] - before["dispatches"] == 4 + 5
+    words = expected.split()
+    stop = next(w for w in words[3:] if len(w) > 2)
+    cut = client.completions.create(model="tiny", prompt=ids, max_tokens=37, temperature=0, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("length,max_tokens", [(1, 20), (17, 40), (70, 50), (100, 28)])
 def test_token_prompts_equal_generate_up_to_the_context(client, reference, length, max_tokens):
     """Prompt lengths in every bucket, including prompts whose bucket leaves no room for the completion."""

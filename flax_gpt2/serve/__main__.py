@@ -55,6 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt_buckets", type=cli.flag_type(_buckets, lambda b: True, "comma-separated positive "
                         "integers"), default=None, help="prompt lengths that each get a compiled prefill "
                         "(default 16, 32, 64, ... up to --context_length)")
+    parser.add_argument("--decode_steps", type=_positive_int, default=8,
+                        help="decoding steps per device call while no request waits (default 8; 1 streams every "
+                             "token as soon as it is made)")
     parser.add_argument("--max_queue", type=_positive_int, default=64,
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
@@ -98,7 +101,7 @@ def _main(argv: Sequence[str]) -> None:
     if args.context_length is not None and args.context_length > n_positions:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
-                    prompt_buckets=args.prompt_buckets, max_queue=args.max_queue)
+                    prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()

@@ -178,6 +178,7 @@ class Stats:
 
     requests: int = 0
     steps: int = 0
+    dispatches: int = 0  # device calls that ran those steps (several steps per call when nothing waits)
     tokens: int = 0
     busy_slots: int = 0
     peak_busy_slots: int = 0
@@ -193,19 +194,25 @@ class Engine:
     """Continuous batching over `max_batch` slots of `context_length` tokens for one model.
 
     `context_length` is what a request's prompt + completion may total (each slot's cache length; default
-    and cap the model's `n_positions`); `max_length` is its deprecated name. `submit` is called from the
+    and cap the model's `n_positions`); `max_length` is its deprecated name. `decode_steps` is how many
+    decoding steps one device call runs while no request waits for a slot (see `_steps_ahead`): fewer host
+    round trips per token, at the price of tokens streaming in groups of that many. `submit` is called from the
     HTTP side (any thread); everything that touches the device runs on the engine's own thread (`start`).
     """
 
     @renamed_kwargs(max_length="context_length")
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
-                 context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64):
+                 context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
+                 decode_steps: int = 8):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         self.model, self.tokenizer = model, tokenizer
         self.params = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
         self.head = _output_projection(model, self.params)
         self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
+        self.decode_steps = decode_steps
         self.buckets = sorted(set(b for b in (prompt_buckets or default_buckets(context_length))
                                   if b < context_length) | {context_length})
         self.cache_sizes = cache_sizes(max_batch)
@@ -251,8 +258,9 @@ class Engine:
             for ids, (logits, keys, values) in prefilled:
                 slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
                                       values)
-            slots, token, _ = device.step(self.model, self.params, self.head, slots,
-                                          device.RowSettings.empty(n), np.ones(6, bool))
+            for k in sorted({1, self.decode_steps}):
+                slots, token, _ = device.steps(self.model, self.params, self.head, slots,
+                                               device.RowSettings.empty(n), np.ones(6, bool), num_steps=k)
             for m in self.cache_sizes:
                 if m != n:
                     slots = device.resize(slots, np.zeros(m, np.int32))
@@ -446,6 +454,20 @@ class Engine:
         top.setdefault(self._token_str(token), logprob)  # OpenAI always includes the chosen token
         return top
 
+    def _steps_ahead(self, busy: list[int]) -> int:
+        """How many decoding steps the next dispatch runs: `decode_steps` when no request waits to be
+        admitted and every running sequence still needs at least that many tokens, else 1.
+
+        Several steps per dispatch spare the host a dispatch and a device-to-host wait per token. A sequence
+        that stops early inside them (EOS, a stop string, a cancelled request) wastes the rest of its steps'
+        compute, never its output: its later tokens are dropped, and its slot's contents no longer matter.
+        """
+        if self.decode_steps == 1 or self._waiting:
+            return 1
+        left = min(self._running[slot].completion.request.max_tokens - len(self._running[slot].tokens)
+                   for slot in busy)
+        return self.decode_steps if left >= self.decode_steps else 1
+
     def _step(self) -> None:
         busy = [i for i, s in enumerate(self._running) if s is not None]
         settings = self._settings
@@ -456,29 +478,34 @@ class Engine:
                           np.any(sampled), np.any(sampled & (settings.top_k > 0)),
                           np.any(sampled & (settings.top_p < 1)),
                           np.any(act & settings.logprobs)])
+        num_steps = self._steps_ahead(busy)
         start = time.perf_counter()
-        self._slots, tokens, logprobs = device.step(self.model, self.params, self.head, self._slots, settings, flags)
-        tokens = np.asarray(tokens)
+        self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
+                                                     flags, num_steps=num_steps)
+        tokens = np.asarray(tokens)  # [num_steps, N]
         self.stats.step_seconds += time.perf_counter() - start
         if flags[5]:
             chosen, top_ids, top_values = (np.asarray(x) for x in logprobs)
-        self.stats.steps += 1
-        self.stats.tokens += len(busy)
+        self.stats.steps += num_steps
+        self.stats.dispatches += 1
         self.stats.busy_slots = len(busy)
         self.stats.peak_busy_slots = max(self.stats.peak_busy_slots, len(busy))
-        self.stats.batched_steps += len(busy) > 1
-        for slot in busy:
-            sequence = self._running[slot]
-            if sequence.completion.cancelled:
-                self._free(slot)
-                continue
-            record = None
-            if sequence.completion.request.logprobs is not None:
-                token = int(tokens[slot])
-                record = TokenLogprob(self._token_str(token), float(chosen[slot]),
-                                      self._top(token, float(chosen[slot]), top_ids[slot], top_values[slot],
-                                                sequence.completion.request.logprobs), 0)
-            self._emit(sequence, int(tokens[slot]), record)
+        self.stats.batched_steps += num_steps * (len(busy) > 1)
+        for j in range(num_steps):
+            for slot in busy:
+                sequence = self._running[slot]
+                if sequence is None:  # finished at an earlier of these steps
+                    continue
+                if sequence.completion.cancelled:
+                    self._free(slot)
+                    continue
+                token, record = int(tokens[j, slot]), None
+                if sequence.completion.request.logprobs is not None:
+                    record = TokenLogprob(self._token_str(token), float(chosen[j, slot]),
+                                          self._top(token, float(chosen[j, slot]), top_ids[j, slot],
+                                                    top_values[j, slot], sequence.completion.request.logprobs), 0)
+                self.stats.tokens += 1
+                self._emit(sequence, token, record)
         self.stats.busy_slots = sum(s is not None for s in self._running)
 
     def _emit(self, sequence: Sequence, token: int, record: TokenLogprob | None) -> None:
