@@ -6,8 +6,9 @@
     python benchmarks/tpu_memory.py --extra=--config.model.attention=xla   # an override for every cell
 
 Each cell runs `python -m train --config configs/<size>.py --workdir TMP --config.compile_only=<topology>`
-(train/compile_only.py) under `nice`, one at a time (a compile takes one to eight CPU-minutes and up to
-~18 GB of host RAM for 1558M), keeps its `compile_report.json` in `benchmarks/tpu_memory_results.json`
+(train/compile_only.py) under `nice`, one at a time (a compile takes one to five CPU-minutes and up to
+~11 GB of host RAM for 355M, 2 GB for the scanned 774M and 1558M), keeps its `compile_report.json` in
+`benchmarks/tpu_memory_results.json`
 as soon as it finishes, and renders `benchmarks/TPU_MEMORY.md` from what is there. A cell whose host RAM
 estimate exceeds the memory available now is skipped and marked so. Nothing in the table is typed by
 hand.
@@ -38,7 +39,7 @@ TOPOLOGY_OVERRIDES: dict[str, tuple[str, ...]] = {}
 EXTRA: list[tuple[str, str, tuple[str, ...]]] = []
 # Peak host RAM of one compile (GiB), measured on the 2-core dev machine with libtpu 0.0.42.1; a cell is
 # skipped when MemAvailable is below this plus 1 GiB.
-HOST_RAM_GIB = {"gpt2_124m": 5, "gpt2_355m": 11, "gpt2_774m": 15, "gpt2_1558m": 18}
+HOST_RAM_GIB = {"gpt2_124m": 5, "gpt2_355m": 11, "gpt2_774m": 3, "gpt2_1558m": 3}  # the last two scanned
 GiB = float(1 << 30)
 
 
@@ -128,7 +129,8 @@ def _row(size: str, topology: str, overrides, entry: dict) -> str:
     tps = f"{r['tokens_per_second_at_50_mfu']:,.0f}" if r.get("tokens_per_second_at_50_mfu") else ""
     ratio = f"{r['xla_to_model_flops']:.2f}" if r.get("xla_to_model_flops") else ""
     fits = "yes" if r["fits"] else "**no**"
-    return (f"| {label} | {topology} ({r['chips']} chips) | {mesh} | {micro} | {r['model']['remat']} | {mem} | "
+    layers = f"{r['model']['remat']} / {r['model'].get('scan_layers', False)}"
+    return (f"| {label} | {topology} ({r['chips']} chips) | {mesh} | {micro} | {layers} | {mem} | "
             f"{fits} | {step} | {tps} | {ratio} | {r['compile_seconds']:.0f} s / {entry['cpu_seconds']:.0f} CPU-s, "
             f"{entry['host_peak_rss_gib']:.1f} GB |")
 
@@ -148,8 +150,10 @@ def render(results: dict) -> str:
         "pass shows there, and so do two things XLA's count misses: splash attention (a Pallas kernel, opaque to",
         "it: the 12·L·D·T attention share is missing, 0.87 for 124M) and loops XLA makes itself (collective",
         "matmuls over the fsdp shards, counted once): each report's `xla_flops_note` says which apply.",
+        "\"remat / scan\": rematerialized blocks, and `nn.scan` over them (XLA counts a scanned layer's FLOPs",
+        "once, so that ratio is left empty there).",
         "",
-        "| size | topology | mesh | micro-batch × steps | remat | GiB per chip / usable | fits | s/step at 50% MFU "
+        "| size | topology | mesh | micro-batch × steps | remat / scan | GiB per chip / usable | fits | s/step at 50% MFU "
         "| tokens/s at 50% MFU | XLA/model FLOPs | compile (host) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
