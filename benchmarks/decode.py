@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel
+from flax_gpt2.dtypes import DTYPES
 from flax_gpt2.generation import generate
 from flax_gpt2.weights import params_from_hf_state_dict
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def best_times(runs: dict, repeats: int) -> dict:
@@ -96,7 +96,7 @@ def bench(runners: dict, batch: int, new_tokens: int, repeats: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES),
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["bfloat16", "float32"],
                         help="bfloat16 is slower on CPU (XLA converts the weights to float32 every step)")
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=128)

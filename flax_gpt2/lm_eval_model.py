@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2.dtypes import DTYPES
+from flax_gpt2.generation.generate import bucket_length as _bucket
 from flax_gpt2.lm_eval_cli import INSTALL_HINT, MODEL_NAME
+from flax_gpt2.model import unwrap_params
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own model table first; see lm_eval_cli.register_lm_eval_model)
@@ -47,16 +50,13 @@ except ModuleNotFoundError as e:
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Generation settings lm-eval tasks pass that map onto flax_gpt2.generate; anything else is an error.
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
 
 
 def bucket_length(n: int, cap: int) -> int:
-    """The padded sequence length for `n` tokens: the next power of two from 16 up to 256, then a multiple
-    of 128; never more than `cap` (the model's window)."""
-    bucket = max(16, 1 << (n - 1).bit_length()) if n <= 256 else -(-n // 128) * 128
-    return max(n, min(bucket, cap))
+    """`generate`'s padded length for `n` tokens, never more than `cap` (the model's window)."""
+    return max(n, min(_bucket(n), cap))
 
 
 def make_scorer(model):
@@ -116,8 +116,8 @@ class FlaxGPT2LM(TemplateLM):
             progress = progress.lower() not in ("false", "0", "no")
         self.progress = bool(progress)
         dtype = "float32" if dtype in (None, "auto") else str(dtype)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} (or auto), got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or auto), got {dtype!r}")
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             logger.warning("batch_size=%s: %s compiles one program per shape, so it does not probe batch sizes; "
                            "using 16", batch_size, MODEL_NAME)
@@ -148,7 +148,7 @@ class FlaxGPT2LM(TemplateLM):
             from flax_gpt2.pretrained import from_pretrained, resolve
 
             folder = resolve(self.pretrained, progress=self.progress)
-            model, params = from_pretrained(folder, dtype=_DTYPES[self.dtype_name], progress=self.progress)
+            model, params = from_pretrained(folder, dtype=DTYPES[self.dtype_name], progress=self.progress)
             if tokenizer is None:
                 tokenizer = model_tokenizer(folder)
         elif self.pretrained is not None:
@@ -156,9 +156,7 @@ class FlaxGPT2LM(TemplateLM):
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = get_tokenizer(None if tokenizer is None else os.fspath(tokenizer))
         check_vocab(model.config, tokenizer, self.pretrained)
-        if isinstance(params, dict) and set(params) == {"params"}:
-            params = params["params"]
-        return model, params, tokenizer
+        return model, unwrap_params(params), tokenizer
 
     # --- what lm-eval asks of a model ------------------------------------------------------------------
 

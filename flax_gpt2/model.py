@@ -410,6 +410,11 @@ class GPT2DoubleHeadsModel(_WithLMHead):
                                      hidden_states=out.hidden_states)
 
 
+def unwrap_params(params: Any) -> Any:
+    """The params, given either them or Flax's `{"params": ...}` variables (what `model.init` returns)."""
+    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+
+
 def init_params(model: nn.Module, rng: Array, batch: int = 1, length: int = 8) -> dict[str, Any]:
     """Random parameters for `model` (unboxed from their logical-partitioning metadata)."""
     shape = (batch, 2, length) if isinstance(model, GPT2DoubleHeadsModel) else (batch, length)

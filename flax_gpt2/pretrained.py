@@ -24,7 +24,7 @@ from flax_gpt2 import checkpoint_files as files
 from flax_gpt2 import layer_stacking
 from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
-from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
+from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
 from flax_gpt2.weights import check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
@@ -126,8 +126,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
     if model_class not in MODEL_CLASSES.values():
         raise ValueError(f"model must be a GPT2Model, GPT2LMHeadModel or GPT2DoubleHeadsModel, got {model_class}")
     check_save_format(format, model_class)
-    if set(params) == {"params"}:
-        params = params["params"]
+    params = unwrap_params(params)
     folder = os.fspath(path)
     _check_writable(folder, overwrite)
     config: GPT2Config = model.config

@@ -9,9 +9,9 @@ from flax_gpt2.train.config_cli import parse_args
 
 
 def _main(argv: list[str]) -> int:
-    config, workdir = parse_args(["train", *argv])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
+    config, workdir = parse_args(["train", *argv])  # (logs which shipped config a bare name loaded)
     from flax_gpt2.train.train_loop import train_and_evaluate
 
     result = train_and_evaluate(config, workdir)

@@ -19,7 +19,7 @@ import numpy as np
 from flax_gpt2.generation import beam_search, sampling
 from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import output_projection
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.model import GPT2LMHeadModel, unwrap_params
 
 _output_projection = jax.jit(output_projection, static_argnums=0)
 _heads: dict[int, tuple[weakref.ref, jax.Array]] = {}
@@ -51,11 +51,6 @@ def bucket_length(n: int) -> int:
     if n <= 256:
         return max(16, 1 << (n - 1).bit_length())
     return -(-n // 128) * 128
-
-
-def _unwrap(params):
-    """Accepts Flax's `{"params": ...}` variables as well as the params themselves."""
-    return params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
 
 
 def _as_int_array(x, name: str) -> np.ndarray:
@@ -194,7 +189,7 @@ def _setup(model, params, input_ids, attention_mask, max_new_tokens, **options):
     """What `generate` and `generate_stream` share: checked, padded arguments, unwrapped params, the
     sampling strategy and the output projection."""
     args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
-    params = _unwrap(params)
+    params = unwrap_params(params)
     strategy = GenerationConfig.create(**{k: options[k] for k in (
         "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})
     return args, extra, params, strategy, _head(model, params)

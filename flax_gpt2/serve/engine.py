@@ -38,7 +38,7 @@ import numpy as np
 
 from flax_gpt2.deprecation import renamed_kwargs
 from flax_gpt2.generation.model_step import output_projection
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
 from flax_gpt2.serve.protocol import APIError, CompletionRequest
 from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
@@ -48,22 +48,23 @@ log = logging.getLogger("flax_gpt2.serve")
 _output_projection = jax.jit(output_projection, static_argnums=0)
 
 
+def _doubling(first: int, last: int) -> list[int]:
+    """`first`, `2 * first`, ... while below `last`, then `last`."""
+    sizes = []
+    while first < last:
+        sizes.append(first)
+        first *= 2
+    return sizes + [last]
+
+
 def default_buckets(context_length: int) -> list[int]:
     """Prompt buckets: powers of two from 16, then `context_length` itself."""
-    buckets, size = [], 16
-    while size < context_length:
-        buckets.append(size)
-        size *= 2
-    return buckets + [context_length]
+    return _doubling(16, context_length)
 
 
 def cache_sizes(max_batch: int) -> list[int]:
     """The numbers of rows the slots' cache takes: powers of two below `max_batch`, then `max_batch`."""
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max_batch]
+    return _doubling(1, max_batch)
 
 
 class QueueFull(Exception):
@@ -207,7 +208,7 @@ class Engine:
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         self.model, self.tokenizer = model, tokenizer
-        self.params = params["params"] if isinstance(params, dict) and set(params) == {"params"} else params
+        self.params = unwrap_params(params)
         self.head = _output_projection(model, self.params)
         self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
         if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
