@@ -60,6 +60,56 @@ def join(path: str | os.PathLike, *parts: str) -> str:
     return os.path.join(text, *parts)
 
 
+class UnsafeManifestName(ValueError):
+    """A file name read from a manifest (a corpus `meta.json`, a checkpoint meta, a shard index) is not a
+    plain relative name inside its folder."""
+
+
+def manifest_member(folder: str | os.PathLike, name: object, *, manifest: str, key: str = "file") -> str:
+    """The path of the file `name` that `manifest` lists, inside `folder`; refuses anything else.
+
+    Every file name read from a manifest (a corpus `meta.json`, a checkpoint meta, a safetensors or
+    `pytorch_model.bin` shard index, a run folder's listing) goes through here before any byte is read or
+    written: an absolute name, a `..` part, a drive, a backslash, an empty name, a NUL byte or a non-string
+    would let a downloaded manifest (a bucket's, a hub's) read or write files anywhere on the host.
+    Sub-folders (`a/b.bin`) are allowed; they stay inside `folder`.
+
+    Args:
+      folder: the folder that holds the manifest's files (local path or URL).
+      name: the name as the manifest spells it.
+      manifest: the manifest's path, named in the error.
+      key: what the name is in the manifest (e.g. `shards[3].file`), named in the error.
+    Returns:
+      `join(folder, name)`.
+    Raises:
+      UnsafeManifestName: naming the manifest, the key and the name.
+    """
+    problem = _unsafe_name_problem(name)
+    if problem:
+        raise UnsafeManifestName(f"{manifest}: {key} is {name!r}, {problem}; a manifest may only name files "
+                                 f"inside its own folder (a plain relative name such as 'shard_00000.bin')")
+    return join(folder, name)  # type: ignore[arg-type]
+
+
+def _unsafe_name_problem(name: object) -> str:
+    if not isinstance(name, str):
+        return f"not a string but {type(name).__name__}"
+    if not name or name.strip() != name:
+        return "empty or padded with spaces"
+    if "\x00" in name or any(ord(c) < 32 for c in name):
+        return "a name with control characters"
+    if "\\" in name:
+        return "a name with a backslash"
+    if "://" in name:
+        return "a URL"
+    if name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "a path that leaves its folder (or has empty, '.' or '..' parts)"
+    return ""
+
+
 def exists(path: str | os.PathLike) -> bool:
     return epath(path).exists() if is_url(_as_text(path)) else os.path.exists(path)
 
