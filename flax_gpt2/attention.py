@@ -76,10 +76,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale) -> A
     implementation = None
     if target_platform(q) in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
         implementation = "cudnn"
-    if k.dtype != q.dtype:  # reorder_and_upcast_attn upcasts q and k only; the kernel wants one dtype
+    if v.dtype != q.dtype:  # reorder_and_upcast_attn upcasts q and k only; the kernel wants one dtype
         v = v.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
-    return out
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
 
 
 def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale, *,
