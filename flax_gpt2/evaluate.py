@@ -125,15 +125,17 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
     tokenizer = model_tokenizer(folder, command_line=command_line)
     check_vocab(model.config, tokenizer, str(model_name))
     n_positions = model.config.n_positions
+    # Flag values only the model can judge: a usage error (exit 2) on the command line, a ValueError here.
+    bad_flag = cli.UsageError if command_line else ValueError
     if window_length is not None and window_length > n_positions:
-        raise ValueError(f"--window_length ({window_length}) exceeds the model's n_positions ({n_positions}); "
-                         f"leave it out to use the whole window")
+        raise bad_flag(f"--window_length ({window_length}) exceeds the model's n_positions ({n_positions}); "
+                       f"leave it out to use the whole window")
     window_length = window_length or n_positions
     if stride is None:
         stride = max(1, window_length // 2)
     elif stride > window_length:
-        raise ValueError(f"--stride ({stride}) must not exceed the window ({window_length}, the model's "
-                         f"n_positions); leave it out to use half the window")
+        raise bad_flag(f"--stride ({stride}) must not exceed the window ({window_length}, the model's "
+                       f"n_positions); leave it out to use half the window")
     scorer = eval_metrics.make_scorer(model)
     result: dict = {"model": str(model_name)}
     if text is not None:

@@ -130,8 +130,8 @@ def _limit(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of examples or a fraction < 1, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    if not 0 < value < float("inf"):  # NaN and inf too: int(inf) would raise OverflowError, a traceback
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     if value >= 1:
         if value != int(value):
             raise argparse.ArgumentTypeError(f"a limit >= 1 is a number of examples (an integer), got {text!r}")

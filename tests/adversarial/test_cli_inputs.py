@@ -104,7 +104,7 @@ CASES = [
      2, "--stride"),
     ("evaluate-nothing-to-do", "evaluate", ["--model", "{model}"], 2, "--text_file"),
     ("evaluate-window-length-past-n-positions", "evaluate",
-     ["--model", "{model}", "--text_file", "{text}", "--window_length", "1000"], 1, "--window_length"),
+     ["--model", "{model}", "--text_file", "{text}", "--window_length", "1000"], 2, "--window_length"),
     ("evaluate-text-file-is-a-folder", "evaluate", ["--model", "{model}", "--text_file", "{root}"], 1, "--text_file"),
     ("evaluate-text-not-utf8", "evaluate", ["--model", "{model}", "--text_file", "{latin1}"], 1, "latin1.txt"),
     ("evaluate-lambada-bad-json", "evaluate", ["--model", "{model}", "--lambada", "{bad_jsonl}"], 1, "bad.jsonl:2"),
