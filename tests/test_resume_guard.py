@@ -24,8 +24,9 @@ CLASSES = {
     "micro_batch_size": HARMLESS, "data.num_threads": HARMLESS, "data.cache_dir": HARMLESS,
     # the same math in another form
     "model.remat": HARMLESS, "model.scan_layers": HARMLESS, "model.attention": HARMLESS,
-    # the length of the run
-    "steps": HARMLESS, "epochs": HARMLESS,
+    # the length of the run: harmless only while the lr schedule stays the same at every step, and base's
+    # cosine decays over `steps` (decay_steps=0); `epochs` is resolved into `steps` before the comparison
+    "steps": TRAINING, "optimizer.decay_steps": TRAINING, "epochs": HARMLESS,
     # the math of a step, or what it trains on
     "batch_size": TRAINING, "seed": TRAINING, "init_from": TRAINING,
     "model.dropout": TRAINING, "model.dtype": TRAINING,
@@ -34,7 +35,7 @@ CLASSES = {
     "data.val_fraction": TRAINING,
     "optimizer.lr": TRAINING, "optimizer.b1": TRAINING, "optimizer.b2": TRAINING, "optimizer.eps": TRAINING,
     "optimizer.weight_decay": TRAINING, "optimizer.grad_clip": TRAINING, "optimizer.warmup_steps": TRAINING,
-    "optimizer.decay_steps": TRAINING, "optimizer.min_lr_ratio": TRAINING, "optimizer.schedule": TRAINING,
+    "optimizer.min_lr_ratio": TRAINING, "optimizer.schedule": TRAINING,
     # the shapes (or dtype) of the saved arrays
     "model.preset": ARCHITECTURE, "model.n_layer": ARCHITECTURE, "model.n_embd": ARCHITECTURE,
     "model.n_head": ARCHITECTURE, "model.n_positions": ARCHITECTURE, "model.param_dtype": ARCHITECTURE,
@@ -89,6 +90,18 @@ def test_each_key_is_treated_as_its_class(key):
         assert "--config.allow_config_change=True" in message
     if CLASSES[key] == ARCHITECTURE:
         assert "fix the shapes" in message_allowed and "--config.init_from=/runs/r" in message_allowed
+
+
+def test_a_longer_run_on_a_schedule_that_does_not_depend_on_its_length_is_harmless():
+    saved = dict(_saved(), **{"optimizer.schedule": "constant", "optimizer.warmup_steps": 10})
+    longer = dict(saved, steps=saved["steps"] * 2)
+    assert run_guard.check_resume_config(saved, longer, allow_change=False, workdir="w") == {
+        "steps": (saved["steps"], longer["steps"])}
+    # the same change on a cosine schedule moves the learning rate of the steps already planned
+    cosine = dict(saved, **{"optimizer.schedule": "cosine"})
+    with pytest.raises(run_guard.ConfigChangedError, match="steps"):
+        run_guard.check_resume_config(cosine, dict(cosine, steps=saved["steps"] * 2), allow_change=False,
+                                      workdir="w")
 
 
 def test_an_architecture_change_is_refused_even_beside_allowed_ones():
