@@ -11,16 +11,22 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from flax_gpt2 import assets
 
-def shared_path(*parts: str) -> str:
-    """A path under `$FLAX_GPT2_SHARED` (a folder of GPT-2 BPE files and small corpora that the tests and
-    demos use) if that is set and has it, else "": the run then needs the key set on the command line.
 
-    Only an environment variable, never a guess relative to this file: installed, it lives in site-packages.
+def demo_path(*parts: str) -> str:
+    """A demo input shipped in the package (`flax_gpt2.assets`: `"data", "tinyshakespeare.txt"` or
+    `"gpt2-bpe"`), checked against its sha256; or the same path under `$FLAX_GPT2_SHARED` when that variable
+    names a folder that has it (an optional override; the repository's tests point it at ../shared).
+
+    Never a guess relative to this file: installed, it lives in site-packages.
     """
     root = os.environ.get("FLAX_GPT2_SHARED", "")
-    path = os.path.normpath(os.path.join(os.path.expanduser(root), *parts)) if root else ""
-    return path if path and os.path.exists(path) else ""
+    if root:
+        path = os.path.normpath(os.path.join(os.path.expanduser(root), *parts))
+        if os.path.exists(path):
+            return path
+    return assets.path("/".join(parts))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -55,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.text_field = "text"  # the text column of jsonl / `datasets` sources
     c.data.dataset_config = ""  # `datasets.load_dataset(source, name=...)`
     c.data.split = "train"  # the `datasets` split that is tokenized (the held-out split is cut from it)
-    c.data.tokenizer = ""  # a folder with GPT-2 BPE files; empty is the standard GPT-2 tokenizer
+    c.data.tokenizer = ""  # a folder with BPE files; empty is the standard GPT-2 tokenizer (shipped, offline)
     c.data.cache_dir = ""  # where tokenized corpora are kept; empty: $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2
     c.data.seq_len = 1024
     c.data.val_fraction = 0.0005  # the last fraction of the token stream is held out for eval

@@ -14,8 +14,7 @@ def get_config():
     c = base.get_config()
     c.init_from = "gpt2"
     c.model.dropout = 0.1
-    c.data.source = base.shared_path("data", "tinyshakespeare.txt")
-    c.data.tokenizer = base.shared_path("gpt2-bpe")
+    c.data.source = base.demo_path("data", "tinyshakespeare.txt")
     c.data.val_fraction = 0.1
     c.batch_size = 32
     c.micro_batch_size = 8  # 4 accumulated micro-batches of 8 x 1024 tokens

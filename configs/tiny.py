@@ -7,8 +7,7 @@ def get_config():
     c = base.get_config()
     c.model.preset = "tiny"
     c.model.dtype = "float32"
-    c.data.source = base.shared_path("data", "tinyshakespeare.txt")
-    c.data.tokenizer = base.shared_path("gpt2-bpe")
+    c.data.source = base.demo_path("data", "tinyshakespeare.txt")
     c.data.seq_len = 64
     c.data.val_fraction = 0.05
     c.batch_size = 8

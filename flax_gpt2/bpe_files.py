@@ -44,12 +44,16 @@ def tokenizer_files(folder: str | os.PathLike) -> tuple[str, str] | None:
 
     `vocab.json` + `merges.txt` are looked for first, then `encoder.json` + `vocab.bpe`. Every module that
     asks "does this folder hold a tokenizer?" asks this function, so that the two namings are taken alike.
+    A folder may hold both pairs only if they are the same tokenizer.
 
     Raises:
         FileNotFoundError: the folder holds one file of a pair without the other (a half-copied tokenizer,
             which must not quietly stand for "no tokenizer here"); the message names the missing file.
+        ValueError: the folder holds both pairs and they differ (say, a 50,257-token GPT-2 pair beside a
+            small custom BPE): which one belongs to the model cannot be guessed.
     """
     folder = os.fspath(folder)
+    found = []
     for vocab_name, merges_name in FILE_PAIRS:
         vocab_file, merges_file = os.path.join(folder, vocab_name), os.path.join(folder, merges_name)
         if os.path.isfile(vocab_file) or os.path.isfile(merges_file):
@@ -57,8 +61,26 @@ def tokenizer_files(folder: str | os.PathLike) -> tuple[str, str] | None:
                 if not os.path.isfile(missing):
                     raise FileNotFoundError(f"{missing} is missing: the folder has {present}, and a tokenizer "
                                             f"needs both {vocab_name} and {merges_name}")
-            return vocab_file, merges_file
-    return None
+            found.append((vocab_file, merges_file))
+    if len(found) == 2 and (contents := [_pair_content(*pair) for pair in found])[0] != contents[1]:
+        pairs = " and ".join(f"{os.path.basename(vocab)} + {os.path.basename(merges)} ({len(content[0])} tokens)"
+                             for (vocab, merges), content in zip(found, contents))
+        raise ValueError(f"{folder} holds two different tokenizers, {pairs}; delete the pair that does not "
+                         f"belong to the model")
+    return found[0] if found else None
+
+
+def _pair_content(vocab_file: str, merges_file: str) -> tuple[dict, list[bytes]]:
+    """A pair's vocabulary and merge lines, whatever the JSON formatting, merges.txt header or line ends."""
+    with open(vocab_file, "rb") as f:
+        try:
+            vocab = json.loads(f.read())
+        except (ValueError, UnicodeDecodeError):
+            vocab = {}  # a malformed file is never the same as a well-formed one; the reader names the error
+    with open(merges_file, "rb") as f:
+        lines = [line.rstrip(b"\r") for line in f.read().split(b"\n")]
+    merges = [line for n, line in enumerate(lines) if line and not (n == 0 and line.startswith(b"#version"))]
+    return (vocab if isinstance(vocab, dict) else {}), merges
 
 
 # ---- GPT-2's byte <-> character table ----

@@ -8,9 +8,12 @@ shown only with `--debug`. A bug in the project (any other exception) keeps its 
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -41,6 +44,7 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     Returns the exit code: `main`'s own (None = 0), 2 for `UsageError` (and argparse's own usage
     errors), 1 for user errors, 130 for Ctrl-C.
     """
+    skip_absent_tpu()
     argv = [_underscored(a) for a in (sys.argv[1:] if argv is None else argv)]
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -66,6 +70,39 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         print(f"{prefix}error: {one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_RUNTIME
     return 0 if code is None else int(code)
+
+
+# What says a TPU may be attached: its device files (/dev/accel* on v2-v4, /dev/vfio/N on v5+), or the
+# variables TPU VMs and pods set (and JAX_FORCE_TPU_INIT). A GPU: the device files JAX itself looks for.
+_TPU_ENV = ("TPU_NAME", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_CHIPS_PER_HOST_BOUNDS",
+            "JAX_FORCE_TPU_INIT")
+_GPU_FILES = ("/dev/nvidia*", "/dev/dxg", "/dev/kfd")
+
+
+def tpu_attached() -> bool:
+    """Whether this machine may have a TPU: its device files exist, or a TPU environment variable is set."""
+    vfio = os.listdir("/dev/vfio") if os.path.isdir("/dev/vfio") else []
+    return bool(glob.glob("/dev/accel*") or any(name.isdigit() for name in vfio)
+                or any(os.environ.get(v) for v in _TPU_ENV))
+
+
+def skip_absent_tpu() -> None:
+    """Keeps JAX off libtpu on a CPU machine that has it installed (every command calls this first).
+
+    With the `[tpu]` extra (which compile_only also uses), JAX loads libtpu on first use, and on a machine
+    without a TPU libtpu prints five lines of errors about host bounds and worker hostnames on every
+    command. There JAX is told to use the CPU (`jax_platforms="cpu"`, as JAX_PLATFORMS=cpu would). Nothing
+    changes when JAX_PLATFORMS is set (the user chose), when a TPU or a GPU may be attached (GPU machines
+    keep JAX's own choice), or when libtpu is not installed. compile_only loads libtpu itself for a
+    topology description, which needs no TPU backend.
+    """
+    if ("JAX_PLATFORMS" in os.environ or tpu_attached() or any(glob.glob(f) for f in _GPU_FILES)
+            or importlib.util.find_spec("libtpu") is None):
+        return
+    import jax
+
+    if not jax.config.jax_platforms:  # read before any backend starts; a later update is ignored by jax
+        jax.config.update("jax_platforms", "cpu")
 
 
 def flag_type(convert: Callable[[str], object], ok: Callable[[object], bool], requirement: str) -> Callable:

@@ -2,9 +2,11 @@
 
 `locate(name_or_path)` answers with a pair of BPE files (from a folder or the hub) or with tiktoken's own
 `gpt2` Encoding; `flax_gpt2.tokenizer.get_tokenizer` builds the `Tokenizer` from either. For OpenAI's
-GPT-2 names (and `None`) local copies, in the hub cache or tiktoken's, are tried before the network:
-without network huggingface_hub retries for ~20 s, and tiktoken's download has no timeout at all. When
-no source answers, the error lists what was tried and says how to work offline.
+GPT-2 names (and `None`) the copy shipped in the package (`flax_gpt2.assets`) answers first, so they work
+offline on any install; only if that copy is damaged are the other local copies (the hub cache,
+tiktoken's) and then the network tried: without network huggingface_hub retries for ~20 s, and tiktoken's
+download has no timeout at all. When no source answers, the error lists what was tried and says how to
+work offline.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 
 import tiktoken
 
-from flax_gpt2 import bpe_files
+from flax_gpt2 import assets, bpe_files
 
 # How the offline error tells a Python caller to pass a local folder; command lines pass their flag.
 PASS_FOLDER_AS = "get_tokenizer('/path/to/gpt2')"
@@ -87,8 +89,12 @@ def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | t
         if files is None:
             raise OSError(_offline_help(name, errors, pass_folder_as))
         return files
-    # OpenAI's GPT-2 files never change, so any local copy (hub cache under either name, or tiktoken's
-    # cache) is used before the network is touched.
+    # OpenAI's GPT-2 files never change, so any local copy (the shipped one, the hub cache under either
+    # name, or tiktoken's cache) is used before the network is touched.
+    try:
+        return bpe_files.tokenizer_files(assets.path(assets.GPT2_BPE))
+    except assets.DamagedAsset as e:
+        errors.append(f"the copy shipped with flax_gpt2: {e}")
     for repo_id in _GPT2_HUB_NAMES[name]:
         if files := _from_hub(repo_id, errors, local_files_only=True):
             return files

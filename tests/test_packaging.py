@@ -2,6 +2,8 @@
 application and its configs; no generic top-level `train`/`configs` packages; and the installed app runs a
 shipped config by name from a folder that is not a checkout."""
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -47,23 +49,91 @@ def test_wheel_has_one_top_level_package_with_every_module(wheel):
     assert "flax-gpt2-train = flax_gpt2.train.__main__:main" in entry_points
 
 
-def test_installed_app_trains_a_shipped_config_by_name(wheel, tmp_path, shared_dir):
+def _venv_with_this_interpreters_packages(env_dir: Path) -> Path:
+    """A fresh venv that also sees the site-packages this interpreter imports from; returns its python.
+
+    Not `system_site_packages=True`: from inside a venv (a newcomer's setup, and CI's) that exposes the base
+    interpreter's packages, not the venv's, and jax is missing. The parent folders are plain lines of a
+    .pth file, added after the venv's own site-packages: their own .pth files (this checkout's editable
+    install) are not run, so the venv's copy of flax_gpt2 is the one imported.
+    """
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    parents = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    (Path(own) / "_parent_site_packages.pth").write_text("".join(p + "\n" for p in parents))
+    return python
+
+
+def _clean_env(**extra) -> dict:
+    """This environment without PYTHONPATH, FLAX_GPT2_SHARED and JAX_PLATFORMS, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLAX_GPT2_SHARED", "JAX_PLATFORMS")}
+    env.update(extra)
+    return env
+
+
+NO_NETWORK = """
+import socket
+
+_connect = socket.socket.connect
+_getaddrinfo = socket.getaddrinfo
+LOCAL = ("127.0.0.1", "::1", "localhost")
+
+
+def connect(self, address):
+    if self.family != socket.AF_UNIX and not (isinstance(address, tuple) and address[0] in LOCAL):
+        raise OSError(f"no network in this test: connect to {address!r}")
+    return _connect(self, address)
+
+
+def getaddrinfo(host, *args, **kwargs):
+    if host not in LOCAL:
+        raise OSError(f"no network in this test: getaddrinfo({host!r})")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect = connect
+socket.getaddrinfo = getaddrinfo
+"""
+
+
+def _no_network_site(folder: Path) -> Path:
+    """A folder whose sitecustomize.py makes every connection but to 127.0.0.1 fail at once (for PYTHONPATH)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(NO_NETWORK)
+    return folder
+
+
+def _offline_env(tmp_path: Path, **extra) -> dict:
+    """`_clean_env` with an empty HOME and empty Hugging Face / tiktoken caches, and no network."""
+    home = tmp_path / "home"
+    env = _clean_env(HOME=str(home), HF_HOME=str(home / "hf"), TIKTOKEN_CACHE_DIR=str(home / "tiktoken"),
+                     XDG_CACHE_HOME=str(home / "cache"), HF_HUB_OFFLINE="1",
+                     PYTHONPATH=str(_no_network_site(tmp_path / "no-network")), **extra)
+    for name in [k for k in env if k.startswith("TPU_")]:  # an in-process compile_only test may have set them
+        del env[name]
+    return env
+
+
+def test_installed_app_trains_a_shipped_config_by_name(wheel, tmp_path):
     """The wheel in a fresh venv (dependencies from this interpreter): `python -m flax_gpt2.train --config
     tiny` and the `flax-gpt2-train` script train from a folder with no checkout in sight, importing the
-    venv's copy; `import train` / `import configs` find nothing."""
+    venv's copy, on the corpus and tokenizer shipped in the wheel: no FLAX_GPT2_SHARED, empty Hugging Face
+    and tiktoken caches, no network. `import train` / `import configs` find nothing."""
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
-    python = env_dir / "bin" / "python"
+    python = _venv_with_this_interpreters_packages(env_dir)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(JAX_PLATFORMS="cpu", FLAX_GPT2_SHARED=str(shared_dir))
+    env = _offline_env(tmp_path, JAX_PLATFORMS="cpu")
     probe = subprocess.run(
         [str(python), "-c", "import importlib.util as u, flax_gpt2.train.train_loop as t, flax_gpt2.configs as c; "
                             "print(t.__file__, c.__file__, u.find_spec('train'), u.find_spec('configs'))"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=120, check=True).stdout.split()
+        cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    probe = probe.stdout.split()
     assert all(Path(p).is_relative_to(env_dir) for p in probe[:2]), probe
     assert probe[2:] == ["None", "None"], probe
 
@@ -75,3 +145,57 @@ def test_installed_app_trains_a_shipped_config_by_name(wheel, tmp_path, shared_d
                               cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (workdir / "result.json").is_file() and (workdir / "metrics.jsonl").is_file()
+        config = json.loads((workdir / "train_config.json").read_text())
+        assert Path(config["data"]["source"]).is_relative_to(env_dir), config["data"]["source"]
+
+
+def test_wheel_ships_the_demo_data_and_tokenizer_files(wheel):
+    """The corpus and GPT-2's BPE files are in the wheel, byte for byte the checked-in ones."""
+    from flax_gpt2 import assets
+
+    with zipfile.ZipFile(wheel) as z:
+        for name, sha256 in assets.SHA256.items():
+            assert hashlib.sha256(z.read(f"flax_gpt2/assets/{name}")).hexdigest() == sha256, name
+        assert "flax_gpt2/assets/SOURCES.md" in z.namelist()
+
+
+@pytest.mark.slow  # ~30 s of CPU (compiles the demo's model), 100 s on a loaded 2-core machine
+def test_readme_demo_runs_offline_without_shared_data(tmp_path):
+    """The README's main command from the checkout, shortened, with no FLAX_GPT2_SHARED, empty caches, no
+    network and no JAX_PLATFORMS: it trains on the shipped text and samples with the shipped tokenizer,
+    and prints no libtpu line. (.ci/run also runs it verbatim from a fresh clone.)"""
+    workdir = tmp_path / "runs" / "shakespeare"
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/shakespeare.py", "--workdir",
+                           str(workdir), "--config.steps=1", "--config.eval_batches=1", "--config.model.n_layer=1",
+                           "--config.sample.max_new_tokens=4", "--config.progress_bar=False"],
+                          cwd=REPO, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROMEO:" in (workdir / "sample.txt").read_text()
+    assert json.loads((workdir / "train_config.json").read_text())["data"]["source"] == str(
+        REPO / "flax_gpt2" / "assets" / "data" / "tinyshakespeare.txt")
+    assert "libtpu" not in proc.stdout + proc.stderr
+
+
+LIBTPU_NOISE = ("libtpu", "host bounds", "TPU_WORKER_HOSTNAMES", "INVALID_ARGUMENT")
+
+
+def test_commands_on_a_cpu_machine_print_no_libtpu_lines(tmp_path, hf_tiny):
+    """With libtpu installed (the [tpu] extra) and no TPU attached, a command that starts JAX's backend
+    (convert) says nothing about libtpu and runs on the CPU, with JAX_PLATFORMS unset."""
+    import importlib.util
+
+    from flax_gpt2 import cli
+
+    if cli.tpu_attached():
+        pytest.skip("this machine may have a TPU: the TPU backend is expected to start")
+    if importlib.util.find_spec("libtpu") is None:  # CI installs it (.ci/run): there, this is never skipped
+        pytest.skip("libtpu is not installed (pip install '.[tpu]'): nothing would print its errors")
+    env = _clean_env()
+    for name in [k for k in env if k.startswith("TPU_")]:
+        del env[name]
+    proc = subprocess.run([sys.executable, "-m", "flax_gpt2.convert", "--model", str(hf_tiny[1]), "--out",
+                           str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in LIBTPU_NOISE:
+        assert noise not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-from flax_gpt2 import bpe_files, tokenizer_sources
+from flax_gpt2 import assets, bpe_files, tokenizer_sources
 from flax_gpt2 import tokenizer as tokenizer_lib
 from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 
@@ -91,8 +91,8 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
-def empty_caches(monkeypatch, tmp_path, no_network):
-    """Empty Hugging Face and tiktoken caches, HF_HUB_OFFLINE=1."""
+def offline(monkeypatch, tmp_path, no_network):
+    """Empty Hugging Face and tiktoken caches, HF_HUB_OFFLINE=1: only the copy shipped in the package."""
     import huggingface_hub.constants
 
     (tmp_path / "hf").mkdir()
@@ -101,6 +101,14 @@ def empty_caches(monkeypatch, tmp_path, no_network):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
     return tmp_path
+
+
+@pytest.fixture
+def empty_caches(offline, monkeypatch):
+    """`offline`, and the package's own copy of GPT-2's files gone too (a damaged install): no local copy."""
+    (offline / "assets").mkdir()
+    monkeypatch.setattr(assets, "FOLDER", str(offline / "assets"))
+    return offline
 
 
 # ---- ids against transformers ----
@@ -490,6 +498,28 @@ def test_tokenizer_files_takes_either_naming(bpe_dir, hf_folder, tmp_path):
         bpe_files.tokenizer_files(tmp_path / "half")
 
 
+def test_a_folder_with_two_different_tokenizers_is_refused(bpe_dir, tmp_path):
+    # GPT-2's 50,257-token pair beside a small custom BPE: which one the model was trained with cannot be
+    # guessed, and taking the first (vocab.json + merges.txt) would give a 357-token tokenizer to a
+    # 50,257-token model.
+    folder = _custom_bpe(bpe_dir, tmp_path / "both", 100)
+    shutil.copy(bpe_dir / "encoder.json", folder / "encoder.json")
+    shutil.copy(bpe_dir / "vocab.bpe", folder / "vocab.bpe")
+    message = (f"{folder} holds two different tokenizers, vocab.json + merges.txt (357 tokens) and encoder.json "
+               f"+ vocab.bpe (50257 tokens); delete the pair that does not belong to the model")
+    with pytest.raises(ValueError) as info:
+        bpe_files.tokenizer_files(folder)
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match="holds two different tokenizers"):
+        get_tokenizer_quietly(folder)
+    # The same tokenizer under both names, whatever its JSON formatting and line ends, is not a conflict.
+    vocab = json.loads((bpe_dir / "encoder.json").read_text(encoding="utf-8"))
+    (folder / "vocab.json").write_text(json.dumps(vocab, indent=2, sort_keys=True, ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_bytes((bpe_dir / "vocab.bpe").read_bytes().replace(b"\n", b"\r\n"))
+    assert bpe_files.tokenizer_files(folder) == (str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
 def get_tokenizer_quietly(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -518,6 +548,33 @@ def test_missing_files_are_clear_errors(bpe_dir, tmp_path):
 # ---- hub names, offline ----
 
 
+@pytest.mark.parametrize("name", [None, "gpt2", "openai-community/gpt2-medium", "distilgpt2"])
+def test_gpt2_names_load_offline_from_the_shipped_copy(offline, tok, name):
+    # Empty caches and no network: the standard encoding still loads, from the files shipped in the package.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped = get_tokenizer(name)
+    assert shipped.is_standard_gpt2 and shipped.mergeable_ranks == tok.mergeable_ranks
+    assert shipped.special_tokens == tok.special_tokens == {ENDOFTEXT: 50256}
+    assert shipped._files == (os.path.join(assets.FOLDER, "gpt2-bpe", "encoder.json"),
+                              os.path.join(assets.FOLDER, "gpt2-bpe", "vocab.bpe"))
+
+
+def test_a_damaged_shipped_copy_is_named_and_skipped(offline, bpe_dir, hf_folder, monkeypatch):
+    damaged = offline / "assets" / "gpt2-bpe"
+    damaged.mkdir(parents=True)
+    shutil.copy(bpe_dir / "encoder.json", damaged / "encoder.json")
+    (damaged / "vocab.bpe").write_bytes((bpe_dir / "vocab.bpe").read_bytes()[:-1000])  # truncated
+    monkeypatch.setattr(assets, "FOLDER", str(offline / "assets"))
+    with pytest.raises(OSError) as info:
+        get_tokenizer("gpt2")
+    assert (f"the copy shipped with flax_gpt2: {damaged / 'vocab.bpe'} does not have the sha256 it was shipped "
+            f"with (modified or truncated): the flax_gpt2 install is damaged; reinstall it") in str(info.value)
+    # Another local copy still serves (here the hub cache), as it would have before the package shipped one.
+    _fill_hub_cache(offline / "hf", "gpt2", hf_folder)
+    assert get_tokenizer("gpt2")._files[0].startswith(str(offline / "hf"))
+
+
 @pytest.mark.parametrize("name", [None, "gpt2", "openai-community/gpt2-medium", "someone/their-gpt2"])
 def test_hub_name_offline_says_how_to_work_offline(empty_caches, name):
     with pytest.raises(OSError) as info:
@@ -526,6 +583,8 @@ def test_hub_name_offline_says_how_to_work_offline(empty_caches, name):
     assert "vocab.json + merges.txt" in message and "TIKTOKEN_CACHE_DIR" in message
     assert "not in the local cache" in message
     assert "e.g. get_tokenizer('/path/to/gpt2')" in message
+    if name != "someone/their-gpt2":  # not GPT-2's vocabulary: the shipped copy is no stand-in for it
+        assert "the copy shipped with flax_gpt2: " in message and "encoder.json is missing" in message
 
 
 def test_offline_error_names_the_callers_way_to_pass_a_folder(empty_caches):

@@ -104,19 +104,19 @@ def test_cli_reports_unknown_key_and_exits_2():
 
 
 def test_cli_offline_tokenizer_error_names_the_config_flag(tmp_path):
-    """A hub tokenizer name with no network and empty caches: one error line that says how to pass a folder
-    on this command line, not in Python."""
+    """A hub tokenizer name with no network and empty caches (not GPT-2's, whose files ship with the
+    package): one error line that says how to pass a folder on this command line, not in Python."""
     (tmp_path / "tiktoken").mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hf"),
                TIKTOKEN_CACHE_DIR=str(tmp_path / "tiktoken"))
     proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir",
-                           str(tmp_path / "w"), "--config.data.tokenizer=gpt2",
+                           str(tmp_path / "w"), "--config.data.tokenizer=someone/their-bpe",
                            f"--config.data.cache_dir={tmp_path / 'cache'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert errors[0].startswith("train: error: could not load the tokenizer for 'gpt2'")
+    assert errors[0].startswith("train: error: could not load the tokenizer for 'someone/their-bpe'")
     assert "e.g. --config.data.tokenizer=DIR" in errors[0] and "get_tokenizer(" not in errors[0]
 
 
