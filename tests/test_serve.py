@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def tiny_folder(tmp_path_factory, bpe_dir):
 def reference(tiny_folder):
     model, params = from_pretrained(tiny_folder, progress=False)
     return model, params, get_tokenizer(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tiny_folder):
+    import transformers
+
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_folder).eval()
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +190,7 @@ def test_token_prompts_equal_generate_up_to_the_context(client, reference, lengt
 def test_sampling_equals_generate_and_seeds_reproduce(client, reference):
     """Choice 0 of a sampled request without top_k draws as generate(do_sample=True, seed=seed) does."""
     ids = _prompt(9, seed=1)
-    for kwargs in (dict(), dict(top_p=0.9), dict(temperature=0.7)):
+    for kwargs in (dict(), dict(top_p=0.9), dict(temperature=0.7), dict(temperature=0.6, top_p=0.8)):
         out = client.completions.create(model="tiny", prompt=ids, max_tokens=30, seed=7, **kwargs)
         assert out.choices[0].text == _generate_text(reference, ids, 30, do_sample=True, seed=7, **kwargs)
     again = [client.completions.create(model="tiny", prompt=ids, max_tokens=30, seed=11, extra_body={"top_k": 40})
@@ -201,14 +209,47 @@ def test_top_k_1_is_greedy_and_repetition_penalty_equals_generate(client, refere
     assert penalized.choices[0].text == _generate_text(reference, ids, 20, repetition_penalty=1.5)
 
 
-def test_presence_and_frequency_penalties_discourage_repeats(client):
-    ids = _prompt(3, seed=3)
-    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=60, temperature=0, logprobs=0)
-    penalized = client.completions.create(model="tiny", prompt=ids, max_tokens=60, temperature=0, logprobs=0,
-                                          frequency_penalty=2.0, presence_penalty=2.0)
-    distinct = lambda out: len(set(out.choices[0].logprobs.tokens))  # noqa: E731
-    assert distinct(penalized) >= distinct(plain)
-    assert penalized.choices[0].text != plain.choices[0].text or distinct(plain) == 60
+def _torch_greedy(torch_model, ids, n, presence=0.0, frequency=0.0):
+    """Greedy decoding by full forward passes of the transformers model, with OpenAI's penalties applied to
+    the logits: `logit[j] - count[j] * frequency - (count[j] > 0) * presence`, counts over generated tokens."""
+    import torch
+
+    tokens, counts = list(ids), np.zeros(50257)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = torch_model(torch.tensor([tokens])).logits[0, -1].double().numpy()
+        token = int(np.argmax(logits - frequency * counts - presence * (counts > 0)))
+        tokens.append(token)
+        counts[token] += 1
+        if token == EOT:
+            break
+    return tokens[len(ids):]
+
+
+# Negative (encouraging repeats): this peaked model seldom repeats a token on its own, and only repeats tell
+# the formulas apart.
+PENALTY = -1.5
+PENALTY_PROMPT = _prompt(3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def penalty_references(torch_reference):
+    """Greedy continuations of PENALTY_PROMPT with no penalty and with each penalty alone at PENALTY."""
+    return {name: _torch_greedy(torch_reference, PENALTY_PROMPT, 30, **kwargs) for name, kwargs in (
+        ("none", {}), ("frequency_penalty", {"frequency": PENALTY}), ("presence_penalty", {"presence": PENALTY}))}
+
+
+@pytest.mark.parametrize("name", ["frequency_penalty", "presence_penalty"])
+def test_each_penalty_alone_follows_openais_formula(client, reference, penalty_references, name):
+    """Each penalty on its own, against a logits-level reference; the value is such that the two formulas
+    (counts versus presence) and no penalty give three different texts, so a swap or a no-op shows."""
+    _, _, tokenizer = reference
+    assert len({tuple(tokens) for tokens in penalty_references.values()}) == 3
+    out = client.completions.create(model="tiny", prompt=PENALTY_PROMPT, max_tokens=30, temperature=0,
+                                    **{name: PENALTY})
+    assert out.choices[0].text == _expected_text(tokenizer, penalty_references[name])
+    plain = client.completions.create(model="tiny", prompt=PENALTY_PROMPT, max_tokens=30, temperature=0)
+    assert plain.choices[0].text == _expected_text(tokenizer, penalty_references["none"])
 
 
 def test_list_prompt_and_n(client, reference):
@@ -291,6 +332,64 @@ def test_echo_and_logprobs_equal_the_model(client, reference):
 def _generated_ids(reference, ids, n):
     model, params, _ = reference
     return generate(model, params, [ids], max_new_tokens=n)[0, len(ids):].tolist()
+
+
+def _token_ids(tokenizer, token_strings):
+    """The ids behind the logprobs' token strings (OpenAI's form: the text, or `bytes:\\xNN...`), which name
+    one token each."""
+    names = {}
+    for i in range(tokenizer.vocab_size):
+        data = tokenizer.encoding.decode_single_token_bytes(i)
+        try:
+            names[data.decode("utf-8")] = i
+        except UnicodeDecodeError:
+            names["bytes:" + "".join(f"\\x{b:02x}" for b in data)] = i
+    return [names[t] for t in token_strings]
+
+
+def test_sampled_logprobs_are_the_returned_tokens_teacher_forced(client, reference):
+    """A sampled request (temperature, top-k, a penalty) reports for each token it returns that token's
+    log-probability under the model, as one full forward pass over prompt + completion scores it, and the
+    model's top alternatives: not the processed distribution's, and not the most likely token's."""
+    model, params, tokenizer = reference
+    ids = _prompt(7, seed=8)
+    out = client.completions.create(model="tiny", prompt=ids, max_tokens=24, seed=3, temperature=1.3, logprobs=3,
+                                    frequency_penalty=0.5, extra_body={"top_k": 50, "repetition_penalty": 1.2})
+    lp = out.choices[0].logprobs
+    generated = _token_ids(tokenizer, lp.tokens)
+    assert len(generated) == 24 and out.choices[0].text == _expected_text(tokenizer, generated)
+    full = np.asarray(ids + generated)
+    logits = model.apply({"params": params}, jnp.asarray(full[None])).logits[0]
+    expected = np.asarray(jax.nn.log_softmax(logits, axis=-1))[len(ids) - 1:-1]  # row i scores generated[i]
+    assert (expected.argmax(-1) != generated).sum() >= 5  # sampled: often not the most likely token
+    np.testing.assert_allclose(lp.token_logprobs, expected[np.arange(24), generated], atol=1e-4, rtol=0)
+    for i, top in enumerate(lp.top_logprobs):
+        best = np.argsort(-expected[i])[:3]
+        assert _token_ids(tokenizer, list(top))[:3] == best.tolist() or len(top) == 4
+        assert sorted(top.values(), reverse=True)[:3] == pytest.approx(expected[i, best].tolist(), abs=1e-4)
+
+
+def test_endoftext_in_a_prompt_is_the_special_token(client, reference):
+    """README's CommonGen prompt: `<|endoftext|>` typed in the prompt is id 50256, as `generate` is given it."""
+    _, _, tokenizer = reference
+    prompt = "<|endoftext|> kid, room, dance:"
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"})
+    assert ids[0] == EOT and len(ids) == 7
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0, echo=True)
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].text == prompt + _generate_text(reference, ids, 16)
+
+
+def test_an_empty_stop_string_is_ignored(client):
+    """OpenAI's API accepts "" in `stop`; it matches nowhere (it would otherwise cut every text to nothing)."""
+    ids = _prompt(6, seed=4)
+    full = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0).choices[0]
+    for stop in ("", [""], ["", "\x00never"]):
+        out = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0, stop=stop).choices[0]
+        assert (out.text, out.finish_reason) == (full.text, "length"), stop
+    streamed = list(client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0, stop=[""],
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == full.text
 
 
 def test_empty_prompt_starts_from_endoftext(client, reference):
@@ -454,6 +553,83 @@ def test_no_compiles_after_warm_up(server):
 
 
 # ---- pieces and the command line ----
+
+class _Collector:
+    """A request's `deliver`: gathers the engine's events; `wait` returns them once every choice has ended."""
+
+    def __init__(self, choices=1):
+        self.events, self.choices, self.done = [], choices, threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.error is not None or sum(len(e.choices) for e in self.events if e.finish_reason) >= self.choices:
+            self.done.set()
+
+    def wait(self):
+        assert self.done.wait(120), self.events
+        return self.events
+
+
+def _engine_request(engine, ids, max_tokens):
+    from flax_gpt2.serve.engine import Completion
+    from flax_gpt2.serve.protocol import CompletionRequest
+
+    collector = _Collector()
+    engine.submit(Completion(CompletionRequest(model="tiny", prompts=[ids], max_tokens=max_tokens, temperature=0),
+                             [ids], [""], collector))
+    return collector
+
+
+@pytest.fixture
+def engine(reference):
+    """An engine in this process (one slot, 8 steps per call when nothing waits), not yet started."""
+    from flax_gpt2.serve.engine import Engine
+
+    model, params, tokenizer = reference
+    engine = Engine(model, params, tokenizer, max_batch=1, context_length=64, prompt_buckets=[16], decode_steps=8)
+    yield engine
+    engine.stop()
+
+
+def test_a_waiting_request_makes_the_running_one_step_once_per_call(engine, reference):
+    """While a request waits for the only slot, the running one decodes one step per device call (the waiting
+    one is admitted as soon as the slot frees, not up to 7 steps late); alone, the second runs 8 per call.
+    Both texts are `generate`'s."""
+    ids = [_prompt(5, seed=21), _prompt(9, seed=22)]
+    first, second = (_engine_request(engine, p, 20) for p in ids)
+    engine.start()
+    for collector, p in zip((first, second), ids):
+        events = collector.wait()
+        assert "".join(e.text for e in events) == _generate_text(reference, p, 20)
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 20
+    assert engine.stats.steps == 40
+    assert engine.stats.dispatches == 20 + (2 + 4)  # 20 single steps while the second waited; then 8, 8, 1 x 4
+
+
+def test_a_failed_step_fails_every_request_then_the_engine_serves_again(engine, reference, monkeypatch):
+    """A device step that raises (here: injected once) ends the running request and the waiting one with an
+    `engine_error` 500 each; the engine starts again from fresh slots and the next request is `generate`'s."""
+    from flax_gpt2.serve import slots
+
+    real_steps, calls = slots.steps, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(kwargs.get("num_steps"))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return real_steps(*args, **kwargs)
+
+    monkeypatch.setattr(slots, "steps", failing_once)
+    running, waiting = _engine_request(engine, _prompt(5, seed=23), 10), _engine_request(engine, _prompt(6, seed=24), 10)
+    engine.start()
+    for collector in (running, waiting):
+        (event,) = collector.wait()
+        assert event.error.status == 500 and event.error.code == "engine_error" and "device lost" in str(event.error)
+    ids = _prompt(7, seed=25)
+    events = _engine_request(engine, ids, 12).wait()
+    assert "".join(e.text for e in events) == _generate_text(reference, ids, 12)
+    assert engine.stats.busy_slots == 0 and not any(engine._running) and len(calls) > 1
+
 
 def test_kth_largest_matches_a_sort():
     rng = np.random.RandomState(0)
