@@ -34,6 +34,8 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2 import file_io
+
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
@@ -41,6 +43,18 @@ TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 FLAX_MSGPACK = "flax_model.msgpack"
 # safetensors first: it is memory-mapped, safe by construction, and what transformers writes today.
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX, FLAX_MSGPACK)
+# The most tensors a weights file (or shard index) may list when the model is not known. gpt2-xl has 580
+# (677 with the causal-mask buffers older files carry); a file with far more is not a GPT-2 checkpoint,
+# and its header alone could cost hundreds of MiB (600k empty tensors in a 61 MB header: 753 MiB).
+MAX_TENSORS = 4096
+# Bytes of a safetensors header or a shard index per tensor allowed (gpt2-xl's: ~115), plus slack for
+# metadata. Parsing is refused past it, so even a header of one object with many keys stays ~20 MiB.
+_MANIFEST_BYTES_PER_TENSOR = 256
+_MANIFEST_SLACK_BYTES = 64 << 10
+# safetensors dtypes numpy can hold (the library names the rest, e.g. F8_E5M2, as numpy attributes that
+# do not exist).
+_SAFETENSORS_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16",
+                                 "U8", "BOOL"})
 
 
 class CheckpointError(ValueError):
@@ -79,8 +93,11 @@ def find_weights(folder: str | os.PathLike) -> str:
                             f"the folder holds {present or 'nothing'}")
 
 
-def read_weights(path: str | os.PathLike, *, progress: bool = True) -> StateDict:
+def read_weights(path: str | os.PathLike, *, progress: bool = True, max_tensors: int | None = None) -> StateDict:
     """All tensors of any supported weights file (or shard index), under HF PyTorch key names.
+
+    `max_tensors` (default `MAX_TENSORS`; `from_pretrained` passes a bound from the model's config) caps
+    the entries a safetensors header, shard index or msgpack tree may list, checked before they are built.
 
     Raises:
       CheckpointError (a ValueError): the file is corrupt, truncated, inconsistent or unsafe.
@@ -88,15 +105,16 @@ def read_weights(path: str | os.PathLike, *, progress: bool = True) -> StateDict
     """
     path = os.fspath(path)
     name = os.path.basename(path)
+    limit = MAX_TENSORS if max_tensors is None else max_tensors
     if name.endswith(".index.json"):
-        return _read_sharded(path, progress=progress)
+        return _read_sharded(path, progress=progress, max_tensors=limit)
     if name.endswith(".safetensors"):
-        tensors = read_safetensors(path, progress=progress)[0]
+        tensors = _read_safetensors(path, progress=progress, max_tensors=limit)[0]
         return StateDict(path, tensors)
     if name.endswith(".bin"):
         return read_torch_bin(path, progress=progress)
     if name.endswith(".msgpack"):
-        return read_flax_msgpack(path)
+        return read_flax_msgpack(path, max_tensors=limit)
     raise ValueError(f"unknown weights file format: {path} (expected one of {', '.join(WEIGHT_FILES)})")
 
 
@@ -140,21 +158,24 @@ def _reading(path: str, what: str) -> Iterator[None]:
 
 # --- safetensors ---------------------------------------------------------------------------------------
 
-def read_safetensors(path: str, *, progress: bool = True) -> tuple[StateDict, dict[str, str]]:
+def read_safetensors(path: str, *, progress: bool = True, max_tensors: int = MAX_TENSORS
+                     ) -> tuple[StateDict, dict[str, str]]:
     """All tensors of one safetensors file, and its metadata.
 
-    The safetensors library checks the header (dtypes, shapes, and that the tensors tile the data
-    exactly), so what is read is at most the file's size.
+    The header is checked first (at most `max_tensors` tensors, of dtypes numpy holds); the safetensors
+    library then checks shapes and that the tensors tile the data exactly, so what is read is at most
+    the file's size.
     """
-    return _read_safetensors(path, progress=progress)
+    return _read_safetensors(path, progress=progress, max_tensors=max_tensors)
 
 
-def _read_safetensors(path: str, *, progress: bool = True, check_keys: Callable[[list[str]], None] | None = None
-                      ) -> tuple[StateDict, dict[str, str]]:
+def _read_safetensors(path: str, *, progress: bool = True, max_tensors: int = MAX_TENSORS,
+                      check_keys: Callable[[list[str]], None] | None = None) -> tuple[StateDict, dict[str, str]]:
     """`read_safetensors`, calling `check_keys(names)` after the header is read and before any data is."""
     from safetensors import safe_open
 
     _require_file(path)
+    _check_safetensors_header(path, max_tensors)
     out = StateDict(path)
     with _reading(path, "safetensors"), safe_open(path, framework="numpy") as f:
         keys = list(f.keys())
@@ -167,39 +188,101 @@ def _read_safetensors(path: str, *, progress: bool = True, check_keys: Callable[
         return out, dict(f.metadata() or {})
 
 
-def _read_index(index_path: str) -> dict[str, str]:
-    """The `weight_map` of a shard index, checked to be `{tensor name: shard file name}`."""
+def _check_safetensors_header(path: str, max_tensors: int) -> None:
+    """CheckpointError unless the header is small, lists at most `max_tensors` tensors and only dtypes
+    numpy can hold: checked in Python before the library builds anything from it."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return  # the library names a file too short to hold a header
+        (length,) = struct.unpack("<Q", head)
+        if length > _manifest_bytes(max_tensors):
+            raise CheckpointError(f"{path} has a {length}-byte safetensors header, more than the "
+                                  f"{_manifest_bytes(max_tensors)} bytes {max_tensors} tensors can need; it is not "
+                                  "a GPT-2 checkpoint (or is corrupt)")
+        raw = f.read(length)
+    try:
+        header = _load_manifest_json(raw, path, max_tensors, "tensors in its safetensors header")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return  # not JSON: the library's own message says so
+    if not isinstance(header, Mapping):
+        return
+    for key, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, Mapping) and key != "__metadata__" else None
+        if isinstance(dtype, str) and dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {dtype}, which numpy cannot hold; save the "
+                                  "checkpoint in F32, F16 or BF16")
+
+
+def _manifest_bytes(max_tensors: int) -> int:
+    return max_tensors * _MANIFEST_BYTES_PER_TENSOR + _MANIFEST_SLACK_BYTES
+
+
+class _TooManyEntries(Exception):
+    pass
+
+
+def _load_manifest_json(raw: bytes | str, path: str, max_tensors: int, what: str) -> Any:
+    """`json.loads(raw)`, stopping with a CheckpointError once it has built more than `max_tensors` + 2
+    objects (a header is one object per tensor, plus itself and its metadata)."""
+    built = 0
+
+    def count(pairs):
+        nonlocal built
+        built += 1
+        if built > max_tensors + 2:
+            raise _TooManyEntries
+        return dict(pairs)
+
+    try:
+        return json.loads(raw, object_pairs_hook=count)
+    except _TooManyEntries:
+        raise CheckpointError(f"{path} lists more than {max_tensors} {what}; a GPT-2 checkpoint has far fewer "
+                              "(it is not one, or is corrupt)") from None
+
+
+def _read_index(index_path: str, max_tensors: int = MAX_TENSORS) -> dict[str, str]:
+    """The `weight_map` of a shard index, checked to be `{tensor name: shard file name}` (at most
+    `max_tensors` of them)."""
     _require_file(index_path)
+    size = os.path.getsize(index_path)
+    if size > _manifest_bytes(max_tensors):
+        raise CheckpointError(f"{index_path} is {size} bytes, more than the {_manifest_bytes(max_tensors)} a shard "
+                              f"index of {max_tensors} tensors can need; it is not a GPT-2 shard index")
     with _reading(index_path, "shard index (JSON)"), open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+        index = _load_manifest_json(f.read(), index_path, max_tensors, "JSON objects")
     if not isinstance(index, Mapping) or not isinstance(index.get("weight_map"), Mapping):
         raise CheckpointError(f"{index_path} has no weight_map object (the shard index maps each tensor name "
                               "to the shard file that holds it)")
     weight_map = index["weight_map"]
+    if len(weight_map) > max_tensors:
+        raise CheckpointError(f"{index_path} lists {len(weight_map)} tensors, more than the {max_tensors} a GPT-2 "
+                              "checkpoint can have")
     bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not (isinstance(v, str) and v)]
     if bad:
         raise CheckpointError(f"{index_path}: weight_map values must be shard file names, got {_join(bad)}")
     return dict(weight_map)
 
 
-def _read_sharded(index_path: str, *, progress: bool = True) -> StateDict:
+def _read_sharded(index_path: str, *, progress: bool = True, max_tensors: int = MAX_TENSORS) -> StateDict:
     """The tensors of every shard an index lists, checked against the index: each tensor must be in exactly
     the shard the index names (a tensor in two shards, or one the index does not list, is an error)."""
     # "model.safetensors.index.json" lists ".safetensors" shards, "pytorch_model.bin.index.json" ".bin" ones.
     extension = os.path.splitext(os.path.basename(index_path).removesuffix(".index.json"))[1]
     if extension not in (".safetensors", ".bin"):
         raise ValueError(f"unknown shard index {index_path}: expected {SAFETENSORS_INDEX} or {TORCH_BIN_INDEX}")
-    weight_map = _read_index(index_path)
+    weight_map = _read_index(index_path, max_tensors)
     folder = os.path.dirname(index_path)
     listed: dict[str, set[str]] = collections.defaultdict(set)
     for key, shard in weight_map.items():
         listed[shard].add(key)
-    for shard in listed:
-        if os.path.basename(shard) != shard or shard in (".", ".."):
-            raise CheckpointError(f"{index_path} names shard {shard!r} outside its folder")
+    paths = {}
+    for shard, keys in listed.items():  # every name checked before any shard is opened
+        paths[shard] = file_io.manifest_member(folder, shard, manifest=index_path,
+                                               key=f"weight_map[{min(keys)!r}]")
         if not shard.endswith(extension):
             raise CheckpointError(f"{index_path} lists shard {shard!r}, which is not a {extension} file")
-        shard_path = os.path.join(folder, shard)
+    for shard, shard_path in paths.items():
         if not os.path.isfile(shard_path):
             what = "a folder" if os.path.isdir(shard_path) else "not there"
             raise FileNotFoundError(f"{index_path} lists shard {shard}, which is {what} ({folder})")
@@ -207,10 +290,11 @@ def _read_sharded(index_path: str, *, progress: bool = True) -> StateDict:
     out = StateDict(index_path)
     with _bar(len(listed), f"Reading {len(listed)} shards", progress, unit="shard") as bar:
         for shard in sorted(listed):
-            shard_path = os.path.join(folder, shard)
+            shard_path = paths[shard]
             if extension == ".safetensors":  # names checked from the header, before any data is read
-                tensors = _read_safetensors(shard_path, progress=False, check_keys=lambda keys: _check_shard(
-                    index_path, weight_map, shard, keys))[0]
+                tensors = _read_safetensors(shard_path, progress=False, max_tensors=max_tensors,
+                                            check_keys=lambda keys: _check_shard(index_path, weight_map, shard,
+                                                                                 keys))[0]
             else:
                 tensors = read_torch_bin(shard_path, progress=False)  # lazy views: nothing read yet
                 _check_shard(index_path, weight_map, shard, list(tensors))
@@ -661,18 +745,21 @@ def _not_a_zip(path: str) -> str:
 
 # --- transformers' old Flax layout ------------------------------------------------------------------------
 
-def read_flax_msgpack(path: str) -> StateDict:
+def read_flax_msgpack(path: str, *, max_tensors: int = MAX_TENSORS) -> StateDict:
     """`flax_model.msgpack` of transformers' FlaxGPT2Model / FlaxGPT2LMHeadModel, under HF PyTorch key names.
 
     In that layout `FlaxConv1D.kernel` is `[out, in]` (the transpose of PyTorch `Conv1D.weight`) and
     `nn.Dense.kernel` (the untied lm_head) is `[in, out]` (the transpose of `nn.Linear.weight`): every
     `kernel` is transposed back. `embedding` and LayerNorm `scale` become `weight`; blocks are `h/0/...`.
+    The file may hold at most `_MSGPACK_OBJECTS_PER_TENSOR * max_tensors` objects (counted before any
+    is built: a 10 MB file of empty maps would otherwise build ~900 MiB of Python dicts).
     """
     from flax.serialization import msgpack_restore
 
     _require_file(path)
     with open(path, "rb") as f:
         data = f.read()
+    _count_msgpack_objects(data, path, _MSGPACK_OBJECTS_PER_TENSOR * max_tensors)
     with _reading(path, "msgpack"):
         tree = msgpack_restore(data)
     if not isinstance(tree, Mapping):
@@ -692,6 +779,62 @@ def read_flax_msgpack(path: str) -> StateDict:
             raise CheckpointError(f"{path}: {origin[name]} and {where} both become {name}")
         out[name], origin[name] = value, where
     return out
+
+
+# A GPT-2 tree has a key and an ext per array and a key and a map per module (~3.5 objects per tensor);
+# Flax splits arrays over MAX_CHUNK_SIZE into a few chunks. Twice that is allowed.
+_MSGPACK_OBJECTS_PER_TENSOR = 8
+# msgpack type byte -> (bytes of its length field or fixed payload, what the length counts):
+# "raw" (str/bin: that many bytes follow), "ext" (a type byte plus that many bytes), "items"/"pairs"
+# (that many objects / key-value pairs follow), or "fixed" (the payload itself).
+_MSGPACK_TYPES = {
+    0xC4: (1, "raw"), 0xC5: (2, "raw"), 0xC6: (4, "raw"), 0xD9: (1, "raw"), 0xDA: (2, "raw"), 0xDB: (4, "raw"),
+    0xC7: (1, "ext"), 0xC8: (2, "ext"), 0xC9: (4, "ext"),
+    0xDC: (2, "items"), 0xDD: (4, "items"), 0xDE: (2, "pairs"), 0xDF: (4, "pairs"),
+    0xCA: (4, "fixed"), 0xCB: (8, "fixed"), 0xCC: (1, "fixed"), 0xCD: (2, "fixed"), 0xCE: (4, "fixed"),
+    0xCF: (8, "fixed"), 0xD0: (1, "fixed"), 0xD1: (2, "fixed"), 0xD2: (4, "fixed"), 0xD3: (8, "fixed"),
+    0xD4: (2, "fixed"), 0xD5: (3, "fixed"), 0xD6: (5, "fixed"), 0xD7: (9, "fixed"), 0xD8: (17, "fixed"),
+    0xC0: (0, "fixed"), 0xC2: (0, "fixed"), 0xC3: (0, "fixed"),
+}
+
+
+def _count_msgpack_objects(data: bytes, path: str, limit: int) -> None:
+    """CheckpointError if the msgpack `data` holds more than `limit` objects, found by walking the type
+    bytes only (ext payloads, i.e. Flax's arrays, are skipped, not parsed). Malformed data just ends the
+    walk: msgpack itself then names the problem."""
+    pending, count, pos, end = 1, 0, 0, len(data)
+    while pending and pos < end:
+        b = data[pos]
+        pos += 1
+        pending -= 1
+        count += 1
+        if count > limit:
+            raise CheckpointError(f"{path} holds more than {limit} msgpack objects; a GPT-2 parameter tree of at most "
+                                  f"{limit // _MSGPACK_OBJECTS_PER_TENSOR} tensors has far fewer (it is not one, or "
+                                  "is corrupt)")
+        if b <= 0x7F or b >= 0xE0:  # fixint
+            continue
+        if b <= 0x8F:  # fixmap
+            pending += 2 * (b & 0x0F)
+        elif b <= 0x9F:  # fixarray
+            pending += b & 0x0F
+        elif b <= 0xBF:  # fixstr
+            pos += b & 0x1F
+        elif b in _MSGPACK_TYPES:
+            size, kind = _MSGPACK_TYPES[b]
+            if kind == "fixed":
+                pos += size
+                continue
+            n = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+            if kind == "raw":
+                pos += n
+            elif kind == "ext":
+                pos += 1 + n
+            else:
+                pending += n if kind == "items" else 2 * n
+        else:  # 0xC1, never used
+            return
 
 
 def write_flax_msgpack(folder: str | os.PathLike, tensors: Mapping[str, np.ndarray], *,

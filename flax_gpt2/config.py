@@ -122,7 +122,7 @@ class GPT2Config:
             path = os.fspath(hf)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
-            hf = _read_json(path)
+            hf = read_hf_json(path)
         try:
             return cls(**{**_hf_kwargs(cls, dict(hf)), **overrides})
         except ValueError as e:
@@ -138,8 +138,8 @@ class GPT2Config:
         return hf
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    """A JSON object from `path`; ValueError naming the file if it is not one."""
+def read_hf_json(path: str) -> dict[str, Any]:
+    """The JSON object in a `config.json`; ValueError naming the file if it is not one."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a folder, not a config.json file")
     with open(path, "rb") as f:
@@ -163,6 +163,11 @@ def _hf_kwargs(cls, hf: dict[str, Any]) -> dict[str, Any]:
                          "(GPT-2 as a decoder with cross-attention); flax_gpt2 models are decoder-only")
     if hf.get("pruned_heads"):
         raise ValueError(f"config field pruned_heads={hf['pruned_heads']!r} is not supported")
+    architectures = hf.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list)
+                                          and all(isinstance(a, str) for a in architectures)):
+        raise ValueError(f'architectures must be a list of class names such as ["GPT2LMHeadModel"], '
+                         f"got {architectures!r}")
     aliases = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
     for alias, name in aliases.items():

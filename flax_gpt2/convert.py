@@ -22,16 +22,16 @@ Errors are one line on stderr (exit 2 for a bad flag, 1 otherwise); `--debug` sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from typing import Sequence
 
-from flax_gpt2 import cli
+from flax_gpt2 import cli, run_checkpoint
 from flax_gpt2.bpe_files import tokenizer_files
-from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_save_format, from_pretrained, resolve,
-                                  save_pretrained)
+from flax_gpt2.config import GPT2Config, read_hf_json
+from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
+                                  from_pretrained, resolve, save_pretrained)
 
 from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.convert"
@@ -63,6 +63,7 @@ def convert(model: str, out: str, *, format: str = "safetensors", revision: str 
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_output_folder(os.fspath(out), overwrite)  # before anything is read
     folder = resolve(model, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
     model_class = _saved_model_class(folder)
     check_save_format(format, model_class)  # before the weights are read
@@ -90,13 +91,17 @@ def flax_to_hf(model: str, out: str, *, dtype: str = "float32", overwrite: bool 
 
 
 def _saved_model_class(folder: str) -> type:
-    """The model class named in the folder's config.json `architectures` (GPT2LMHeadModel if none)."""
+    """The model class named in the folder's config.json `architectures` (GPT2LMHeadModel if none).
+
+    The whole config.json is checked first, so a field of the wrong JSON type is the config's one-line
+    error naming the file and the field, before anything is read or written.
+    """
     path = os.path.join(folder, "config.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for name in json.load(f).get("architectures") or ():
-                if name in MODEL_CLASSES:
-                    return MODEL_CLASSES[name]
+        GPT2Config.from_hf_config(path)
+        for name in read_hf_json(path).get("architectures") or ():
+            if name in MODEL_CLASSES:
+                return MODEL_CLASSES[name]
     return MODEL_CLASSES["GPT2LMHeadModel"]
 
 
@@ -128,6 +133,10 @@ def _main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file; pass a folder (new, empty, or with --overwrite)")
+    if os.path.isdir(args.out) and run_checkpoint.is_run_folder(args.out):
+        parser.error(f"--out {args.out} is a flax_gpt2 training run: sample, evaluate and serve would load the export "
+                     f"instead of the run's newest checkpoint; write it to a folder of its own (e.g. --out "
+                     f"{args.out.rstrip(os.sep)}-export)")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the files a conversion writes")
     out = convert(args.model, args.out, format=args.format, revision=args.revision, dtype=args.dtype,

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import warnings
+import weakref
 from typing import Any, Iterator
 
 import jax
@@ -25,7 +26,8 @@ from flax_gpt2 import layer_stacking
 from flax_gpt2 import file_io
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
-from flax_gpt2.weights import check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict
+from flax_gpt2.weights import (check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict,
+                               tensor_count)
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
 # GPT2Config fields that say how a model runs, not what its weights are: from_pretrained overrides them.
@@ -35,6 +37,8 @@ _HUB_EXTRA_FILES = ("config.json", "generation_config.json", *(name for pair in 
                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SHARD = {files.SAFETENSORS_INDEX: r"model-\d+-of-\d+\.safetensors",
           files.TORCH_BIN_INDEX: r"pytorch_model-\d+-of-\d+\.bin"}
+# id(model) -> the local folder `from_pretrained` read it from, while that model object lives.
+_LOADED_FROM: dict[int, str] = {}
 # The weight formats `save_pretrained` writes: the Hugging Face folder in safetensors (what transformers
 # writes today), or transformers' old Flax layout `flax_model.msgpack` (transformers <= 4.x Flax models).
 SAVE_FORMATS = ("safetensors", "msgpack")
@@ -42,7 +46,8 @@ SAVE_FORMATS = ("safetensors", "msgpack")
 
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     model_class: type | str = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
-                    seed: int = 0, **config_overrides) -> tuple[Any, dict[str, Any]]:
+                    seed: int = 0, pass_folder_as: str = "from_pretrained('DIR')",
+                    **config_overrides) -> tuple[Any, dict[str, Any]]:
     """Loads a GPT-2 model and its parameters.
 
     Args:
@@ -58,6 +63,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
       revision: hub branch, tag or commit.
       progress: show progress bars.
       seed: seeds a missing multiple-choice head.
+      pass_folder_as: how the error for an unreachable hub tells the user to pass a downloaded folder
+        instead (a command line names its flag, e.g. `"--config.init_from=DIR"`).
       **config_overrides: how the model runs, as `GPT2Config` fields: `scan_layers=True` (params come
         stacked on a leading layers axis), `attention="dot_product"`, `remat=True`. Fields that change
         the weights' shapes cannot be overridden.
@@ -75,9 +82,17 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
                         f"({', '.join(sorted(_RUNTIME_FIELDS))}) can change; the checkpoint fixes the rest")
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     overrides.update(config_overrides)
-    folder = resolve(name_or_path, revision=revision, progress=progress)
+    folder = resolve(name_or_path, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
 
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    has_config = os.path.isfile(os.path.join(folder, "config.json"))
+    if has_config and _is_run_folder(folder):
+        # Older versions let `convert --out RUN` write an export here; loading it would silently ignore the
+        # run's newer checkpoints, loading the checkpoints would ignore the export. Neither is guessed.
+        raise ValueError(f"{folder} holds both a training run (checkpoints/, train_config.json) and a Hugging Face "
+                         "export (config.json and weights): which to load is ambiguous. Move the export's files "
+                         "(config.json, generation_config.json, the weights) into a folder of their own, or pass "
+                         "that folder instead")
+    if not has_config:
         run = _load_training_run(folder)
         if run is None:
             raise FileNotFoundError(f"{folder} has no config.json: it is neither a Hugging Face GPT-2 folder "
@@ -88,10 +103,15 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
         params = _adapt(params, config, infer_model_class(params), model_class, seed)
     else:
         config = GPT2Config.from_hf_config(folder, **overrides)
-        tensors = files.read_weights(files.find_weights(folder), progress=progress)
+        # The file may list what the model needs, any causal-mask buffers and heads, not arbitrarily more.
+        max_tensors = min(files.MAX_TENSORS, 2 * tensor_count(config, GPT2DoubleHeadsModel) + 64)
+        tensors = files.read_weights(files.find_weights(folder), progress=progress, max_tensors=max_tensors)
         params = params_from_hf_state_dict(tensors, config, model_class, seed=seed)
     params = layer_stacking.to_layout(params, config.scan_layers)
-    return model_class(config), _to_device(params, config.param_dtype, progress)
+    model = model_class(config)
+    _LOADED_FROM[id(model)] = folder  # save_pretrained(model, tokenizer=True) copies this folder's tokenizer
+    weakref.finalize(model, _LOADED_FROM.pop, id(model), None)
+    return model, _to_device(params, config.param_dtype, progress)
 
 
 def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], tokenizer: Any = True, *,
@@ -111,9 +131,11 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
         the files written here (and stale weight shards that would shadow them) are replaced.
       model: the flax_gpt2 model (its class sets `architectures` and the key prefix).
       params: its parameters (`{"params": ...}` is accepted too).
-      tokenizer: True for the standard GPT-2 tokenizer, a folder to take it from (`vocab.json` +
-        `merges.txt` or `encoder.json` + `vocab.bpe`, see `flax_gpt2.tokenizer.tokenizer_files`; written
-        as `vocab.json` + `merges.txt`), a `Tokenizer`, or False/None to write none.
+      tokenizer: True for the model's own (the tokenizer files of the folder `from_pretrained` loaded this
+        model object from, copied without asking the hub; else the standard GPT-2 tokenizer), a folder to
+        take it from (`vocab.json` + `merges.txt` or `encoder.json` + `vocab.bpe`, see
+        `flax_gpt2.tokenizer.tokenizer_files`; written as `vocab.json` + `merges.txt`), a `Tokenizer`, or
+        False/None to write none.
       dtype: dtype of the saved floating-point tensors (float32 unless asked; bf16 params are upcast).
       max_shard_size: e.g. "5GB"; larger models are sharded (safetensors only: msgpack is one file).
       format: "safetensors" or "msgpack" (see `SAVE_FORMATS`).
@@ -128,7 +150,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
     check_save_format(format, model_class)
     params = unwrap_params(params)
     folder = os.fspath(path)
-    _check_writable(folder, overwrite)
+    check_output_folder(folder, overwrite)
     config: GPT2Config = model.config
     state = hf_state_dict_from_params(params, config, model_class)
     dtype = np.dtype(dtype)
@@ -151,7 +173,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
             _write_json(os.path.join(staging, "generation_config.json"),
                         {"_from_model_config": True, "bos_token_id": config.bos_token_id,
                          "eos_token_id": config.eos_token_id})
-            _save_tokenizer(staging, tokenizer)
+            _save_tokenizer(staging, tokenizer, model)
     except BaseException:
         if created:
             with contextlib.suppress(OSError):
@@ -209,8 +231,13 @@ def _download(repo_id: str, revision: str | None, progress: bool, pass_folder_as
     from huggingface_hub import list_repo_files, snapshot_download
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from flax_gpt2 import remote_models
+
+    unreachable = remote_models.hub_unreachable()  # one short probe, not huggingface_hub's ~40 s of retries
     with _hub_progress(progress):
         try:
+            if unreachable:
+                raise ConnectionError(unreachable)
             listing = set(list_repo_files(repo_id, revision=revision))
         except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as e:
             raise OSError(f"{repo_id!r} is not a local folder, and the Hugging Face hub says: {e}") from e
@@ -244,6 +271,16 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
     finally:
         if not enabled and not was_disabled:
             enable_progress_bars()
+
+
+def _is_run_folder(folder: str) -> bool:
+    try:
+        from flax_gpt2 import run_checkpoint
+    except ModuleNotFoundError as e:
+        if e.name != "flax_gpt2.run_checkpoint":
+            raise
+        return False
+    return run_checkpoint.is_run_folder(folder)
 
 
 def _load_training_run(folder: str):
@@ -284,9 +321,15 @@ def _to_device(params, param_dtype, progress: bool):
     return jax.tree.unflatten(treedef, out)
 
 
-def _check_writable(folder: str, overwrite: bool) -> None:
+def check_output_folder(folder: str, overwrite: bool) -> None:
+    """FileExistsError unless `save_pretrained` may write into `folder` (checked before any work): new or
+    empty, or `overwrite`, and never a training run's workdir."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"{folder} exists and is not a folder")
+    if os.path.isdir(folder) and _is_run_folder(folder):
+        raise FileExistsError(f"{folder} is a flax_gpt2 training run: an export written into it would be what "
+                              "from_pretrained, sample, evaluate and serve load instead of the run's newest checkpoint."
+                              f" Write it to a folder of its own (e.g. {folder.rstrip(os.sep)}-export)")
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
         held = sorted(os.listdir(folder))
         raise FileExistsError(f"{folder} is not empty (holds {', '.join(held[:5])}{', ...' if len(held) > 5 else ''});"
@@ -314,9 +357,12 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def _save_tokenizer(folder: str, tokenizer) -> None:
+def _save_tokenizer(folder: str, tokenizer, model=None) -> None:
     if tokenizer is None or tokenizer is False:
         return
+    source = _LOADED_FROM.get(id(model)) if tokenizer is True else None
+    if source is not None and bpe_files.tokenizer_files(source) is not None:
+        tokenizer = source
     if hasattr(tokenizer, "save"):
         tokenizer.save(folder)
         return

@@ -1,12 +1,15 @@
 """Read the parameters of a `python -m train` run: the library side of the training checkpoints.
 
 A run's workdir holds `checkpoints/<step>/` written by orbax's `CheckpointManager`, each with the items
-`params` and `opt_state` (orbax PyTrees) and `meta` (JSON: the step, the data iterator's position and
-the model's Hugging Face config). `flax_gpt2.from_pretrained(run_dir)` reads a run through `load_run`.
+`params` and `opt_state` (orbax PyTrees) and `meta` (JSON: the step, the data iterator's position, the
+model's Hugging Face config, a checksum of every array and a sha256 of the meta itself, see `seal_meta`).
+`flax_gpt2.from_pretrained(run_dir)` reads a run through `load_run`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, TypeVar
@@ -19,6 +22,7 @@ from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
+RUN_CONFIG = "train_config.json"  # the run's flattened training config, in its workdir
 ITEMS = ("params", "opt_state", "meta")
 T = TypeVar("T")
 
@@ -43,6 +47,13 @@ def is_training_run(path: str | os.PathLike) -> bool:
         return False
     # orbax writes a step into a temporary folder and renames it to the bare step number when complete.
     return any(child.name.isdigit() and (child / "meta").is_dir() for child in folder.iterdir())
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is (or is becoming) a training run's workdir: it has `checkpoints/` or
+    `train_config.json`, complete checkpoint or not. No export may be written into one (see
+    `flax_gpt2.save_pretrained`)."""
+    return file_io.isdir(file_io.join(path, CHECKPOINT_DIR)) or file_io.exists(file_io.join(path, RUN_CONFIG))
 
 
 def abstract_params(config: GPT2Config, sharding: jax.sharding.Sharding | None = None) -> Any:
@@ -95,8 +106,12 @@ def saved_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     manager = _reader(path)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
-        read = lambda s: manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]  # noqa: E731
-        found, _ = restore_newest_intact(steps, lambda s: dict(read(s)["model_config"]), where=checkpoint_dir(path))
+        def model_config(s: int) -> dict[str, Any]:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            verify_meta(meta, s, f"checkpoint {checkpoint_dir(path)}/{s}")
+            return dict(meta["model_config"])
+
+        found, _ = restore_newest_intact(steps, model_config, where=checkpoint_dir(path))
     finally:
         manager.close()
     return None if found is None else found[1]
@@ -116,6 +131,7 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
 
     def restore(s: int) -> tuple[GPT2Config, Any]:
         meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        verify_meta(meta, s, f"checkpoint {checkpoint_dir(path)}/{s}")  # before its config sizes anything
         config = GPT2Config.from_hf_config(meta["model_config"])
         # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
         scanned = bool((meta.get("train_config") or {}).get("model.scan_layers", False))
@@ -225,3 +241,50 @@ def verify(tree: Any, expected: dict[str, int] | None, where: str) -> None:
     if bad:
         raise ChecksumMismatchError(f"{where}: {len(bad)} array(s) do not match the checksums saved with them "
                                     f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): the files are corrupt")
+
+
+# --- integrity of the meta: what the array checksums do not cover (the step, the data position, configs) ----
+
+META_CHECKSUM = "meta_sha256"
+
+
+def seal_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` plus `META_CHECKSUM`: the sha256 of the rest of it as canonical JSON, so that an edited step,
+    data position or config is found on restore (`verify_meta`) instead of silently changing training."""
+    return {**meta, META_CHECKSUM: _meta_digest(meta)}
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verify_meta(meta: Any, step: int, where: str) -> None:
+    """Raises `ChecksumMismatchError` unless the meta read from checkpoint `step` is intact: a JSON object
+    whose `step` is the checkpoint's own and whose sha256 matches (metas written before the sha256 existed
+    are only cross-checked)."""
+    if not isinstance(meta, dict):
+        raise ChecksumMismatchError(f"{where}: its meta is a {type(meta).__name__}, not an object: the files are "
+                                    "corrupt")
+    if meta.get("step") != step or isinstance(meta.get("step"), bool):
+        raise ChecksumMismatchError(f"{where}: its meta says step {meta.get('step')!r} but the checkpoint is step "
+                                    f"{step}: the meta was edited or is corrupt")
+    expected = meta.get(META_CHECKSUM)
+    if expected is not None and expected != _meta_digest(meta):
+        raise ChecksumMismatchError(f"{where}: its meta (step, data position, configs) does not match the sha256 "
+                                    "saved with it: the meta was edited or is corrupt")
+
+
+def check_update_count(opt_state: Any, step: int, where: str) -> None:
+    """Raises `ChecksumMismatchError` if an optimizer update counter (optax's `count` leaves: Adam's, the
+    schedule's) in `opt_state` differs from `step`: every train step applies one update, so they agree in
+    any intact checkpoint."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        last = path[-1] if path else None
+        if getattr(last, "name", None) != "count" or np.ndim(leaf) != 0:
+            continue
+        count = int(np.asarray(leaf.addressable_data(0) if hasattr(leaf, "addressable_data") else leaf))
+        if count != step:
+            raise ChecksumMismatchError(f"{where}: the optimizer has applied {count} updates "
+                                        f"({jax.tree_util.keystr(path)}) but the checkpoint says step {step}: "
+                                        "the meta was edited or is corrupt")

@@ -78,7 +78,9 @@ def _folder_files(folder: str) -> tuple[str, str]:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    from flax_gpt2 import remote_models  # HF_HUB_OFFLINE, or one short probe found the hub unreachable
+
+    return bool(remote_models.hub_unreachable())
 
 
 def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | tiktoken.Encoding:

@@ -126,6 +126,28 @@ def entries(config: GPT2Config, model_class: type = GPT2LMHeadModel) -> list[Ent
     return out
 
 
+def tensor_count(config: GPT2Config, model_class: type = GPT2LMHeadModel) -> int:
+    """`len(entries(config, model_class))`, counted without listing them (a config may claim any n_layer)."""
+    per_layer = sum(r.scope == "block" for r in RENAMES)
+    once = len(entries(config.replace(n_layer=1), model_class)) - per_layer
+    return once + per_layer * config.n_layer
+
+
+def _layer_count_problem(keys: list[str], config: GPT2Config, pattern: str) -> str:
+    """A line naming the mismatch when the config has more layers than `keys` hold blocks (matched by
+    `pattern`, the layer its group 1); "" otherwise (extra or partial blocks are listed tensor by tensor).
+
+    Checked before the per-tensor comparison, which lists ~12 tensors per layer of the config: a
+    config.json claiming n_layer=10000000 over 2-layer weights would otherwise build 120M entries (~20 GB)
+    before failing.
+    """
+    layers = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    if config.n_layer <= len(layers):
+        return ""
+    have = f"{len(layers)} (blocks {min(layers)} to {max(layers)})" if layers else "none"
+    return f"the config has n_layer={config.n_layer} but the weights hold {have}"
+
+
 def expected_param_shapes(config: GPT2Config, model_class: type = GPT2LMHeadModel) -> dict[str, tuple[int, ...]]:
     """`{our "/"-joined param path: shape}` of `model_class(config)`."""
     return {e.ours: e.our_shape for e in entries(config, model_class)}
@@ -201,7 +223,10 @@ def check_params(params: Mapping[str, Any], config: GPT2Config, model_class: typ
 
     Stacked (`scan_layers`) trees are checked layer by layer."""
     params = layer_stacking.unstack_layers(params)
-    problems = _shape_problems(expected_param_shapes(config, model_class), flatten(params), "parameters")
+    flat = flatten(params)
+    layer_problem = _layer_count_problem(list(flat), config, r"(?:transformer/)?h_(\d+)/")
+    problems = [layer_problem] if layer_problem else _shape_problems(expected_param_shapes(config, model_class),
+                                                                      flat, "parameters")
     if problems:
         raise ValueError(f"parameters do not fit {model_class.__name__} with this config:\n  " + "\n  ".join(problems))
 
@@ -244,6 +269,10 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config,
         if not _IGNORED.match(short):
             normalized[short], original[short] = value, key
 
+    layer_problem = _layer_count_problem(list(normalized), config, r"h\.(\d+)\.")
+    if layer_problem:
+        raise ValueError(f"checkpoint{_in(source)} does not fit {model_class.__name__} with this config: "
+                         f"{layer_problem}")
     table = {e.hf: e for e in entries(config, model_class)}
     dropped = sorted(k for k in normalized if k.startswith(_HEAD_PREFIXES) and k not in table)
     for key in dropped:

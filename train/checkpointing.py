@@ -2,14 +2,15 @@
 
 Layout (shared with `flax_gpt2.run_checkpoint`, which reads params back for `from_pretrained`):
 `WORKDIR/checkpoints/<step>/{params, opt_state, meta}`. `meta` is JSON: the step, the data iterator's
-`(epoch, position)`, the model's Hugging Face config, the flattened training config, and a checksum of
-every array (`run_checkpoint.fingerprint`).
+`(epoch, position)`, the model's Hugging Face config, the flattened training config, a checksum of
+every array (`run_checkpoint.fingerprint`), and a sha256 of the meta itself (`run_checkpoint.seal_meta`).
 
 What a restore does with each checkpoint, newest first, and why:
 - written under a different config (meta's `train_config`, see `run_guard`) or holding arrays of other
   shapes: the run stops and names the difference. The checkpoint is *not* touched: it is good, the
   command is what changed.
-- fails to read, or reads with checksums that do not match: it is corrupt. It is reported, moved aside
+- fails to read, or reads with checksums that do not match (the arrays', or the meta's: an edited step or
+  data position; or a step the optimizer's update count contradicts): it is corrupt. It is reported, moved aside
   to `WORKDIR/corrupt_checkpoints/` (never deleted), and the one before it is tried.
 orbax writes each step to a temporary folder and renames it when complete, so a run killed mid-save
 leaves no half checkpoint that could be mistaken for a complete one. A run that has ever completed a
@@ -90,7 +91,7 @@ class Checkpointer:
                               "opt_state": run_checkpoint.fingerprint(state.opt_state)}}
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+            meta=ocp.args.JsonSave(run_checkpoint.seal_meta(meta))), force=True)
 
     def restore_latest(self, abstract_state: TrainState, *, saved_config: dict[str, Any] | None = None,
                        allow_config_change: bool = False) -> tuple[TrainState, DataState] | None:
@@ -106,10 +107,12 @@ class Checkpointer:
             a run never silently restarts from step 0.
         """
         def restore(step: int) -> tuple[TrainState, DataState]:
+            where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
             meta = self._read_meta(step)
+            run_checkpoint.verify_meta(meta, step, where)
             saved = meta.get("train_config") or saved_config or self.train_config
             run_guard.check_resume_config(saved, self.train_config, allow_change=allow_config_change,
-                                          workdir=self.workdir)
+                                          workdir=self.workdir, step=meta.get("step"))
             # A run may switch between per-layer and scanned blocks: read the saved layout, convert after.
             saved_scan = bool(saved.get("model.scan_layers", False))
             current_scan = bool(self.train_config.get("model.scan_layers", False))
@@ -123,15 +126,15 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state)))
             checksums = meta.get("checksums") or {}
-            where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
             run_checkpoint.verify(restored["params"], checksums.get("params"), where)
             run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
+            run_checkpoint.check_update_count(restored["opt_state"], step, where)
             if saved_scan != current_scan:
                 logging.info("converting checkpoint %d to scan_layers=%s", step, current_scan)
                 restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),
                                               jax.tree.map(lambda a: a.sharding, getattr(abstract_state, k)))
                             for k in ("params", "opt_state")}
-            state = TrainState(step=jax.device_put(jax.numpy.int32(meta["step"]), abstract_state.step.sharding),
+            state = TrainState(step=jax.device_put(jax.numpy.int32(step), abstract_state.step.sharding),
                                params=restored["params"], opt_state=restored["opt_state"])
             return state, DataState(**meta["data"])
 

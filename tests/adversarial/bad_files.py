@@ -501,6 +501,40 @@ def st_shape_larger_than_data(folder):
     return path
 
 
+def _empty_tensors_header(count: int) -> bytes:
+    return json.dumps({f"t{i:06d}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                       for i in range(count)}).encode()
+
+
+@case("read_weights", ValueError, r"has a \d+-byte safetensors header, more than the \d+ bytes 4096 tensors can "
+                                  r"need", memory=True)
+def st_header_of_600k_empty_tensors(folder):
+    """A 61 MB header of 600k empty tensors: the library built them all (753 MiB) before."""
+    header = _empty_tensors_header(600_000)
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@case("read_weights", ValueError, r"lists more than 4096 tensors in its safetensors header")
+def st_header_of_5000_empty_tensors(folder):
+    """Under the byte cap, over the tensor count."""
+    header = _empty_tensors_header(5000)
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@case("read_weights", ValueError, r"tensor transformer\.wte\.weight has dtype F8_E5M2, which numpy cannot hold")
+def st_float8_tensor(folder):
+    """safetensors' numpy reader raised AttributeError (a traceback) for float8 dtypes."""
+    header = json.dumps({"transformer.wte.weight": {"dtype": "F8_E5M2", "shape": [16, 8],
+                                                    "data_offsets": [0, 128]}}).encode()
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(128))
+    return path
+
+
 @case("read_weights", ValueError, r"is not a valid safetensors file")
 def st_truncated(folder):
     path = safetensors_file(folder / "model.safetensors", tiny_state())
@@ -601,10 +635,67 @@ def index_weight_map_not_names(folder):
     return path
 
 
-@case("read_weights", ValueError, r"names shard '\.\./model\.safetensors' outside its folder")
+_LEAVES_FOLDER = r"a manifest may only name files inside its own folder"
+
+
+@case("read_weights", ValueError, r"weight_map\['transformer\.wte\.weight'\] is '\.\./model\.safetensors', a path "
+                                  r"that leaves its folder.*" + _LEAVES_FOLDER)
 def index_shard_outside_folder(folder):
     path = folder / "model.safetensors.index.json"
     path.write_text(json.dumps({"weight_map": {"transformer.wte.weight": "../model.safetensors"}}))
+    return path
+
+
+def _index_naming(folder: Path, shard: str, index: str = "model.safetensors.index.json") -> Path:
+    path = folder / index
+    path.write_text(json.dumps({"weight_map": {"transformer.wte.weight": shard}}))
+    return path
+
+
+@case("read_weights", ValueError, r"is '/etc/passwd\.safetensors', an absolute path.*" + _LEAVES_FOLDER)
+def index_shard_absolute(folder):
+    return _index_naming(folder, "/etc/passwd.safetensors")
+
+
+@case("read_weights", ValueError, r"is 'model\\x00\.safetensors', a name with control characters")
+def index_shard_nul_byte(folder):
+    """Used to reach os.path.isfile, whose 'embedded null byte' named no file."""
+    return _index_naming(folder, "model\x00.safetensors")
+
+
+@case("read_weights", ValueError, r"is 'gs://bucket/model-00001-of-00001\.safetensors', a URL.*" + _LEAVES_FOLDER)
+def index_shard_url(folder):
+    return _index_naming(folder, "gs://bucket/model-00001-of-00001.safetensors")
+
+
+@case("read_weights", ValueError, r"is 'shards/\.\./\.\./pytorch_model-00001-of-00001\.bin', a path that leaves its "
+                                  r"folder")
+def index_bin_shard_outside_folder(folder):
+    return _index_naming(folder, "shards/../../pytorch_model-00001-of-00001.bin", "pytorch_model.bin.index.json")
+
+
+@case("read_weights", ValueError, r"lists 5000 tensors, more than the 4096 a GPT-2 checkpoint can have")
+def index_too_many_tensors(folder):
+    path = folder / "model.safetensors.index.json"
+    path.write_text(json.dumps({"weight_map": {f"t{i}": "model-00001-of-00001.safetensors" for i in range(5000)}}))
+    return path
+
+
+@case("read_weights", ValueError, r"is \d+ bytes, more than the \d+ a shard index of 4096 tensors can need",
+      memory=True)
+def index_too_large(folder):
+    """64 MiB of JSON: a list of empty objects would build ~1 GiB of dicts."""
+    path = folder / "model.safetensors.index.json"
+    body = b'{"weight_map": {}, "metadata": [' + b"{}," * ((64 << 20) // 3 - 12)
+    path.write_bytes(body + b" " * ((64 << 20) - len(body) - 3) + b"{}]}")
+    return path
+
+
+@case("read_weights", ValueError, r"lists more than 4096 JSON objects")
+def index_of_empty_objects(folder):
+    """Under the size cap, but thousands of objects where a shard index has three."""
+    path = folder / "model.safetensors.index.json"
+    path.write_text('{"weight_map": {}, "metadata": [' + "{}," * 5000 + "{}]}")
     return path
 
 
@@ -673,6 +764,15 @@ def config_json_is_a_folder(folder):
 def msgpack_truncated(folder):
     path = msgpack_file(folder / "flax_model.msgpack", hf_flax_tree(tiny_state()))
     path.write_bytes(path.read_bytes()[:-50])
+    return path
+
+
+@case("read_weights", ValueError, r"holds more than 32768 msgpack objects", memory=True)
+def msgpack_of_empty_maps(folder):
+    """10 MB of empty maps in one array: ~900 MiB of dicts when unpacked."""
+    count = 10 << 20
+    path = folder / "flax_model.msgpack"
+    path.write_bytes(b"\x81\xa1a\xdd" + struct.pack(">I", count) + b"\x80" * count)
     return path
 
 
