@@ -191,7 +191,8 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(reference, cach
     for step in (4, 8, 10):
         _truncate_largest_file(workdir / "checkpoints" / str(step) / "params")
     with pytest.raises(RuntimeError, match="no intact checkpoint .* refusing to restart from step 0"):
-        train_and_evaluate(_tiny_config(cache_dir, steps=12), str(workdir))
+        # (a longer run on the same lr schedule: decay_steps keeps the length the run had)
+        train_and_evaluate(_tiny_config(cache_dir, steps=12, **{"optimizer.decay_steps": STEPS}), str(workdir))
 
 
 def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monkeypatch):

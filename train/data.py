@@ -32,22 +32,57 @@ from flax_gpt2.train.config_checks import ConfigValueError
 TOKENIZER_FLAG = "--config.data.tokenizer=DIR"
 
 
-class TokenStore:
-    """A token stream in memory-mapped uint16 shards (a `tokenize_corpus` output folder)."""
+class CorpusError(ValueError):
+    """A tokenized corpus whose meta.json or shards are damaged or inconsistent; the message names the file
+    and the fix."""
 
-    def __init__(self, folder: str):
+
+# How to repair a damaged corpus, by where it came from (`TokenStore(fix=...)`).
+FIX_TOKENIZED = ("tokenize the source into it again (python -m flax_gpt2.train.tokenize_corpus SOURCE {folder} "
+                 "--overwrite)")
+FIX_CACHE = "delete the cache folder {folder}: the next run tokenizes the source again"
+FIX_REMOTE = "tokenize the source again and upload the corpus to {url} (python -m flax_gpt2.train.tokenize_corpus)"
+FIX_MIRROR = "delete the local copy {folder} of {url}: it is copied again on the next run"
+_SCAN_TOKENS = 1 << 24  # token ids checked per read while scanning a shard (32 MiB)
+
+
+class TokenStore:
+    """A token stream in memory-mapped uint16 shards (a `tokenize_corpus` output folder).
+
+    Opening one checks it whole before a token is used: `meta.json` is a corpus manifest whose shard names
+    stay inside the folder (`file_io.manifest_member`), each shard's size is the token count meta.json
+    gives it, the counts add up, and every token id is below the vocabulary size (an id past it would turn
+    the loss into NaN many steps later). `fix` says how to repair a damaged corpus in the errors
+    (`{folder}` is filled in).
+    """
+
+    def __init__(self, folder: str, fix: str = FIX_TOKENIZED):
+        self.folder = folder
+        fix = fix.format(folder=folder)
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{folder!r} is not a tokenized corpus (no meta.json)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.folder = folder
-        self.shards = [np.memmap(os.path.join(folder, s["file"]), dtype=np.uint16, mode="r", shape=(s["num_tokens"],))
-                       for s in self.meta["shards"]]
+        self.meta = read_meta(meta_path, fix)
+        self.shards = []
+        for i, shard in enumerate(self.meta["shards"]):
+            path = shard_path(folder, self.meta, i)
+            size = os.path.getsize(path) if os.path.isfile(path) else None
+            if size != 2 * shard["num_tokens"]:
+                held = "is missing" if size is None else f"is {size} bytes ({size // 2} tokens)"
+                raise CorpusError(f"{path} {held} but {meta_path} says {shard['num_tokens']}: the corpus is damaged "
+                                  f"(a truncated copy or an edited meta.json); {fix}")
+            tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(shard["num_tokens"],))
+            _check_ids(tokens, self.meta["vocab_size"], path, fix)
+            self.shards.append(tokens)
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def identity(self) -> dict:
+        """What the stream is: its length and the sha256 of its tokens (None for a corpus written before
+        tokenize_corpus recorded one). A resumed run compares it with its checkpoints' (`run_guard`)."""
+        return {"num_tokens": len(self), "sha256": self.meta.get("sha256")}
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens `[start, stop)` of the stream as int32 (a span may cross shard boundaries)."""
@@ -60,6 +95,58 @@ class TokenStore:
             start += take
             first += 1
         return np.concatenate(parts).astype(np.int32)
+
+
+def read_meta(meta_path: str, fix: str, text: str | None = None) -> dict:
+    """A corpus `meta.json` (read from `meta_path`, or given as `text`), checked to be a manifest this
+    module can trust: shards with plain relative names and positive token counts that add up to
+    `num_tokens`, and a vocabulary that fits uint16. Raises `CorpusError` naming the file and `fix`."""
+    def bad(problem: str) -> CorpusError:
+        return CorpusError(f"{meta_path} {problem}: it is not a corpus meta.json that tokenize_corpus wrote; {fix}")
+
+    try:
+        meta = json.loads(file_io.read_text(meta_path) if text is None else text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise bad("does not hold a JSON object")
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("has no list of shards")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not _count(shard.get("num_tokens"), 1):
+            raise bad(f"has shards[{i}] = {shard!r}, not {{\"file\": NAME, \"num_tokens\": COUNT > 0}}")
+        file_io.manifest_member(os.path.dirname(meta_path), shard.get("file"), manifest=meta_path,
+                                key=f"shards[{i}].file")
+    total = sum(s["num_tokens"] for s in shards)
+    if meta.get("num_tokens") != total:
+        raise bad(f"says num_tokens={meta.get('num_tokens')!r} but its shards hold {total} tokens")
+    if meta.get("dtype", "uint16") != "uint16":
+        raise bad(f"says dtype={meta.get('dtype')!r}; shards are uint16")
+    if not _count(meta.get("vocab_size"), 1) or meta["vocab_size"] > 1 << 16:
+        raise bad(f"says vocab_size={meta.get('vocab_size')!r}, not a count of at most 65536 tokens")
+    return meta
+
+
+def shard_path(folder: str, meta: dict, i: int) -> str:
+    """Where shard `i` of a checked `meta` is (local folder or URL)."""
+    return file_io.manifest_member(folder, meta["shards"][i]["file"], manifest=file_io.join(folder, "meta.json"),
+                                   key=f"shards[{i}].file")
+
+
+def _count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, path: str, fix: str) -> None:
+    """Every id in `tokens` (a shard at `path`) is below `vocab_size`, read a bounded chunk at a time."""
+    for start in range(0, len(tokens), _SCAN_TOKENS):
+        chunk = tokens[start:start + _SCAN_TOKENS]
+        if int(chunk.max()) >= vocab_size:
+            at = start + int(np.argmax(chunk >= vocab_size))
+            raise CorpusError(f"{path} holds token id {int(tokens[at])} at position {at}, past the vocabulary of "
+                              f"{vocab_size} tokens its meta.json gives: the corpus is damaged or was written "
+                              f"with another tokenizer; {fix}")
 
 
 def _cache_root(cache_dir: str) -> str:
@@ -75,22 +162,18 @@ def _file_stamp(path: str) -> list:
     if file_io.is_url(path):
         stat = file_io.epath(path).stat()
         return [path, int(stat.length), float(stat.mtime)]
-    return [os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path)]
+    return tc.file_stamp(path)
 
 
 def _corpus_key(data_config) -> str:
-    """Names a tokenized corpus by what went into it: the files (size, mtime) or the dataset, the fields
-    read, and the tokenizer. A changed file gets a fresh cache entry."""
-    files = _remote_files(data_config.source) if file_io.is_url(data_config.source) else tc.resolve_files(
-        data_config.source)
-    if files is None:
-        what = ["datasets", data_config.source, data_config.dataset_config, data_config.split]
-    else:
-        what = [_file_stamp(f) for f in files]
-    tokenizer = os.path.abspath(data_config.tokenizer) if data_config.tokenizer else "gpt2"
-    blob = json.dumps([tc.FORMAT_VERSION, what, data_config.text_field, tokenizer, data_config.recipe])
+    """Names a tokenized corpus by what went into it (`tokenize_corpus.corpus_inputs`): the files (size,
+    mtime) or the dataset, the fields read, and the tokenizer. A changed file gets a fresh cache entry."""
+    stamps = [_file_stamp(f) for f in _remote_files(data_config.source)] if file_io.is_url(data_config.source) else None
+    inputs = tc.corpus_inputs(data_config.source, text_field=data_config.text_field, recipe=data_config.recipe,
+                              split=data_config.split, dataset_config=data_config.dataset_config,
+                              tokenizer=data_config.tokenizer, stamps=stamps)
     name = os.path.basename(data_config.source.rstrip("/")).replace("*", "_") or "corpus"
-    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{name}-{inputs[:16]}"
 
 
 def load_tokens(data_config, progress: bool = True) -> TokenStore:
@@ -108,14 +191,21 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
                                "$FLAX_GPT2_SHARED when that names a folder with data/tinyshakespeare.txt")
     corpus = source if file_io.is_url(source) else os.path.expanduser(source)
     if file_io.exists(file_io.join(corpus, "meta.json")):  # a tokenize_corpus folder
-        return TokenStore(_mirror(corpus) if file_io.is_url(corpus) else corpus)
+        if file_io.is_url(corpus):
+            return TokenStore(_mirror(corpus), fix=FIX_MIRROR.format(url=corpus, folder="{folder}"))
+        return TokenStore(corpus)
     key = _corpus_key(data_config)
     cache = _cache_root(data_config.cache_dir)
     remote = file_io.is_url(cache)
     folder = os.path.join(_local_cache(), "remote", key) if remote else os.path.join(cache, key)
     if remote and file_io.exists(file_io.join(cache, key, "meta.json")):
-        return TokenStore(_mirror(file_io.join(cache, key), folder))
+        url = file_io.join(cache, key)
+        return TokenStore(_mirror(url, folder), fix=FIX_MIRROR.format(url=url, folder="{folder}"))
     if not os.path.exists(os.path.join(folder, "meta.json")):
+        if os.path.isdir(folder) and os.listdir(folder):
+            raise CorpusError(f"the token cache folder {folder} holds files but no meta.json (tokenize_corpus writes "
+                              "a corpus elsewhere and moves it in whole, so something else left them): nothing in "
+                              f"it was read or changed; delete it ({folder}) and rerun to tokenize the source again")
         local_source = _download_source(source, key) if file_io.is_url(source) else source
         logging.info("tokenizing %s into %s", source, folder)
         tc.tokenize_corpus(local_source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
@@ -125,7 +215,7 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
                            pass_folder_as=TOKENIZER_FLAG)
     if remote and jax.process_index() == 0:
         _upload(folder, file_io.join(cache, key))
-    return TokenStore(folder)
+    return TokenStore(folder, fix=FIX_CACHE)
 
 
 def _remote_files(source: str) -> list[str]:
@@ -152,15 +242,22 @@ def _download_source(source: str, key: str) -> str:
 
 
 def _mirror(url: str, folder: str | None = None) -> str:
-    """A local copy of a tokenized corpus at `url` (shards first, meta.json last: complete or absent)."""
+    """A local copy of a tokenized corpus at `url` (shards first, meta.json last: complete or absent).
+
+    Every shard name in the bucket's meta.json is checked to stay inside the copy before a byte is written.
+    """
     folder = folder or os.path.join(_local_cache(), "remote", hashlib.sha256(url.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
-    meta = json.loads(file_io.read_text(file_io.join(url, "meta.json")))
-    os.makedirs(folder, exist_ok=True)
-    for shard in meta["shards"]:
-        file_io.atomic_write(os.path.join(folder, shard["file"]), file_io.read_bytes(file_io.join(url, shard["file"])))
-    file_io.atomic_write(os.path.join(folder, "meta.json"), json.dumps(meta, indent=1))
+    text = file_io.read_text(file_io.join(url, "meta.json"))
+    meta = read_meta(file_io.join(url, "meta.json"), FIX_REMOTE.format(url=url), text=text)
+    for i, shard in enumerate(meta["shards"]):
+        raw = file_io.read_bytes(shard_path(url, meta, i))
+        if len(raw) != 2 * shard["num_tokens"]:
+            raise CorpusError(f"{shard_path(url, meta, i)} is {len(raw)} bytes but {url}/meta.json gives it "
+                              f"{shard['num_tokens']} tokens; nothing was copied; {FIX_REMOTE.format(url=url)}")
+        file_io.atomic_write(shard_path(folder, meta, i), raw)
+    file_io.atomic_write(os.path.join(folder, "meta.json"), text)
     return folder
 
 
@@ -168,11 +265,12 @@ def _upload(folder: str, url: str) -> None:
     """Copies a local tokenized corpus to `url` unless it is there already (meta.json last)."""
     if file_io.exists(file_io.join(url, "meta.json")):
         return
-    meta = json.loads(open(os.path.join(folder, "meta.json")).read())
-    for shard in meta["shards"]:
-        with open(os.path.join(folder, shard["file"]), "rb") as f:
-            file_io.atomic_write(file_io.join(url, shard["file"]), f.read())
-    file_io.atomic_write(file_io.join(url, "meta.json"), json.dumps(meta, indent=1))
+    text = file_io.read_text(os.path.join(folder, "meta.json"))
+    meta = read_meta(os.path.join(folder, "meta.json"), FIX_CACHE.format(folder=folder), text=text)
+    for i in range(len(meta["shards"])):
+        with open(shard_path(folder, meta, i), "rb") as f:
+            file_io.atomic_write(shard_path(url, meta, i), f.read())
+    file_io.atomic_write(file_io.join(url, "meta.json"), text)
 
 
 def split_point(store: TokenStore, val_fraction: float, seq_len: int) -> int:
@@ -222,8 +320,9 @@ class TrainBatches:
     def __init__(self, windows: Windows, batch_size: int, micro_batch_size: int, seed: int,
                  sharding: jax.sharding.Sharding, state: DataState | None = None):
         if windows.count < batch_size:
-            raise ValueError(f"the training split has {windows.count} windows of {windows.seq_len + 1} tokens, "
-                             f"fewer than one batch of {batch_size}: use more data or a smaller batch/seq_len")
+            raise ValueError(f"the training split of the corpus {windows.store.folder} has {windows.count} windows "
+                             f"of {windows.seq_len + 1} tokens, fewer than one batch of {batch_size}: use more data "
+                             "(--config.data.source) or a smaller --config.batch_size or --config.data.seq_len")
         self.windows, self.batch_size, self.micro_batch_size = windows, batch_size, micro_batch_size
         self.seed, self.sharding = seed, sharding
         self.state = state or DataState()

@@ -27,10 +27,10 @@ _POS_SUFFIX = re.compile(r"_[A-Z]+$")
 def concepts_of(record: Mapping[str, Any], where: str = "record") -> list[str]:
     """The concept words of a CommonGen record, part-of-speech suffixes (`_N`, `_V`) stripped."""
     if "concept_set" in record:
-        raw = str(record["concept_set"]).split("#")
+        raw = _strings(record["concept_set"], where, "concept_set")[0].split("#")
     elif "concepts" in record:
         raw = record["concepts"]
-        raw = raw.split() if isinstance(raw, str) else list(raw)
+        raw = raw.split() if isinstance(raw, str) else _strings(raw, where, "concepts")
     else:
         raise KeyError(f"{where}: a CommonGen record needs 'concept_set' or 'concepts'; fields: {sorted(record)}")
     concepts = [_POS_SUFFIX.sub("", c.strip()) for c in raw if c.strip()]
@@ -49,7 +49,7 @@ def commongen_documents(record: Mapping[str, Any], where: str = "record") -> lis
     scenes = record.get("scene", record.get("target", record.get("scenes")))
     if scenes is None:
         raise KeyError(f"{where}: a CommonGen record needs 'scene' or 'target'; fields: {sorted(record)}")
-    scenes = [scenes] if isinstance(scenes, str) else list(scenes)
+    scenes = _strings(scenes, where, "scene")
     return [f"{commongen_prompt(concepts)} {s.strip()}" for s in scenes if s.strip()]
 
 
@@ -61,9 +61,19 @@ def eli5_documents(record: Mapping[str, Any], where: str = "record") -> list[str
         answers = record["answers.text"]
     if answers is None:
         raise KeyError(f"{where}: an ELI5 record needs 'answers' (with 'text') or 'answer'; fields: {sorted(record)}")
-    answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+    answers = _strings(answers, where, "answers")
     text = " ".join(answers)
     return [text] if text.strip() else []
+
+
+def _strings(value: Any, where: str, field: str) -> list[str]:
+    """`value` as a list of strings (a string or a list of them); anything else (null, a number, a nested
+    object) is a ValueError naming the record and the field."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else None
+    bad = [v for v in items if not isinstance(v, str)] if items is not None else [value]
+    if bad:
+        raise ValueError(f"{where}: field {field!r} must be a string or a list of strings, got {value!r:.80}")
+    return items
 
 
 FORMATTERS = {"commongen": commongen_documents, "eli5": eli5_documents}

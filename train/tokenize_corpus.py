@@ -1,23 +1,29 @@
 """Tokenize a corpus once into memory-mapped uint16 shards that later runs reuse.
 
     python -m flax_gpt2.train.tokenize_corpus SOURCE OUT_DIR [--text_field text] [--recipe text|commongen|eli5]
-        [--split train] [--dataset_config NAME] [--tokenizer DIR] [--num_threads N] [--no_progress] [--debug]
+        [--split train] [--dataset_config NAME] [--tokenizer DIR] [--num_threads N] [--overwrite] [--no_progress]
+        [--debug]
 
 SOURCE is a text file, a jsonl file (one JSON object per line, the text under `text_field`), a folder
 or glob of such files, local parquet/csv/arrow files, or a `datasets` hub name. Each document (a text
 file, a jsonl line, a dataset row) is followed by `<|endoftext|>`. OUT_DIR receives `tokens_NNNNN.bin`
-(raw uint16) and `meta.json`, written last so that a folder with `meta.json` is complete.
+(raw uint16) and `meta.json`, written last so that a folder with `meta.json` is complete. OUT_DIR must be
+new or empty; one that holds the same corpus (same files and settings) is left as it is; anything else
+needs `--overwrite`.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
@@ -40,25 +46,39 @@ def gpt2_encoding(tokenizer: str = "", *, pass_folder_as: str | None = None):
     return get_tokenizer(tokenizer or None, **hint).encoding
 
 
-def split_text(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
-    """Cut `text` into pieces whose separate encodings concatenate to the encoding of the whole.
+# A safe place to cut a text: one whitespace character between two non-space ones. GPT-2's pre-tokenizer
+# (flax_gpt2.tokenizer.GPT2_PATTERN) never joins across it: the token that holds the character before it ends
+# there (only whitespace tokens hold whitespace, and they start with it), and the regex reads no further
+# left than where it starts. So the encodings of the two sides concatenate to the encoding of the whole.
+# Runs of whitespace are never cut: `\s+(?!\S)` and `\s++$` can merge across them.
+_SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
-    GPT-2's pre-tokenizer never joins across a single newline that has a non-space character on both
-    sides (`x\\nY` always splits as `x`, `\\n`, `Y`), so cutting right after such a newline is exact;
-    runs of blank lines or indentation are not cut, since `\\s+(?!\\S)` can merge across them.
+
+def text_pieces(stream: TextIO, chunk_chars: int = _CHUNK_CHARS) -> Iterator[str]:
+    """The text of `stream` in pieces of about `chunk_chars` whose separate encodings concatenate to the
+    encoding of the whole, read `chunk_chars` at a time: a text of any size costs a few chunks of memory.
+
+    A piece ends at the first safe cut (see `_SAFE_CUT`) after `chunk_chars`; a text without one (a single
+    giant word) stays one piece. Always yields at least one piece ("" for an empty text).
     """
-    pieces, start = [], 0
-    while len(text) - start > chunk_chars:
-        cut = text.find("\n", start + chunk_chars)
-        while cut != -1 and not (cut + 1 < len(text) and not text[cut - 1].isspace()
-                                 and not text[cut + 1].isspace()):
-            cut = text.find("\n", cut + 1)
-        if cut == -1:
-            break
-        pieces.append(text[start:cut + 1])
-        start = cut + 1
-    pieces.append(text[start:])
-    return pieces
+    buffer, searched = "", chunk_chars
+    for more in iter(lambda: stream.read(chunk_chars), ""):
+        buffer += more
+        while len(buffer) > chunk_chars:
+            # The last character's right neighbour was unknown before this read: search again from it.
+            cut = _SAFE_CUT.search(buffer, max(searched - 1, chunk_chars))
+            if cut is None:
+                searched = len(buffer)
+                break
+            yield buffer[:cut.start()]
+            buffer, searched = buffer[cut.start():], chunk_chars
+    yield buffer
+
+
+def split_text(text: str, chunk_chars: int = _CHUNK_CHARS) -> list[str]:
+    """`text` cut into pieces whose separate encodings concatenate to the encoding of the whole
+    (`text_pieces` of a text already in memory)."""
+    return list(text_pieces(io.StringIO(text), chunk_chars))
 
 
 def resolve_files(source: str) -> list[str] | None:
@@ -88,13 +108,18 @@ def resolve_files(source: str) -> list[str] | None:
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+    """`(line number, record)` of each non-blank line; a line that is not a JSON object is an error naming it."""
+    with _open_text(path) as f:
+        for line_number, line in enumerate(_utf8(f, path), 1):
             if line.strip():
                 try:
-                    yield line_number, json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{line_number} holds {_json_type(record)}, not a JSON object: each "
+                                     "line must be one record such as {\"text\": \"...\"}")
+                yield line_number, record
 
 
 def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
@@ -102,20 +127,56 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
         if text_field not in record:
             raise KeyError(f"{path}:{line_number} has no field {text_field!r} (set data.text_field); "
                            f"fields: {sorted(record)}")
-        yield record[text_field]
+        yield _text(record[text_field], f"{path}:{line_number}: field {text_field!r}")
+
+
+def _text(value, where: str) -> str:
+    """`value` if it is a string; anything else (null, a number, a list) is an error naming `where`."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where} is {_json_type(value)}, not a string: fix the record, or point data.text_field "
+                         "(--text_field) at a text field")
+    return value
+
+
+def _json_type(value) -> str:
+    """What a JSON value is, for a message: "null", "a number (3.5)", "a list", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, int, float)):
+        return f"a {'boolean' if isinstance(value, bool) else 'number'} ({json.dumps(value)})"
+    return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else "a string"
+
+
+def _open_text(path: str) -> TextIO:
+    """`path` opened as UTF-8 text the way a text source has always been read (universal newlines)."""
+    return open(path, encoding="utf-8")
+
+
+def _utf8(lines: Iterable[str], path: str) -> Iterator[str]:
+    """`lines` (or chunks) of a file opened by `_open_text`; bytes that are not UTF-8 are an error naming it."""
+    try:
+        yield from lines
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} in a byte {e.object[e.start:e.start + 1]!r}): "
+                         "a binary file, or text in another encoding; convert it to UTF-8 or leave it out of "
+                         "the source") from None
 
 
 def _dataset_documents(dataset, text_field: str, description: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
         raise KeyError(f"{description} has no column {text_field!r} (set data.text_field); "
                        f"columns: {dataset.column_names}")
+    row = 0
     for batch in dataset.iter(batch_size=1024):
-        yield from batch[text_field]
+        for text in batch[text_field]:
+            yield _text(text, f"{description} row {row}: column {text_field!r}")
+            row += 1
 
 
 def iter_documents(source: str, *, text_field: str = "text", split: str = "train",
-                   dataset_config: str = "", recipe: str = "text") -> Iterator[list[str]]:
-    """Each document of `source` as a list of text pieces to encode and concatenate.
+                   dataset_config: str = "", recipe: str = "text") -> Iterator[Iterable[str]]:
+    """Each document of `source` as its text pieces to encode and concatenate (a list, or for a text file
+    a stream of pieces read as they are encoded: see `text_pieces`).
 
     With a `recipe` other than "text", each record (jsonl line, dataset row, or CommonGen line pair) is
     formatted by `train.recipes` into its documents. The source is found (or the dataset loaded) right
@@ -163,7 +224,7 @@ def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str)
     return ([doc] for where, records in streams for doc in recipes.format_records(recipe, records, where))
 
 
-def _file_documents(files: list[str], text_field: str) -> Iterator[list[str]]:
+def _file_documents(files: list[str], text_field: str) -> Iterator[Iterable[str]]:
     for path in files:
         suffix = os.path.splitext(path)[1]
         if suffix in DATASETS_SUFFIXES:
@@ -175,56 +236,163 @@ def _file_documents(files: list[str], text_field: str) -> Iterator[list[str]]:
             for text in _jsonl_documents(path, text_field):
                 yield [text]
         else:
-            with open(path, encoding="utf-8") as f:
-                yield split_text(f.read())
+            yield _text_file_pieces(path)
 
 
-def _batches(documents: Iterable[list[str]]) -> Iterator[tuple[list[str], list[bool]]]:
-    """Groups document pieces into batches for one parallel encode; marks pieces that end a document."""
+def _text_file_pieces(path: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        yield from _utf8(text_pieces(f), path)
+
+
+def _batches(documents: Iterable[Iterable[str]]) -> Iterator[tuple[list[str], list[bool]]]:
+    """Groups document pieces into batches of about `_BATCH_CHARS` for one parallel encode (a long document
+    spans several); marks the pieces that end a document."""
     texts, ends, chars = [], [], 0
     for pieces in documents:
-        for i, piece in enumerate(pieces):
+        for piece, last in _with_last(pieces):
             texts.append(piece)
-            ends.append(i == len(pieces) - 1)
+            ends.append(last)
             chars += len(piece)
-        if chars >= _BATCH_CHARS:
-            yield texts, ends
-            texts, ends, chars = [], [], 0
+            if chars >= _BATCH_CHARS:
+                yield texts, ends
+                texts, ends, chars = [], [], 0
     if texts:
         yield texts, ends
 
 
+def _with_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """`(item, is_last)` of each item, reading one ahead (a document's pieces may be a stream)."""
+    items = iter(items)
+    current = next(items, None)
+    for following in items:
+        yield current, False
+        current = following
+    if current is not None:
+        yield current, True
+
+
+class OutputNotEmptyError(FileExistsError):
+    """`out_dir` holds something other than the corpus asked for (and `overwrite` was not given)."""
+
+
+def file_stamp(path: str) -> list:
+    """What identifies a local file's version: its absolute path, size and modification time."""
+    return [os.path.abspath(path), os.path.getsize(path), os.path.getmtime(path)]
+
+
+def corpus_inputs(source: str, *, text_field: str = "text", recipe: str = "text", split: str = "train",
+                  dataset_config: str = "", tokenizer: str = "", stamps: list | None = None) -> str:
+    """A sha256 of what goes into a corpus: the files (path, size, mtime) or the dataset, the fields read,
+    the recipe and the tokenizer. Equal inputs make equal corpora; an edited file changes it.
+
+    `stamps` are the files' stamps when they are not local (`gs://`); by default `source`'s local files.
+    """
+    if stamps is None:
+        files = resolve_files(source)
+        stamps = None if files is None else [file_stamp(f) for f in files]
+    what = ["datasets", source, dataset_config, split] if stamps is None else stamps
+    tokenizer = os.path.abspath(tokenizer) if tokenizer else "gpt2"
+    blob = json.dumps([FORMAT_VERSION, what, text_field, tokenizer, recipe])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", recipe: str = "text", split: str = "train",
                     dataset_config: str = "", tokenizer: str = "", num_threads: int = 0,
-                    shard_tokens: int = SHARD_TOKENS, progress: bool = True,
+                    shard_tokens: int = SHARD_TOKENS, progress: bool = True, overwrite: bool = False,
                     pass_folder_as: str | None = None) -> dict:
-    """Tokenizes `source` into `out_dir` (created atomically: written beside it, then renamed).
+    """Tokenizes `source` into `out_dir` (written beside it, then moved in: `meta.json` last).
 
-    Returns the `meta.json` dict. Encoding runs `tiktoken`'s `encode_ordinary_batch` on all cores.
-    `pass_folder_as` is as in `gpt2_encoding`.
+    Returns the `meta.json` dict, which records the token count, a sha256 of the tokens and of the
+    inputs (`corpus_inputs`). Encoding runs `tiktoken`'s `encode_ordinary_batch` on all cores; a text file
+    is read a chunk at a time. `pass_folder_as` is as in `gpt2_encoding`.
+
+    `out_dir` must be new or empty, or hold this same corpus (its meta is returned, nothing is redone),
+    unless `overwrite`: then its corpus files (`meta.json` and the shards it lists) are replaced, once the
+    new corpus is complete; other files in it are left alone.
+
+    Raises:
+      OutputNotEmptyError: `out_dir` holds other files or another corpus; nothing was written.
+      ValueError: the source holds no text, or a record or file is not text (the message names it).
     """
+    inputs = corpus_inputs(source, text_field=text_field, recipe=recipe, split=split, dataset_config=dataset_config,
+                           tokenizer=tokenizer)
+    same = existing_corpus(out_dir, inputs, overwrite=overwrite)
+    if same is not None:
+        return same
     documents = iter_documents(source, text_field=text_field, split=split, dataset_config=dataset_config,
                                recipe=recipe)
     encoding = gpt2_encoding(tokenizer, pass_folder_as=pass_folder_as)
     if encoding.n_vocab > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocabulary of {encoding.n_vocab} tokens does not fit uint16 shards")
-    eot = encoding.eot_token
-    num_threads = num_threads or os.cpu_count() or 1
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    shards, n_docs, total = [], 0, 0
-    current, current_tokens = None, 0
+    try:
+        w = _write_shards(_batches(documents), encoding, tmp, shard_tokens=shard_tokens,
+                          num_threads=num_threads or os.cpu_count() or 1, desc=f"tokenizing {source}",
+                          progress=progress)
+        if w["num_text_tokens"] == 0:
+            raise ValueError(f"data source {source!r} has no text ({w['num_documents']} empty documents): "
+                             "nothing to train on; check the path, data.text_field (--text_field) or the recipe")
+        meta = {"format": FORMAT_VERSION, "dtype": "uint16", "num_tokens": w["num_tokens"],
+                "num_documents": w["num_documents"], "eot_token": encoding.eot_token, "vocab_size": encoding.n_vocab,
+                "source": source, "inputs": inputs, "sha256": w["sha256"], "shards": w["shards"]}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        _move_in(tmp, out_dir)
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def existing_corpus(out_dir: str, inputs: str, *, overwrite: bool = False) -> dict | None:
+    """The meta of the corpus in `out_dir` if it was made from `inputs` (and not `overwrite`); None if
+    `out_dir` is new or empty, or `overwrite`; else `OutputNotEmptyError` naming the folder and the fix."""
+    if not os.path.exists(out_dir):
+        return None
+    if not os.path.isdir(out_dir):
+        raise OutputNotEmptyError(f"{out_dir} is a file; the output must be a folder (new or empty)")
+    if not os.listdir(out_dir):
+        return None
+    meta = _read_meta_quietly(out_dir)
+    if meta is not None and meta.get("inputs") == inputs and not overwrite:
+        return meta
+    if overwrite:
+        return None
+    held = (f"holds another tokenized corpus (of {meta.get('source')!r}, from other files or settings)"
+            if meta is not None else "is not empty and holds no tokenized corpus")
+    raise OutputNotEmptyError(f"{out_dir} {held}; nothing was written. Choose a new or empty folder, or pass "
+                              "--overwrite to replace the corpus files in it (meta.json and its tokens_*.bin)")
+
+
+def _read_meta_quietly(folder: str) -> dict | None:
+    """`folder/meta.json` as a dict, or None when it is missing or not a JSON object."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _write_shards(batches: Iterable[tuple[list[str], list[bool]]], encoding, folder: str, *, shard_tokens: int,
+                  num_threads: int, desc: str, progress: bool) -> dict:
+    """Encodes `batches` into `folder/tokens_NNNNN.bin`; returns their `shards`, `num_tokens`, `sha256`,
+    `num_documents`, and `num_text_tokens` (the tokens that are not a document's `<|endoftext|>`)."""
+    eot = encoding.eot_token
+    shards, n_docs, n_text, total = [], 0, 0, 0
+    digest = hashlib.sha256()
+    current = None
     bar = None
     if progress:
         import tqdm
-        bar = tqdm.tqdm(desc=f"tokenizing {source}", unit=" tokens", unit_scale=True)
+        bar = tqdm.tqdm(desc=desc, unit=" tokens", unit_scale=True)
     try:
-        for texts, ends in _batches(documents):
-            encoded = encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        for texts, ends in batches:
             pieces = []
-            for ids, end in zip(encoded, ends):
+            for ids, end in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends):
                 pieces.append(np.asarray(ids, np.uint16))
+                n_text += len(ids)
                 if end:
                     pieces.append(np.array([eot], np.uint16))
                     n_docs += 1
@@ -232,42 +400,66 @@ def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", reci
             while len(tokens):
                 if current is None:
                     name = f"tokens_{len(shards):05d}.bin"
-                    current, current_tokens = open(os.path.join(tmp, name), "wb"), 0
+                    current = open(os.path.join(folder, name), "wb")
                     shards.append({"file": name, "num_tokens": 0})
-                take = tokens[:shard_tokens - current_tokens]
-                current.write(take.tobytes())
-                current_tokens += len(take)
-                shards[-1]["num_tokens"] = current_tokens
+                take = tokens[:shard_tokens - shards[-1]["num_tokens"]]
+                raw = take.tobytes()
+                current.write(raw)
+                digest.update(raw)
+                shards[-1]["num_tokens"] += len(take)
+                total += len(take)
                 tokens = tokens[len(take):]
-                if current_tokens == shard_tokens:
+                if shards[-1]["num_tokens"] == shard_tokens:
                     current.close()
                     current = None
-            total = sum(s["num_tokens"] for s in shards)
             if bar is not None:
                 bar.update(total - bar.n)
+    finally:
         if current is not None:
             current.close()
-        if total == 0:
-            raise ValueError(f"data source {source!r} has no text")
-        meta = {"format": FORMAT_VERSION, "dtype": "uint16", "num_tokens": total, "num_documents": n_docs,
-                "eot_token": eot, "vocab_size": encoding.n_vocab, "source": source, "shards": shards}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        if bar is not None:
+            bar.close()
+    return {"shards": shards, "num_tokens": total, "sha256": digest.hexdigest(), "num_documents": n_docs,
+            "num_text_tokens": n_text}
+
+
+def _move_in(tmp: str, out_dir: str) -> None:
+    """Makes the complete corpus in `tmp` the one in `out_dir`.
+
+    A new (or empty) `out_dir` is `tmp` renamed. Otherwise (`overwrite`) the old `meta.json` goes first, so
+    that the folder is never taken for a corpus while its shards are being replaced; then the new shards
+    move in, the old corpus's other shards are removed, and the new `meta.json` moves in last.
+    """
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
         try:
             os.rename(tmp, out_dir)
         except OSError:
             if not os.path.exists(os.path.join(out_dir, "meta.json")):
                 raise
-            shutil.rmtree(tmp)  # another process finished the same corpus first; theirs is identical
-        return meta
-    except BaseException:
-        if current is not None:
-            current.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            # Another process finished a corpus here first: the same one (load_tokens' cache is keyed by its
+            # inputs), or one that `existing_corpus` will name on the next attempt.
+        return
+    from flax_gpt2 import file_io
+
+    old = _read_meta_quietly(out_dir) or {}
+    old_files = set()
+    for i, shard in enumerate(old.get("shards") or []):
+        try:
+            name = shard["file"] if isinstance(shard, dict) else None
+            old_files.add(file_io.manifest_member(out_dir, name, manifest=os.path.join(out_dir, "meta.json"),
+                                                  key=f"shards[{i}].file"))
+        except ValueError:
+            continue  # a name outside the folder: never removed
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    new_files = sorted(set(os.listdir(tmp)) - {"meta.json"})
+    for name in new_files:
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    for path in old_files - {os.path.join(out_dir, name) for name in new_files}:
+        if os.path.isfile(path):
+            os.remove(path)
+    os.replace(os.path.join(tmp, "meta.json"), meta_path)
 
 
 PROG = "python -m flax_gpt2.train.tokenize_corpus"
@@ -295,11 +487,23 @@ def _main(argv) -> None:
     parser.add_argument("--tokenizer", default="", help="folder with the GPT-2 BPE files (default: tiktoken's gpt2)")
     parser.add_argument("--num_threads", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
                         help="tokenizer threads; 0 = all cores")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the corpus already in OUT_DIR (its meta.json and shards; other files stay)")
     parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
     args = parser.parse_args(argv)
-    meta = tokenize_corpus(args.source, args.out_dir, text_field=args.text_field, recipe=args.recipe,
-                           split=args.split, dataset_config=args.dataset_config, tokenizer=args.tokenizer,
-                           num_threads=args.num_threads, progress=args.progress, pass_folder_as="--tokenizer DIR")
+    settings = dict(text_field=args.text_field, recipe=args.recipe, split=args.split,
+                    dataset_config=args.dataset_config, tokenizer=args.tokenizer)
+    try:
+        same = existing_corpus(args.out_dir, corpus_inputs(args.source, **settings), overwrite=args.overwrite)
+    except OutputNotEmptyError as e:
+        raise cli.UsageError(str(e)) from None
+    if same is not None:
+        print(f"{args.out_dir} already holds this corpus ({same['num_tokens']:,} tokens from "
+              f"{same['num_documents']:,} documents of the same files and settings): nothing to do; pass "
+              "--overwrite to tokenize it again")
+        return
+    meta = tokenize_corpus(args.source, args.out_dir, **settings, num_threads=args.num_threads,
+                           progress=args.progress, overwrite=args.overwrite, pass_folder_as="--tokenizer DIR")
     print(f"{meta['num_tokens']:,} tokens from {meta['num_documents']:,} documents -> {args.out_dir}")
 
 
