@@ -26,9 +26,10 @@ def shakespeare_ids(shared_dir, tiny):
 
 
 def torch_sliding_nll(torch_model, ids, window_length, stride):
-    """HF's perplexity guide, scoring with per-token sums so the mean is exact."""
+    """HF's perplexity guide, scoring with per-token sums so the mean is exact. Returns (mean nll, tokens
+    scored, model calls): every call of the guide's loop scores at least one token."""
     ids = torch.tensor(ids)[None]
-    nll_sum, count, prev_end = 0.0, 0, 0
+    nll_sum, count, prev_end, calls = 0.0, 0, 0, 0
     for begin in range(0, ids.shape[1], stride):
         end = min(begin + window_length, ids.shape[1])
         trg_len = end - prev_end
@@ -40,11 +41,14 @@ def torch_sliding_nll(torch_model, ids, window_length, stride):
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         nll_sum += loss.item()
-        count += int((labels[:, 1:] != -100).sum())
+        scored = int((labels[:, 1:] != -100).sum())
+        assert scored > 0
+        count += scored
+        calls += 1
         prev_end = end
         if end == ids.shape[1]:
             break
-    return nll_sum / count, count
+    return nll_sum / count, count, calls
 
 
 @pytest.mark.parametrize("window_length,stride", [(128, 64), (128, 128), (96, 40)])
@@ -52,8 +56,8 @@ def test_perplexity_matches_transformers(tiny, shakespeare_ids, window_length, s
     torch_model, model, params, _, _ = tiny
     ours = eval_metrics.perplexity(model, params, shakespeare_ids, stride=stride, window_length=window_length,
                                    batch_size=4, progress=False)
-    nll, count = torch_sliding_nll(torch_model, shakespeare_ids, window_length, stride)
-    assert ours["num_tokens"] == count
+    nll, count, calls = torch_sliding_nll(torch_model, shakespeare_ids, window_length, stride)
+    assert (ours["num_tokens"], ours["num_windows"]) == (count, calls)
     if stride < window_length:  # with overlap every token but the first is scored; else window starts are not
         assert count == len(shakespeare_ids) - 1
     assert ours["perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
@@ -63,7 +67,9 @@ def test_sliding_windows_score_every_token_once():
     for n, length, stride in [(1000, 128, 64), (129, 128, 127), (5, 128, 3), (300, 100, 99)]:
         scored = [i for w in eval_metrics.sliding_windows(n, length, stride) for i in range(w.score_from, w.end)]
         assert scored == list(range(1, n))
-        assert all(w.end - w.begin <= length for w in eval_metrics.sliding_windows(n, length, stride))
+        windows = eval_metrics.sliding_windows(n, length, stride)
+        assert all(w.end - w.begin <= length and w.end > w.score_from for w in windows)  # none scores nothing
+        assert len(windows) == 1 + max(0, -(-(n - length) // stride))  # HF's loop: until a window reaches the end
     # No overlap (stride == window_length): each window's first token has no context, as in HF's guide.
     scored = [i for w in eval_metrics.sliding_windows(300, 100, 100) for i in range(w.score_from, w.end)]
     assert scored == [i for i in range(300) if i % 100]

@@ -72,7 +72,28 @@ def test_nanogpt_style_matches_build_nanogpt(tiny):
     assert loss_fn._cache_size() == 1  # one shape for every batch, the short last one included
 
 
-def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path):
+# Appended to the endings in turn: text whose length in characters, UTF-8 bytes and tokens disagree.
+NON_ASCII = (" à côté du café", " 東京の夜", " 🎉🎉 fête", "", " naïve Zoë", " Привет мир")
+
+
+def non_ascii_file(folder: Path) -> Path:
+    """hellaswag_tiny with non-ASCII text added to its endings (more to some endings than to others)."""
+    path = folder / "hellaswag_non_ascii.jsonl"
+    lines = []
+    for i, line in enumerate(HELLASWAG.read_text().splitlines()):
+        record = json.loads(line)
+        record["endings"] = [e.rstrip(".") + NON_ASCII[(i + j) % len(NON_ASCII)] + "."
+                             for j, e in enumerate(record["endings"])]
+        lines.append(json.dumps(record, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("data", ["official", "non_ascii"])
+def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path, data):
+    """Log-likelihoods, `acc` and `acc_norm` equal lm-eval's `hellaswag` run with its HF model; with
+    non-ASCII endings `acc_norm` divides by characters, as lm-eval does (not bytes, not tokens: on this file
+    each of those gives another `acc_norm`)."""
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional [eval] extra")
     pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (lm_eval[hf])")
     import lm_eval
@@ -81,12 +102,13 @@ def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path):
     from flax_gpt2 import lm_eval_cli
 
     _, model, params, tokenizer, folder = tiny
-    lm_eval_cli.write_local_task(tmp_path / "tasks", "hellaswag", HELLASWAG, cache_dir=tmp_path / "cache")
+    path = HELLASWAG if data == "official" else non_ascii_file(tmp_path)
+    lm_eval_cli.write_local_task(tmp_path / "tasks", "hellaswag", path, cache_dir=tmp_path / "cache")
     out = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(folder), "device": "cpu", "dtype": "float32"}, tasks=["hellaswag"],
         batch_size=4, bootstrap_iters=0, log_samples=True,
         task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
-    examples = hellaswag.load(HELLASWAG, tokenizer, style="harness")
+    examples = hellaswag.load(path, tokenizer, style="harness")
     loss_fn = hellaswag.make_loss_fn(model)
     sums, _ = hellaswag.score(params, examples, loss_fn, seq_len=hellaswag.rows_length(examples, 128), batch_size=4)
     lls = np.array([[resp[0][0] for resp in sample["resps"]] for sample in out["samples"]["hellaswag"]])
@@ -94,6 +116,16 @@ def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path):
     result = hellaswag.evaluate(params, examples, loss_fn, batch_size=4, context_length=128)
     assert result["acc"] == out["results"]["hellaswag"]["acc,none"]
     assert result["acc_norm"] == out["results"]["hellaswag"]["acc_norm,none"]
+    if data == "non_ascii":
+        labels = np.array([e.label for e in examples.examples])
+        endings = [[hellaswag.harness_preprocess(e) for e in r["endings"]] for r in hellaswag.read_records(path)]
+        chars = np.array([[len(e) for e in row] for row in endings], float)
+        utf8 = np.array([[len(e.encode()) for e in row] for row in endings], float)
+        tokens = np.array([[len(t) for t in e.endings] for e in examples.examples], float)
+        assert (chars != utf8).any() and (chars != tokens).any()
+        acc_norm = lambda lengths: float(np.mean(np.argmax(lls / lengths, axis=1) == labels))  # noqa: E731
+        assert acc_norm(chars) == result["acc_norm"]
+        assert acc_norm(utf8) != result["acc_norm"] and acc_norm(tokens) != result["acc_norm"]
 
 
 def test_hugging_face_rows_read_like_the_official_file(tiny, tmp_path):
