@@ -65,6 +65,48 @@ def test_unknown_topology_lists_the_accepted_names():
         topologies.lookup("v9-8")
 
 
+# --- the "fits" decision at its threshold (no compile) ---
+
+def _sized_report(target_name, train_bytes, eval_bytes):
+    """The fields `fits` reads, for a real topology's HBM numbers."""
+    target = topologies.lookup(target_name)
+    return {"topology": target.name, "hbm_bytes_per_chip": target.hbm_bytes_per_device,
+            "xla_available_hbm_bytes_per_chip": target.usable_hbm_bytes_per_device,
+            "bytes_per_chip": train_bytes, "eval_bytes_per_chip": eval_bytes}
+
+
+@pytest.mark.parametrize("target_name", ["v5litepod-8", "v4-8", "h100x8"])
+def test_fits_is_decided_against_usable_hbm_not_the_total(target_name):
+    from flax_gpt2.train import compile_only as co
+
+    target = topologies.lookup(target_name)
+    usable, total = target.usable_hbm_bytes_per_device, target.hbm_bytes_per_device
+    assert 0 < usable < total
+    small = usable // 2
+    assert co.fits(_sized_report(target_name, usable, small))  # exactly the usable HBM: fits
+    assert co.fits(_sized_report(target_name, small, usable))
+    # one byte over the usable HBM (and still under the chip's total): does not fit, train or eval step
+    assert not co.fits(_sized_report(target_name, usable + 1, small))
+    assert not co.fits(_sized_report(target_name, small, usable + 1))
+    assert not co.fits(_sized_report(target_name, (usable + total) // 2, small))
+    assert not co.fits(dict(_sized_report(target_name, small, small), error="RESOURCE_EXHAUSTED: ..."))
+    assert not co.fits(dict(_sized_report(target_name, small, small), eval_error="RESOURCE_EXHAUSTED: ..."))
+    no_eval = _sized_report(target_name, usable, None)
+    del no_eval["eval_bytes_per_chip"]
+    assert co.fits(no_eval)
+
+
+def test_the_does_not_fit_message_names_the_step_over_the_usable_hbm():
+    from flax_gpt2.train import compile_only as co
+
+    usable = topologies.lookup("v5litepod-8").usable_hbm_bytes_per_device
+    train_over = co._does_not_fit_message(_sized_report("v5litepod-8", usable + 1, 1))
+    eval_over = co._does_not_fit_message(_sized_report("v5litepod-8", usable, usable + 1))
+    assert train_over.startswith("the train step does not fit a v5litepod-8")
+    assert eval_over.startswith("the eval step (with the train state resident) does not fit a v5litepod-8")
+    assert f"{usable / GiB:.2f} GiB usable HBM" in eval_over
+
+
 # --- compiles (each ~10-30 s of CPU) ---
 
 @needs_libtpu

@@ -21,13 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
+# The lr schedule's length is fixed (decay_steps), so that a run may be extended with a larger `steps`:
+# a schedule that follows `steps` would change mid-run, which a resume refuses (run_guard.LENGTH).
 def _config(cache_dir, **overrides):
-    return tiny_train_config(cache_dir, **{"steps": STEPS, "checkpoint_every": 4, "eval_every": 4, **overrides})
+    return tiny_train_config(cache_dir, **{"steps": STEPS, "checkpoint_every": 4, "eval_every": 4,
+                                           "optimizer.decay_steps": STEPS, **overrides})
 
 
 def _cli(cache_dir, workdir, *extra, cwd=REPO):
     return [sys.executable, "-m", "train", "--config", str(REPO / "configs" / "tiny.py"), "--workdir", str(workdir),
-            f"--config.steps={STEPS}", "--config.checkpoint_every=4", "--config.log_every=1",
+            f"--config.steps={STEPS}", f"--config.optimizer.decay_steps={STEPS}", "--config.checkpoint_every=4",
+            "--config.log_every=1",
             "--config.eval_every=4", "--config.progress_bar=False", f"--config.data.cache_dir={cache_dir}", *extra]
 
 
@@ -239,4 +243,62 @@ def test_metrics_survive_a_crash_mid_write(base_run, cache_dir, tmp_path):
 def test_data_shorter_than_a_batch_is_a_clear_error(cache_dir, tmp_path):
     (tmp_path / "short.txt").write_text("Too short to fill a batch.")
     proc = _run(_cli(cache_dir, tmp_path / "run", f"--config.data.source={tmp_path / 'short.txt'}"), expect=1)
-    assert "short.txt" in _one_line_error(proc.stderr) or "batch" in _one_line_error(proc.stderr)
+    line = _one_line_error(proc.stderr)
+    # tiny: batches of 8 windows of 64 + 1 tokens; the corpus (named by its cache folder) has none
+    assert "short.txt" in line and "has 0 windows of 65 tokens, fewer than one batch of 8" in line, line
+    assert "--config.data.source" in line and "--config.batch_size" in line and "--config.data.seq_len" in line
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_flipped_bit_in_the_optimizer_state_is_caught(base_run, cache_dir, tmp_path, caplog):
+    """The params are intact, an AdamW moment is not: resuming from it would silently change every later
+    update, so the checkpoint is set aside and the one before it used, as for a flipped bit in the params."""
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(base_run, workdir)
+    files = [p for p in (workdir / "checkpoints" / "8" / "opt_state").rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit inside a moment (the embedding's mu or nu)
+    largest.write_bytes(bytes(data))
+
+    with caplog.at_level("WARNING"):
+        result = train_and_evaluate(_config(cache_dir), str(workdir))
+    assert "checkpoint at step 8 is corrupt" in caplog.text and "ChecksumMismatchError" in caplog.text
+    assert "resuming from the checkpoint at step 4" in caplog.text
+    assert len(list((workdir / "corrupt_checkpoints").iterdir())) == 1  # set aside, not deleted
+    assert result["step"] == STEPS
+    np.testing.assert_allclose(_losses(workdir)[STEPS], _losses(base_run)[STEPS], rtol=1e-6)
+
+
+def test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json(base_run, cache_dir, tmp_path):
+    """Checkpoints written before meta carried the training config (nor checksums): the workdir's
+    train_config.json stands in for it (Checkpointer.restore_latest), and the reader takes their blocks
+    per layer."""
+    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.train import run_guard
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(base_run, workdir)
+    for path in (workdir / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(path.read_text())
+        assert meta.pop("train_config")  # what an older checkpoint lacks
+        for key in ("checksums", "meta_sha256"):  # the arrays' and the meta's own checksums
+            meta.pop(key, None)
+        path.write_text(json.dumps(meta))
+    _, params = run_checkpoint.load_run(workdir)
+    _, reference = run_checkpoint.load_run(base_run)
+    np.testing.assert_array_equal(params["transformer"]["h_1"]["mlp"]["c_fc"]["kernel"],
+                                  reference["transformer"]["h_1"]["mlp"]["c_fc"]["kernel"])
+
+    shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # resume from step 4
+    before = _snapshot(workdir)
+    with pytest.raises(run_guard.ConfigChangedError, match=r"optimizer\.lr: 0\.001 -> 0\.0005"):
+        train_and_evaluate(_config(cache_dir, **{"optimizer.lr": 5e-4}), str(workdir))
+    assert _snapshot(workdir) == before
+    result = train_and_evaluate(_config(cache_dir), str(workdir))
+    assert result["step"] == STEPS
+    np.testing.assert_allclose([_losses(workdir)[s] for s in range(5, STEPS + 1)],
+                               [_losses(base_run)[s] for s in range(5, STEPS + 1)], rtol=1e-6)

@@ -139,7 +139,8 @@ def test_params_are_sharded_by_the_rules(sharded_results):
 
 def test_batch_not_divisible_by_mesh_is_an_error(sharded_results):
     message = sharded_results["bad_batch_error"]
-    assert message is not None and "not divisible" in message and "4" in message and "8" in message
+    assert message == ("the micro-batch of 4 sequences is not divisible by the 8 ways the mesh splits the batch "
+                       "(data x fsdp); change batch_size/micro_batch_size or the mesh"), message
 
 
 def test_gradient_accumulation_equals_big_batch():

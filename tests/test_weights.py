@@ -616,7 +616,7 @@ def test_convert_double_heads_to_msgpack_is_refused(hf_double, tmp_path, capsys)
 
 @pytest.mark.filterwarnings("ignore:the GPT-2 tokenizer could not be loaded")  # offline, no tiktoken cache
 def test_training_run_folder(tmp_path, bpe_dir):
-    run_checkpoint = pytest.importorskip("flax_gpt2.run_checkpoint")
+    from flax_gpt2 import run_checkpoint
     import orbax.checkpoint as ocp
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)

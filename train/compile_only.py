@@ -112,9 +112,7 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
         report.update(_flops(None, report, plan))
 
     limit = report["xla_available_hbm_bytes_per_chip"]
-    report["fits"] = (train["error"] is None and report.get("eval_error") is None
-                      and report["bytes_per_chip"] <= limit
-                      and report.get("eval_bytes_per_chip", 0) <= limit)
+    report["fits"] = fits(report)
     if train["error"] is None and report["bytes_per_chip"] > limit:
         # Compiled, yet too big: XLA's GPU compiler never refuses, and its TPU check weighs the temporaries
         # alone (1558M at 8 per v5e chip: 14.0 GiB of temporaries pass, 16.5 GiB with the arguments do not).
@@ -128,6 +126,15 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
     if not report["fits"]:
         raise DoesNotFit(_does_not_fit_message(report))
     return report
+
+
+def fits(report: dict[str, Any]) -> bool:
+    """Whether a report's steps fit its target: both compiled, and the train step, and the eval step with the
+    train state resident, each need at most the HBM per chip that XLA leaves usable (less than the chip's
+    nominal total: libtpu keeps some for itself, JAX's GPU allocator takes a fraction)."""
+    limit = report["xla_available_hbm_bytes_per_chip"]
+    return ("error" not in report and "eval_error" not in report and report["bytes_per_chip"] <= limit
+            and report.get("eval_bytes_per_chip", 0) <= limit)
 
 
 def _prepare_jax(target) -> None:

@@ -101,4 +101,127 @@ MUTATIONS: tuple[Mutation, ...] = (
           "paused |= checkpointer.save(state, data_before, hf_model_config"),),
         ("tests/test_train_run.py::test_sigterm_then_resume_reproduces_the_run",),
         "a resumed run's data position is one batch behind: it trains on the last batch twice"),
+    # --- checkpoints: checksums, corrupt checkpoints, older checkpoints ------------------------------------
+    Mutation(
+        "checksum_index_ignores_strides", "flax_gpt2/run_checkpoint.py",
+        (("stride *= bits.shape[axis]", "stride *= 1"),),
+        ("tests/test_checkpoint_integrity.py",),
+        "a checkpoint whose a[0, 1] and a[1, 0] were exchanged passes its checksum (every axis counted with stride 1)"),
+    Mutation(
+        "checksum_without_position_weight", "flax_gpt2/run_checkpoint.py",
+        (("weight = index * jnp.uint32(_MIX) | jnp.uint32(1)", "weight = jnp.ones_like(index)"),),
+        ("tests/test_checkpoint_integrity.py",),
+        "the checksum is a plain sum of the words: any reordering of an array's values passes"),
+    Mutation(
+        "checksum_of_values_not_bits", "flax_gpt2/run_checkpoint.py",
+        (("bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)", "bits = x.astype(jnp.uint32)"),),
+        ("tests/test_checkpoint_integrity.py",),
+        "the checksum converts float values to integers instead of reading their bits: a flipped mantissa bit passes"),
+    Mutation(
+        "optimizer_state_not_verified", "train/checkpointing.py",
+        (('run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)', "pass"),),
+        ("tests/test_train_safety.py::test_a_flipped_bit_in_the_optimizer_state_is_caught",),
+        "a flipped bit in an AdamW moment is resumed from: every later update silently changes"),
+    Mutation(
+        "corrupt_checkpoint_deleted", "train/checkpointing.py",
+        (("file_io.epath(file_io.join(checkpoint_dir(self.workdir), str(step))).rename(target)",
+          '__import__("shutil").rmtree(file_io.join(checkpoint_dir(self.workdir), str(step)))'),),
+        ("tests/test_train_safety.py::test_a_flipped_bit_in_the_optimizer_state_is_caught",),
+        "a corrupt checkpoint is deleted instead of set aside: what a user might still recover is gone"),
+    Mutation(
+        "older_checkpoint_ignores_train_config_json", "train/checkpointing.py",
+        (("saved = meta.get(\"train_config\") or saved_config or self.train_config",
+          "saved = meta.get(\"train_config\") or self.train_config"),),
+        ("tests/test_train_safety.py::test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json",),
+        "a checkpoint from before meta carried the config resumes under any config: the guard compares the "
+        "new config with itself"),
+    Mutation(
+        "resume_restarts_the_data_order", "train/checkpointing.py",
+        (('return state, DataState(**meta["data"])', "return state, DataState()"),),
+        ("tests/test_train_safety.py::test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json",),
+        "a resumed run reads the data from the beginning again: batches it already trained on, twice"),
+    # --- resume guard -----------------------------------------------------------------------------------
+    Mutation(
+        "every_data_key_harmless_on_resume", "train/run_guard.py",
+        (('"data.num_threads", "data.cache_dir",', '"data.",'),),
+        ("tests/test_resume_guard.py",),
+        "a resume with another data.source or data.seq_len continues silently on other data"),
+    Mutation(
+        "n_positions_not_an_architecture_key", "train/run_guard.py",
+        (('"model.n_head", "model.n_positions",', '"model.n_head",'),),
+        ("tests/test_resume_guard.py",),
+        "allow_config_change lets n_positions change although the position table's shape is fixed"),
+    Mutation(
+        "run_length_always_harmless", "train/run_guard.py",
+        (("if _matches_any(unsafe, LENGTH) and _same_schedule(saved, current):", "if _matches_any(unsafe, LENGTH):"),),
+        ("tests/test_resume_guard.py",),
+        "resuming with more steps reshapes a cosine schedule mid-run without a word"),
+    # --- learning-rate schedules ------------------------------------------------------------------------
+    Mutation(
+        "cosine_decay_steps_exclude_warmup", "train/step.py",
+        (("warmup_steps=warmup, decay_steps=decay_steps,", "warmup_steps=warmup, decay_steps=decay_steps - warmup,"),),
+        ("tests/test_schedules.py",),
+        "optax's decay_steps read as the cosine's length after warmup: the cosine ends `warmup` steps early"),
+    Mutation(
+        "linear_decay_too_long", "train/step.py",
+        (("optax.linear_schedule(opt_config.lr, 0.0, decay_steps - warmup)",
+          "optax.linear_schedule(opt_config.lr, 0.0, decay_steps)"),),
+        ("tests/test_schedules.py",),
+        "the linear schedule reaches 0 `warmup` steps after the run ends (transformers' ends at the last step)"),
+    Mutation(
+        "warmup_starts_above_zero", "train/step.py",
+        (("[optax.linear_schedule(0.0, opt_config.lr, warmup), optax.constant_schedule(opt_config.lr)]",
+          "[optax.linear_schedule(opt_config.lr / max(warmup, 1), opt_config.lr, warmup), "
+          "optax.constant_schedule(opt_config.lr)]"),),
+        ("tests/test_schedules.py",),
+        "the first warmup step already uses lr / warmup (transformers' first step uses 0)"),
+    Mutation(
+        "cosine_ignores_min_lr_ratio", "train/step.py",
+        (("end_value=opt_config.lr * opt_config.min_lr_ratio)", "end_value=0.0)"),),
+        ("tests/test_schedules.py",),
+        "the cosine decays to 0 instead of lr * min_lr_ratio"),
+    # --- layer stacking: scanned <-> per-layer on a sharded mesh ------------------------------------------
+    Mutation(
+        "stacked_restore_target_layer_axis_last", "flax_gpt2/layer_stacking.py",
+        (("sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))",
+          "sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None))"),),
+        ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
+        "a per-layer checkpoint restored stacked is read with the layers axis sharded and the weights' axes shifted"),
+    Mutation(
+        "unstacked_restore_target_drops_the_wrong_axis", "flax_gpt2/layer_stacking.py",
+        (("sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))",
+          "sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:-1]))"),),
+        ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
+        "a stacked checkpoint restored per layer is read with each weight's shardings off by one axis"),
+    Mutation(
+        "layout_switch_converts_params_only", "flax_gpt2/layer_stacking.py",
+        (("return type(tree)(*(convert_tree(v, scan_layers, stack=stack, take=take) for v in tree))",
+          "return tree"),),
+        ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
+        "a run that switches scan_layers on resume cannot restore its AdamW moments (kept in the old layout)"),
+    Mutation(
+        "converted_restore_not_placed", "train/checkpointing.py",
+        (("restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),\n"
+          "                                              jax.tree.map(lambda a: a.sharding, getattr(abstract_state, k)))",
+          "restored = {k: layer_stacking.convert_tree(restored[k], current_scan)"),),
+        ("tests/test_layer_stacking.py::test_a_per_layer_checkpoint_restores_in_either_layout_placed_by_its_shardings",),
+        "after a layout switch the restored arrays keep whatever placement the conversion left them with"),
+    # --- compile_only's fit decision --------------------------------------------------------------------
+    Mutation(
+        "fits_against_total_hbm", "train/compile_only.py",
+        (('"eval_error" not in report and report["bytes_per_chip"] <= limit',
+          '"eval_error" not in report and report["bytes_per_chip"] <= report["hbm_bytes_per_chip"]'),),
+        ("tests/test_compile_only.py::test_fits_is_decided_against_usable_hbm_not_the_total",),
+        "a step that needs more than the usable HBM (but less than the chip's total) is reported to fit, then OOMs"),
+    Mutation(
+        "fits_strict_at_the_threshold", "train/compile_only.py",
+        (('and report.get("eval_bytes_per_chip", 0) <= limit)', 'and report.get("eval_bytes_per_chip", 0) < limit)'),),
+        ("tests/test_compile_only.py::test_fits_is_decided_against_usable_hbm_not_the_total",),
+        "an eval step that needs exactly the usable HBM is reported not to fit"),
+    Mutation(
+        "fits_ignores_the_eval_step", "train/compile_only.py",
+        (('report["bytes_per_chip"] <= limit\n            and report.get("eval_bytes_per_chip", 0) <= limit)',
+          'report["bytes_per_chip"] <= limit)'),),
+        ("tests/test_compile_only.py::test_fits_is_decided_against_usable_hbm_not_the_total",),
+        "the eval step (beside the resident train state) is not weighed: the run OOMs at its first eval"),
 )

@@ -1,8 +1,8 @@
 """Mutation check: does the fast test suite catch a fixed list of realistic bugs?
 
-    python tests/mutation/run.py              # every mutation in tests/mutation/mutations.py
+    python tests/mutation/run.py              # every mutation in mutations.py and mutations_generation.py
     python tests/mutation/run.py --list       # names, files and tests, without running anything
-    python tests/mutation/run.py --only NAME [--only NAME ...] [--no-baseline] [--keep]
+    python tests/mutation/run.py --only NAME[,NAME ...] [--only NAME ...] [--no-baseline] [--keep]
 
 Copies the repository (tracked files and untracked, not ignored ones: `git ls-files`) to a temporary folder,
 checks that every mutation's anchor text occurs exactly once (else it stops before running anything), runs the
@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutations import MUTATIONS, Mutation  # noqa: E402
+from mutations import MUTATIONS as TRAINING_MUTATIONS, Mutation  # noqa: E402
+from mutations_generation import MUTATIONS as GENERATION_MUTATIONS  # noqa: E402
+
+MUTATIONS: tuple[Mutation, ...] = TRAINING_MUTATIONS + GENERATION_MUTATIONS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,17 +103,23 @@ def apply(root: Path, m: Mutation) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these mutations")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
+                        help="run only these mutations (repeatable, or comma-separated)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unmutated copy")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     args = parser.parse_args(argv)
 
-    unknown = set(args.only) - {m.name for m in MUTATIONS}
+    names = [m.name for m in MUTATIONS]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SystemExit(f"mutation names must be unique across both lists: {duplicates}")
+    only = {name.strip() for value in args.only for name in value.split(",") if name.strip()}
+    unknown = only - set(names)
     if unknown:
         parser.error(f"unknown mutation(s) {sorted(unknown)}; --list shows them")
-    mutations = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    mutations = [m for m in MUTATIONS if not only or m.name in only]
     if args.list:
         for m in mutations:
             print(f"{m.name}\n    {m.file}: {m.why}\n    tests: {' '.join(m.tests)}")
