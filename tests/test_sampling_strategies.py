@@ -143,9 +143,8 @@ def test_repetition_penalty_matches_transformers(penalty):
     processor = hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.as_tensor(mask.argmax(1)))
     ours = repetition_penalty(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask, bool), penalty)
     np.testing.assert_allclose(ours, hf_apply(processor, logits, tokens), rtol=1e-6)
-    # token 7 sits only in row 1's padding there (unless it also occurs for real): it is not penalized
-    if 7 not in tokens[1, 4:]:
-        assert ours[1, 7] == logits[1, 7]
+    # token 7 sits only in row 1's padding there (not among its real tokens): it is not penalized
+    assert 7 not in tokens[1, 4:] and ours[1, 7] == logits[1, 7]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
