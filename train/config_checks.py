@@ -54,6 +54,21 @@ def check_config(config) -> None:
              config.sample.temperature, "must be a finite number > 0")
     _require(_is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
              config.cpu_peak_flops, "must be a finite number > 0")
+    _check_axis_rules(config.logical_axis_rules)
+
+
+def _check_axis_rules(rules) -> None:
+    """`logical_axis_rules`: pairs (logical axis name, mesh axis | tuple of mesh axes | None)."""
+    from flax_gpt2.train.mesh import MESH_AXES
+
+    def good(rule) -> bool:
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+            return False
+        axes = (rule[1],) if isinstance(rule[1], str) else (() if rule[1] is None else rule[1])
+        return isinstance(axes, (tuple, list)) and all(a in MESH_AXES for a in axes)
+
+    _require(isinstance(rules, (tuple, list)) and all(map(good, rules)), "logical_axis_rules", rules,
+             f"must be pairs (logical axis name, one of {MESH_AXES}, a tuple of them, or None)")
 
 
 def _get(config, dotted: str):

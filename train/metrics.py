@@ -91,8 +91,9 @@ class MetricsWriter:
     def write(self, step: int, **scalars: float) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        line = json.dumps(record)
+        # A non-finite value (an eval loss that overflowed) is null: NaN and Infinity are not JSON.
+        record = {"step": int(step), **{k: float(v) if math.isfinite(v) else None for k, v in scalars.items()}}
+        line = json.dumps(record, allow_nan=False)
         self._lines.append(line)
         if self.remote:
             if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -177,7 +178,7 @@ def loss_png(records: list[dict], *, title: str | None = None, mark_step: int | 
     fig = Figure(figsize=size)
     ax = fig.add_subplot()
     for key, style in (("loss", "-"), ("eval_loss", "o-")):
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
     if mark_step:
@@ -195,21 +196,25 @@ def loss_png(records: list[dict], *, title: str | None = None, mark_step: int | 
 
 
 class Progress:
-    """A tqdm bar over optimizer steps showing loss, tokens/s, MFU and (tqdm's) ETA; process 0 only.
+    """A tqdm bar over optimizer steps showing its own ETA, loss, tokens/s and MFU; process 0 only.
 
-    Throughput is measured between `update` calls that say `timed=True`, so compilation, eval and
-    checkpoint pauses are left out.
+    Throughput and the ETA are measured between `update` calls that say `timed=True`, so compilation
+    (the first step of every start or restart), eval and checkpoint pauses are left out: until a timed
+    step has run they read `?` and the bar says the first step is compiling (tqdm's own ETA would
+    extrapolate the compile time over the whole run: hours after step 1 of a minutes-long run).
     """
 
     def __init__(self, total: int, initial: int, tokens_per_step: int, flops_per_token: float,
                  peak: float | None, enabled: bool = True):
-        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.total, self.tokens_per_step, self.flops_per_token = total, tokens_per_step, flops_per_token
+        self.peak = peak
         self._bar = None
         if enabled and jax.process_index() == 0:
             import tqdm
-            self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}{postfix}]")
+            self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, postfix="ETA ?",
+                                  bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self._steps, self._seconds, self._last = 0, 0.0, None
+        self._n = initial
         self.tokens_per_sec = math.nan
         self.mfu = math.nan
 
@@ -218,6 +223,7 @@ class Progress:
 
     def update(self, loss: float, timed: bool = True) -> None:
         now = time.perf_counter()
+        untimed = None if self._last is None else now - self._last
         if timed and self._last is not None:
             self._steps += 1
             self._seconds += now - self._last
@@ -225,12 +231,26 @@ class Progress:
             if self.peak:
                 self.mfu = self.tokens_per_sec * self.flops_per_token / self.peak
         self._last = now
+        self._n += 1
         if self._bar is not None:
-            postfix = f"loss={loss:.4f}, tok/s={self.tokens_per_sec:,.0f}"
-            if self.peak:
-                postfix += f", MFU={100 * self.mfu:.1f}%"
-            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.set_postfix_str(self.postfix(loss, None if timed else untimed), refresh=False)
             self._bar.update(1)
+
+    def postfix(self, loss: float, untimed_seconds: float | None = None) -> str:
+        """`ETA 0:42, loss=3.1416, tok/s=1,234, MFU=5.6%`; before any timed step `ETA ?, loss=..., first step
+        12.3 s (compiling)` (`untimed_seconds`: how long the last, untimed, step took)."""
+        if not self._steps:
+            text = f"ETA ?, loss={loss:.4f}"
+            if untimed_seconds is not None:
+                text += f", first step {untimed_seconds:.1f} s (compiling)"
+            return text
+        import tqdm
+
+        eta = tqdm.tqdm.format_interval(max(self.total - self._n, 0) * self._seconds / self._steps)
+        text = f"ETA {eta}, loss={loss:.4f}, tok/s={self.tokens_per_sec:,.0f}"
+        if self.peak:
+            text += f", MFU={100 * self.mfu:.1f}%"
+        return text
 
     def write(self, message: str) -> None:
         if self._bar is not None:

@@ -26,11 +26,16 @@ import numpy as np
 from flax_gpt2 import dtypes, file_io, layer_stacking, run_checkpoint
 from flax_gpt2.config import GPT2Config
 from flax_gpt2.model import GPT2LMHeadModel
-from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, run_guard
-from flax_gpt2.train import step as step_lib
+from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, recipes
+from flax_gpt2.train import run_guard, step as step_lib
+from flax_gpt2.train.config_checks import ConfigValueError
+
 
 def _dtype(name: str, key: str):
-    return dtypes.from_name(name, f"config.model.{key}")
+    try:
+        return dtypes.from_name(name, f"config.model.{key}")
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
 
 
 def model_config(config, resumed: dict[str, Any] | None = None) -> tuple[GPT2Config, Any]:
@@ -40,34 +45,87 @@ def model_config(config, resumed: dict[str, Any] | None = None) -> tuple[GPT2Con
     its architecture from there and does not load `init_from` again (its checkpoint has newer weights, and
     `init_from` may no longer be reachable, e.g. a hub model on an offline pod).
     """
+    jax_fields, sizes = _model_fields(config)
+    if config.init_from:
+        import flax_gpt2
+
+        if resumed is not None:
+            return GPT2Config.from_hf_config(resumed).replace(**jax_fields), None
+        model, params = flax_gpt2.from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
+                                                  progress=_shows_progress(config),
+                                                  pass_folder_as="--config.init_from=DIR")
+        return model.config.replace(**jax_fields), layer_stacking.to_layout(params, config.model.scan_layers)
+    return GPT2Config.from_preset(config.model.preset, **sizes, **jax_fields), None
+
+
+def _model_fields(config) -> tuple[dict[str, Any], dict[str, int]]:
+    """The config's JAX-side model fields (dtypes, remat, ...) and the sizes it sets, checked."""
     m = config.model
     jax_fields = dict(dtype=_dtype(m.dtype, "dtype"), param_dtype=_dtype(m.param_dtype, "param_dtype"),
                       remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
                       resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
     sizes = {k: m[k] for k in ("n_layer", "n_embd", "n_head", "n_positions") if m[k] is not None}
-    if config.init_from:
-        import flax_gpt2
-
-        if sizes:
-            raise ValueError(f"config.model sets {sorted(sizes)} but init_from={config.init_from!r} fixes the "
-                             "architecture; drop them")
-        if resumed is not None:
-            return GPT2Config.from_hf_config(resumed).replace(**jax_fields), None
-        model, params = flax_gpt2.from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
-                                                  progress=jax.process_index() == 0)
-        return model.config.replace(**jax_fields), layer_stacking.to_layout(params, m.scan_layers)
-    return GPT2Config.from_preset(m.preset, **sizes, **jax_fields), None
+    if config.init_from and sizes:
+        raise ConfigValueError(f"config.model sets {sorted(sizes)} but init_from={config.init_from!r} fixes the "
+                               "architecture; drop them")
+    return jax_fields, sizes
 
 
 def _check_batch(config, batch_shards: int) -> int:
     micro = config.micro_batch_size or config.batch_size
     if config.batch_size <= 0 or micro <= 0 or config.batch_size % micro:
-        raise ValueError(f"batch_size={config.batch_size} must be a positive multiple of "
-                         f"micro_batch_size={config.micro_batch_size}")
+        raise ConfigValueError(f"batch_size={config.batch_size} must be a positive multiple of "
+                               f"micro_batch_size={config.micro_batch_size}")
     if micro % batch_shards:
-        raise ValueError(f"the micro-batch of {micro} sequences is not divisible by the {batch_shards} ways the "
-                         f"mesh splits the batch (data x fsdp); change batch_size/micro_batch_size or the mesh")
+        raise ConfigValueError(f"the micro-batch of {micro} sequences is not divisible by the {batch_shards} ways "
+                               "the mesh splits the batch (data x fsdp); change batch_size/micro_batch_size or the "
+                               "mesh")
     return micro
+
+
+def _shows_progress(config) -> bool:
+    """Progress bars (tokenizing, downloading, training) on process 0, unless `progress_bar=False`."""
+    return bool(config.progress_bar) and jax.process_index() == 0
+
+
+def _check_seq_len(seq_len: int, gpt2_config: GPT2Config) -> None:
+    if seq_len > gpt2_config.n_positions:
+        raise ConfigValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={gpt2_config.n_positions}")
+
+
+def _check_layout(config) -> tuple[Any, tuple, int, int]:
+    """`(mesh, rules, micro_batch, eval_batch)`, after checking everything the config alone decides, before
+    anything is written: the recipe, the schedule, the model (from scratch; `init_from`'s shape is known once
+    it loads), the mesh and how it splits the batches. A bad value is a ConfigValueError (exit 2)."""
+    if config.data.recipe not in recipes.RECIPES:
+        raise ConfigValueError(f"config.data.recipe={config.data.recipe!r}: choose one of {recipes.RECIPES}")
+    with _usage_error():  # their messages name the key
+        step_lib.make_schedule(config.optimizer, config.steps)
+        mesh = mesh_lib.make_mesh(config.mesh)
+    with _usage_error("config.model: "):  # GPT2Config's own checks name the field (preset, n_layer, attention)
+        if config.init_from:
+            _model_fields(config)  # init_from's architecture is known once it loads
+        else:
+            _check_seq_len(config.data.seq_len, model_config(config)[0])
+    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
+    shards = mesh_lib.batch_shards(mesh, rules)
+    micro = _check_batch(config, shards)
+    eval_batch = config.eval_batch_size or micro
+    if eval_batch % shards:
+        raise ConfigValueError(f"eval_batch_size={eval_batch} is not divisible by the {shards} ways the mesh "
+                               "splits the batch")
+    return mesh, rules, micro, eval_batch
+
+
+@contextlib.contextmanager
+def _usage_error(prefix: str = ""):
+    """A ValueError of the library's own checks on a config value becomes a ConfigValueError (exit 2)."""
+    try:
+        yield
+    except ConfigValueError:
+        raise
+    except ValueError as e:
+        raise ConfigValueError(f"{prefix}{e}") from e
 
 
 def _initialize_distributed(cfg) -> None:
@@ -186,8 +244,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     Writes `train_config.json`, `metrics.jsonl`, TensorBoard events (`tensorboard/`), checkpoints
     (`checkpoints/`) and, at the end, `loss.png`, `result.json` (and `sample.txt` if asked to sample).
-    Returns the final `{"step", "loss", "eval_loss", "stopped"}`, where `stopped` is "done", "preempted"
-    (SIGTERM) or "interrupted" (Ctrl-C); both of the latter saved a checkpoint first.
+    Returns the final `{"step", "loss", "eval_loss", "stopped"}` (as result.json has it), where `stopped` is
+    "done", "preempted" (SIGTERM) or "interrupted" (Ctrl-C); both of the latter saved a checkpoint first. A
+    figure that does not exist (no step ran in this call, no eval before a stop, no held-out data) is None,
+    with the reason under `why_null`.
 
     Raises:
       FloatingPointError: the loss became NaN/inf; the last good state was saved first.
@@ -200,31 +260,49 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return compile_only(config, workdir)
     config_checks.check_config(config)
     _initialize_distributed(config.distributed)
+    layout = _check_layout(config)
+    local = jax.process_index() == 0 and not file_io.is_url(workdir)
+    before = set(os.listdir(workdir)) if local and os.path.isdir(workdir) else None
     if jax.process_index() == 0:
         _prepare_workdir(workdir)
     with contextlib.ExitStack() as stack:
         # Whatever fails below, the lock is released and orbax's async threads are closed: never a hang.
         stack.enter_context(run_guard.WorkdirLock(workdir, enabled=jax.process_index() == 0))
-        return _train(config, workdir, stack)
+        if local:
+            stack.push(_undo_failed_start(workdir, before))  # runs while the lock is still held
+        return _train(config, workdir, stack, layout)
 
 
-def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
+def _undo_failed_start(workdir: str, before: set[str] | None):
+    """An exit handler: a run that fails before writing anything (a bad data source, an init_from that does
+    not load, a config that does not fit its model) leaves nothing new behind: its `.lock` is removed, and
+    the workdir too when this run created it (`before` is None). Anything else in the folder stays."""
+
+    def undo(exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            return False
+        try:
+            if set(os.listdir(workdir)) - (before or set()) == {".lock"}:
+                os.remove(os.path.join(workdir, ".lock"))
+                if before is None:
+                    os.rmdir(workdir)
+        except OSError:
+            pass  # best effort: the error being raised is what matters
+        return False
+
+    return undo
+
+
+def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[str, Any]:
+    mesh, rules, micro, eval_batch = layout
     gpt2_config, pretrained = model_config(config, run_checkpoint.saved_model_config(workdir) if config.init_from
                                            else None)
     seq_len = config.data.seq_len
-    if seq_len > gpt2_config.n_positions:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={gpt2_config.n_positions}")
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
-    micro = _check_batch(config, mesh_lib.batch_shards(mesh, rules))
-    eval_batch = config.eval_batch_size or micro
-    if eval_batch % mesh_lib.batch_shards(mesh, rules):
-        raise ValueError(f"eval_batch_size={eval_batch} is not divisible by the {mesh_lib.batch_shards(mesh, rules)}"
-                         " ways the mesh splits the batch")
+    _check_seq_len(seq_len, gpt2_config)
     logging.info("mesh %s over %d devices on %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     # Data: the token stream, its train/held-out split, and the batch placement.
-    store = data.load_tokens(config.data, progress=jax.process_index() == 0)
+    store = data.load_tokens(config.data, progress=_shows_progress(config))
     if store.meta["vocab_size"] > gpt2_config.vocab_size:
         raise ValueError(f"the tokenizer has {store.meta['vocab_size']} tokens but the model only "
                          f"{gpt2_config.vocab_size}")
@@ -239,7 +317,8 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len)
 
-    flat_config = run_guard.flatten(config)
+    # The corpus's identity is kept with the config in every checkpoint: a resume on edited data is refused.
+    flat_config = {**run_guard.flatten(config), **run_guard.flatten(store.identity(), run_guard.CORPUS)}
     checkpointer = checkpointing.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
                                               async_save=config.async_checkpointing, train_config=flat_config)
     stack.callback(checkpointer.close)
@@ -279,8 +358,11 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     hellaswag_eval = _hellaswag(config, model, mesh, rules, state_shardings.params, eval_batch)
 
     def evaluate(params) -> dict[str, float]:
-        """The held-out loss (NaN without held-out data), and HellaSwag accuracy when configured."""
-        out = {"eval_loss": float(np.mean([float(eval_step(params, b)) for b in eval_set])) if eval_set else math.nan}
+        """The held-out loss and perplexity (none without held-out data), and HellaSwag accuracy when configured."""
+        out = {}
+        if eval_set:
+            out["eval_loss"] = float(np.mean([float(eval_step(params, b)) for b in eval_set]))
+            out["eval_perplexity"] = _exp(out["eval_loss"])
         if hellaswag_eval is not None:
             out.update(hellaswag_eval(params))
         return out
@@ -303,10 +385,34 @@ def _train(config, workdir: str, stack: contextlib.ExitStack) -> dict[str, Any]:
     if config.sample.prompt and result["stopped"] == "done":
         result["sample"] = sample_after_training(model, state.params, config, workdir)
     writer.close()
+    result = _with_nulls(result, {
+        "loss": f"no training step ran in this invocation: it started at step {start_step} and "
+                + (f"the run was already done (steps={config.steps}); metrics.jsonl has the logged losses"
+                   if start_step >= config.steps else f"was {result['stopped']} before its first step"),
+        "eval_loss": (f"no held-out batch to evaluate (data.val_fraction={config.data.val_fraction}, {eval_batch} "
+                      "sequences per eval batch)" if not eval_set else
+                      f"no eval ran before the run was {result['stopped']} at step {result['step']}"
+                      if result["stopped"] != "done" else "the eval loss is not a finite number")})
     if jax.process_index() == 0:
         metrics_lib.plot_losses(workdir)
-        file_io.atomic_write(file_io.join(workdir, "result.json"), json.dumps(result, indent=1))
+        file_io.atomic_write(file_io.join(workdir, "result.json"), json.dumps(result, indent=1, allow_nan=False))
+        if result["stopped"] == "done":
+            print(f"done: step {result['step']}, loss {_number(result['loss'])}, eval loss "
+                  f"{_number(result['eval_loss'])}; outputs in {workdir} (result.json, metrics.jsonl, loss.png, "
+                  "checkpoints/)", flush=True)
     return result
+
+
+def _with_nulls(result: dict[str, Any], reasons: dict[str, str]) -> dict[str, Any]:
+    """`result` with every non-finite number as None (JSON's null: NaN is not JSON, and strict readers reject
+    it) and, under `why_null`, why each is missing (`reasons[key]`)."""
+    out = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+    why = {k: reasons.get(k, "not a finite number") for k, v in result.items() if v is not None and out[k] is None}
+    return {**out, "why_null": why} if why else out
+
+
+def _number(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
@@ -426,13 +532,15 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
         paused = False
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
             evals = evaluate(state.params)
-            result.update(evals)
-            writer.write(step, **evals, eval_perplexity=_exp(result["eval_loss"]),
-                         epoch=round(step / batches.batches_per_epoch, 4), elapsed_s=time.perf_counter() - started)
-            hellaswag_note = (f", HellaSwag acc_norm {evals['hellaswag_acc_norm']:.4f}"
-                              if "hellaswag_acc_norm" in evals else "")
-            progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): eval loss "
-                           f"{result['eval_loss']:.4f}, perplexity {_exp(result['eval_loss']):.2f}{hellaswag_note}")
+            if evals:  # none without held-out data or HellaSwag: no eval record, no NaN
+                result.update(evals)
+                writer.write(step, **evals, epoch=round(step / batches.batches_per_epoch, 4),
+                             elapsed_s=time.perf_counter() - started)
+                parts = ([f"eval loss {evals['eval_loss']:.4f}, perplexity {evals['eval_perplexity']:.2f}"]
+                         if "eval_loss" in evals else [])
+                if "hellaswag_acc_norm" in evals:
+                    parts.append(f"HellaSwag acc_norm {evals['hellaswag_acc_norm']:.4f}")
+                progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): {', '.join(parts)}")
             paused = True
         stop = signals.should_stop() or checkpointer.reached_preemption(step)
         paused |= checkpointer.save(state, batches.state, hf_model_config, force=stop or step == config.steps)
