@@ -9,6 +9,7 @@ for a runtime one, no traceback without --debug), as in test_cli_inputs.py. They
 """
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -321,11 +322,12 @@ def _tricky_text(rng: random.Random, n: int) -> str:
 
 
 def test_text_pieces_encode_like_the_whole(bpe_dir):
+    """The streaming reader's cuts, many per text: the pieces' encodings concatenate to the whole's."""
     encoding = tc.gpt2_encoding(str(bpe_dir))
     rng = random.Random(0)
     for trial in range(40):
         text = _tricky_text(rng, rng.randrange(50, 3000))
-        pieces = tc.split_text(text, chunk_chars=rng.choice([1, 2, 7, 33, 200]))
+        pieces = list(tc.text_pieces(io.StringIO(text), chunk_chars=rng.choice([1, 2, 7, 33, 200])))
         assert "".join(pieces) == text
         assert sum(encoding.encode_ordinary_batch(pieces, num_threads=1), []) == encoding.encode_ordinary(text), trial
 
@@ -345,14 +347,17 @@ def test_a_text_file_larger_than_a_chunk_tokenizes_as_one_piece(tmp_path, bpe_di
 
 
 _PEAK_SCRIPT = """
-import resource, sys
+import sys
 from flax_gpt2.train import tokenize_corpus as tc
+def mib(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
 tc._CHUNK_CHARS, tc._BATCH_CHARS = 1 << 16, 1 << 18  # the same code path, at a scale a test affords
 encoding = tc.gpt2_encoding(sys.argv[3])
 encoding.encode_ordinary_batch(["warm up the encoder " * 1000], num_threads=1)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here, not from loading
+before = mib("VmRSS:")
 tc.tokenize_corpus(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], num_threads=1, progress=False)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print(mib("VmHWM:") - before)
 """
 
 
