@@ -134,9 +134,9 @@ def _main(argv: Sequence[str]) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file; pass a folder (new, empty, or with --overwrite)")
     if os.path.isdir(args.out) and run_checkpoint.is_run_folder(args.out):
-        parser.error(f"--out {args.out} is a flax_gpt2 training run: sample, evaluate and serve would load the export "
-                     f"instead of the run's newest checkpoint; write it to a folder of its own (e.g. --out "
-                     f"{args.out.rstrip(os.sep)}-export)")
+        raise cli.UsageError(f"--out {args.out} is a flax_gpt2 training run: sample, evaluate and serve would load the "
+                             f"export instead of the run's newest checkpoint; write it to a folder of its own (e.g. "
+                             f"--out {args.out.rstrip(os.sep)}-export)")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the files a conversion writes")
     out = convert(args.model, args.out, format=args.format, revision=args.revision, dtype=args.dtype,

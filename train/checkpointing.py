@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -37,6 +38,42 @@ from flax_gpt2.train.step import TrainState
 
 HAS_CHECKPOINTS = ".has_checkpoints"  # in the workdir, once the first checkpoint is complete
 CORRUPT_DIR = "corrupt_checkpoints"
+
+
+class _QuietOrbaxFailures(logging.Filter):
+    """Drops orbax's ERROR records that carry a traceback, unless DEBUG logging is on.
+
+    One failed async save (a full disk) makes orbax log the same exception with a full traceback from each
+    of its background threads (five or more), then raise it in the thread that waits for the save, where
+    the command line prints it as one line (with the traceback under --debug). The records add nothing
+    but pages of noise around that line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _quiet_orbax_failures() -> None:
+    absl = logging.getLogger("absl")  # orbax logs through absl's logger
+    if not any(isinstance(f, _QuietOrbaxFailures) for f in absl.filters):
+        absl.addFilter(_QuietOrbaxFailures())
+    if not getattr(sys.unraisablehook, "_skips_closed_loop", False):
+        sys.unraisablehook = _skip_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _skip_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops "Event loop is closed" (unless DEBUG logging is on): after a
+    failed save, tensorstore still completes futures whose callbacks reach orbax's closed event loop, and
+    each one printed a traceback after the one-line error."""
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+                and not logging.getLogger().isEnabledFor(logging.DEBUG)):
+            previous(unraisable)
+    hook._skips_closed_loop = True  # type: ignore[attr-defined]
+    return hook
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -54,6 +91,7 @@ class Checkpointer:
             raise ValueError(f"checkpoint_every={every}: must be at least 1")
         self.workdir = workdir
         self.train_config = train_config or {}
+        _quiet_orbax_failures()
         self._marked = False  # HAS_CHECKPOINTS known to exist: save() runs every step, so no stat (or gs:// request) each time
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(every),
