@@ -79,12 +79,12 @@ def test_a_run_that_cannot_start_is_one_line_and_leaves_nothing(case, tmp_path):
     _, config, overrides, code, names = case
     if config is None or "\n" not in config:
         config_arg = config or "configs/tiny.py"
-    else:
+        overrides = [f"--config.data.cache_dir={tmp_path / 'cache'}", *overrides]
+    else:  # a config file of the user's (with the case's overrides only)
         (tmp_path / "my_config.py").write_text(config)
         config_arg = str(tmp_path / "my_config.py")
     workdir = tmp_path / "run"
-    proc = _train("--config", config_arg, "--workdir", str(workdir), f"--config.data.cache_dir={tmp_path / 'cache'}",
-                  *overrides)
+    proc = _train("--config", config_arg, "--workdir", str(workdir), *overrides)
     assert proc.returncode == code, proc.stderr[-3000:]
     _check_error(proc.stderr, names, code)
     assert not workdir.exists(), sorted(os.listdir(workdir))
