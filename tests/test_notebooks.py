@@ -74,7 +74,12 @@ def run_notebook(name: str, tmp_path: Path, **parameters):
                                kernel_name="python3", cwd=str(tmp_path), progress_bar=False,
                                execution_timeout=CELL_TIMEOUT_S)
     print(f"{name}: {time.monotonic() - started:.0f} s")
-    return nbformat.read(out, as_version=4)
+    nb = nbformat.read(out, as_version=4)
+    # tqdm.auto's notebook bars (from_pretrained, evaluation) need ipywidgets (the [test] extra has it).
+    noise = [o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if o.output_type == "stream" and "IProgress not found" in o.get("text", "")]
+    assert not noise, noise[0]
+    return nb
 
 
 def tagged(nb, tag: str):
