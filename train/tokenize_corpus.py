@@ -50,8 +50,11 @@ def gpt2_encoding(tokenizer: str = "", *, pass_folder_as: str | None = None):
 # (flax_gpt2.tokenizer.GPT2_PATTERN) never joins across it: the token that holds the character before it ends
 # there (only whitespace tokens hold whitespace, and they start with it), and the regex reads no further
 # left than where it starts. So the encodings of the two sides concatenate to the encoding of the whole.
-# Runs of whitespace are never cut: `\s+(?!\S)` and `\s++$` can merge across them.
-_SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
+# Runs of whitespace are never cut: `\s+(?!\S)` and `\s++$` can merge across them. The cut character is
+# whitespace as tiktoken's regex sees it (Unicode White_Space); Python's `\S` for the neighbours is stricter
+# (it also counts U+001C..U+001F as space), which only means fewer cuts.
+_WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_SAFE_CUT = re.compile(rf"(?<=\S)[{_WHITE_SPACE}](?=\S)")
 
 
 def text_pieces(stream: TextIO, chunk_chars: int = _CHUNK_CHARS) -> Iterator[str]:

@@ -317,7 +317,7 @@ def test_the_real_tokenize_command_line(tmp_path, bpe_dir):
 def _tricky_text(rng: random.Random, n: int) -> str:
     """Text where every kind of whitespace run, multi-byte character and contraction meets a possible cut."""
     atoms = ["word", "Word", " ", "  ", "\n", "\n\n", "\t", " \n", "\n ", "'s", "'ll", "é", "日本", "😀", "42", "3.5",
-             "!", "...", "\r\n", "\u00a0", "\u2028", "x\ny", "a b", " 's"]
+             "!", "...", "\r\n", "\u00a0", "\u2028", "\x1c", "\x85", "x\ny", "a b", " 's"]
     return "".join(rng.choice(atoms) for _ in range(n))
 
 
