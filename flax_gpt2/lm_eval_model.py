@@ -15,7 +15,8 @@ Shapes are bounded so XLA compiles a handful of programs, not one per request: e
 `batch_size` rows (a short last batch is padded with dummy rows), and the sequence length is rounded up
 to a bucket (powers of two from 16 to 256, then multiples of 128, never beyond the model's window).
 Generation runs flax_gpt2's compiled KV-cache decode loop, a chunk of tokens at a time, and stops as soon
-as every row has produced EOS or one of its stop sequences.
+as every row has produced EOS or one of its stop sequences. A model vocabulary padded past the
+tokenizer's (50,304 for 50,257) is scored and decoded over the tokenizer's ids only (`limit_vocab`).
 
 Needs the optional `[eval]` extra (`pip install -e ".[eval]"`).
 """
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from flax_gpt2.dtypes import DTYPES
 from flax_gpt2.generation.generate import bucket_length as _bucket
+from flax_gpt2.generation.logits_processors import limit_vocab
 from flax_gpt2.lm_eval_cli import INSTALL_HINT, MODEL_NAME
 from flax_gpt2.model import unwrap_params
 
@@ -59,14 +61,17 @@ def bucket_length(n: int, cap: int) -> int:
     return max(n, min(_bucket(n), cap))
 
 
-def make_scorer(model):
+def make_scorer(model, vocab_limit: int | None = None):
     """`score(params, inputs [B, T], targets [B, T]) -> (logprob [B, T], is_greedy [B, T])`: the log-probability
     of `targets[:, t]` after `inputs[:, :t + 1]`, and whether it is the argmax. Right padding needs no mask
-    (causal attention); its positions are never read back. Log-softmax runs in float32."""
+    (causal attention); its positions are never read back. Log-softmax runs in float32.
+
+    With `vocab_limit` (the tokenizer's vocab_size), the distribution is over those ids only, the one the
+    generation side draws from (`limit_vocab`): a model vocabulary padded past the tokenizer's adds no mass."""
 
     @jax.jit
     def score(params, inputs, targets):
-        logits = model.apply({"params": params}, inputs).logits.astype(jnp.float32)
+        logits = limit_vocab(model.apply({"params": params}, inputs).logits.astype(jnp.float32), vocab_limit)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         token_logprob = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
         return token_logprob, jnp.argmax(logits, axis=-1) == targets
@@ -132,7 +137,7 @@ class FlaxGPT2LM(TemplateLM):
         self._max_length = n_positions if max_length is None else _int_arg(max_length, "max_length")
         if self._max_length > n_positions:
             raise ValueError(f"max_length={self._max_length} exceeds the model's n_positions={n_positions}")
-        self._score = make_scorer(self.model)
+        self._score = make_scorer(self.model, self.tokenizer.vocab_size)
         self._generations = 0
 
     def _load(self, model, params, tokenizer):
@@ -310,7 +315,8 @@ class FlaxGPT2LM(TemplateLM):
         done = np.zeros(n, bool)
         for tokens in generate_stream(self.model, self.params, ids, mask, max_new_tokens=max_gen_toks,
                                       eos_token_id=eot, pad_token_id=eot, seed=(self.seed + self._generations) % 2**32,
-                                      tokens_per_chunk=tokens_per_chunk, **settings):
+                                      tokens_per_chunk=tokens_per_chunk, vocab_limit=self.tokenizer.vocab_size,
+                                      **settings):
             for i in np.flatnonzero(~done):
                 new[i].extend(int(t) for t in tokens[i])
                 if eot in new[i]:

@@ -222,14 +222,16 @@ def generate_text(model, params, tokenizer, prompt: str, *, max_new_tokens: int 
 
     `<|endoftext|>` in the prompt is the special token (as in the model card's CommonGen format), and the
     only one: a custom BPE's other special tokens are plain text there. An empty prompt starts from it.
-    The continuation ends at <|endoftext|> and, with `stop_token`, just before that string. With `stream`
+    Only ids the tokenizer can decode are generated (`vocab_limit`: a model vocabulary padded past the
+    tokenizer's never yields its extra ids). The continuation ends at <|endoftext|> and, with
+    `stop_token`, just before that string. With `stream`
     (one greedy or sampled sequence only), the prompt and then the continuation are passed to it piece by
     piece as they are produced.
     """
     ids = tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) or [tokenizer.eot_token]
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
                    top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-                   eos_token_id=tokenizer.eot_token, seed=seed)
+                   eos_token_id=tokenizer.eot_token, seed=seed, vocab_limit=tokenizer.vocab_size)
     if stream is not None:
         if num_return_sequences != 1 or num_beams != 1:
             raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")

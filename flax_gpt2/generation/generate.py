@@ -21,28 +21,31 @@ from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.model import GPT2LMHeadModel, unwrap_params
 
-_output_projection = jax.jit(output_projection, static_argnums=0)
-_heads: dict[int, tuple[weakref.ref, jax.Array]] = {}
+_output_projection = jax.jit(output_projection, static_argnums=(0, 2))
+_heads: dict[tuple[int, int | None], tuple[weakref.ref, jax.Array]] = {}
 
 
-def _head(model: GPT2LMHeadModel, params: Any) -> jax.Array:
-    """`output_projection(model, params)`; on CPU the transposed copy of tied embeddings is kept for as long
-    as the embedding array lives, so that later calls skip the copy (~40 ms for GPT-2 124M, as much as
-    the whole prefill of a short prompt)."""
-    if not model.config.tie_word_embeddings:
+def _head(model: GPT2LMHeadModel, params: Any, vocab_limit: int | None) -> jax.Array:
+    """`output_projection(model, params, vocab_limit)`; on CPU a copy it makes (the transposed tied
+    embeddings, or the first `vocab_limit` columns) is kept for as long as the weights live, so that
+    later calls skip the copy (~40 ms for GPT-2 124M, as much as the whole prefill of a short prompt)."""
+    if vocab_limit is not None and vocab_limit >= model.config.vocab_size:
+        vocab_limit = None
+    tied = model.config.tie_word_embeddings
+    if not tied and vocab_limit is None:
         return params["lm_head"]["kernel"]
-    wte = params["transformer"]["wte"]["embedding"]
+    weights = params["transformer"]["wte"]["embedding"] if tied else params["lm_head"]["kernel"]
     try:  # where the weights are decides, not the default backend
-        platforms = {d.platform for d in wte.devices()}
+        platforms = {d.platform for d in weights.devices()}
     except (AttributeError, jax.errors.ConcretizationTypeError):  # a host array or a tracer: default device
         platforms = {jax.default_backend()}
     if platforms != {"cpu"}:
-        return _output_projection(model, params)
-    key = id(wte)
-    if key in _heads and _heads[key][0]() is wte:
+        return _output_projection(model, params, vocab_limit)
+    key = (id(weights), vocab_limit)
+    if key in _heads and _heads[key][0]() is weights:
         return _heads[key][1]
-    head = _output_projection(model, params)
-    _heads[key] = (weakref.ref(wte, lambda _: _heads.pop(key, None)), head)
+    head = _output_projection(model, params, vocab_limit)
+    _heads[key] = (weakref.ref(weights, lambda _: _heads.pop(key, None)), head)
     return head
 
 
@@ -60,7 +63,18 @@ def _as_int_array(x, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _check_prompt(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+def _check_vocab_limit(model, vocab_limit) -> int:
+    """The number of ids the strategies may choose from: `vocab_limit` (checked), else the model's vocabulary."""
+    vocab = model.config.vocab_size
+    if vocab_limit is None:
+        return vocab
+    if not _is_int(vocab_limit) or not 1 <= vocab_limit <= vocab:
+        raise ValueError(f"vocab_limit must be None or an integer from 1 to the model's vocab_size ({vocab}), "
+                         f"got {vocab_limit!r}; pass the tokenizer's vocab_size")
+    return int(vocab_limit)
+
+
+def _check_prompt(model, input_ids, attention_mask, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(model, GPT2LMHeadModel):
         raise TypeError(f"generate needs a GPT2LMHeadModel, got {type(model).__name__}")
     ids = _as_int_array(input_ids, "input_ids")
@@ -68,9 +82,9 @@ def _check_prompt(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
     if ids.shape[0] == 0:
         raise ValueError("input_ids has an empty batch")
-    vocab = model.config.vocab_size
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"input_ids must lie in [0, {vocab}), found ids from {ids.min()} to {ids.max()}")
+        limit = "" if vocab == model.config.vocab_size else " (vocab_limit: the ids the tokenizer can decode)"
+        raise ValueError(f"input_ids must lie in [0, {vocab}){limit}, found ids from {ids.min()} to {ids.max()}")
     if attention_mask is None:
         mask = np.ones_like(ids)
     else:
@@ -165,9 +179,9 @@ def _check_options(config, *, prompt_length, max_new_tokens, do_sample, temperat
             raise ValueError(f"{name} must be None or a token id in [0, {config.vocab_size}), got {token!r}")
 
 
-def _prepare(model, input_ids, attention_mask, max_new_tokens, options):
+def _prepare(model, input_ids, attention_mask, max_new_tokens, vocab, options):
     """Validates, then left-pads the prompt to its bucket. Returns the device arguments and the layout."""
-    ids, mask = _check_prompt(model, input_ids, attention_mask)
+    ids, mask = _check_prompt(model, input_ids, attention_mask, vocab)
     config = model.config
     _check_options(config, prompt_length=ids.shape[1], max_new_tokens=max_new_tokens, **options)
     t = ids.shape[1]
@@ -185,21 +199,22 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens, options):
                 seed=jnp.uint32(options["seed"]), cache_len=cache_len), extra
 
 
-def _setup(model, params, input_ids, attention_mask, max_new_tokens, **options):
+def _setup(model, params, input_ids, attention_mask, max_new_tokens, vocab_limit, **options):
     """What `generate` and `generate_stream` share: checked, padded arguments, unwrapped params, the
-    sampling strategy and the output projection."""
-    args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, options)
+    sampling strategy and the output projection (cut to `vocab_limit`)."""
+    vocab = _check_vocab_limit(model, vocab_limit)
+    args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, vocab, options)
     params = unwrap_params(params)
     strategy = GenerationConfig.create(**{k: options[k] for k in (
         "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})
-    return args, extra, params, strategy, _head(model, params)
+    return args, extra, params, strategy, _head(model, params, vocab)
 
 
 def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
              length_penalty: float = 1.0, num_return_sequences: int = 1, eos_token_id: int | None = None,
-             pad_token_id: int | None = None, seed: int = 0) -> np.ndarray:
+             pad_token_id: int | None = None, seed: int = 0, vocab_limit: int | None = None) -> np.ndarray:
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
     Prefill and every decoding step run in one compiled computation over a preallocated KV cache.
@@ -225,6 +240,9 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
       eos_token_id: a row that produces it stops, and the rest of its row is `pad_token_id`. None: never stop.
       pad_token_id: the filler after EOS (default `eos_token_id`).
       seed: the random seed, an integer in [0, 2**32 - 1]; the same seed and arguments give the same tokens.
+      vocab_limit: the tokenizer's `vocab_size` when the model's vocabulary is larger (padded, e.g. 50,304
+        for GPT-2's 50,257): ids from it on are never chosen (they get no logit; the result equals the
+        model cut to `vocab_limit` ids), and a prompt holding one is a ValueError. None: every model id.
     Raises:
       ValueError: an argument is out of range or not finite (NaN, inf); the message names it.
     Returns:
@@ -235,7 +253,8 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
         model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
-        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+        vocab_limit=vocab_limit)
     if num_beams > 1:
         tokens = beam_search.beam_search_tokens(
             model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(length_penalty),
@@ -254,7 +273,7 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
                     eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int = 0,
-                    tokens_per_chunk: int = 1) -> Iterator[np.ndarray]:
+                    tokens_per_chunk: int = 1, vocab_limit: int | None = None) -> Iterator[np.ndarray]:
     """Like `generate` (greedy or sampling), but yields the new tokens as they are produced.
 
     Yields numpy int32 arrays `[batch * num_return_sequences, n]` of the next `n <= tokens_per_chunk` new
@@ -268,7 +287,7 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
         model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size, num_beams=1, num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, vocab_limit=vocab_limit)
     prompt_len = args["input_ids"].shape[1]
     state = sampling.start(model, params, head, args["input_ids"], args["attention_mask"], strategy,
                            args["eos_token_id"], args["pad_token_id"], args["seed"],

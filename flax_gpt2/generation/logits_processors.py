@@ -22,6 +22,20 @@ from flax_gpt2.deprecation import renamed_attributes
 Array = jax.Array
 
 
+def limit_vocab(x: Array, vocab_limit: int | None) -> Array:
+    """The first `vocab_limit` entries of the last axis of logits `[..., V]` or of an output projection
+    `[D, V]`: the one rule for a model whose vocabulary is larger than its tokenizer's (GPT-2's 50,257 ids
+    padded to 50,304, as llm.c and nanoGPT checkpoints are).
+
+    The ids the tokenizer cannot decode get no logit at all (probability 0, as if masked to -inf): they
+    are never chosen, and every strategy computes exactly what it computes for the same model with its
+    vocabulary cut to `vocab_limit`, sampled draws included. `None` (or a limit >= V) keeps every id.
+    """
+    if vocab_limit is None or vocab_limit >= x.shape[-1]:
+        return x
+    return x[..., :vocab_limit]
+
+
 def argmax(logits: Array) -> Array:
     """`[B, V] -> [B]` int32 index of the largest logit, the first one among ties (as torch and numpy).
 
@@ -101,8 +115,11 @@ def top_p_filter(logits: Array, p: Array | float, min_tokens_to_keep: int = 1) -
     lo, _ = jax.lax.fori_loop(0, 31, halve, (lo, hi))
     keep = bits >= lo
     if min_tokens_to_keep > 1:
-        kth = top_k_filter(logits, min_tokens_to_keep) > -jnp.inf
-        keep = keep | kth
+        keep = keep | (top_k_filter(logits, min_tokens_to_keep) > -jnp.inf)
+    else:
+        # The most likely token always stays (HF's min_tokens_to_keep=1): when 1 - p rounds to 1.0 in
+        # float32 (p below ~6e-8), the bisection may drop every token, and a draw from all -inf is token 0.
+        keep = keep | (logits >= jnp.max(logits, axis=-1, keepdims=True))
     return jnp.where(keep, logits, -jnp.inf)
 
 

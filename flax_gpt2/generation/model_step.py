@@ -10,29 +10,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_gpt2.generation.logits_processors import limit_vocab
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import GPT2LMHeadModel, output_logits
 
 Array = jax.Array
 
 
-def output_projection(model: GPT2LMHeadModel, params: Any) -> Array:
+def output_projection(model: GPT2LMHeadModel, params: Any, vocab_limit: int | None = None) -> Array:
     """The `[D, V]` matrix that maps the last hidden state to logits: `wte` transposed (tied embeddings) or
-    the `lm_head` kernel.
+    the `lm_head` kernel; with `vocab_limit`, only its first `vocab_limit` columns (`limit_vocab`: ids
+    the tokenizer cannot decode get no logit, so no strategy can choose them).
 
     Decoding transposes the tied embedding once per call, outside the loop: XLA's CPU dot is ~10% faster
     per step with a plain `[B, D] x [D, V]` product than with the transposed `[V, D]` operand inside the step.
     """
     if model.config.tie_word_embeddings:
-        return params["transformer"]["wte"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        head = params["transformer"]["wte"]["embedding"].T
+    else:
+        head = params["lm_head"]["kernel"]
+    return limit_vocab(head, vocab_limit)
 
 
 def forward(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
             position_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
     """Runs `input_ids [B, T]` through the model with `cache`; returns the last position's logits `[B, V]`
     (float32) and the updated cache. `attention_mask` is `[B, S]` over every cache slot; `head` is
-    `output_projection(model, params)`."""
+    `output_projection(model, params, vocab_limit)` (V is its width)."""
 
     def last_hidden(module, *args):
         out = module.transformer(*args)

@@ -88,7 +88,8 @@ class TextGenerationPipeline:
             self.model, self.params, ids, mask, max_new_tokens=max(per_prompt), do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
-            num_return_sequences=num_return_sequences, eos_token_id=eot, pad_token_id=eot, seed=seed))
+            num_return_sequences=num_return_sequences, eos_token_id=eot, pad_token_id=eot, seed=seed,
+            vocab_limit=self.tokenizer.vocab_size))
         results = []
         for i, prompt in enumerate(prompts):
             rows = out[i * num_return_sequences:(i + 1) * num_return_sequences, longest:longest + per_prompt[i]]
@@ -133,7 +134,8 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
 def check_vocab(config, tokenizer, model_name: str | None = None) -> None:
     """ValueError when the tokenizer has ids the model has no embedding for (they do not belong together).
 
-    A model vocabulary larger than the tokenizer's (e.g. padded to a multiple of 64) is fine.
+    A model vocabulary larger than the tokenizer's (e.g. padded to a multiple of 64) is fine: generation
+    passes `vocab_limit=tokenizer.vocab_size`, so the ids past the tokenizer's are never chosen.
     """
     if tokenizer.vocab_size > config.vocab_size:
         where = f"{model_name}: " if model_name else ""

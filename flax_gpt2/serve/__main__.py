@@ -8,8 +8,12 @@ model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging 
 training run, loaded once at start-up (requests never name files or load models); it is served under
 `--served_model_name` (default: the `--model` text). Binds 127.0.0.1 unless `--host` says otherwise.
 Every computation is compiled before the port accepts requests (the compiled code is also kept in JAX's
-persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does). Errors are one line on
-stderr (exit 2 for a bad flag, 1 otherwise); `--debug` shows the traceback.
+persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does). No client holds a
+connection without using it: a request head must arrive within `--header_timeout`, a body within
+`--body_timeout`, an idle kept-alive connection closes after `--timeout_keep_alive`, and connections past
+`--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
+send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag,
+1 otherwise); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flax_gpt2 import cli
 PROG = "python -m flax_gpt2.serve"
 
 _positive_int = cli.flag_type(int, lambda n: n >= 1, "a positive integer")
+_positive_seconds = cli.flag_type(float, lambda t: t > 0, "a positive number of seconds")
 
 
 def _buckets(text: str) -> list[int]:
@@ -62,13 +67,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
                         help="largest request body (default 1 MiB); larger ones get 413")
-    parser.add_argument("--api_key", default=os.environ.get("FLAX_GPT2_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 (default $FLAX_GPT2_API_KEY; none: open)")
+    parser.add_argument("--api_key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1, KEY printable ASCII (default "
+                             "$FLAX_GPT2_API_KEY; none: open)")
+    parser.add_argument("--header_timeout", type=_positive_seconds, default=10.0,
+                        help="seconds a connection has to send a whole request head (request line and headers); "
+                             "idle and slow ones are closed (default 10)")
+    parser.add_argument("--body_timeout", type=_positive_seconds, default=30.0,
+                        help="seconds a request body has to arrive whole, else 408 (default 30)")
+    parser.add_argument("--timeout_keep_alive", type=_positive_seconds, default=5.0,
+                        help="seconds a kept-alive connection may sit idle between requests (default 5)")
+    parser.add_argument("--max_connections", type=_positive_int, default=None,
+                        help="open connections at once; more are answered 503 and closed (default 1000, or half "
+                             "the open-file limit `ulimit -n` when that is lower)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    source = "--api_key"
+    if args.api_key is None:
+        args.api_key, source = os.environ.get("FLAX_GPT2_API_KEY"), "$FLAX_GPT2_API_KEY"
+    if args.api_key is not None:
+        from flax_gpt2.serve.api import check_api_key
+
+        try:
+            check_api_key(args.api_key)
+        except ValueError as e:  # refused now: a key no client can send would lock every client out
+            parser.error(f"{source}: {e}")
+    return args
+
+
+# File descriptors kept for everything but client connections (the model's files, logs, JAX's runtime).
+RESERVED_FILES = 64
+
+
+def connection_cap(requested: int | None) -> int:
+    """`--max_connections`, or its default; raises the open-file limit (soft, up to the hard one) when the
+    cap needs it, so that client sockets can never use up the descriptors the server itself needs."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if requested is None:
+        return max(1, min(1000, soft // 2))
+    needed = requested + RESERVED_FILES
+    if needed > soft:
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            raise cli.UsageError(f"--max_connections {requested} needs {needed} open files, more than this process "
+                                 f"may open (ulimit -Hn = {hard}); lower it or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return requested
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +140,10 @@ def _main(argv: Sequence[str]) -> None:
 
     from flax_gpt2.sample import enable_compilation_cache, load_model
     from flax_gpt2.serve.api import create_app
+    from flax_gpt2.serve.connections import limited_protocol
     from flax_gpt2.serve.engine import Engine
+
+    max_connections = connection_cap(args.max_connections)
 
     enable_compilation_cache(args.cache_dir)
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
@@ -106,12 +157,16 @@ def _main(argv: Sequence[str]) -> None:
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()
     name = args.served_model_name or args.model
-    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     body_timeout_s=args.body_timeout)
     host, port = sock.getsockname()[:2]
     log.info("serving %r on http://%s:%d/v1 (%d slots of %d tokens)%s", name, host, port, engine.max_batch,
              engine.context_length, "" if args.api_key is None else ", API key required")
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
-                                           timeout_graceful_shutdown=5))
+    log.info("connections: at most %d open, request heads within %g s, bodies within %g s, idle keep-alive %g s",
+             max_connections, args.header_timeout, args.body_timeout, args.timeout_keep_alive)
+    protocol = limited_protocol(header_timeout_s=args.header_timeout, max_connections=max_connections)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, http=protocol,
+                                           timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     finally:

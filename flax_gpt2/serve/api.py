@@ -4,7 +4,8 @@ Handlers validate, tokenize (in a worker thread) and queue the request on the en
 asyncio queue that the engine thread fills: nothing here waits for the device. Errors are OpenAI-shaped
 JSON (`protocol.APIError`); a full queue is a 503 with `Retry-After`; a client that goes away (a closed
 stream, or a dropped connection while waiting) cancels its request, whose slots the engine frees at the
-next step.
+next step. A body that is not UTF-8 JSON, nested too deeply, or holds a string that is not Unicode text
+(a lone surrogate escape) is a 400; one that does not arrive in time a 408.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -40,19 +41,30 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request body as JSON: 413 over `max_bytes`, 400 for bytes that are not UTF-8 JSON."""
+async def read_json(request: Request, max_bytes: int, timeout_s: float = 30.0) -> Any:
+    """The request body as JSON: 413 over `max_bytes`, 408 when it has not all arrived within `timeout_s`
+    (a client that trickles its body must not hold the connection), 400 for bytes that are not UTF-8 JSON,
+    for JSON nested too deeply to parse, and for strings that are not Unicode text."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIError(413, f"the request body ({declared} bytes) exceeds this server's limit of {max_bytes} bytes",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"the request body exceeds this server's limit of {max_bytes} bytes",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise APIError(413, f"the request body exceeds this server's limit of {max_bytes} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s (this server's "
+                            f"--body_timeout); send it at once", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise APIError(499, "the client closed the connection before sending its whole body",
+                       code="client_closed_request") from None
     data = b"".join(chunks)
     try:
         text = data.decode("utf-8")
@@ -60,9 +72,36 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise bad_request(f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})",
                           code="invalid_encoding") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant)
+        # Every string must be encodable: JSON's "\ud800" escape decodes to a lone UTF-16 surrogate, which
+        # neither the tokenizer nor a response can encode. (One C-speed pass; it also bounds the nesting.)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise bad_request("the JSON body is nested too deeply; a completions request nests at most 3 levels",
+                          code="invalid_json") from None
+    except UnicodeEncodeError as e:
+        raise bad_request(f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}) in a "
+                          f"string; strings must be valid Unicode (escape both halves of a surrogate pair, or "
+                          f"send the text as UTF-8)", code="invalid_encoding") from None
     except ValueError as e:
         raise bad_request(f"We could not parse the JSON body of your request. ({e})", code="invalid_json") from None
+    return body
+
+
+def check_api_key(key: str) -> str:
+    """`key`, or a ValueError when no HTTP client could send it: an API key travels in the Authorization
+    header, which carries printable ASCII only, and the spaces around it are stripped there."""
+    if not key.strip():
+        raise ValueError("the API key is empty; give a key, or none for an open server")
+    bad = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"the API key holds {key[bad]!r} (U+{ord(key[bad]):04X}) at position {bad}, but HTTP "
+                         f"clients send the key in the Authorization header, printable ASCII only, so it could "
+                         f"never match; choose a key of ASCII letters, digits and punctuation")
+    if key != key.strip():
+        raise ValueError("the API key starts or ends with a space, which the Authorization header loses, so it "
+                         "could never match; remove the spaces")
+    return key
 
 
 class _Choices:
@@ -93,8 +132,13 @@ def logprobs_object(records: list[TokenLogprob]) -> dict:
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               retry_after_s: int = 1) -> Starlette:
-    """The ASGI app serving `engine` (already warmed up and started) as the model `model_name`."""
+               body_timeout_s: float = 30.0, retry_after_s: int = 1) -> Starlette:
+    """The ASGI app serving `engine` (already warmed up and started) as the model `model_name`.
+
+    `api_key` (printable ASCII, see `check_api_key`) is compared in constant time; a request body must
+    arrive within `body_timeout_s` seconds."""
+    if api_key is not None:
+        check_api_key(api_key)
     names = (model_name,)
     created = int(time.time())
 
@@ -137,8 +181,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def completions(request: Request) -> Response:
         check_key(request)
-        body = await read_json(request, max_body_bytes)
-        req = protocol.parse_completion_request(body, vocab_size=engine.model.config.vocab_size, model_names=names)
+        body = await read_json(request, max_body_bytes, body_timeout_s)
+        # Prompt token ids must be ids the tokenizer can decode (not a padded model vocabulary's extra ones).
+        req = protocol.parse_completion_request(body, vocab_size=engine.vocab_limit, model_names=names)
         prompt_ids, echo = await run_in_threadpool(prepare, req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()

@@ -4,7 +4,12 @@ Each loop iteration admits waiting sequences into free slots (a prefill each, sh
 prompt that are admitted together), then runs one decoding step over the busy slots and hands every new
 token to its request. A sequence that finishes (EOS, a stop string, `max_tokens`, or its client gone)
 frees its slot at once, and the next waiting sequence takes it at the next iteration: short requests
-never wait for long ones.
+never wait for long ones. An error in one request's own work (its admission, its tokens' text) ends that
+request alone with a 500; only a failure of the shared decoding step fails every request in flight.
+
+Only ids the tokenizer can decode are ever chosen or scored (`vocab_limit`, the tokenizer's vocab_size: a
+model vocabulary padded past it, as llm.c/nanoGPT checkpoints are, never yields the extra ids), and the
+HTTP side refuses prompts holding them.
 
 The slots live in one cache of 1, 2, 4, ... or `max_batch` rows, the smallest that holds the busy ones:
 it grows before sequences join and is compacted when half of it has gone idle (and nothing waits), so a
@@ -45,7 +50,7 @@ from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
 
 log = logging.getLogger("flax_gpt2.serve")
 
-_output_projection = jax.jit(output_projection, static_argnums=0)
+_output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 
 
 def _doubling(first: int, last: int) -> list[int]:
@@ -209,7 +214,10 @@ class Engine:
         context_length = min(context_length or config.n_positions, config.n_positions)
         self.model, self.tokenizer = model, tokenizer
         self.params = unwrap_params(params)
-        self.head = _output_projection(model, self.params)
+        # The one vocabulary rule (`limit_vocab`): a model vocabulary padded past the tokenizer's (50,304 for
+        # 50,257) never yields the extra ids, and prompts holding them are refused (400) before they queue.
+        self.vocab_limit = min(tokenizer.vocab_size, config.vocab_size)
+        self.head = _output_projection(model, self.params, self.vocab_limit)
         self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
         if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
@@ -218,7 +226,7 @@ class Engine:
                                   if b < context_length) | {context_length})
         self.cache_sizes = cache_sizes(max_batch)
         self.stats = Stats()
-        self._slots = device.init_slots(model, self.cache_sizes[0], context_length)
+        self._slots = device.init_slots(model, self.cache_sizes[0], context_length, self.vocab_limit)
         self._settings = device.RowSettings.empty(self.cache_sizes[0])
         self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -253,9 +261,9 @@ class Engine:
             mask = np.zeros((1, p), np.int32)
             mask[0, -1] = 1
             prefilled.append((ids, device.prefill_prompt(self.model, self.params, self.head, ids, mask)))
-            jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask))
+            jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask, self.vocab_limit))
         for n in self.cache_sizes:
-            slots = device.init_slots(self.model, n, self.context_length)
+            slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
             for ids, (logits, keys, values) in prefilled:
                 slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
                                       values)
@@ -266,7 +274,7 @@ class Engine:
                 if m != n:
                     slots = device.resize(slots, np.zeros(m, np.int32))
                     jax.block_until_ready(slots)
-                    slots = device.init_slots(self.model, n, self.context_length)
+                    slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
             jax.block_until_ready(token)
         self._warm = True
         return time.perf_counter() - start
@@ -316,7 +324,8 @@ class Engine:
                 busy = sum(s is not None for s in self._running)
                 self._fit(busy + sum(s.completion.request.max_tokens > 0 for s in admitted))
                 for sequence in admitted:
-                    self._admit(sequence)
+                    if not sequence.completion.cancelled:  # (another copy of its request may have failed)
+                        self._for_request(sequence.completion, self._admit, sequence)
                 if any(self._running):
                     self._step()
                 if not self._waiting:
@@ -324,6 +333,29 @@ class Engine:
             except Exception as e:  # a bug or a device failure: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(e)
+
+    def _for_request(self, completion: Completion, work: Callable, *args) -> None:
+        """Runs one request's host-side work (`_admit`, `_emit`): an error in it ends that request alone with
+        a 500, and every other request keeps running. Only a failure of the shared step fails them all."""
+        try:
+            work(*args)
+        except Exception as e:
+            log.exception("a request failed (the others keep running)")
+            self._fail_request(completion, e)
+
+    def _fail_request(self, completion: Completion, error: Exception) -> None:
+        """Ends one request with a 500 and frees its slots; its sequences still waiting are dropped."""
+        for slot, sequence in enumerate(self._running):
+            if sequence is not None and sequence.completion is completion:
+                self._free(slot)
+        if completion.cancelled:  # failed before, or its client has gone: no one to tell
+            return
+        completion.cancel()
+        try:
+            completion.deliver(Event((), error=APIError(500, f"the request failed: {type(error).__name__}: "
+                                                             f"{error}", code="engine_error")))
+        except Exception:  # its delivery itself is what failed: nothing more can reach that client
+            log.exception("could not tell the failed request")
 
     def _take_waiting(self) -> list[Sequence]:
         """Pops the waiting sequences that fit in the free slots (and those that need no slot)."""
@@ -407,11 +439,13 @@ class Engine:
         logits, keys, values = prefilled
         self._slots = device.insert(self._slots, np.int32(slot), np.int32(end), np.int32(len(ids)), padded, logits,
                                     keys, values)
+        sequence.slot = slot
+        self._running[slot] = sequence  # first: a failure below frees the slot (`_fail_request`)
         s = self._settings
         s.active[slot] = True
         s.greedy[slot] = request.greedy
         s.temperature[slot] = 1.0 if request.greedy else request.temperature
-        s.top_k[slot] = min(request.top_k, self.model.config.vocab_size)
+        s.top_k[slot] = min(request.top_k, self.vocab_limit)
         s.top_p[slot] = request.top_p
         s.repetition_penalty[slot] = request.repetition_penalty
         s.presence_penalty[slot] = request.presence_penalty
@@ -419,11 +453,9 @@ class Engine:
         s.seed[slot] = completion.seed
         s.stream[slot] = sequence.stream
         s.logprobs[slot] = request.logprobs is not None
-        sequence.slot = slot
-        self._running[slot] = sequence
 
     def _prompt_logprobs(self, padded, mask, ids: list[int], k: int) -> list[TokenLogprob]:
-        scores = device.score_prompt(self.model, self.params, padded, mask)
+        scores = device.score_prompt(self.model, self.params, padded, mask, self.vocab_limit)
         chosen, top_ids, top_values = (np.asarray(x) for x in scores)
         start = padded.shape[1] - len(ids)
         records, offset = [], 0
@@ -506,7 +538,7 @@ class Engine:
                                           self._top(token, float(chosen[j, slot]), top_ids[j, slot],
                                                     top_values[j, slot], sequence.completion.request.logprobs), 0)
                 self.stats.tokens += 1
-                self._emit(sequence, token, record)
+                self._for_request(sequence.completion, self._emit, sequence, token, record)
         self.stats.busy_slots = sum(s is not None for s in self._running)
 
     def _emit(self, sequence: Sequence, token: int, record: TokenLogprob | None) -> None:
@@ -557,7 +589,7 @@ class Engine:
         size = self.cache_sizes[0]
         self._running = [None] * size
         self._settings = device.RowSettings.empty(size)
-        self._slots = device.init_slots(self.model, size, self.context_length)
+        self._slots = device.init_slots(self.model, size, self.context_length, self.vocab_limit)
 
     # ---- tokenization for the HTTP side ----
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import time
 import uuid
 from typing import Any
@@ -81,12 +82,23 @@ class CompletionRequest:
         return self.temperature == 0
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+
+
+def _brief(value: Any) -> str:
+    """`repr(value)` cut short (a few items, two levels): an error message never echoes a megabyte of
+    input, nor recurses through deeply nested JSON."""
+    return _REPR.repr(value)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    # An int is finite however large (math.isfinite would overflow converting a 400-digit one to float).
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -94,11 +106,16 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, l
     if value is None:
         return default
     if not _is_number(value):
-        raise bad_request(f"{value!r} is not of type 'number' - '{name}'", name, "invalid_type")
-    if value < low or value > high or (low_open and value == low):
+        raise bad_request(f"{_brief(value)} is not of type 'number' - '{name}'", name, "invalid_type")
+    try:
+        number = float(value)
+    except OverflowError:  # an int of hundreds of digits: beyond every range
+        number = math.inf if value > 0 else -math.inf
+    if number < low or number > high or (low_open and number == low) or math.isinf(number):
         opening = "(" if low_open else "["
-        raise bad_request(f"{name} must be in {opening}{low:g}, {high:g}], got {value!r}", name, "invalid_value")
-    return float(value)
+        raise bad_request(f"{name} must be in {opening}{low:g}, {high:g}], got {_brief(value)}", name,
+                          "invalid_value")
+    return number
 
 
 def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -106,7 +123,7 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     if value is None:
         return default
     if not _is_int(value):
-        raise bad_request(f"{value!r} is not of type 'integer' - '{name}'", name, "invalid_type")
+        raise bad_request(f"{_brief(value)} is not of type 'integer' - '{name}'", name, "invalid_type")
     if not low <= value <= high:
         raise bad_request(f"{name} must be an integer from {low} to {high}, got {value}", name, "invalid_value")
     return value
@@ -117,7 +134,7 @@ def _boolean(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad_request(f"{value!r} is not of type 'boolean' - '{name}'", name, "invalid_type")
+        raise bad_request(f"{_brief(value)} is not of type 'boolean' - '{name}'", name, "invalid_type")
     return value
 
 
@@ -129,8 +146,8 @@ def _prompts(value, vocab_size: int) -> list[str | list[int]]:
                 raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
                                   "lists of token ids", "prompt", "invalid_type")
             if not 0 <= token < vocab_size:
-                raise bad_request(f"token id {token} in the prompt is out of range [0, {vocab_size})", "prompt",
-                                  "invalid_value")
+                raise bad_request(f"token id {token} in the prompt is out of range [0, {vocab_size}) (the ids "
+                                  f"this model's tokenizer can decode)", "prompt", "invalid_value")
         return list(ids)
 
     if isinstance(value, str):
@@ -152,7 +169,8 @@ def _prompts(value, vocab_size: int) -> list[str | list[int]]:
 
 
 def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[str, ...]) -> CompletionRequest:
-    """Validates a decoded JSON body; raises `APIError` (400, or 404 for an unknown model)."""
+    """Validates a decoded JSON body; raises `APIError` (400, or 404 for an unknown model). Prompt token
+    ids must be below `vocab_size`: the tokenizer's, which a padded model vocabulary may exceed."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     unknown = sorted(set(body) - KNOWN_FIELDS)
@@ -162,7 +180,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
     if model is None:
         raise bad_request("you must provide a model parameter", "model", "missing_required_parameter")
     if not isinstance(model, str):
-        raise bad_request(f"{model!r} is not of type 'string' - 'model'", "model", "invalid_type")
+        raise bad_request(f"{_brief(model)} is not of type 'string' - 'model'", "model", "invalid_type")
     if model not in model_names:
         raise APIError(404, f"The model `{model}` does not exist; this server serves {model_names[0]!r}",
                        param="model", code="model_not_found")
@@ -181,7 +199,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
         raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_value")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise bad_request(f"{user!r} is not of type 'string' - 'user'", "user", "invalid_type")
+        raise bad_request(f"{_brief(user)} is not of type 'string' - 'user'", "user", "invalid_type")
 
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     if 0 < temperature < MIN_TEMPERATURE:
@@ -191,7 +209,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
     top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
-        raise bad_request(f"{seed!r} is not of type 'integer' - 'seed'", "seed", "invalid_type")
+        raise bad_request(f"{_brief(seed)} is not of type 'integer' - 'seed'", "seed", "invalid_type")
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()

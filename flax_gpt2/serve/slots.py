@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2.generation.logits_processors import (apply_temperature, argmax, draw_tokens, repetition_penalty,
-                                                    top_p_filter)
+from flax_gpt2.generation.logits_processors import (apply_temperature, argmax, draw_tokens, limit_vocab,
+                                                    repetition_penalty, top_p_filter)
 from flax_gpt2.generation.model_step import forward, prefill
 from flax_gpt2.kv_cache import KVCache
 from flax_gpt2.model import GPT2LMHeadModel
@@ -47,7 +47,7 @@ class Slots:
     lengths: Array  # [N] int32: real prompt tokens (= position id of the first new token)
     start: Array  # [N] int32: column of the first new token
     pos: Array  # [N] int32: column the next chosen token goes to (start + new tokens so far)
-    logits: Array  # [N, V] float32: logits for the token in column `pos`
+    logits: Array  # [N, V] float32: logits for the token in column `pos` (V: the tokenizer's ids, see engine)
 
 
 @flax.struct.dataclass
@@ -76,15 +76,15 @@ class RowSettings:
                    stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool))
 
 
-def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int) -> Slots:
-    """N empty slots of `cache_len` columns each."""
+def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: int) -> Slots:
+    """N empty slots of `cache_len` columns each, for logits over `vocab` ids (the output projection's width)."""
     config = model.config
     cache = KVCache.init(config, num_slots, cache_len)
     zeros = lambda dtype: jnp.zeros((num_slots,), dtype)  # noqa: E731
     return Slots(keys=cache.keys, values=cache.values, tokens=jnp.zeros((num_slots, cache_len), jnp.int32),
                  mask=jnp.zeros((num_slots, cache_len), jnp.int32), lengths=zeros(jnp.int32),
                  start=zeros(jnp.int32), pos=zeros(jnp.int32),
-                 logits=jnp.zeros((num_slots, config.vocab_size), jnp.float32))
+                 logits=jnp.zeros((num_slots, vocab), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -97,16 +97,17 @@ def prefill_prompt(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: 
     return logits, cache.keys, cache.values
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def score_prompt(model: GPT2LMHeadModel, params: Any, input_ids: Array, attention_mask: Array):
-    """Log-probabilities of a left-padded prompt's own tokens (for `echo` with `logprobs`).
+@functools.partial(jax.jit, static_argnames=("model", "vocab_limit"))
+def score_prompt(model: GPT2LMHeadModel, params: Any, input_ids: Array, attention_mask: Array, vocab_limit: int):
+    """Log-probabilities of a left-padded prompt's own tokens (for `echo` with `logprobs`), over the ids
+    the tokenizer can decode (`limit_vocab`), the same distribution the decoding step draws from.
 
     Returns `(chosen [P], top_ids [P, MAX_LOGPROBS], top_logprobs [P, MAX_LOGPROBS])`: column c scores the
     token in column c + 1 given the tokens up to c (the last column scores nothing).
     """
     mask = attention_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits = model.apply({"params": params}, input_ids, mask, positions).logits[0]  # [P, V]
+    logits = limit_vocab(model.apply({"params": params}, input_ids, mask, positions).logits[0], vocab_limit)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     following = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])
     chosen = jnp.take_along_axis(logprobs, following[:, None], axis=1)[:, 0]
