@@ -6,8 +6,9 @@
    `vocab.bpe` (OpenAI's names for the same two files);
 2. for a hub name: those files from the Hugging Face hub (its cache, or a download when online). For
    OpenAI's GPT-2 names (`"gpt2"`, `"openai-community/gpt2-xl"`, `"distilgpt2"`, ...) and for `None`, which
-   means the standard GPT-2 encoding, tiktoken's own `gpt2` encoding stands in, and local copies (either
-   cache) are tried before the network. With no network, the error says how to work offline.
+   means the standard GPT-2 encoding, the copy of GPT-2's files shipped in the package (`flax_gpt2.assets`)
+   is used, offline; only if that copy is damaged are the caches (the hub's, tiktoken's) and then the
+   network tried. With no network, the error says how to work offline.
 
 Files are checked against the sha256 sums tiktoken expects for GPT-2. Files that differ only in their
 JSON formatting (say, re-saved by transformers) are still the standard encoding. Files with a different
@@ -354,8 +355,8 @@ def get_tokenizer(name_or_path: str | os.PathLike | None = None, *,
     Args:
         name_or_path: a folder with `vocab.json` + `merges.txt` (or `encoder.json` + `vocab.bpe`); a hub
             name (`"gpt2"`, `"openai-community/gpt2-medium"`, `"user/model"`), looked up in the Hugging
-            Face cache (downloaded when online) and, for OpenAI's GPT-2 names, in tiktoken's cache
-            (`TIKTOKEN_CACHE_DIR`); or `None` for the standard GPT-2 encoding (same as `"gpt2"`).
+            Face cache (downloaded when online); or `None` for the standard GPT-2 encoding (same as
+            `"gpt2"`). OpenAI's GPT-2 names load the files shipped with the package, offline.
         pass_folder_as: how the error for a tokenizer that cannot be loaded offline says to pass a local
             folder: `"get_tokenizer('/path/to/gpt2')"` by default; command lines give their flag, e.g.
             `"--config.data.tokenizer=DIR"`.
@@ -367,7 +368,8 @@ def get_tokenizer(name_or_path: str | os.PathLike | None = None, *,
 
     Raises:
         FileNotFoundError: a folder is missing one of the two files, or a path does not exist.
-        ValueError: a file is malformed (the message names the file and line), or the files disagree.
+        ValueError: a file is malformed (the message names the file and line), the files disagree, or a
+            folder holds both pairs of names with different contents.
         OSError: a hub name could not be loaded (e.g. no network); the message says how to work offline.
     """
     source = tokenizer_sources.locate(name_or_path, pass_folder_as=pass_folder_as)

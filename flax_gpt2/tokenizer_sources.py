@@ -52,7 +52,7 @@ def locate(name_or_path: str | os.PathLike | None, *,
 
     Raises:
         FileNotFoundError: a folder is missing one of the two files, or a path does not exist.
-        ValueError: the path is a file.
+        ValueError: the path is a file, or a folder holding two different tokenizers.
         OSError: a hub name could not be loaded (e.g. no network); the message says how to work offline.
     """
     if name_or_path is None:  # never a folder that happens to be called "gpt2"
@@ -77,17 +77,20 @@ def _folder_files(folder: str) -> tuple[str, str]:
     return files
 
 
-def _hub_offline() -> bool:
-    from flax_gpt2 import remote_models  # HF_HUB_OFFLINE, or one short probe found the hub unreachable
+def _hub_offline() -> str:
+    """Why no download may be tried ("" if they may): HF_HUB_OFFLINE, or one short probe found no network."""
+    from flax_gpt2 import remote_models
 
-    return bool(remote_models.hub_unreachable())
+    return remote_models.hub_unreachable()
 
 
 def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | tiktoken.Encoding:
     errors: list[str] = []
     offline = _hub_offline()
+    if offline:
+        errors.append(f"downloads: not tried ({offline})")
     if name not in _GPT2_HUB_NAMES:
-        files = _from_hub(name, errors, local_files_only=offline)
+        files = _from_hub(name, errors, local_files_only=bool(offline))
         if files is None:
             raise OSError(_offline_help(name, errors, pass_folder_as))
         return files

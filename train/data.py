@@ -187,8 +187,8 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     source = data_config.source
     if not source:
         raise ConfigValueError("config.data.source is empty: give --config.data.source=... (a text/jsonl file, a "
-                               "folder, a tokenized corpus or a datasets name); the demo configs fill it in from "
-                               "$FLAX_GPT2_SHARED when that names a folder with data/tinyshakespeare.txt")
+                               "folder, a tokenized corpus or a datasets name); the demo configs (shakespeare, "
+                               "tiny) fill it in with the text shipped in the package")
     corpus = source if file_io.is_url(source) else os.path.expanduser(source)
     if file_io.exists(file_io.join(corpus, "meta.json")):  # a tokenize_corpus folder
         if file_io.is_url(corpus):
