@@ -338,3 +338,23 @@ def test_a_flood_of_half_open_connections_does_not_lock_clients_out(server):
     assert f"at most {FILE_LIMIT // 2} open" in log  # the default cap: half of `ulimit -n`
     assert "refused a connection" in log and "--max_connections" in log
     assert "Traceback" not in log
+
+
+def test_the_connection_cap_fits_the_open_file_limit():
+    """The default cap is half of `ulimit -n` (at most 1000); a larger explicit cap raises the soft limit up
+    to the hard one, and one past the hard limit is a usage error naming the flag."""
+    from flax_gpt2.cli import UsageError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 512)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        assert serve_cli.connection_cap(None) == low // 2
+        if hard != resource.RLIM_INFINITY:
+            with pytest.raises(UsageError, match="--max_connections"):
+                serve_cli.connection_cap(hard)
+        if hard == resource.RLIM_INFINITY or hard >= low + 100 + serve_cli.RESERVED_FILES:
+            assert serve_cli.connection_cap(low + 100) == low + 100
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low + 100 + serve_cli.RESERVED_FILES
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
