@@ -86,6 +86,13 @@ def _hub_offline() -> str:
 
 def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | tiktoken.Encoding:
     errors: list[str] = []
+    # OpenAI's GPT-2 files never change, so any local copy (the shipped one, the hub cache under either
+    # name, or tiktoken's cache) is used before the network is touched, or even probed.
+    if name in _GPT2_HUB_NAMES:
+        try:
+            return bpe_files.tokenizer_files(assets.path(assets.GPT2_BPE))
+        except assets.DamagedAsset as e:
+            errors.append(f"the copy shipped with flax_gpt2: {e}")
     offline = _hub_offline()
     if offline:
         errors.append(f"downloads: not tried ({offline})")
@@ -94,12 +101,6 @@ def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | t
         if files is None:
             raise OSError(_offline_help(name, errors, pass_folder_as))
         return files
-    # OpenAI's GPT-2 files never change, so any local copy (the shipped one, the hub cache under either
-    # name, or tiktoken's cache) is used before the network is touched.
-    try:
-        return bpe_files.tokenizer_files(assets.path(assets.GPT2_BPE))
-    except assets.DamagedAsset as e:
-        errors.append(f"the copy shipped with flax_gpt2: {e}")
     for repo_id in _GPT2_HUB_NAMES[name]:
         if files := _from_hub(repo_id, errors, local_files_only=True):
             return files

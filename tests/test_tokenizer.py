@@ -549,8 +549,16 @@ def test_missing_files_are_clear_errors(bpe_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", [None, "gpt2", "openai-community/gpt2-medium", "distilgpt2"])
-def test_gpt2_names_load_offline_from_the_shipped_copy(offline, tok, name):
-    # Empty caches and no network: the standard encoding still loads, from the files shipped in the package.
+def test_gpt2_names_load_offline_from_the_shipped_copy(offline, tok, name, monkeypatch):
+    # Empty caches and no network: the standard encoding still loads, from the files shipped in the package,
+    # without even the short probe of the hub (HF_HUB_OFFLINE unset) that other names wait for.
+    from flax_gpt2 import remote_models
+
+    def no_probe():
+        raise AssertionError("the network was probed for GPT-2's own files")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(remote_models, "hub_unreachable", no_probe)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shipped = get_tokenizer(name)
@@ -600,6 +608,9 @@ def test_hub_name_without_network_says_how_to_work_offline(empty_caches, monkeyp
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    from flax_gpt2 import remote_models
+
+    monkeypatch.setattr(remote_models, "hub_unreachable", lambda: "")  # the hub answers the probe; downloads fail
 
     def no_hub(*args, **kwargs):  # huggingface_hub retries for ~20 s before failing; fail at once instead
         if kwargs.get("local_files_only"):
