@@ -1,5 +1,6 @@
 """Shared offline fixtures: the ../shared folder, tiny configs, and random-init HF reference checkpoints."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,21 @@ SHARED = Path(os.environ.get("FLAX_GPT2_SHARED", Path(__file__).resolve().parent
 # The demo configs (configs/tiny.py, ...) find their data only through this variable; the test runs and the
 # command lines they start inherit it.
 os.environ.setdefault("FLAX_GPT2_SHARED", str(SHARED))
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's and TensorStore's info and warning records (async saves and restores log per array and per
+    thread; the records of saves still finishing after their test reach stderr directly, hundreds of lines at
+    the end of a run). Their errors pass, and so does everything else on absl's logger."""
+
+    _SOURCES = (f"{os.sep}orbax{os.sep}", f"{os.sep}tensorstore{os.sep}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not any(s in record.pathname for s in self._SOURCES)
+
+
+# orbax logs through absl, whose records all go to the logger named "absl".
+logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
 def set_dotted(config, overrides: dict) -> None:
