@@ -445,6 +445,9 @@ def test_hub_download_fetches_one_weights_format(hf_tiny, monkeypatch):
     listing = ["config.json", "vocab.json", "merges.txt", "tokenizer.json", "README.md", "tf_model.h5",
                "flax_model.msgpack", "pytorch_model.bin", "model.safetensors", "onnx/decoder_model.onnx"]
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: listing)
+    from flax_gpt2 import remote_models
+
+    monkeypatch.setattr(remote_models, "hub_unreachable", lambda: "")  # HF_HUB_OFFLINE and the probe say "reachable"
 
     def snapshot_download(repo_id, **kwargs):
         calls.append((repo_id, kwargs))

@@ -368,6 +368,18 @@ def test_offline_hub_lookup_fails_after_one_short_probe(tmp_path):
     assert _took(proc.stdout) < 10, proc.stdout
 
 
+def test_offline_tokenizer_lookup_fails_after_one_short_probe(tmp_path):
+    """Was: ~20 s of hub retries, then tiktoken's download, before the error. (Not GPT-2's own name: its
+    files ship with the package and load offline.)"""
+    call = 'from flax_gpt2.tokenizer import get_tokenizer; get_tokenizer("someone/their-bpe")'
+    proc = subprocess.run([sys.executable, "-c", _TIMED.format(call=call)], env=_no_network_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OSError: could not load the tokenizer for 'someone/their-bpe'" in proc.stdout, proc.stdout
+    assert "downloads: not tried (127.0.0.1:" in proc.stdout and "did not answer a 3 s probe" in proc.stdout
+    assert _took(proc.stdout) < 10, proc.stdout
+
+
 def _custom_tokenizer(folder: Path) -> None:
     """A byte-level BPE that is not GPT-2's (256 bytes, one merge, <|endoftext|>)."""
     from flax_gpt2 import bpe_files
