@@ -98,27 +98,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# File descriptors kept for everything but client connections (the model's files, logs, JAX's runtime).
-RESERVED_FILES = 64
-
-
-def connection_cap(requested: int | None) -> int:
-    """`--max_connections`, or its default; raises the open-file limit (soft, up to the hard one) when the
-    cap needs it, so that client sockets can never use up the descriptors the server itself needs."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if requested is None:
-        return max(1, min(1000, soft // 2))
-    needed = requested + RESERVED_FILES
-    if needed > soft:
-        if hard != resource.RLIM_INFINITY and needed > hard:
-            raise cli.UsageError(f"--max_connections {requested} needs {needed} open files, more than this process "
-                                 f"may open (ulimit -Hn = {hard}); lower it or raise the limit")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    return requested
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
     return cli.run(_main, argv, prog=PROG)
@@ -140,7 +119,7 @@ def _main(argv: Sequence[str]) -> None:
 
     from flax_gpt2.sample import enable_compilation_cache, load_model
     from flax_gpt2.serve.api import create_app
-    from flax_gpt2.serve.connections import limited_protocol
+    from flax_gpt2.serve.connections import connection_cap, limited_protocol
     from flax_gpt2.serve.engine import Engine
 
     max_connections = connection_cap(args.max_connections)

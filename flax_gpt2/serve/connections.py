@@ -9,7 +9,8 @@ protocol with two more limits:
   connection's first moment (or, on a kept-alive connection, of the next request's first byte); else the
   connection is closed (with a 408 when part of a head came);
 - at most `max_connections` connections are open at once; one more is answered 503 and closed at once,
-  so that a flood costs a descriptor only for a moment.
+  so that a flood costs a descriptor only for a moment. The default cap (`connection_cap`) is half of the
+  open-file limit, at most 1000, so client sockets never take the descriptors the server itself needs.
 
 Refusals and timeouts are logged, the first at once and the rest as one count per `LOG_INTERVAL_S`. A
 request body that trickles is the app's to bound (`api.read_json`'s `--body_timeout`).
@@ -20,12 +21,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from flax_gpt2.cli import UsageError
 
 log = logging.getLogger("flax_gpt2.serve")
 
 LOG_INTERVAL_S = 10.0
+# File descriptors kept for everything but client connections (the model's files, logs, JAX's runtime).
+RESERVED_FILES = 64
+
+
+def connection_cap(requested: int | None) -> int:
+    """`--max_connections`, or its default; raises the open-file limit (soft, up to the hard one) when the
+    cap needs it, so that client sockets can never use up the descriptors the server itself needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if requested is None:
+        return max(1, min(1000, soft // 2))
+    needed = requested + RESERVED_FILES
+    if needed > soft:
+        if hard != resource.RLIM_INFINITY and needed > hard:
+            raise UsageError(f"--max_connections {requested} needs {needed} open files, more than this process "
+                             f"may open (ulimit -Hn = {hard}); lower it or raise the limit")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    return requested
 
 
 def _raw_response(status: str, message: str, code: str, extra: str = "") -> bytes:

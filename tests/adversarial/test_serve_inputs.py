@@ -344,17 +344,18 @@ def test_the_connection_cap_fits_the_open_file_limit():
     """The default cap is half of `ulimit -n` (at most 1000); a larger explicit cap raises the soft limit up
     to the hard one, and one past the hard limit is a usage error naming the flag."""
     from flax_gpt2.cli import UsageError
+    from flax_gpt2.serve.connections import RESERVED_FILES, connection_cap
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(soft, 512)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
-        assert serve_cli.connection_cap(None) == low // 2
+        assert connection_cap(None) == low // 2
         if hard != resource.RLIM_INFINITY:
             with pytest.raises(UsageError, match="--max_connections"):
-                serve_cli.connection_cap(hard)
-        if hard == resource.RLIM_INFINITY or hard >= low + 100 + serve_cli.RESERVED_FILES:
-            assert serve_cli.connection_cap(low + 100) == low + 100
-            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low + 100 + serve_cli.RESERVED_FILES
+                connection_cap(hard)
+        if hard == resource.RLIM_INFINITY or hard >= low + 100 + RESERVED_FILES:
+            assert connection_cap(low + 100) == low + 100
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low + 100 + RESERVED_FILES
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
