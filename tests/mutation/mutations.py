@@ -199,13 +199,6 @@ MUTATIONS: tuple[Mutation, ...] = (
           "return tree"),),
         ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
         "a run that switches scan_layers on resume cannot restore its AdamW moments (kept in the old layout)"),
-    Mutation(
-        "converted_restore_not_placed", "train/checkpointing.py",
-        (("restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),\n"
-          "                                              jax.tree.map(lambda a: a.sharding, getattr(abstract_state, k)))",
-          "restored = {k: layer_stacking.convert_tree(restored[k], current_scan)"),),
-        ("tests/test_layer_stacking.py::test_a_per_layer_checkpoint_restores_in_either_layout_placed_by_its_shardings",),
-        "after a layout switch the restored arrays keep whatever placement the conversion left them with"),
     # --- compile_only's fit decision --------------------------------------------------------------------
     Mutation(
         "fits_against_total_hbm", "train/compile_only.py",
