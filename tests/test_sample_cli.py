@@ -233,12 +233,11 @@ def test_pipeline_errors(loaded):
 
 def test_a_relative_training_run_path(tmp_path, monkeypatch):
     """`--model runs/x` (relative) used to fail inside orbax, which needs absolute checkpoint paths."""
-    run_checkpoint = pytest.importorskip("flax_gpt2.run_checkpoint")
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
+    from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params, run_checkpoint
     from flax_gpt2.pretrained import resolve
 
     config = GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)
