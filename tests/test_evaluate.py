@@ -241,7 +241,7 @@ def test_defaults_follow_the_model(tiny, tmp_path, capsys):
     assert result["max_length"] == 128  # the old name of the field, kept for scripts that read it
     assert result["num_tokens"] == result["text_tokens"] - 1
     assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress",
-                          "--stride", "200"]) == 1
+                          "--stride", "200"]) == 2  # a usage error
     assert "--stride (200) must not exceed the window (128" in capsys.readouterr().err
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_model
+from serve_process import server_process
 
 import openai  # the `test` extra installs it, and the `serve` extra's starlette and uvicorn
 
@@ -30,12 +30,6 @@ MAX_BATCH = 4
 MAX_QUEUE = 24
 MAX_BODY = 65536
 EOT = 50256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(port, path, headers=None):
@@ -88,33 +82,11 @@ def torch_reference(tiny_folder):
 
 @pytest.fixture(scope="module")
 def server(tiny_folder, tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")))
-    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flax_gpt2.serve", "--model", str(tiny_folder), "--served_model_name", "tiny",
-         "--port", str(port), "--max_batch", str(MAX_BATCH), "--context_length", str(CONTEXT_LENGTH),
-         "--prompt_buckets", "16,64", "--max_queue", str(MAX_QUEUE), "--max_body_bytes", str(MAX_BODY),
-         "--api_key", API_KEY], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parents[1])
-    deadline = time.time() + 300
-    while True:
-        try:
-            if _health(port)["status"] == "ok":
-                break
-        except (OSError, http.client.HTTPException):
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield port
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["--model", str(tiny_folder), "--served_model_name", "tiny", "--max_batch", str(MAX_BATCH),
+            "--context_length", str(CONTEXT_LENGTH), "--prompt_buckets", "16,64", "--max_queue", str(MAX_QUEUE),
+            "--max_body_bytes", str(MAX_BODY), "--api_key", API_KEY]
+    with server_process(args, tmp_path_factory) as (port, _):
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,17 @@ vocabulary.
 
 import http.client
 import json
-import os
 import resource
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from adversarial.test_generation_inputs import TOKENIZER_VOCAB, padded_vocab_folders
+from serve_process import server_process
 from flax_gpt2 import from_pretrained, generate, get_tokenizer
 from flax_gpt2.serve import __main__ as serve_cli
 
@@ -32,19 +29,6 @@ API_KEY = "sk-hostile-test"
 FILE_LIMIT = 256
 HEADER_TIMEOUT = 1.0
 EOT = 50256
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _health(port) -> dict:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/health")
-    return json.loads(conn.getresponse().read())
 
 
 @pytest.fixture(scope="module")
@@ -56,37 +40,11 @@ def folders(tmp_path_factory, bpe_dir):
 def server(folders, tmp_path_factory):
     """`(port, log path)` of a server on the padded model, with 256 descriptors and 1 s timeouts (one slot and
     one step per call: the fewest compilations; the bad requests are refused before they reach the engine)."""
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")))
-    log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flax_gpt2.serve", "--model", str(folders[0]), "--served_model_name", "tiny",
-         "--port", str(port), "--max_batch", "1", "--decode_steps", "1", "--context_length", "32",
-         "--api_key", API_KEY, "--header_timeout", str(HEADER_TIMEOUT), "--body_timeout", "1",
-         "--timeout_keep_alive", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    # `ulimit -n 256`, set from here at once (long before the server opens its port; no fork-time hook in a
-    # process that runs JAX's threads).
-    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (FILE_LIMIT, FILE_LIMIT))
-    deadline = time.time() + 300
-    while True:
-        try:
-            if _health(port)["status"] == "ok":
-                break
-        except (OSError, http.client.HTTPException, ValueError):
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield port, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["--model", str(folders[0]), "--served_model_name", "tiny", "--max_batch", "1", "--decode_steps", "1",
+            "--context_length", "32", "--api_key", API_KEY, "--header_timeout", str(HEADER_TIMEOUT),
+            "--body_timeout", "1", "--timeout_keep_alive", "1"]
+    with server_process(args, tmp_path_factory, file_limit=FILE_LIMIT) as started:
+        yield started
 
 
 def _client(port) -> openai.OpenAI:
