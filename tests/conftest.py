@@ -32,6 +32,22 @@ class _QuietOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
+def run_device_worker(test_file: str, out: Path, devices: int, timeout: float) -> dict:
+    """Runs `python TEST_FILE worker OUT` on `devices` fake CPU devices (XLA's host-platform device count must
+    be set before JAX starts, hence a subprocess) and returns the JSON the worker wrote to `out`."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, test_file, "worker", str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(Path(out).read_text())
+
+
 def set_dotted(config, overrides: dict) -> None:
     """`set_dotted(config, {"optimizer.lr": 1e-3})`: assigns ml_collections config keys by dotted path."""
     for key, value in overrides.items():

@@ -7,14 +7,14 @@ run as a script (`python tests/test_layer_stacking.py worker OUT`) writes its fi
 """
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import run_device_worker
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -170,12 +170,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, shared_dir):
     out = tmp_path_factory.mktemp("layer_stacking") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, "worker", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_device_worker(__file__, out, devices=2, timeout=900)
 
 
 def test_restore_targets_have_the_other_layouts_shapes_and_shardings(results):

@@ -6,12 +6,13 @@ file run as a script (`python tests/test_train_sharding.py worker OUT`) writes i
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import run_device_worker
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -114,12 +115,7 @@ def _tiny_train_config():
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, __file__, "worker", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return run_device_worker(__file__, out, devices=8, timeout=600)
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))

@@ -492,13 +492,18 @@ def st_header_longer_than_file(folder):
     return path
 
 
+def _raw_safetensors(folder, header: bytes, data: bytes = b"") -> Path:
+    """`model.safetensors` written byte by byte: the 8-byte length, `header`, then `data`."""
+    path = folder / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
 @case("read_weights", ValueError, r"is not a valid safetensors file", memory=True)
 def st_shape_larger_than_data(folder):
     """A header that declares a 2**20 x 2**20 float32 tensor over 16 bytes."""
     header = json.dumps({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}).encode()
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
-    return path
+    return _raw_safetensors(folder, header, bytes(16))
 
 
 def _empty_tensors_header(count: int) -> bytes:
@@ -511,18 +516,14 @@ def _empty_tensors_header(count: int) -> bytes:
 def st_header_of_600k_empty_tensors(folder):
     """A 61 MB header of 600k empty tensors: the library built them all (753 MiB) before."""
     header = _empty_tensors_header(600_000)
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header)
-    return path
+    return _raw_safetensors(folder, header)
 
 
 @case("read_weights", ValueError, r"lists more than 4096 tensors in its safetensors header")
 def st_header_of_5000_empty_tensors(folder):
     """Under the byte cap, over the tensor count."""
     header = _empty_tensors_header(5000)
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header)
-    return path
+    return _raw_safetensors(folder, header)
 
 
 @case("read_weights", ValueError, r"tensor transformer\.wte\.weight has dtype F8_E5M2, which numpy cannot hold")
@@ -530,9 +531,7 @@ def st_float8_tensor(folder):
     """safetensors' numpy reader raised AttributeError (a traceback) for float8 dtypes."""
     header = json.dumps({"transformer.wte.weight": {"dtype": "F8_E5M2", "shape": [16, 8],
                                                     "data_offsets": [0, 128]}}).encode()
-    path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(128))
-    return path
+    return _raw_safetensors(folder, header, bytes(128))
 
 
 @case("read_weights", ValueError, r"is not a valid safetensors file")
