@@ -48,6 +48,28 @@ def run_device_worker(test_file: str, out: Path, devices: int, timeout: float) -
     return json.loads(Path(out).read_text())
 
 
+def venv_beside_this_interpreter(env_dir: Path, extra_paths: tuple[str, ...] = ()) -> Path:
+    """A fresh venv that also sees the site-packages this interpreter imports from; returns its python.
+
+    Not `system_site_packages=True`: from inside a venv (a newcomer's setup, and CI's) that exposes the base
+    interpreter's packages, not the venv's, and jax is missing. The parent folders are plain lines of a
+    .pth file, added after the venv's own site-packages: their own .pth files (this checkout's editable
+    install) are not run, so the venv's copy of flax_gpt2 is the one imported. `extra_paths` (e.g. this
+    checkout) are added after them.
+    """
+    import subprocess
+    import sys
+    import venv
+
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    parents = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    (Path(own) / "_parent_site_packages.pth").write_text("".join(p + "\n" for p in [*parents, *extra_paths]))
+    return python
+
+
 def set_dotted(config, overrides: dict) -> None:
     """`set_dotted(config, {"optimizer.lr": 1e-3})`: assigns ml_collections config keys by dotted path."""
     for key, value in overrides.items():

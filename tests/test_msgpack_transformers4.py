@@ -1,17 +1,20 @@
 """`convert --format msgpack` against the real reader it is for: transformers 4.x (which had Flax), installed
-into a throwaway venv beside this interpreter's packages. Slow (a pip install); skipped when the package
+into a throwaway venv that also sees this interpreter's packages (and this checkout). Slow (a pip install); skipped when the package
 registry cannot be reached."""
 
 import json
 import subprocess
 import sys
-import venv
+from pathlib import Path
 
 import pytest
+
+from conftest import venv_beside_this_interpreter
 
 pytestmark = pytest.mark.slow
 
 TRANSFORMERS_WITH_FLAX = "transformers==4.46.3"
+REPO = Path(__file__).resolve().parents[1]
 
 # Runs inside the venv: transformers 4.x writes a random GPT-2, flax_gpt2 converts it to msgpack, and both
 # transformers 4.x's Flax model and its PyTorch `from_flax` loader read the msgpack back.
@@ -51,8 +54,8 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def transformers4(tmp_path_factory):
     env_dir = tmp_path_factory.mktemp("transformers4") / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
-    python = env_dir / "bin" / "python"
+    # flax_gpt2 from this checkout; the venv's own transformers 4.x before this interpreter's packages.
+    python = venv_beside_this_interpreter(env_dir, extra_paths=(str(REPO),))
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                               TRANSFORMERS_WITH_FLAX, "huggingface_hub<1", "tokenizers<0.21"],
                              capture_output=True, text=True, timeout=600)

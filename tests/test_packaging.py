@@ -8,11 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
-import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from conftest import venv_beside_this_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,23 +48,6 @@ def test_wheel_has_one_top_level_package_with_every_module(wheel):
         assert not missing, f"not packaged: {sorted(missing)}"
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "flax-gpt2-train = flax_gpt2.train.__main__:main" in entry_points
-
-
-def _venv_with_this_interpreters_packages(env_dir: Path) -> Path:
-    """A fresh venv that also sees the site-packages this interpreter imports from; returns its python.
-
-    Not `system_site_packages=True`: from inside a venv (a newcomer's setup, and CI's) that exposes the base
-    interpreter's packages, not the venv's, and jax is missing. The parent folders are plain lines of a
-    .pth file, added after the venv's own site-packages: their own .pth files (this checkout's editable
-    install) are not run, so the venv's copy of flax_gpt2 is the one imported.
-    """
-    venv.create(env_dir, with_pip=False)
-    python = env_dir / "bin" / "python"
-    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    parents = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
-    (Path(own) / "_parent_site_packages.pth").write_text("".join(p + "\n" for p in parents))
-    return python
 
 
 def _clean_env(**extra) -> dict:
@@ -122,7 +106,7 @@ def test_installed_app_trains_a_shipped_config_by_name(wheel, tmp_path):
     venv's copy, on the corpus and tokenizer shipped in the wheel: no FLAX_GPT2_SHARED, empty Hugging Face
     and tiktoken caches, no network. `import train` / `import configs` find nothing."""
     env_dir = tmp_path / "venv"
-    python = _venv_with_this_interpreters_packages(env_dir)
+    python = venv_beside_this_interpreter(env_dir)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
                     str(wheel)], check=True, capture_output=True, timeout=300)
     work = tmp_path / "elsewhere"
