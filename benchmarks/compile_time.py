@@ -41,7 +41,7 @@ def compile_seconds(preset: str, scan: bool, seq_len: int, micro: int) -> float:
     import flax.linen as nn
 
     from device_check import _train_setup
-    from flax_gpt2.config import GPT2Config
+    from flax_gpt2.modeling.config import GPT2Config
 
     config = GPT2Config.from_preset(preset, dtype=jnp.bfloat16, scan_layers=scan, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0)
@@ -56,7 +56,7 @@ def step_seconds(preset: str, scan: bool, seq_len: int, micro: int, steps: int =
     import flax.linen as nn
 
     from device_check import _train_setup
-    from flax_gpt2.config import GPT2Config
+    from flax_gpt2.modeling.config import GPT2Config
     from flax_gpt2.train import step as step_lib
 
     config = GPT2Config.from_preset(preset, dtype=jnp.float32, scan_layers=scan, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(f"{cpu_name()}; jax {jax.__version__}; Python {platform.python_version()}; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print("| model | layers | unrolled compile s | scanned compile s | ratio |\n|---|---|---|---|---|", flush=True)
-    from flax_gpt2.config import PRESETS
+    from flax_gpt2.modeling.config import PRESETS
     for preset in args.presets.split(","):
         unrolled = compile_seconds(preset, False, args.seq_len, 1)
         scanned = compile_seconds(preset, True, args.seq_len, 1)

@@ -31,7 +31,7 @@ import json, time, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 import flax_gpt2
-from flax_gpt2.model import GPT2LMHeadModel, init_params
+from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
 
 def best(f, n=20):
     f(); ts = []

@@ -53,7 +53,7 @@ def _opt_config():
 
 def _train_setup(config, micro: int, seq_len: int):
     """(jitted step, abstract args, mesh) for one chip: state shardings from the model's logical axes."""
-    from flax_gpt2.model import GPT2LMHeadModel
+    from flax_gpt2.modeling.model import GPT2LMHeadModel
     from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     device = jax.devices()[:1]
@@ -89,7 +89,7 @@ def _fits(config, micro: int, seq_len: int, memory: int | None) -> tuple[bool, f
 def train_case(preset: str, seq_len: int, attention: str, scan: bool, max_micro: int, steps: int) -> dict:
     import flax.linen as nn
 
-    from flax_gpt2.config import GPT2Config
+    from flax_gpt2.modeling.config import GPT2Config
     from flax_gpt2.train import metrics, step as step_lib
 
     # Dropout 0, as pretraining runs use (and the fused kernels require).
@@ -127,7 +127,7 @@ def train_case(preset: str, seq_len: int, attention: str, scan: bool, max_micro:
 
 def decode_case(preset: str, batch: int, prompt: int, new: int) -> dict:
     import flax_gpt2
-    from flax_gpt2.model import GPT2LMHeadModel, init_params
+    from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
 
     config = flax_gpt2.GPT2Config.from_preset(preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     model = GPT2LMHeadModel(config)
@@ -157,7 +157,7 @@ def _torch_decode(preset: str, batch: int, ids: np.ndarray, new: int) -> dict:
         return {}
     if not torch.cuda.is_available():
         return {}
-    from flax_gpt2.config import GPT2Config
+    from flax_gpt2.modeling.config import GPT2Config
 
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2Config.from_preset(preset).to_hf_config()))
     hf = hf.to("cuda", torch.bfloat16).eval()

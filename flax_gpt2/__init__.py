@@ -3,11 +3,11 @@
 The public API: the config and models, Hugging Face import/export, the tokenizer, and generation.
 """
 
-from flax_gpt2.config import PRESETS, GPT2Config
+from flax_gpt2.modeling.config import PRESETS, GPT2Config
 from flax_gpt2.generation import generate, generate_stream
 from flax_gpt2.generation.pipeline import pipeline, set_seed
-from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
                              GPT2Model, GPT2ModelOutput, init_params)
 from flax_gpt2.pretrained import from_pretrained, save_pretrained
 from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer

@@ -36,7 +36,7 @@ from flax_gpt2.dtypes import DTYPES
 from flax_gpt2.generation.generate import bucket_length as _bucket
 from flax_gpt2.generation.logits_processors import limit_vocab
 from flax_gpt2.lm_eval_cli import INSTALL_HINT, MODEL_NAME
-from flax_gpt2.model import unwrap_params
+from flax_gpt2.modeling.model import unwrap_params
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own model table first; see lm_eval_cli.register_lm_eval_model)

@@ -17,9 +17,10 @@ from typing import Any, Callable, TypeVar
 import jax
 import numpy as np
 
-from flax_gpt2 import file_io, layer_stacking
-from flax_gpt2.config import GPT2Config
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2 import file_io
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.model import GPT2LMHeadModel
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
 RUN_CONFIG = "train_config.json"  # the run's flattened training config, in its workdir

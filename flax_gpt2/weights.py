@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 state dicts <-> flax_gpt2 parameter trees, through one rename table.
 
 Every tensor in a Hugging Face (PyTorch) GPT-2 checkpoint is listed once in `RENAMES`, with its key,
-our parameter path, and both shapes written in the shape alphabet of `flax_gpt2.model`, plus
+our parameter path, and both shapes written in the shape alphabet of `flax_gpt2.modeling.model`, plus
 `P` (n_positions) and `N` (outputs of the multiple-choice projection: 1, or D when
 `summary_proj_to_labels=False`). HF's `Conv1D` already stores `[in, out]` like our Dense kernels, so
 most renames are plain reshapes; only `nn.Linear` heads (`lm_head`, the multiple-choice `summary`)
@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import layer_stacking
-from flax_gpt2.config import GPT2Config
-from flax_gpt2.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model
 
 logger = logging.getLogger(__name__)
 

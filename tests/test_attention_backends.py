@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import flax_gpt2
-from flax_gpt2 import attention
-from flax_gpt2.model import GPT2LMHeadModel, init_params
+from flax_gpt2.modeling import attention
+from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
 
 T = 128  # splash tiles the sequence in 128-token blocks
 # Options that change the scale (per layer, so two layers) and the dtype the scores are computed in.

@@ -213,7 +213,7 @@ def test_hellaswag_during_training_is_logged_and_right(tmp_path, shared_dir, bpe
     evaluation of the saved params."""
     from flax_gpt2.configs import tiny as tiny_config
     from flax_gpt2 import run_checkpoint
-    from flax_gpt2.model import GPT2LMHeadModel
+    from flax_gpt2.modeling.model import GPT2LMHeadModel
     from flax_gpt2.train.metrics import read_metrics
     from flax_gpt2.train.train_loop import train_and_evaluate
 

@@ -67,7 +67,7 @@ def _worker(out_path):
     import flax.linen as nn
     import jax
 
-    from flax_gpt2 import layer_stacking
+    from flax_gpt2.modeling import layer_stacking
     from flax_gpt2.train import checkpointing, mesh as mesh_lib, run_guard, step as step_lib, train_loop
 
     tmp = Path(out_path).parent

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import flax_gpt2
-from flax_gpt2 import layer_stacking
-from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import GPT2LMHeadModel, init_params
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -182,7 +182,7 @@ def test_splash_runs_per_shard_under_a_mesh(tmp_path):
     script.write_text('''
 import jax, jax.numpy as jnp, flax.linen as nn
 import flax_gpt2
-from flax_gpt2.model import GPT2LMHeadModel, init_params
+from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
 from jax.sharding import NamedSharding, PartitionSpec as P
 cfg = flax_gpt2.GPT2Config.from_preset("tiny", n_layer=1, n_positions=256)
 mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -138,7 +138,7 @@ def test_decay_mask_on_the_real_parameter_tree():
     Not decayed: biases, LayerNorm scales and shifts. And the optimizer really decays exactly those."""
     import flax_gpt2
     from flax_gpt2.configs import base
-    from flax_gpt2 import layer_stacking
+    from flax_gpt2.modeling import layer_stacking
     from flax_gpt2.train import step as step_lib
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", tie_word_embeddings=False)
@@ -222,13 +222,13 @@ def test_remat_gives_the_same_loss_and_gradients():
 def test_block_grad_barrier_changes_no_number(scan_layers):
     """The CPU train step stores each block's output cotangent (`block_grad_barrier`, a conditional in the
     backward pass): on for the CPU step, off in the model by default, and the same loss and gradients."""
-    from flax_gpt2.grad_barrier import grad_barrier
+    from flax_gpt2.modeling.grad_barrier import grad_barrier
     from flax_gpt2.train import step as step_lib
 
     model = _tiny(scan_layers=scan_layers)
     params = _random_params(_tiny())
     if scan_layers:
-        from flax_gpt2 import layer_stacking
+        from flax_gpt2.modeling import layer_stacking
         params = layer_stacking.to_layout(params, True)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, SMALL_VOCAB, (2, 17)), jnp.int32)
     step_loss = step_lib.make_loss_fn(model)

@@ -146,7 +146,7 @@ def _prepare_jax(target) -> None:
 
 def _model_config(config):
     """`train_loop.model_config` without loading pretrained weights: only the architecture is needed."""
-    from flax_gpt2.config import GPT2Config, PRESETS
+    from flax_gpt2.modeling.config import GPT2Config, PRESETS
     from flax_gpt2.train.train_loop import model_config
 
     if not config.init_from:
@@ -169,7 +169,7 @@ def _plan(config, devices) -> _Plan:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from flax_gpt2.model import GPT2LMHeadModel
+    from flax_gpt2.modeling.model import GPT2LMHeadModel
     from flax_gpt2.train import mesh as mesh_lib, step as step_lib
     from flax_gpt2.train.train_loop import _check_batch
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_gpt2.attention import target_platform
-from flax_gpt2 import layer_stacking
+from flax_gpt2.modeling.attention import target_platform
+from flax_gpt2.modeling import layer_stacking
 
 Array = jax.Array
 
@@ -87,7 +87,7 @@ def make_loss_fn(model: nn.Module) -> Callable[[Any, Array, Array], Array]:
 
     def loss_fn(params, tokens, rng):
         # On CPU each block's output cotangent is stored rather than recomputed by every consumer
-        # (flax_gpt2/grad_barrier.py: ~1.5x faster backward); GPU/TPU fusion has no such problem.
+        # (flax_gpt2/modeling/grad_barrier.py: ~1.5x faster backward); GPU/TPU fusion has no such problem.
         barrier = target_platform(tokens) == "cpu"
         step_model = model.clone(config=model.config.replace(block_grad_barrier=True)) if barrier else model
         logits = step_model.apply({"params": params}, tokens[:, :-1], deterministic=False,

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import dtypes, file_io, layer_stacking, run_checkpoint
-from flax_gpt2.config import GPT2Config
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2 import dtypes, file_io, run_checkpoint
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, recipes
 from flax_gpt2.train import run_guard, step as step_lib
 from flax_gpt2.train.config_checks import ConfigValueError

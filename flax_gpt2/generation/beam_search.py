@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import forward, prefill, repeat_rows, take_rows
-from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import GPT2LMHeadModel
 
 Array = jax.Array
 _NEG = -1.0e9  # HF's "impossible" score

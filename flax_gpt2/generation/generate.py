@@ -19,7 +19,7 @@ import numpy as np
 from flax_gpt2.generation import beam_search, sampling
 from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import output_projection
-from flax_gpt2.model import GPT2LMHeadModel, unwrap_params
+from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 
 _output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 _heads: dict[tuple[int, int | None], tuple[weakref.ref, jax.Array]] = {}

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_gpt2.generation.logits_processors import limit_vocab
-from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import GPT2LMHeadModel, output_logits
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import GPT2LMHeadModel, output_logits
 
 Array = jax.Array
 

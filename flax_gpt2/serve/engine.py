@@ -43,7 +43,7 @@ import numpy as np
 
 from flax_gpt2.deprecation import renamed_kwargs
 from flax_gpt2.generation.model_step import output_projection
-from flax_gpt2.model import GPT2LMHeadModel, unwrap_params
+from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
 from flax_gpt2.serve.protocol import APIError, CompletionRequest
 from flax_gpt2.tokenizer import USER_TEXT_SPECIAL

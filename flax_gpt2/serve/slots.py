@@ -27,8 +27,8 @@ import numpy as np
 from flax_gpt2.generation.logits_processors import (apply_temperature, argmax, draw_tokens, limit_vocab,
                                                     repetition_penalty, top_p_filter)
 from flax_gpt2.generation.model_step import forward, prefill
-from flax_gpt2.kv_cache import KVCache
-from flax_gpt2.model import GPT2LMHeadModel
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import GPT2LMHeadModel
 
 Array = jax.Array
 

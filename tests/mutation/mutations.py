@@ -52,7 +52,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a pretrained checkpoint loads with its two LayerNorm scales per block exchanged (round trips still pass)"),
     # --- more realistic slips -----------------------------------------------------------------------------
     Mutation(
-        "no_causal_mask", "flax_gpt2/model.py",
+        "no_causal_mask", "flax_gpt2/modeling/model.py",
         (("visible = jnp.arange(key_length)[None, :] <= q_pos  # [T, S]",
           "visible = jnp.ones((length, key_length), bool)  # [T, S]"),),
         ("tests/test_parity.py::test_lm_logits_without_mask",),
@@ -182,19 +182,19 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the cosine decays to 0 instead of lr * min_lr_ratio"),
     # --- layer stacking: scanned <-> per-layer on a sharded mesh ------------------------------------------
     Mutation(
-        "stacked_restore_target_layer_axis_last", "flax_gpt2/layer_stacking.py",
+        "stacked_restore_target_layer_axis_last", "flax_gpt2/modeling/layer_stacking.py",
         (("sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))",
           "sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None))"),),
         ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
         "a per-layer checkpoint restored stacked is read with the layers axis sharded and the weights' axes shifted"),
     Mutation(
-        "unstacked_restore_target_drops_the_wrong_axis", "flax_gpt2/layer_stacking.py",
+        "unstacked_restore_target_drops_the_wrong_axis", "flax_gpt2/modeling/layer_stacking.py",
         (("sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))",
           "sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:-1]))"),),
         ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),
         "a stacked checkpoint restored per layer is read with each weight's shardings off by one axis"),
     Mutation(
-        "layout_switch_converts_params_only", "flax_gpt2/layer_stacking.py",
+        "layout_switch_converts_params_only", "flax_gpt2/modeling/layer_stacking.py",
         (("return type(tree)(*(convert_tree(v, scan_layers, stack=stack, take=take) for v in tree))",
           "return tree"),),
         ("tests/test_layer_stacking.py::test_restore_targets_have_the_other_layouts_shapes_and_shardings",),

@@ -15,23 +15,23 @@ _HARNESS = "tests/test_hellaswag.py::test_harness_style_equals_lm_eval_hellaswag
 MUTATIONS: tuple[Mutation, ...] = (
     # --- attention ----------------------------------------------------------------------------------------
     Mutation(
-        "dot_product_checks_k_dtype_for_v", "flax_gpt2/attention.py",
+        "dot_product_checks_k_dtype_for_v", "flax_gpt2/modeling/attention.py",
         (("    if v.dtype != q.dtype:  # reorder_and_upcast_attn", "    if k.dtype != q.dtype:  # reorder_and_upcast_attn"),),
         (f"{_BACKENDS}[dot_product-bfloat16-reorder_and_upcast-default]",),
         "attention='dot_product' with bfloat16 and reorder_and_upcast_attn raises 'value dtype should be float32'"),
     Mutation(
-        "splash_ignores_the_padding_mask", "flax_gpt2/attention.py",
+        "splash_ignores_the_padding_mask", "flax_gpt2/modeling/attention.py",
         (("    segments = (jnp.ones((b, t), jnp.int32) if padding is None else padding.astype(jnp.int32))\n",
           "    segments = jnp.ones((b, t), jnp.int32)\n"),),
         (f"{_BACKENDS}[splash-float32-plain-default]",),
         "with attention='splash' the tokens of a left-padded prompt attend to its padding"),
     Mutation(
-        "auto_splash_on_tpu_v3", "flax_gpt2/attention.py",
+        "auto_splash_on_tpu_v3", "flax_gpt2/modeling/attention.py",
         (('for old in ("v2", "v3"))', 'for old in ("v2",))'),),
         (f"{_AUTO}[TPU v3-tpu-xla-xla]",),
         "attention='auto' picks the splash kernel on TPU v3, which its Mosaic kernel does not support"),
     Mutation(
-        "auto_splash_for_any_length", "flax_gpt2/attention.py",
+        "auto_splash_for_any_length", "flax_gpt2/modeling/attention.py",
         (('if platform == "tpu" and q.shape[1] % SPLASH_BLOCK == 0 and not any(',
           'if platform == "tpu" and not any('),),
         (f"{_AUTO}[TPU v4-tpu-splash-xla]",),

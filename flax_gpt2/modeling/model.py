@@ -23,11 +23,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2 import attention as attention_lib
-from flax_gpt2.activations import ACTIVATIONS
-from flax_gpt2.config import GPT2Config
-from flax_gpt2.grad_barrier import grad_barrier
-from flax_gpt2.kv_cache import KVCache
+from flax_gpt2.modeling import attention as attention_lib
+from flax_gpt2.modeling.activations import ACTIVATIONS
+from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.grad_barrier import grad_barrier
+from flax_gpt2.modeling.kv_cache import KVCache
 
 Array = jax.Array
 

@@ -8,7 +8,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2.config import GPT2Config
+from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.deprecation import renamed_kwargs
 
 

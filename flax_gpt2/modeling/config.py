@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from flax_gpt2.activations import ACTIVATIONS
+from flax_gpt2.modeling.activations import ACTIVATIONS
 
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
@@ -77,7 +77,7 @@ class GPT2Config:
     # cuDNN flash attention on NVIDIA GPUs), "splash" (Pallas splash attention on TPU), or "auto" (by the
     # platform the program is compiled for). Decoding with a KV cache always uses "xla".
     attention: str = "auto"
-    # Pass each block's output through `flax_gpt2.grad_barrier` (identity forward; its cotangent is stored,
+    # Pass each block's output through `flax_gpt2.modeling.grad_barrier` (identity forward; its cotangent is stored,
     # not recomputed): ~1.5x faster backward passes on CPU, nothing to gain elsewhere. Reverse mode only.
     block_grad_barrier: bool = False
 
