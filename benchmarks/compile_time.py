@@ -102,6 +102,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/compile_time.py"))  # the CLI conventions (README)

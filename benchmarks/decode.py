@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel
-from flax_gpt2.dtypes import DTYPES
+from flax_gpt2.utils.dtypes import DTYPES
 from flax_gpt2.generation import generate
 from flax_gpt2.weights import params_from_hf_state_dict
 
@@ -148,6 +148,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/decode.py"))  # the CLI conventions (README)

@@ -232,6 +232,6 @@ def _table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/device_check.py"))  # the CLI conventions (README)

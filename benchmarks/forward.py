@@ -81,6 +81,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/forward.py"))  # the CLI conventions (README)

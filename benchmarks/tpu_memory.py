@@ -222,6 +222,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/tpu_memory.py"))  # the CLI conventions (README)

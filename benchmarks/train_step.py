@@ -152,6 +152,6 @@ def main(argv=None) -> None:
 ARGS = None
 
 if __name__ == "__main__":
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     sys.exit(cli.run(main, prog="benchmarks/train_step.py"))  # the CLI conventions (README)

@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257

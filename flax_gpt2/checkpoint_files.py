@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

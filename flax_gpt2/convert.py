@@ -27,13 +27,14 @@ import sys
 import warnings
 from typing import Sequence
 
-from flax_gpt2 import cli, run_checkpoint
+from flax_gpt2.utils import cli
+from flax_gpt2 import run_checkpoint
 from flax_gpt2.bpe_files import tokenizer_files
 from flax_gpt2.modeling.config import GPT2Config, read_hf_json
 from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
                                   from_pretrained, resolve, save_pretrained)
 
-from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
+from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.convert"
 FORMATS = SAVE_FORMATS
 # The old subcommands: both wrote the safetensors folder, whatever their names said.
@@ -106,7 +107,7 @@ def _saved_model_class(folder: str) -> type:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 

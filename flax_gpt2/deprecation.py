@@ -1,7 +1,7 @@
 """Old names kept working: a keyword argument renamed, with a DeprecationWarning that names the new one.
 
 Names users call are a contract, so a rename keeps the old spelling as an alias; the warning (not an error)
-tells them what to write instead. Command-line flags get the same treatment in `flax_gpt2.cli.renamed_flag`.
+tells them what to write instead. Command-line flags get the same treatment in `flax_gpt2.utils.cli.renamed_flag`.
 """
 
 from __future__ import annotations

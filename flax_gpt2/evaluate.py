@@ -24,7 +24,8 @@ import math
 
 import jax.numpy as jnp
 
-from flax_gpt2 import cli, dtypes, eval_metrics, lm_eval_cli
+from flax_gpt2.utils import cli, dtypes
+from flax_gpt2 import eval_metrics, lm_eval_cli
 from flax_gpt2.deprecation import renamed_kwargs
 
 PROG = "python -m flax_gpt2.evaluate"
@@ -205,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 

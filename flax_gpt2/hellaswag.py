@@ -74,7 +74,7 @@ def read_records(path: str | os.PathLike, limit: int = 0) -> list[dict]:
     """HellaSwag records from a jsonl file, local or `gs://` (the first `limit` if > 0), each checked for a
     context, 4 endings and a label in 0..3. A record without `ctx` gets `ctx_a + " " + ctx_b` (the dataset's
     definition)."""
-    from flax_gpt2 import file_io
+    from flax_gpt2.utils import file_io
 
     path = os.fspath(path)
     if not file_io.exists(path) or file_io.isdir(path):

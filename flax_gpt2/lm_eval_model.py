@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.dtypes import DTYPES
+from flax_gpt2.utils.dtypes import DTYPES
 from flax_gpt2.generation.generate import bucket_length as _bucket
 from flax_gpt2.generation.logits_processors import limit_vocab
 from flax_gpt2.lm_eval_cli import INSTALL_HINT, MODEL_NAME

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from flax_gpt2 import bpe_files
 from flax_gpt2 import checkpoint_files as files
 from flax_gpt2.modeling import layer_stacking
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
 from flax_gpt2.weights import (check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict,

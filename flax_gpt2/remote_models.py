@@ -25,7 +25,8 @@ import threading
 import urllib.parse
 from typing import Any, Callable, Iterator, TypeVar
 
-from flax_gpt2 import bpe_files, file_io
+from flax_gpt2 import bpe_files
+from flax_gpt2.utils import file_io
 
 RUN_POINTER = "remote_run.json"  # in a mirror of a training run: {"url": ..., "steps": [...]}
 _SMALL_RUN_FILES = (*(name for pair in bpe_files.FILE_PAIRS for name in pair), "train_config.json")

@@ -17,7 +17,7 @@ from typing import Any, Callable, TypeVar
 import jax
 import numpy as np
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel

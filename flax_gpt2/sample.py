@@ -32,13 +32,14 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from flax_gpt2 import checkpoint_files, cli, file_io
+from flax_gpt2 import checkpoint_files
+from flax_gpt2.utils import cli, file_io
 from flax_gpt2.deprecation import renamed_attributes
 from flax_gpt2.generation.generate import MAX_SEED, MIN_TEMPERATURE, generate, generate_stream
 from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
 from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
 
-from flax_gpt2.dtypes import DTYPES  # noqa: E402  (one table for every interface)
+from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.sample"
 
 
@@ -289,7 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 

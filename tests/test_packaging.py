@@ -168,7 +168,7 @@ def test_commands_on_a_cpu_machine_print_no_libtpu_lines(tmp_path, hf_tiny):
     (convert) says nothing about libtpu and runs on the CPU, with JAX_PLATFORMS unset."""
     import importlib.util
 
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
 
     if cli.tpu_attached():
         pytest.skip("this machine may have a TPU: the TPU backend is expected to start")

@@ -29,7 +29,7 @@ def _losses(text: str) -> dict[int, float]:
 
 
 def _remote_metrics(workdir: str) -> str:
-    from flax_gpt2 import file_io
+    from flax_gpt2.utils import file_io
 
     path = file_io.join(workdir, "metrics.jsonl")
     return file_io.read_text(path) if file_io.exists(path) else ""
@@ -53,7 +53,7 @@ def test_run_on_gcs_survives_preemption_and_samples(gcs_bucket, gcs_workdir, tmp
 
     proc = subprocess.Popen(_args(gcs_workdir, cache), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    from flax_gpt2 import file_io
+    from flax_gpt2.utils import file_io
 
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -103,7 +103,7 @@ def test_data_source_token_cache_and_init_from_on_gcs(gcs_bucket, gcs_workdir, t
                                                       monkeypatch):
     """The run's inputs on Cloud Storage too: the text, the tokenized-shard cache, and the weights to start from."""
     from flax_gpt2.configs import tiny
-    from flax_gpt2 import file_io
+    from flax_gpt2.utils import file_io
     from flax_gpt2.train.train_loop import train_and_evaluate
 
     monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "local-cache"))

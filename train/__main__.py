@@ -4,7 +4,7 @@ checkout; installed, the same app is `python -m flax_gpt2.train --config <name> 
 import logging
 import sys
 
-from flax_gpt2 import cli
+from flax_gpt2.utils import cli
 from flax_gpt2.train.config_cli import parse_args
 
 

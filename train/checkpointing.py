@@ -30,7 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_gpt2 import file_io, run_checkpoint
+from flax_gpt2.utils import file_io
+from flax_gpt2 import run_checkpoint
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.run_checkpoint import checkpoint_dir
 from flax_gpt2.train import run_guard

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.generation import generate
 from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
 from flax_gpt2.train import recipes

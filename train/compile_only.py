@@ -44,7 +44,7 @@ from typing import Any
 
 import jax
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.train import topologies
 
 GiB = float(1 << 30)

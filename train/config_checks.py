@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from flax_gpt2.cli import UsageError
+from flax_gpt2.utils.cli import UsageError
 
 
 class ConfigValueError(UsageError):

@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 
-from flax_gpt2.cli import UsageError  # noqa: E402  (re-exported: a bad command line, exit code 2)
+from flax_gpt2.utils.cli import UsageError  # noqa: E402  (re-exported: a bad command line, exit code 2)
 
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull")

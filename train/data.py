@@ -24,7 +24,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.train import tokenize_corpus as tc
 from flax_gpt2.train.config_checks import ConfigValueError
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import jax
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.modeling.config import GPT2Config
 
 # Dense bf16 peak FLOP/s of one JAX device, by `device.device_kind` (longest match first). TPU v2/v3

@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Any, Iterable
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 
 # Keys a resumed run may change freely: cadence, bookkeeping and placement (orbax reshards on restore).
 # Nothing here changes the math of a step or the state's structure.

@@ -442,7 +442,7 @@ def _move_in(tmp: str, out_dir: str) -> None:
             # Another process finished a corpus here first: the same one (load_tokens' cache is keyed by its
             # inputs), or one that `existing_corpus` will name on the next attempt.
         return
-    from flax_gpt2 import file_io
+    from flax_gpt2.utils import file_io
 
     old = _read_meta_quietly(out_dir) or {}
     old_files = set()
@@ -469,14 +469,14 @@ PROG = "python -m flax_gpt2.train.tokenize_corpus"
 
 
 def main(argv=None) -> int:
-    """The command line (flags as in `--help`, plus `--debug`); returns the exit code (`flax_gpt2.cli`)."""
-    from flax_gpt2 import cli
+    """The command line (flags as in `--help`, plus `--debug`); returns the exit code (`flax_gpt2.utils.cli`)."""
+    from flax_gpt2.utils import cli
 
     return cli.run(_main, argv, prog=PROG)
 
 
 def _main(argv) -> None:
-    from flax_gpt2 import cli
+    from flax_gpt2.utils import cli
     from flax_gpt2.train.recipes import RECIPES
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2 import dtypes, file_io, run_checkpoint
+from flax_gpt2.utils import dtypes, file_io
+from flax_gpt2 import run_checkpoint
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel

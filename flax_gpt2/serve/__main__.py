@@ -25,7 +25,7 @@ import socket
 import sys
 from typing import Sequence
 
-from flax_gpt2 import cli
+from flax_gpt2.utils import cli
 
 PROG = "python -m flax_gpt2.serve"
 
@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 

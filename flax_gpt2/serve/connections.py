@@ -25,7 +25,7 @@ import resource
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from flax_gpt2.cli import UsageError
+from flax_gpt2.utils.cli import UsageError
 
 log = logging.getLogger("flax_gpt2.serve")
 

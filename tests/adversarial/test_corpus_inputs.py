@@ -23,7 +23,7 @@ import pytest
 from conftest import tiny_train_config
 from gcs_emulator import gcs_bucket, gcs_workdir  # noqa: F401  (fixtures)
 
-from flax_gpt2 import file_io
+from flax_gpt2.utils import file_io
 from flax_gpt2.train import data, run_guard
 from flax_gpt2.train import tokenize_corpus as tc
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import flax_gpt2
-from flax_gpt2 import checkpoint_files, cli
+from flax_gpt2 import checkpoint_files
+from flax_gpt2.utils import cli
 
 from . import bad_files
 

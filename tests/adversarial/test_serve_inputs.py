@@ -301,7 +301,7 @@ def test_a_flood_of_half_open_connections_does_not_lock_clients_out(server):
 def test_the_connection_cap_fits_the_open_file_limit():
     """The default cap is half of `ulimit -n` (at most 1000); a larger explicit cap raises the soft limit up
     to the hard one, and one past the hard limit is a usage error naming the flag."""
-    from flax_gpt2.cli import UsageError
+    from flax_gpt2.utils.cli import UsageError
     from flax_gpt2.serve.connections import RESERVED_FILES, connection_cap
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
