@@ -29,7 +29,7 @@ from typing import Sequence
 
 from flax_gpt2.utils import cli
 from flax_gpt2 import run_checkpoint
-from flax_gpt2.bpe_files import tokenizer_files
+from flax_gpt2.tokenizer.bpe_files import tokenizer_files
 from flax_gpt2.modeling.config import GPT2Config, read_hf_json
 from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
                                   from_pretrained, resolve, save_pretrained)

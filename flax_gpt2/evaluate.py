@@ -113,7 +113,7 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
     """
     from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
     from flax_gpt2.pretrained import from_pretrained, resolve
-    from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+    from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
     if text is None and lambada_texts is None:
         raise ValueError("nothing to evaluate: give --text_file, --dataset or --lambada")

@@ -136,7 +136,7 @@ def make_examples(records: Sequence[dict], tokenizer, style: str = "nanogpt") ->
     """Tokenizes checked records (see `read_records`) in `style` ("nanogpt" or "harness")."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+    from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
     examples = []
     for record in records:
@@ -290,7 +290,7 @@ def evaluate_model(model, params, path_or_examples: str | os.PathLike | Examples
         examples = path_or_examples
     else:
         if tokenizer is None:
-            from flax_gpt2.tokenizer import get_tokenizer
+            from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
             tokenizer = get_tokenizer(None)
         examples = load(path_or_examples, tokenizer, style=style, limit=limit)

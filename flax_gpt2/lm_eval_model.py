@@ -142,7 +142,7 @@ class FlaxGPT2LM(TemplateLM):
 
     def _load(self, model, params, tokenizer):
         from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
-        from flax_gpt2.tokenizer import Tokenizer, get_tokenizer
+        from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
 
         if (model is None) != (params is None):
             raise ValueError("pass model and params together (or neither, with pretrained=PATH)")
@@ -202,7 +202,7 @@ class FlaxGPT2LM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
         """As HF's GPT-2 tokenizer: `<|endoftext|>` in the text is the special token; nothing is added."""
-        from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+        from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
         ids = self.tokenizer.encode(string, allowed_special=USER_TEXT_SPECIAL)
         return ids[-left_truncate_len:] if left_truncate_len else ids

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2 import bpe_files
+from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2 import checkpoint_files as files
 from flax_gpt2.modeling import layer_stacking
-from flax_gpt2.utils import file_io
+from flax_gpt2.utils import file_io, hub
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
 from flax_gpt2.weights import (check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict,
@@ -134,7 +134,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
       tokenizer: True for the model's own (the tokenizer files of the folder `from_pretrained` loaded this
         model object from, copied without asking the hub; else the standard GPT-2 tokenizer), a folder to
         take it from (`vocab.json` + `merges.txt` or `encoder.json` + `vocab.bpe`, see
-        `flax_gpt2.tokenizer.tokenizer_files`; written as `vocab.json` + `merges.txt`), a `Tokenizer`, or
+        `flax_gpt2.tokenizer.bpe_tokenizer.tokenizer_files`; written as `vocab.json` + `merges.txt`), a `Tokenizer`, or
         False/None to write none.
       dtype: dtype of the saved floating-point tensors (float32 unless asked; bf16 params are upcast).
       max_shard_size: e.g. "5GB"; larger models are sharded (safetensors only: msgpack is one file).
@@ -233,7 +233,7 @@ def _download(repo_id: str, revision: str | None, progress: bool, pass_folder_as
 
     from flax_gpt2 import remote_models
 
-    unreachable = remote_models.hub_unreachable()  # one short probe, not huggingface_hub's ~40 s of retries
+    unreachable = hub.hub_unreachable()  # one short probe, not huggingface_hub's ~40 s of retries
     with _hub_progress(progress):
         try:
             if unreachable:
@@ -367,11 +367,11 @@ def _save_tokenizer(folder: str, tokenizer, model=None) -> None:
         tokenizer.save(folder)
         return
     try:
-        from flax_gpt2.tokenizer import get_tokenizer
+        from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
     except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.tokenizer":
+        if e.name != "flax_gpt2.tokenizer.bpe_tokenizer":
             raise
-        warnings.warn("flax_gpt2.tokenizer is not available; no tokenizer files were written", stacklevel=3)
+        warnings.warn("flax_gpt2.tokenizer.bpe_tokenizer is not available; no tokenizer files were written", stacklevel=3)
         return
     if tokenizer is True:
         try:

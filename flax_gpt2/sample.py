@@ -37,15 +37,11 @@ from flax_gpt2.utils import cli, file_io
 from flax_gpt2.deprecation import renamed_attributes
 from flax_gpt2.generation.generate import MAX_SEED, MIN_TEMPERATURE, generate, generate_stream
 from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
-from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
+from flax_gpt2.utils.cache_root import cache_root
 from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.sample"
-
-
-def cache_root(cache_dir: str | None = None) -> str:
-    """Where converted models and compiled code are cached: `cache_dir`, `$FLAX_GPT2_CACHE`, or ~/.cache/flax_gpt2."""
-    return os.path.expanduser(cache_dir or os.environ.get("FLAX_GPT2_CACHE") or "~/.cache/flax_gpt2")
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str:

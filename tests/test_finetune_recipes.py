@@ -59,7 +59,7 @@ def test_commongen_prompts_are_left_padded_for_generate(bpe_dir, monkeypatch):
     """The card's prompt, `<|endoftext|>` + " kid, room, dance:", ends at the last column of each row."""
     from types import SimpleNamespace
 
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
     from flax_gpt2.train import commongen_eval, recipes
 
     tok = get_tokenizer(bpe_dir)

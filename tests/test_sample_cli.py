@@ -16,7 +16,7 @@ from flax_gpt2 import sample as cli
 from flax_gpt2.generation import generate
 from flax_gpt2.generation.pipeline import pipeline, set_seed
 from flax_gpt2.pretrained import from_pretrained
-from flax_gpt2.tokenizer import get_tokenizer
+from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
 EOT = 50256
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import tiktoken
 
-from flax_gpt2 import assets, bpe_files, tokenizer_sources
-from flax_gpt2 import tokenizer as tokenizer_lib
-from flax_gpt2.tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
+from flax_gpt2 import assets
+from flax_gpt2.tokenizer import bpe_files, sources as tokenizer_sources
+from flax_gpt2.tokenizer import bpe_tokenizer as tokenizer_lib
+from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
 
 HARD_STRINGS = [
     "", " ", "  ", "\n", "\n\n\n", "\t", "\t\t x", "hello  world", "hello   world  ", "trailing space ",
@@ -552,13 +553,13 @@ def test_missing_files_are_clear_errors(bpe_dir, tmp_path):
 def test_gpt2_names_load_offline_from_the_shipped_copy(offline, tok, name, monkeypatch):
     # Empty caches and no network: the standard encoding still loads, from the files shipped in the package,
     # without even the short probe of the hub (HF_HUB_OFFLINE unset) that other names wait for.
-    from flax_gpt2 import remote_models
+    from flax_gpt2.utils import hub
 
     def no_probe():
         raise AssertionError("the network was probed for GPT-2's own files")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(remote_models, "hub_unreachable", no_probe)
+    monkeypatch.setattr(hub, "hub_unreachable", no_probe)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         shipped = get_tokenizer(name)
@@ -608,9 +609,9 @@ def test_hub_name_without_network_says_how_to_work_offline(empty_caches, monkeyp
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    from flax_gpt2 import remote_models
+    from flax_gpt2.utils import hub
 
-    monkeypatch.setattr(remote_models, "hub_unreachable", lambda: "")  # the hub answers the probe; downloads fail
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "")  # the hub answers the probe; downloads fail
 
     def no_hub(*args, **kwargs):  # huggingface_hub retries for ~20 s before failing; fail at once instead
         if kwargs.get("local_files_only"):

@@ -445,9 +445,9 @@ def test_hub_download_fetches_one_weights_format(hf_tiny, monkeypatch):
     listing = ["config.json", "vocab.json", "merges.txt", "tokenizer.json", "README.md", "tf_model.h5",
                "flax_model.msgpack", "pytorch_model.bin", "model.safetensors", "onnx/decoder_model.onnx"]
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, revision=None: listing)
-    from flax_gpt2 import remote_models
+    from flax_gpt2.utils import hub
 
-    monkeypatch.setattr(remote_models, "hub_unreachable", lambda: "")  # HF_HUB_OFFLINE and the probe say "reachable"
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "")  # HF_HUB_OFFLINE and the probe say "reachable"
 
     def snapshot_download(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
@@ -504,7 +504,7 @@ def test_save_pretrained_never_overwrites_user_files(hf_tiny, tmp_path):
 def test_save_pretrained_without_tokenizer_module(hf_tiny, tmp_path, monkeypatch):
     _, folder = hf_tiny
     model, params = from_pretrained(folder, progress=False)
-    monkeypatch.setitem(sys.modules, "flax_gpt2.tokenizer", None)
+    monkeypatch.setitem(sys.modules, "flax_gpt2.tokenizer.bpe_tokenizer", None)
     with pytest.warns(UserWarning, match="no tokenizer files were written"):
         save_pretrained(tmp_path / "out", model, params, progress=False)
     assert "model.safetensors" in os.listdir(tmp_path / "out")

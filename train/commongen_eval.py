@@ -9,7 +9,7 @@ import numpy as np
 
 from flax_gpt2.utils import file_io
 from flax_gpt2.generation import generate
-from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
+from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
 from flax_gpt2.train import recipes
 from flax_gpt2.train import tokenize_corpus as tc
 from flax_gpt2.train.data import TOKENIZER_FLAG

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from flax_gpt2.utils import file_io
+from flax_gpt2.utils.cache_root import cache_root
 from flax_gpt2.train import tokenize_corpus as tc
 from flax_gpt2.train.config_checks import ConfigValueError
 
@@ -150,11 +151,7 @@ def _check_ids(tokens: np.ndarray, vocab_size: int, path: str, fix: str) -> None
 
 
 def _cache_root(cache_dir: str) -> str:
-    return cache_dir or os.path.join(_local_cache(), "tokens")
-
-
-def _local_cache() -> str:
-    return os.environ.get("FLAX_GPT2_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "flax_gpt2"))
+    return cache_dir or os.path.join(cache_root(), "tokens")
 
 
 def _file_stamp(path: str) -> list:
@@ -197,7 +194,7 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     key = _corpus_key(data_config)
     cache = _cache_root(data_config.cache_dir)
     remote = file_io.is_url(cache)
-    folder = os.path.join(_local_cache(), "remote", key) if remote else os.path.join(cache, key)
+    folder = os.path.join(cache_root(), "remote", key) if remote else os.path.join(cache, key)
     if remote and file_io.exists(file_io.join(cache, key, "meta.json")):
         url = file_io.join(cache, key)
         return TokenStore(_mirror(url, folder), fix=FIX_MIRROR.format(url=url, folder="{folder}"))
@@ -232,7 +229,7 @@ def _remote_files(source: str) -> list[str]:
 
 def _download_source(source: str, key: str) -> str:
     """A local copy of a remote text/jsonl source (a file or a folder of them), for the tokenizer."""
-    target = os.path.join(_local_cache(), "remote-sources", key)
+    target = os.path.join(cache_root(), "remote-sources", key)
     os.makedirs(target, exist_ok=True)
     for url in _remote_files(source):
         local = os.path.join(target, os.path.basename(url))
@@ -246,7 +243,7 @@ def _mirror(url: str, folder: str | None = None) -> str:
 
     Every shard name in the bucket's meta.json is checked to stay inside the copy before a byte is written.
     """
-    folder = folder or os.path.join(_local_cache(), "remote", hashlib.sha256(url.encode()).hexdigest()[:16])
+    folder = folder or os.path.join(cache_root(), "remote", hashlib.sha256(url.encode()).hexdigest()[:16])
     if os.path.exists(os.path.join(folder, "meta.json")):
         return folder
     text = file_io.read_text(file_io.join(url, "meta.json"))

@@ -40,14 +40,14 @@ def gpt2_encoding(tokenizer: str = "", *, pass_folder_as: str | None = None):
     """The tiktoken `Encoding` of `flax_gpt2.get_tokenizer(tokenizer or None)` (a folder or hub name;
     empty is the standard GPT-2 encoding). `pass_folder_as` is the command line's way to name a folder
     (`"--tokenizer DIR"`), for the error when the tokenizer cannot be loaded offline."""
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     hint = {} if pass_folder_as is None else {"pass_folder_as": pass_folder_as}
     return get_tokenizer(tokenizer or None, **hint).encoding
 
 
 # A safe place to cut a text: one whitespace character between two non-space ones. GPT-2's pre-tokenizer
-# (flax_gpt2.tokenizer.GPT2_PATTERN) never joins across it: the token that holds the character before it ends
+# (flax_gpt2.tokenizer.bpe_tokenizer.GPT2_PATTERN) never joins across it: the token that holds the character before it ends
 # there (only whitespace tokens hold whitespace, and they start with it), and the regex reads no further
 # left than where it starts. So the encodings of the two sides concatenate to the encoding of the whole.
 # Runs of whitespace are never cut: `\s+(?!\S)` and `\s++$` can merge across them. The cut character is

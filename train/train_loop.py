@@ -195,7 +195,7 @@ def _save_tokenizer(name_or_path: str, workdir: str) -> None:
     `python -m flax_gpt2.sample --model WORKDIR` can use offline."""
     import tempfile
 
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     try:
         tokenizer = get_tokenizer(name_or_path or None, pass_folder_as=data.TOKENIZER_FLAG)
@@ -426,7 +426,7 @@ def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
     if not config.eval_hellaswag:
         return None
     from flax_gpt2 import hellaswag
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)
     examples = hellaswag.load(config.eval_hellaswag, tokenizer, limit=config.eval_hellaswag_limit)
@@ -479,7 +479,7 @@ def sample_after_training(model: GPT2LMHeadModel, params, config, workdir: str) 
     from jax.experimental import multihost_utils
 
     from flax_gpt2.generation import generate
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     if jax.process_count() > 1:  # every host generates from a full local copy
         params = multihost_utils.process_allgather(params, tiled=True)

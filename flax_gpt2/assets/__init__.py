@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import os
 
-from flax_gpt2 import bpe_files
+from flax_gpt2.tokenizer import bpe_files
 
 TINYSHAKESPEARE = "data/tinyshakespeare.txt"
 GPT2_BPE = "gpt2-bpe"

@@ -61,7 +61,7 @@ class TextGenerationPipeline:
         prompts = [text_inputs] if single else text_inputs
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
-        from flax_gpt2.tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL
+        from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL
 
         eot = self.tokenizer.eot_token
         # <|endoftext|> is the only special token a prompt may contain (a custom BPE's others are plain text).
@@ -106,7 +106,7 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
       task: only "text-generation".
       model: a hub id, a Hugging Face folder or a flax_gpt2 training run (loaded with
         `flax_gpt2.from_pretrained`), or a `(model, params)` pair.
-      tokenizer: a `flax_gpt2.tokenizer.Tokenizer` or where to load one from; default the model folder's
+      tokenizer: a `flax_gpt2.tokenizer.bpe_tokenizer.Tokenizer` or where to load one from; default the model folder's
         (`vocab.json` + `merges.txt`), else the standard GPT-2 tokenizer.
       dtype: compute dtype for a model loaded here (e.g. `jnp.bfloat16`).
       progress: show loading progress.
@@ -115,7 +115,7 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
         raise ValueError(f"flax_gpt2.pipeline supports only task='text-generation', got {task!r}")
     if model is None:
         raise ValueError("pass model=: a hub id such as 'gpt2', a model folder, or a (model, params) pair")
-    from flax_gpt2.tokenizer import Tokenizer, get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
 
     folder = None
     if isinstance(model, (str, os.PathLike)):
@@ -151,7 +151,7 @@ def model_tokenizer(folder: str | None, *, command_line: bool = False):
     With `command_line`, the error for a standard tokenizer that cannot be loaded offline says how to fix
     it from a command line (files in the model folder, or tiktoken's cache), not with `get_tokenizer`.
     """
-    from flax_gpt2.tokenizer import get_tokenizer
+    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     source = tokenizer_source(folder)
     try:
@@ -166,6 +166,6 @@ def model_tokenizer(folder: str | None, *, command_line: bool = False):
 
 def tokenizer_source(folder: str | None) -> str | None:
     """The model folder when it holds tokenizer files (either naming), else None (the standard GPT-2 tokenizer)."""
-    from flax_gpt2.bpe_files import tokenizer_files
+    from flax_gpt2.tokenizer.bpe_files import tokenizer_files
 
     return folder if folder is not None and tokenizer_files(folder) is not None else None

@@ -46,7 +46,7 @@ from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
 from flax_gpt2.serve.protocol import APIError, CompletionRequest
-from flax_gpt2.tokenizer import USER_TEXT_SPECIAL
+from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
 log = logging.getLogger("flax_gpt2.serve")
 

@@ -371,7 +371,7 @@ def test_offline_hub_lookup_fails_after_one_short_probe(tmp_path):
 def test_offline_tokenizer_lookup_fails_after_one_short_probe(tmp_path):
     """Was: ~20 s of hub retries, then tiktoken's download, before the error. (Not GPT-2's own name: its
     files ship with the package and load offline.)"""
-    call = 'from flax_gpt2.tokenizer import get_tokenizer; get_tokenizer("someone/their-bpe")'
+    call = 'from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer; get_tokenizer("someone/their-bpe")'
     proc = subprocess.run([sys.executable, "-c", _TIMED.format(call=call)], env=_no_network_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -382,7 +382,7 @@ def test_offline_tokenizer_lookup_fails_after_one_short_probe(tmp_path):
 
 def _custom_tokenizer(folder: Path) -> None:
     """A byte-level BPE that is not GPT-2's (256 bytes, one merge, <|endoftext|>)."""
-    from flax_gpt2 import bpe_files
+    from flax_gpt2.tokenizer import bpe_files
 
     vocab = {bpe_files.BYTE_TO_CHAR[b]: b for b in range(256)}
     vocab["ab"], vocab[bpe_files.ENDOFTEXT] = 256, 257

@@ -26,8 +26,8 @@ Hugging Face's GPT-2 tokenizer differs here: by default it encodes that string a
 `split_special_tokens=True` gives our default).
 
 This module holds the `Tokenizer` and `get_tokenizer`; reading and writing the two files (and
-`tokenizer_files`, whether a folder holds them) is `flax_gpt2.bpe_files`, and where a name's files come
-from (folder, hub, tiktoken's cache, the network) is `flax_gpt2.tokenizer_sources`.
+`tokenizer_files`, whether a folder holds them) is `flax_gpt2.tokenizer.bpe_files`, and where a name's files come
+from (folder, hub, tiktoken's cache, the network) is `flax_gpt2.tokenizer.sources`.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 import tiktoken
 
-from flax_gpt2 import bpe_files, tokenizer_sources
-from flax_gpt2.bpe_files import (ENDOFTEXT, GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, GPT2_VOCAB_SIZE,
+from flax_gpt2.tokenizer import bpe_files, sources as tokenizer_sources
+from flax_gpt2.tokenizer.bpe_files import (ENDOFTEXT, GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, GPT2_VOCAB_SIZE,
                                  tokenizer_files)
 
 __all__ = ["ENDOFTEXT", "USER_TEXT_SPECIAL", "GPT2_PATTERN", "GPT2_VOCAB_SHA256", "GPT2_MERGES_SHA256",

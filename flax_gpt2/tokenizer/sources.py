@@ -1,7 +1,7 @@
 """Where a tokenizer comes from: a local folder, the Hugging Face hub, or tiktoken's `gpt2` encoding.
 
 `locate(name_or_path)` answers with a pair of BPE files (from a folder or the hub) or with tiktoken's own
-`gpt2` Encoding; `flax_gpt2.tokenizer.get_tokenizer` builds the `Tokenizer` from either. For OpenAI's
+`gpt2` Encoding; `flax_gpt2.tokenizer.bpe_tokenizer.get_tokenizer` builds the `Tokenizer` from either. For OpenAI's
 GPT-2 names (and `None`) the copy shipped in the package (`flax_gpt2.assets`) answers first, so they work
 offline on any install; only if that copy is damaged are the other local copies (the hub cache,
 tiktoken's) and then the network tried: without network huggingface_hub retries for ~20 s, and tiktoken's
@@ -18,7 +18,9 @@ from collections.abc import Iterable
 
 import tiktoken
 
-from flax_gpt2 import assets, bpe_files
+from flax_gpt2 import assets
+from flax_gpt2.tokenizer import bpe_files
+from flax_gpt2.utils import hub
 
 # How the offline error tells a Python caller to pass a local folder; command lines pass their flag.
 PASS_FOLDER_AS = "get_tokenizer('/path/to/gpt2')"
@@ -46,7 +48,7 @@ def locate(name_or_path: str | os.PathLike | None, *,
     """The tokenizer `name_or_path` names: its `(vocab, merges)` files, or tiktoken's `gpt2` Encoding.
 
     Args:
-        name_or_path: as `flax_gpt2.tokenizer.get_tokenizer`'s.
+        name_or_path: as `flax_gpt2.tokenizer.bpe_tokenizer.get_tokenizer`'s.
         pass_folder_as: how the offline error says to pass a local folder instead, e.g.
             `"--config.data.tokenizer=DIR"` on a command line.
 
@@ -79,9 +81,7 @@ def _folder_files(folder: str) -> tuple[str, str]:
 
 def _hub_offline() -> str:
     """Why no download may be tried ("" if they may): HF_HUB_OFFLINE, or one short probe found no network."""
-    from flax_gpt2 import remote_models
-
-    return remote_models.hub_unreachable()
+    return hub.hub_unreachable()
 
 
 def _from_hub_or_tiktoken(name: str, pass_folder_as: str) -> tuple[str, str] | tiktoken.Encoding:
