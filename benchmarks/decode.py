@@ -26,7 +26,7 @@ import numpy as np
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel
 from flax_gpt2.utils.dtypes import DTYPES
 from flax_gpt2.generation import generate
-from flax_gpt2.weights import params_from_hf_state_dict
+from flax_gpt2.checkpoints.hf_state_dict import params_from_hf_state_dict
 
 
 

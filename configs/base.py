@@ -114,7 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 1000
     c.eval_batches = 20  # held-out batches of `eval_batch_size` per eval
     c.eval_batch_size = 0  # 0 = micro_batch_size
-    # HellaSwag accuracy every eval_every steps (llm.c / build-nanogpt definition, flax_gpt2/hellaswag.py):
+    # HellaSwag accuracy every eval_every steps (llm.c / build-nanogpt definition, flax_gpt2/evaluation/hellaswag.py):
     # a hellaswag_val.jsonl, local or gs://; "" = off. `_limit` > 0 scores only the first N examples.
     c.eval_hellaswag = ""
     c.eval_hellaswag_limit = 0

@@ -13,7 +13,7 @@ the held-out split is the stream's last 0.05% (~5M tokens; build-nanogpt holds o
 shard), of which each eval reads 20 batches of 64 x 1024 tokens, as build-nanogpt does every 250 steps.
 
 Expected result (from llm.c, not run here): a FineWeb val loss of about 3.27-3.29 and HellaSwag
-`acc_norm` about 0.29-0.30 (completion style, flax_gpt2.hellaswag's default) after 10B tokens; FineWeb-Edu's
+`acc_norm` about 0.29-0.30 (completion style, flax_gpt2.evaluation.hellaswag's default) after 10B tokens; FineWeb-Edu's
 own val loss is a different number (another text distribution); `--config.data.source=HuggingFaceFW/fineweb`
 trains on classic FineWeb's `sample-10BT` for the comparable one. docs/EVALUATION.md has the evaluation.
 

@@ -9,11 +9,11 @@ from flax_gpt2.generation.pipeline import pipeline, set_seed
 from flax_gpt2.modeling.kv_cache import KVCache
 from flax_gpt2.modeling.model import (GPT2DoubleHeadsModel, GPT2DoubleHeadsOutput, GPT2LMHeadModel, GPT2LMOutput,
                              GPT2Model, GPT2ModelOutput, init_params)
-from flax_gpt2.pretrained import from_pretrained, save_pretrained
+from flax_gpt2.checkpoints.pretrained import from_pretrained, save_pretrained
 from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, Tokenizer, get_tokenizer
-from flax_gpt2.weights import hf_state_dict_from_params, params_from_hf_state_dict
+from flax_gpt2.checkpoints.hf_state_dict import hf_state_dict_from_params, params_from_hf_state_dict
 
-from flax_gpt2.lm_eval_cli import register_lm_eval_model as _register_lm_eval_model
+from flax_gpt2.evaluation.lm_eval_registration import register_lm_eval_model as _register_lm_eval_model
 
 _register_lm_eval_model()  # lm-eval's model "flax_gpt2", when lm_eval is installed (lazy: nothing heavy imported)
 

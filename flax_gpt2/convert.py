@@ -13,9 +13,7 @@
 `--format` names what is written (`safetensors`, the default, or `msgpack`); the input format is found
 from the folder. Every input is loaded through flax_gpt2's strict rename table, so a converted folder is
 known to fit the model. With `--overwrite`, every new file is complete before an old one is replaced, so
-a full disk or a crash leaves the previous folder loadable. The old subcommands `hf-to-flax` and
-`flax-to-hf` both wrote the same safetensors folder; they are still accepted as a first word (with a
-note on stderr) and mean plain `convert`.
+a full disk or a crash leaves the previous folder loadable.
 Errors are one line on stderr (exit 2 for a bad flag, 1 otherwise); `--debug` shows the traceback.
 """
 
@@ -24,21 +22,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Sequence
 
 from flax_gpt2.utils import cli
-from flax_gpt2 import run_checkpoint
+from flax_gpt2.checkpoints import run_folders as run_checkpoint
 from flax_gpt2.tokenizer.bpe_files import tokenizer_files
 from flax_gpt2.modeling.config import GPT2Config, read_hf_json
-from flax_gpt2.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
+from flax_gpt2.checkpoints.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
                                   from_pretrained, resolve, save_pretrained)
 
 from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 PROG = "python -m flax_gpt2.convert"
 FORMATS = SAVE_FORMATS
-# The old subcommands: both wrote the safetensors folder, whatever their names said.
-_OLD_COMMANDS = ("hf-to-flax", "flax-to-hf")
 
 
 def convert(model: str, out: str, *, format: str = "safetensors", revision: str | None = None,
@@ -74,23 +69,6 @@ def convert(model: str, out: str, *, format: str = "safetensors", revision: str 
                            overwrite=overwrite, format=format, progress=progress)
 
 
-def hf_to_flax(model: str, out: str, *, revision: str | None = None, dtype: str = "float32",
-               overwrite: bool = False, progress: bool = True, pass_folder_as: str = "hf_to_flax('DIR', ...)") -> str:
-    """Deprecated: `convert(model, out, ...)`, which writes the same safetensors folder."""
-    warnings.warn("flax_gpt2.convert.hf_to_flax is deprecated; use flax_gpt2.convert.convert (it writes the same "
-                  "safetensors folder)", DeprecationWarning, stacklevel=2)
-    return convert(model, out, revision=revision, dtype=dtype, overwrite=overwrite, progress=progress,
-                   pass_folder_as=pass_folder_as)
-
-
-def flax_to_hf(model: str, out: str, *, dtype: str = "float32", overwrite: bool = False,
-               progress: bool = True, pass_folder_as: str = "flax_to_hf('DIR', ...)") -> str:
-    """Deprecated: `convert(model, out, ...)`, which writes the same safetensors folder."""
-    warnings.warn("flax_gpt2.convert.flax_to_hf is deprecated; use flax_gpt2.convert.convert (it writes the same "
-                  "safetensors folder)", DeprecationWarning, stacklevel=2)
-    return convert(model, out, dtype=dtype, overwrite=overwrite, progress=progress, pass_folder_as=pass_folder_as)
-
-
 def _saved_model_class(folder: str) -> type:
     """The model class named in the folder's config.json `architectures` (GPT2LMHeadModel if none).
 
@@ -112,11 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> None:
-    argv = list(argv)
-    if argv and argv[0] in _OLD_COMMANDS:
-        print(f"{PROG}: note: '{argv[0]}' is the same as plain convert (it writes --format safetensors, the "
-              "default); drop the word", file=sys.stderr)
-        argv = argv[1:]
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="what to read: hub id, Hugging Face folder (any weights format), training run folder, "

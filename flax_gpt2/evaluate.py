@@ -25,8 +25,7 @@ import math
 import jax.numpy as jnp
 
 from flax_gpt2.utils import cli, dtypes
-from flax_gpt2 import eval_metrics, lm_eval_cli
-from flax_gpt2.deprecation import renamed_kwargs
+from flax_gpt2.evaluation import perplexity as eval_metrics, lm_eval_tasks as lm_eval_cli
 
 PROG = "python -m flax_gpt2.evaluate"
 
@@ -99,20 +98,19 @@ def read_dataset(name: str, config: str | None, split: str, field: str) -> str:
     return "\n\n".join(ds[field])
 
 
-@renamed_kwargs(max_length="window_length")
 def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[str] | None = None,
              stride: int | None = None, window_length: int | None = None, batch_size: int = 4,
              dtype: str = "float32", param_dtype: str = "float32", progress: bool = True,
              command_line: bool = False) -> dict:
     """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures.
 
-    `window_length` (tokens per perplexity window; `max_length` is its deprecated name) defaults to the
+    `window_length` (tokens per perplexity window) defaults to the
     model's `n_positions`, `stride` to half the window. Every
     figure returned is finite (a NaN or infinite result raises FloatingPointError). `command_line` makes
     errors name the flags (`--model DIR`) instead of the Python API.
     """
-    from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
-    from flax_gpt2.pretrained import from_pretrained, resolve
+    from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
+    from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
     from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
     if text is None and lambada_texts is None:
@@ -183,8 +181,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     window = cli.flag_type(int, lambda n: n >= 2, "an integer >= 2")
     p.add_argument("--window_length", type=window, default=None,
                    help="tokens per scored window (default: the model's n_positions)")
-    p.add_argument("--max_length", dest="window_length", type=window, help=argparse.SUPPRESS,
-                   action=cli.renamed_flag("--window_length", "tokens per scored window"))
     p.add_argument("--batch_size", type=_positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=sorted(dtypes.DTYPES), help="compute dtype")
     p.add_argument("--param_dtype", default="float32", choices=sorted(dtypes.DTYPES), help="dtype the weights are kept in")

@@ -195,11 +195,11 @@ print(run_tokenizer.decode(store.read(0, 80)))
 
 # %% [markdown]
 # ## The model before fine-tuning
-# `from_pretrained` downloads `gpt2` from the hub (or reads a local folder). `flax_gpt2.sample.generate_text`
+# `from_pretrained` downloads `gpt2` from the hub (or reads a local folder). `flax_gpt2.generation.generate_text`
 # is what `python -m flax_gpt2.sample --stop_token "."` runs: the continuation ends before the stop string.
 
 # %%
-from flax_gpt2.sample import generate_text
+from flax_gpt2.generation import generate_text
 
 CARD_PROMPT = "<|endoftext|> kid, room, dance:"
 

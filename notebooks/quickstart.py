@@ -266,7 +266,7 @@ plt.show()
 # (`stride == window`) give less context and a higher perplexity; the full context gives the lowest.
 
 # %%
-from flax_gpt2.eval_metrics import perplexity
+from flax_gpt2.evaluation.perplexity import perplexity
 
 paragraph = (
     "The lighthouse stood at the end of a long stone pier, and for more than a hundred years its lamp had "

@@ -9,7 +9,7 @@
     python scripts/tpu_pod.py babysit ...create and run flags...   # spot/preemptible: recreate until done
 
 Every command is printed (`+ ...`, copy-pasteable) before it runs; `--dry-run` prints them only. Exit codes
-follow the project's convention (flax_gpt2/cli.py): 2 for a usage error (one line), 1 for a failed command
+follow the project's convention (flax_gpt2/utils/cli.py): 2 for a usage error (one line), 1 for a failed command
 (named), 130 for Ctrl-C. The script needs only the standard library and `gcloud`, so it runs on a laptop
 without JAX. See docs/TPU_PODS.md.
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_gpt2 import run_checkpoint
+from flax_gpt2.checkpoints import run_folders as run_checkpoint
 
 
 def _checksum(x) -> int:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import flax_gpt2
-from flax_gpt2 import eval_metrics, evaluate
+from flax_gpt2.evaluation import perplexity as eval_metrics
+from flax_gpt2 import evaluate
 
 
 @pytest.fixture(scope="module")

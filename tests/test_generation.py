@@ -11,7 +11,7 @@ from conftest import make_hf_model
 from flax_gpt2 import GPT2Config, GPT2DoubleHeadsModel, GPT2LMHeadModel, init_params
 from flax_gpt2.generation import generate, generate_stream, sampling
 from flax_gpt2.generation.model_step import forward, output_projection, prefill
-from flax_gpt2.pretrained import from_pretrained
+from flax_gpt2.checkpoints.pretrained import from_pretrained
 
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import make_hf_model
 
 import flax_gpt2
-from flax_gpt2 import hellaswag
+from flax_gpt2.evaluation import hellaswag
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 DATA = Path(__file__).resolve().parent / "data"
@@ -99,7 +99,7 @@ def test_harness_style_equals_lm_eval_hellaswag(tiny, tmp_path, data):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from flax_gpt2 import lm_eval_cli
+    from flax_gpt2.evaluation import lm_eval_tasks as lm_eval_cli
 
     _, model, params, tokenizer, folder = tiny
     path = HELLASWAG if data == "official" else non_ascii_file(tmp_path)
@@ -176,7 +176,7 @@ SHARDED = """
 import json, sys
 import jax, numpy as np
 import flax_gpt2
-from flax_gpt2 import hellaswag
+from flax_gpt2.evaluation import hellaswag
 from jax.sharding import NamedSharding, PartitionSpec as P
 folder, bpe, data = sys.argv[1:]
 model, params = flax_gpt2.from_pretrained(folder, progress=False)
@@ -212,7 +212,7 @@ def test_hellaswag_during_training_is_logged_and_right(tmp_path, shared_dir, bpe
     """`--config.eval_hellaswag=FILE` scores HellaSwag at every eval; the logged accuracy equals a one-off
     evaluation of the saved params."""
     from flax_gpt2.configs import tiny as tiny_config
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.modeling.model import GPT2LMHeadModel
     from flax_gpt2.train.metrics import read_metrics
     from flax_gpt2.train.train_loop import train_and_evaluate

@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional [ev
 
 from conftest import make_hf_model  # noqa: E402
 
-from flax_gpt2 import lm_eval_cli  # noqa: E402
+from flax_gpt2.evaluation import lm_eval_tasks as lm_eval_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-    from flax_gpt2.lm_eval_model import FlaxGPT2LM
+    from flax_gpt2.evaluation.lm_eval_model import FlaxGPT2LM
 
     return FlaxGPT2LM(pretrained=folder, batch_size=4, progress=False)
 
@@ -92,17 +92,17 @@ def assert_close(a, b, rel=1e-4):
 def test_registered_and_hf_still_found(ours):
     from lm_eval.api.registry import get_model, model_registry
 
-    from flax_gpt2.lm_eval_model import FlaxGPT2LM
+    from flax_gpt2.evaluation.lm_eval_model import FlaxGPT2LM
 
     assert get_model("flax_gpt2") is FlaxGPT2LM
     assert "hf" in model_registry  # registering ours never hides lm-eval's own models
 
 
 def test_lazy_registration_imports_nothing_heavy():
-    code = ("import sys; from flax_gpt2.lm_eval_cli import register_lm_eval_model as r; assert r(); "
+    code = ("import sys; from flax_gpt2.evaluation.lm_eval_registration import register_lm_eval_model as r; assert r(); "
             "from lm_eval.api.registry import model_registry as m; "
             "assert 'flax_gpt2' in m and 'hf' in m, list(m); "
-            "assert 'lm_eval.api.model' not in sys.modules and 'flax_gpt2.lm_eval_model' not in sys.modules; "
+            "assert 'lm_eval.api.model' not in sys.modules and 'flax_gpt2.evaluation.lm_eval_model' not in sys.modules; "
             "from lm_eval.api.registry import get_model; print(get_model('flax_gpt2').__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -230,7 +230,7 @@ def test_bounded_compiled_shapes(ours):
 
 
 def test_bad_model_args_are_clear(folder):
-    from flax_gpt2.lm_eval_model import FlaxGPT2LM
+    from flax_gpt2.evaluation.lm_eval_model import FlaxGPT2LM
 
     with pytest.raises(TypeError, match="unknown model_args for flax_gpt2: trust_remote_code"):
         FlaxGPT2LM(pretrained=folder, trust_remote_code=True)

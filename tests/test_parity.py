@@ -12,7 +12,7 @@ import transformers
 
 import flax_gpt2
 from conftest import make_hf_model
-from flax_gpt2.pretrained import from_pretrained, save_pretrained
+from flax_gpt2.checkpoints.pretrained import from_pretrained, save_pretrained
 
 
 

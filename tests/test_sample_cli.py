@@ -14,8 +14,11 @@ import torch
 from conftest import make_hf_model
 from flax_gpt2 import sample as cli
 from flax_gpt2.generation import generate
+from flax_gpt2.generation.detokenize import Detokenizer
+from flax_gpt2.generation.text import generate_text
 from flax_gpt2.generation.pipeline import pipeline, set_seed
-from flax_gpt2.pretrained import from_pretrained
+from flax_gpt2.checkpoints import loading
+from flax_gpt2.checkpoints.pretrained import from_pretrained
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
 EOT = 50256
@@ -102,28 +105,36 @@ def test_commongen_prompt_format(capsys, folder, loaded):
     assert out == prompt + expected.split(".")[0] + "\n"
 
 
-def test_generate_text_and_its_old_name(loaded):
-    """`flax_gpt2.sample.generate_text` (text in, text out) was `sample`: the old name still works, and warns."""
+def test_generate_text_equals_greedy_generate(loaded):
+    """`generate_text` (text in, text out), what `python -m flax_gpt2.sample` runs, equals `generate` + decode."""
     model, params, tokenizer = loaded
-    text = cli.generate_text(model, params, tokenizer, "Hello", max_new_tokens=6, do_sample=False)
+    text = generate_text(model, params, tokenizer, "Hello", max_new_tokens=6, do_sample=False)
     assert text == ["Hello" + greedy_text(loaded, tokenizer.encode("Hello"), 6)[0]]
-    with pytest.warns(DeprecationWarning, match="sample.sample is deprecated; use flax_gpt2.sample.generate_text"):
-        from flax_gpt2.sample import sample
-    assert sample is cli.generate_text
 
 
-def test_stream_printer_holds_back_a_partial_stop_string():
-    printed = []
-    printer = cli._Printer(printed.append, "END")
-    assert not printer.update("abc E")  # "E" may start "END": held back
-    assert not printer.update("abc EN")
-    assert printer.update("abc ENDING")
-    assert "".join(printed) == "abc "
-    printed.clear()
-    printer = cli._Printer(printed.append, None)
-    printer.update("caf\ufffd")  # half of "é": held back until it is complete
-    printer.update("café")
-    assert "".join(printed) == "café"
+def _streamed(pieces: list[bytes], stop: tuple[str, ...] = (), final_flag: bool = False) -> list[str]:
+    text, out = Detokenizer(stop), []
+    for data in pieces:
+        if text.add(data):
+            break
+        out.append(text.take(final=False))
+    out.append(text.take(final=True))
+    return out
+
+
+def test_detokenizer_holds_back_a_partial_stop_string():
+    out = _streamed([b"abc", b" E", b"N", b"DING", b" more"], stop=("END",))
+    assert out == ["abc", " ", "", ""]  # "E" and "EN" may start "END": held back, then cut before it
+    assert _streamed([b"abc", b" EN", b"ough"], stop=("END",)) == ["abc", " ", "ENou", "gh"]
+
+
+def test_detokenizer_never_splits_a_character():
+    e_acute = "é".encode()
+    assert _streamed([b"caf", e_acute[:1], e_acute[1:], b"!"]) == ["caf", "", "é", "!", ""]
+    # a half character at the very end is U+FFFD, as tokenizer.decode of the whole sequence gives
+    assert "".join(_streamed([b"caf", e_acute[:1]])) == b"caf\xc3".decode("utf-8", errors="replace")
+    # a stop string made of a multi-byte character, arriving in two tokens
+    assert _streamed([b"ab", e_acute[:1], e_acute[1:], b"cd"], stop=("é",)) == ["ab", "", ""]
 
 
 BAD_ARGS = [  # runtime errors: exit 1, one line on stderr
@@ -173,8 +184,8 @@ def test_a_converted_model_is_cached(folder, tmp_path):
     torch.save(hf_model.state_dict(), bin_folder / "pytorch_model.bin")
     params = from_pretrained(folder, progress=False)[1]
     logs = []
-    first = cli.load_model(str(bin_folder), progress=False, log=logs.append)
-    second = cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    first = loading.load_model(str(bin_folder), progress=False, log=logs.append)
+    second = loading.load_model(str(bin_folder), progress=False, log=logs.append)
     assert logs[0].startswith("Converting") and logs[1].startswith("Loading") and logs[2].startswith("Loading")
     cached = os.listdir(tmp_path / "cache" / "models")
     assert len(cached) == 1 and cached[0] in logs[2]
@@ -237,8 +248,9 @@ def test_a_relative_training_run_path(tmp_path, monkeypatch):
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params, run_checkpoint
-    from flax_gpt2.pretrained import resolve
+    from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
+    from flax_gpt2.checkpoints.pretrained import resolve
 
     config = GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)
     params = init_params(GPT2LMHeadModel(config), jax.random.PRNGKey(3))
@@ -257,7 +269,7 @@ def test_a_relative_training_run_path(tmp_path, monkeypatch):
 def test_urls_are_never_hub_ids_or_folders(tmp_path, monkeypatch):
     """A URL is remote storage or an error naming it, never a hub id or a local folder (gs:// itself is tested
     against a local GCS server in test_train_gcs.py)."""
-    from flax_gpt2.pretrained import resolve
+    from flax_gpt2.checkpoints.pretrained import resolve
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="ftp://bucket/run"):

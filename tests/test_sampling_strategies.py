@@ -205,23 +205,6 @@ def test_a_seed_reproduces_the_output(tiny, kwargs):
     assert (other != first).any()
 
 
-def test_old_names_are_deprecated_aliases():
-    """`SamplingParams` drove greedy and beam search too, and `logits_processors.sample` only draws a token:
-    both renamed, the old names still importable with a DeprecationWarning."""
-    from flax_gpt2.generation import logits_processors
-
-    with pytest.warns(DeprecationWarning, match="SamplingParams is deprecated; use GenerationConfig"):
-        from flax_gpt2.generation import SamplingParams
-    assert SamplingParams is GenerationConfig
-    with pytest.warns(DeprecationWarning, match="SamplingParams is deprecated; use GenerationConfig"):
-        assert logits_processors.SamplingParams is GenerationConfig
-    with pytest.warns(DeprecationWarning, match="sample is deprecated; use draw_tokens"):
-        assert logits_processors.sample is logits_processors.draw_tokens
-    with pytest.warns(DeprecationWarning, match=r"KVCache.init\(max_length=...\) is deprecated; use cache_length="):
-        cache = KVCache.init(GPT2Config.from_preset("tiny"), 1, max_length=8)
-    assert cache.cache_length == 8
-
-
 def hf_warpers(temperature, top_k, top_p):
     """transformers' sampling warpers in its order: temperature first, then top-k, then top-p."""
     chain = [hf.TemperatureLogitsWarper(temperature)]

@@ -150,7 +150,7 @@ def test_finetune_starts_from_hf_weights(hf_tiny, tmp_path):
 
     import flax_gpt2
     from flax_gpt2.configs import finetune
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train.train_loop import train_and_evaluate
 
     _, shared_folder = hf_tiny

@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, shared_dir):
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train import data
     from flax_gpt2.configs import tiny
 

@@ -27,7 +27,7 @@ def test_train_steps_match_torch_adamw_with_accumulation(hf_tiny_random):
 
     import flax_gpt2
     from flax_gpt2.configs import base
-    from flax_gpt2 import weights
+    from flax_gpt2.checkpoints import hf_state_dict as weights
     from flax_gpt2.train import mesh as mesh_lib, step as step_lib
 
     _, folder = hf_tiny_random  # every parameter random: decaying a bias or a LayerNorm scale moves it

@@ -98,7 +98,7 @@ def test_run_loads_as_a_model(reference):
     import jax
 
     import flax_gpt2
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
 
     workdir, _ = reference
     assert run_checkpoint.is_training_run(workdir) and not run_checkpoint.is_training_run(workdir / "tensorboard")
@@ -199,7 +199,7 @@ def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monk
     """A loss that turns NaN once training gets below 10.6 nats (the tiny run crosses that by step ~7)."""
     import jax.numpy as jnp
 
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train import step as step_lib
     from flax_gpt2.train.train_loop import train_and_evaluate
 

@@ -187,7 +187,7 @@ def test_ctrl_c_saves_then_the_same_command_resumes(base_run, cache_dir, tmp_pat
 
 
 def test_flipped_bytes_in_a_checkpoint_are_caught(base_run, cache_dir, tmp_path, caplog):
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train.train_loop import train_and_evaluate
 
     workdir = tmp_path / "run"
@@ -276,7 +276,7 @@ def test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json(
     """Checkpoints written before meta carried the training config (nor checksums): the workdir's
     train_config.json stands in for it (Checkpointer.restore_latest), and the reader takes their blocks
     per layer."""
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train import run_guard
     from flax_gpt2.train.train_loop import train_and_evaluate
 

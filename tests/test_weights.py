@@ -21,8 +21,9 @@ import transformers
 
 import flax_gpt2
 from conftest import make_hf_model
-from flax_gpt2 import checkpoint_files, convert, weights
-from flax_gpt2.pretrained import from_pretrained, save_pretrained
+from flax_gpt2.checkpoints import formats as checkpoint_files, hf_state_dict as weights
+from flax_gpt2 import convert
+from flax_gpt2.checkpoints.pretrained import from_pretrained, save_pretrained
 
 
 
@@ -333,7 +334,7 @@ def test_lm_checkpoint_into_double_heads_warns_and_initializes_head(hf_tiny):
 
 def test_double_heads_checkpoint_into_lm_drops_head_with_note(hf_double, caplog):
     _, folder = hf_double
-    with caplog.at_level(logging.INFO, logger="flax_gpt2.weights"):
+    with caplog.at_level(logging.INFO, logger="flax_gpt2.checkpoints.hf_state_dict"):
         _, params = from_pretrained(folder, progress=False)
     assert "multiple_choice_head" not in params
     assert "multiple_choice_head.summary.weight" in caplog.text
@@ -619,7 +620,7 @@ def test_convert_double_heads_to_msgpack_is_refused(hf_double, tmp_path, capsys)
 
 @pytest.mark.filterwarnings("ignore:the GPT-2 tokenizer could not be loaded")  # offline, no tiktoken cache
 def test_training_run_folder(tmp_path, bpe_dir):
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     import orbax.checkpoint as ocp
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)

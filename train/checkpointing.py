@@ -1,6 +1,6 @@
 """Checkpoints of the train state and the data iterator: orbax's CheckpointManager, async, last K kept.
 
-Layout (shared with `flax_gpt2.run_checkpoint`, which reads params back for `from_pretrained`):
+Layout (shared with `flax_gpt2.checkpoints.run_folders`, which reads params back for `from_pretrained`):
 `WORKDIR/checkpoints/<step>/{params, opt_state, meta}`. `meta` is JSON: the step, the data iterator's
 `(epoch, position)`, the model's Hugging Face config, the flattened training config, a checksum of
 every array (`run_checkpoint.fingerprint`), and a sha256 of the meta itself (`run_checkpoint.seal_meta`).
@@ -31,9 +31,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from flax_gpt2.utils import file_io
-from flax_gpt2 import run_checkpoint
+from flax_gpt2.checkpoints import run_folders as run_checkpoint
 from flax_gpt2.modeling import layer_stacking
-from flax_gpt2.run_checkpoint import checkpoint_dir
+from flax_gpt2.checkpoints.run_folders import checkpoint_dir
 from flax_gpt2.train import run_guard
 from flax_gpt2.train.data import DataState
 from flax_gpt2.train.step import TrainState

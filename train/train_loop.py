@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2.utils import dtypes, file_io
-from flax_gpt2 import run_checkpoint
+from flax_gpt2.checkpoints import run_folders as run_checkpoint
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel
@@ -420,12 +420,12 @@ def _number(x: float | None) -> str:
 def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
     """`params -> {"hellaswag_acc", "hellaswag_acc_norm"}` over `config.eval_hellaswag` (None if unset).
 
-    The llm.c / build-nanogpt definition (flax_gpt2.hellaswag): each ending scored by its mean token loss;
+    The llm.c / build-nanogpt definition (flax_gpt2.evaluation.hellaswag): each ending scored by its mean token loss;
     the 4 * eval_batch rows of a call are split over the devices like a train batch.
     """
     if not config.eval_hellaswag:
         return None
-    from flax_gpt2 import hellaswag
+    from flax_gpt2.evaluation import hellaswag
     from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)

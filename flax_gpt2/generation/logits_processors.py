@@ -17,7 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flax_gpt2.deprecation import renamed_attributes
 
 Array = jax.Array
 
@@ -241,7 +240,3 @@ class GenerationConfig:
             logits = top_p_filter(logits, self.top_p)
         return draw_tokens(key, logits)
 
-
-# Old names, kept importable: `SamplingParams` drives greedy and beam search too, and `sample` only draws.
-__getattr__ = renamed_attributes(__name__, SamplingParams=("GenerationConfig", GenerationConfig),
-                                 sample=("draw_tokens", draw_tokens))

@@ -14,7 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flax_gpt2.checkpoints.loading import check_vocab, tokenizer_source
+from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
 from flax_gpt2.generation.generate import generate
+from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
 
 _DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
 _seeds = np.random.default_rng(0)
@@ -115,12 +118,8 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
         raise ValueError(f"flax_gpt2.pipeline supports only task='text-generation', got {task!r}")
     if model is None:
         raise ValueError("pass model=: a hub id such as 'gpt2', a model folder, or a (model, params) pair")
-    from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
-
     folder = None
     if isinstance(model, (str, os.PathLike)):
-        from flax_gpt2.pretrained import from_pretrained, resolve
-
         folder = resolve(model, progress=progress)
         model, params = from_pretrained(folder, dtype=dtype, progress=progress)
     else:
@@ -129,43 +128,3 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
         tokenizer = get_tokenizer(tokenizer if tokenizer is not None else tokenizer_source(folder))
     check_vocab(model.config, tokenizer)
     return TextGenerationPipeline(model, params, tokenizer)
-
-
-def check_vocab(config, tokenizer, model_name: str | None = None) -> None:
-    """ValueError when the tokenizer has ids the model has no embedding for (they do not belong together).
-
-    A model vocabulary larger than the tokenizer's (e.g. padded to a multiple of 64) is fine: generation
-    passes `vocab_limit=tokenizer.vocab_size`, so the ids past the tokenizer's are never chosen.
-    """
-    if tokenizer.vocab_size > config.vocab_size:
-        where = f"{model_name}: " if model_name else ""
-        raise ValueError(f"{where}the model's vocab_size ({config.vocab_size}) is smaller than its tokenizer's "
-                         f"({tokenizer.vocab_size} tokens): ids past {config.vocab_size - 1} would have no "
-                         f"embedding. Use the tokenizer the model was trained with (vocab.json + merges.txt in "
-                         f"the model folder)")
-
-
-def model_tokenizer(folder: str | None, *, command_line: bool = False):
-    """The tokenizer for a resolved model folder: its own files, else the standard GPT-2 tokenizer.
-
-    With `command_line`, the error for a standard tokenizer that cannot be loaded offline says how to fix
-    it from a command line (files in the model folder, or tiktoken's cache), not with `get_tokenizer`.
-    """
-    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
-
-    source = tokenizer_source(folder)
-    try:
-        return get_tokenizer(source)
-    except OSError as e:
-        if source is not None or not command_line:
-            raise
-        raise OSError(f"{folder} has no tokenizer files, and the standard GPT-2 tokenizer is neither cached nor "
-                      f"downloadable here: copy GPT-2's vocab.json + merges.txt into {folder}, or set "
-                      f"TIKTOKEN_CACHE_DIR to a folder holding tiktoken's GPT-2 files") from e
-
-
-def tokenizer_source(folder: str | None) -> str | None:
-    """The model folder when it holds tokenizer files (either naming), else None (the standard GPT-2 tokenizer)."""
-    from flax_gpt2.tokenizer.bpe_files import tokenizer_files
-
-    return folder if folder is not None and tokenizer_files(folder) is not None else None

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from flax_gpt2.modeling.config import GPT2Config
-from flax_gpt2.deprecation import renamed_kwargs
 
 
 @flax.struct.dataclass
@@ -26,10 +24,9 @@ class KVCache:
     index: jax.Array  # int32 scalar
 
     @classmethod
-    @renamed_kwargs(max_length="cache_length")
     def init(cls, config: GPT2Config, batch_size: int, cache_length: int, dtype=None) -> "KVCache":
         """An empty cache of `cache_length` slots S (the tokens it can hold: prompt + new tokens, padding
-        included; at most `config.n_positions`). `max_length` is the deprecated name of `cache_length`."""
+        included; at most `config.n_positions`)."""
         if cache_length > config.n_positions:
             raise ValueError(f"cache length {cache_length} exceeds the model's n_positions={config.n_positions}")
         shape = (batch_size, config.n_head, cache_length, config.head_dim)
@@ -42,9 +39,3 @@ class KVCache:
     def cache_length(self) -> int:
         """S, the number of slots."""
         return self.keys[0].shape[2]
-
-    @property
-    def max_length(self) -> int:
-        """The deprecated name of `cache_length`."""
-        warnings.warn("KVCache.max_length is deprecated; use KVCache.cache_length", DeprecationWarning, stacklevel=2)
-        return self.cache_length

@@ -7,7 +7,7 @@ Shape alphabet (used in names, comments and einsum strings across flax_gpt2):
     F  MLP width (n_inner)   V  vocabulary         C  choices (multiple-choice head)
 
 Parameter names mirror Hugging Face's (`wte`, `h_0/attn/c_attn`, `ln_f`, ...) so the conversion table in
-`flax_gpt2.weights` stays a list of renames. Fused QKV is stored `[D, 3, H, K]` and the attention
+`flax_gpt2.checkpoints.hf_state_dict` stays a list of renames. Fused QKV is stored `[D, 3, H, K]` and the attention
 output projection `[H, K, D]` so that tensor parallelism splits whole heads.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`); activations are

@@ -25,7 +25,11 @@ import socket
 import sys
 from typing import Sequence
 
+from flax_gpt2.checkpoints.loading import load_model
+from flax_gpt2.serve.engine import Engine
 from flax_gpt2.utils import cli
+from flax_gpt2.utils.compilation_cache import enable_compilation_cache
+from flax_gpt2.utils.dtypes import DTYPES
 
 PROG = "python -m flax_gpt2.serve"
 
@@ -41,8 +45,6 @@ def _buckets(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from flax_gpt2.sample import DTYPES
-
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog="--debug shows the traceback of an error.")
     parser.add_argument("--model", required=True, help="hub id, Hugging Face folder, or training run folder")
@@ -55,8 +57,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--context_length", type=_positive_int, default=None,
                         help="tokens a request's prompt + completion may total, each slot's cache length "
                              "(default: the model's n_positions, 1024 for GPT-2)")
-    parser.add_argument("--max_length", dest="context_length", type=_positive_int, help=argparse.SUPPRESS,
-                        action=cli.renamed_flag("--context_length", "prompt + completion tokens per slot"))
     parser.add_argument("--prompt_buckets", type=cli.flag_type(_buckets, lambda b: True, "comma-separated positive "
                         "integers"), default=None, help="prompt lengths that each get a compiled prefill "
                         "(default 16, 32, 64, ... up to --context_length)")
@@ -115,12 +115,12 @@ def _main(argv: Sequence[str]) -> None:
     except OSError as e:
         raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
+    # uvicorn and starlette are the optional [serve] extra: imported only now, so `--help` and flag errors
+    # work without them (and a missing extra is one clear ImportError after the flags are checked).
     import uvicorn
 
-    from flax_gpt2.sample import enable_compilation_cache, load_model
     from flax_gpt2.serve.api import create_app
     from flax_gpt2.serve.connections import connection_cap, limited_protocol
-    from flax_gpt2.serve.engine import Engine
 
     max_connections = connection_cap(args.max_connections)
 

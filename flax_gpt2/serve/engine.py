@@ -28,20 +28,18 @@ bit-for-bit equality is the rule rather than a guarantee when two candidates tie
 
 from __future__ import annotations
 
-import codecs
 import collections
 import dataclasses
 import logging
 import secrets
 import threading
 import time
-import warnings
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from flax_gpt2.deprecation import renamed_kwargs
+from flax_gpt2.generation.detokenize import Detokenizer
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
@@ -132,37 +130,6 @@ class Completion:
         return out
 
 
-class _Detokenizer:
-    """Text of the generated tokens as they come: holds back an unfinished UTF-8 character and, with stop
-    strings, the characters that could still begin one."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.sent = 0
-        self.stop = stop
-        self._hold = max((len(s) for s in stop), default=1) - 1
-
-    def add(self, data: bytes, final: bool = False) -> bool:
-        """Appends a token's bytes; True if a stop string appeared (the text is then cut before it)."""
-        before = len(self.text)
-        self.text += self._decoder.decode(data, final=final)
-        if self.stop:
-            start = max(0, before - self._hold)
-            found = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if found:
-                self.text = self.text[:min(found)]
-                return True
-        return False
-
-    def take(self, final: bool) -> str:
-        """The text not yet handed out that can no longer change."""
-        end = len(self.text) if final else max(self.sent, len(self.text) - self._hold)
-        delta = self.text[self.sent:end]
-        self.sent = end
-        return delta
-
-
 class Sequence:
     """One generated continuation (one choice, or all choices of a greedy request) and its slot."""
 
@@ -173,7 +140,7 @@ class Sequence:
         self.stream = stream
         self.slot = -1
         self.tokens: list[int] = []
-        self.text = _Detokenizer(completion.request.stop)
+        self.text = Detokenizer(completion.request.stop)
         self.offset = len(completion.echo_texts[prompt]) if completion.request.echo else 0
         self.pending = Event(choices)  # what a non-streaming request has not been handed yet
 
@@ -200,13 +167,12 @@ class Engine:
     """Continuous batching over `max_batch` slots of `context_length` tokens for one model.
 
     `context_length` is what a request's prompt + completion may total (each slot's cache length; default
-    and cap the model's `n_positions`); `max_length` is its deprecated name. `decode_steps` is how many
+    and cap the model's `n_positions`). `decode_steps` is how many
     decoding steps one device call runs while no request waits for a slot (see `_steps_ahead`): fewer host
     round trips per token, at the price of tokens streaming in groups of that many. `submit` is called from the
     HTTP side (any thread); everything that touches the device runs on the engine's own thread (`start`).
     """
 
-    @renamed_kwargs(max_length="context_length")
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
                  decode_steps: int = 8):
@@ -237,12 +203,6 @@ class Engine:
         self._token_bytes = [tokenizer.encoding.decode_single_token_bytes(i) for i in range(tokenizer.vocab_size)]
         self._token_strs: dict[int, str] = {}
         jax.monitoring.register_event_duration_secs_listener(self._on_compile)
-
-    @property
-    def max_length(self) -> int:
-        """Deprecated name of `context_length`."""
-        warnings.warn("Engine.max_length is deprecated; use Engine.context_length", DeprecationWarning, stacklevel=2)
-        return self.context_length
 
     # ---- set-up ----
 

@@ -126,24 +126,6 @@ def flag_type(convert: Callable[[str], object], ok: Callable[[object], bool], re
     return parse
 
 
-def renamed_flag(new: str, what: str = "") -> type[argparse.Action]:
-    """An argparse `action=` for a flag's old spelling: stores into the new flag's `dest` (give the same
-    `dest` and `type`) and prints a one-line note on stderr, so old command lines keep working.
-
-        parser.add_argument("--max_length", dest="window_length", type=..., help=argparse.SUPPRESS,
-                            action=cli.renamed_flag("--window_length", "tokens per scored window"))
-    """
-
-    class RenamedFlag(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
-            meaning = f" ({what})" if what else ""
-            print(f"{parser.prog}: note: {option_string} is now {new}{meaning}; the old spelling still works",
-                  file=sys.stderr)
-            setattr(namespace, self.dest, values)
-
-    return RenamedFlag
-
-
 def _underscored(arg: str) -> str:
     """`--no-progress` -> `--no_progress`: flags are spelled with underscores, dashes are accepted too.
     Only the flag's name changes (`--stop-token=a-b` -> `--stop_token=a-b`)."""

@@ -63,7 +63,8 @@ def tiny_config_json(**raw) -> dict:
 
 def tiny_state(seed: int = 0) -> dict[str, np.ndarray]:
     """A random float32 HF state dict for the tiny model (keys with the `transformer.` prefix)."""
-    from flax_gpt2 import GPT2Config, weights
+    from flax_gpt2 import GPT2Config
+    from flax_gpt2.checkpoints import hf_state_dict as weights
 
     rng = np.random.default_rng(seed)
     return {"transformer." + e.hf: rng.normal(0, 0.02, e.hf_shape).astype(np.float32)
@@ -266,7 +267,7 @@ def bin_memo_index(folder):
 @case("read_weights", ValueError, r"STOP with an unbalanced stack", memory=True)
 def bin_pickle_of_empty_dicts(folder):
     """data.pkl as large as allowed, each byte a new empty dict (the most memory a pickle byte can make)."""
-    from flax_gpt2.checkpoint_files import _MAX_PICKLE_BYTES
+    from flax_gpt2.checkpoints.formats.torch_bin import _MAX_PICKLE_BYTES
 
     return raw_pickle_bin(folder, b"\x80\x02" + b"}" * (_MAX_PICKLE_BYTES - 3) + b".")
 
@@ -878,7 +879,7 @@ def build(case: Case, folder: Path) -> tuple[Path, Path]:
 def run(case: Case, target: Path):
     """Calls the reader `case` names on `target` (returns only if it did not raise)."""
     import flax_gpt2
-    from flax_gpt2 import checkpoint_files
+    from flax_gpt2.checkpoints import formats as checkpoint_files
 
     if case.call == "read_weights":
         return checkpoint_files.read_weights(target, progress=False)

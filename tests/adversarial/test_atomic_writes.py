@@ -102,7 +102,7 @@ def test_convert_overwrite_on_a_full_disk_keeps_the_old_weights(hf_tiny, tmp_pat
 def test_convert_to_msgpack_on_a_full_disk_keeps_the_old_weights(hf_tiny, tmp_path, capsys, monkeypatch):
     """`--format msgpack --overwrite` over a safetensors folder: the msgpack writer fails half way, and the
     old safetensors (which the msgpack save would remove once complete) must still be there and load."""
-    from flax_gpt2 import checkpoint_files
+    from flax_gpt2.checkpoints import formats as checkpoint_files
 
     out = tmp_path / "out"
     assert convert.main(["--model", str(hf_tiny[1]), "--out", str(out), "--no-progress"]) == 0

@@ -115,7 +115,7 @@ def _edit_meta(workdir: Path, step: int, edit) -> None:
 def test_an_edited_checkpoint_meta_is_corruption(run, tmp_path, caplog, edit):
     """Was: the run resumed at the edited data position (or step) silently; the array checksums do not
     cover the meta."""
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.train.train_loop import train_and_evaluate
 
     base, config, _ = run
@@ -137,7 +137,7 @@ def test_an_edited_checkpoint_meta_is_corruption(run, tmp_path, caplog, edit):
 
 
 def test_an_intact_meta_passes_its_checks(run):
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
 
     base, _, _ = run
     meta = json.loads(_meta_file(base, 4).read_text())

@@ -137,7 +137,7 @@ def test_lm_eval_on_a_padded_model_equals_the_cut_model(padded, cut, tokenizer):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from flax_gpt2.lm_eval_model import FlaxGPT2LM
+    from flax_gpt2.evaluation.lm_eval_model import FlaxGPT2LM
 
     def instances(kind, args_list):
         return [Instance(request_type=kind, doc={}, arguments=args, idx=i) for i, args in enumerate(args_list)]

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import flax_gpt2
-from flax_gpt2 import checkpoint_files
+from flax_gpt2.checkpoints import formats as checkpoint_files
+from flax_gpt2.checkpoints.formats import torch_bin
 from flax_gpt2.utils import cli
 
 from . import bad_files
@@ -44,7 +45,7 @@ def corpus(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 def _process_state():
     """What a pickle payload could change for the rest of the process: the allowed callables' attributes."""
-    functions = (checkpoint_files._rebuild_tensor_v2, checkpoint_files._rebuild_parameter)
+    functions = (torch_bin._rebuild_tensor_v2, torch_bin._rebuild_parameter)
     return ([(f.__defaults__, f.__kwdefaults__, dict(f.__dict__), f.__code__) for f in functions],
             sorted(vars(collections.OrderedDict)))
 
@@ -82,7 +83,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from adversarial import bad_files
     import flax_gpt2
-    from flax_gpt2 import checkpoint_files
+    from flax_gpt2.checkpoints import formats as checkpoint_files
 
     def peak():  # bytes (ru_maxrss is KiB on Linux, bytes on macOS)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

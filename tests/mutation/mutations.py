@@ -27,7 +27,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_generation.py::test_beam_search_matches_transformers",),
         "beam search stops too early (length_penalty > 1) or too late (< 1): other beams than transformers"),
     Mutation(
-        "lambada_first_token_only", "flax_gpt2/eval_metrics.py",
+        "lambada_first_token_only", "flax_gpt2/evaluation/perplexity.py",
         (("correct += bool(greedy[row, sl].all())", "correct += bool(greedy[row, sl][0])"),),
         ("tests/test_evaluate.py::test_lambada_counts_a_word_right_only_when_every_token_is",
          "tests/test_evaluate.py::test_lambada_matches_transformers"),
@@ -45,7 +45,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_train_dropout.py",),
         "every accumulated micro-batch drops the same units"),
     Mutation(
-        "ln_1_ln_2_swapped_in_rename_table", "flax_gpt2/weights.py",
+        "ln_1_ln_2_swapped_in_rename_table", "flax_gpt2/checkpoints/hf_state_dict.py",
         (('Rename("h.{i}.ln_1.weight", "h_{i}/ln_1/scale"', 'Rename("h.{i}.ln_1.weight", "h_{i}/ln_2/scale"'),
          ('Rename("h.{i}.ln_2.weight", "h_{i}/ln_2/scale"', 'Rename("h.{i}.ln_2.weight", "h_{i}/ln_1/scale"')),
         ("tests/test_weights.py::test_every_tensor_lands_where_transformers_uses_it",),
@@ -89,7 +89,7 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/test_train_parity.py::test_train_steps_match_torch_adamw_with_accumulation"),
         "gradient accumulation sums micro-batch gradients: A times the gradient (and its clipping)"),
     Mutation(
-        "perplexity_windows_rescore_the_overlap", "flax_gpt2/eval_metrics.py",
+        "perplexity_windows_rescore_the_overlap", "flax_gpt2/evaluation/perplexity.py",
         (("windows.append(Window(begin, end, max(prev_end, begin + 1)))",
           "windows.append(Window(begin, end, begin + 1))"),),
         ("tests/test_evaluate.py::test_sliding_windows_score_every_token_once",
@@ -103,17 +103,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a resumed run's data position is one batch behind: it trains on the last batch twice"),
     # --- checkpoints: checksums, corrupt checkpoints, older checkpoints ------------------------------------
     Mutation(
-        "checksum_index_ignores_strides", "flax_gpt2/run_checkpoint.py",
+        "checksum_index_ignores_strides", "flax_gpt2/checkpoints/run_folders.py",
         (("stride *= bits.shape[axis]", "stride *= 1"),),
         ("tests/test_checkpoint_integrity.py",),
         "a checkpoint whose a[0, 1] and a[1, 0] were exchanged passes its checksum (every axis counted with stride 1)"),
     Mutation(
-        "checksum_without_position_weight", "flax_gpt2/run_checkpoint.py",
+        "checksum_without_position_weight", "flax_gpt2/checkpoints/run_folders.py",
         (("weight = index * jnp.uint32(_MIX) | jnp.uint32(1)", "weight = jnp.ones_like(index)"),),
         ("tests/test_checkpoint_integrity.py",),
         "the checksum is a plain sum of the words: any reordering of an array's values passes"),
     Mutation(
-        "checksum_of_values_not_bits", "flax_gpt2/run_checkpoint.py",
+        "checksum_of_values_not_bits", "flax_gpt2/checkpoints/run_folders.py",
         (("bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)", "bits = x.astype(jnp.uint32)"),),
         ("tests/test_checkpoint_integrity.py",),
         "the checksum converts float values to integers instead of reading their bits: a flipped mantissa bit passes"),

@@ -105,17 +105,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         "after a device failure, the requests that were waiting never get an answer"),
     # --- evaluation ---------------------------------------------------------------------------------------
     Mutation(
-        "perplexity_window_past_the_end", "flax_gpt2/eval_metrics.py",
+        "perplexity_window_past_the_end", "flax_gpt2/evaluation/perplexity.py",
         (("        prev_end = end\n        if end == num_tokens:\n            break\n", "        prev_end = end\n"),),
         ("tests/test_evaluate.py::test_sliding_windows_score_every_token_once",),
         "sliding-window perplexity runs the model on windows that score nothing (same number, more compute)"),
     Mutation(
-        "hellaswag_acc_norm_by_bytes", "flax_gpt2/hellaswag.py",
+        "hellaswag_acc_norm_by_bytes", "flax_gpt2/evaluation/hellaswag.py",
         (("tuple(len(e) for e in endings)", "tuple(len(e.encode()) for e in endings)"),),
         (_HARNESS,),
         "harness-style acc_norm divides by UTF-8 bytes: another number than lm-eval for non-ASCII endings"),
     Mutation(
-        "hellaswag_harness_acc_norm_by_tokens", "flax_gpt2/hellaswag.py",
+        "hellaswag_harness_acc_norm_by_tokens", "flax_gpt2/evaluation/hellaswag.py",
         (('    if examples.style == "nanogpt":\n        normalized = sum_loss / num_tokens\n',
           '    if True:\n        normalized = sum_loss / num_tokens\n'),),
         (_HARNESS,),

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.deprecation import renamed_kwargs
 
 _BUCKET = 64
 
@@ -56,7 +55,6 @@ class Window:
     score_from: int
 
 
-@renamed_kwargs(max_length="window_length")
 def sliding_windows(num_tokens: int, window_length: int, stride: int) -> list[Window]:
     """Windows of HF's perplexity guide (its `max_length`): start every `stride` tokens, at most
     `window_length` tokens long; each window scores only the tokens the previous one did not (after the
@@ -79,7 +77,6 @@ def sliding_windows(num_tokens: int, window_length: int, stride: int) -> list[Wi
     return windows
 
 
-@renamed_kwargs(max_length="window_length")
 def perplexity(model, params, token_ids: Sequence[int], *, stride: int = 512,
                window_length: int | None = None, batch_size: int = 4, progress: bool = True,
                scorer: Callable | None = None) -> dict:

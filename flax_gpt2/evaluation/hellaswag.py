@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.deprecation import renamed_kwargs
 
 STYLES = ("nanogpt", "harness")
 NUM_ENDINGS = 4
@@ -204,7 +203,6 @@ def make_loss_fn(model, params_sharding: Any = None, rows_sharding: jax.sharding
     return loss_fn
 
 
-@renamed_kwargs(max_length="context_length")
 def rows_length(examples: Examples, context_length: int) -> int:
     """The padded row length (in model inputs) `evaluate` uses by default: the longest row, rounded up to a
     multiple of 64, capped at `context_length` (the model's window, `n_positions`)."""
@@ -258,7 +256,6 @@ def accuracy(examples: Examples, sum_loss: np.ndarray, num_tokens: np.ndarray) -
             "num_examples": len(labels)}
 
 
-@renamed_kwargs(max_length="context_length")
 def evaluate(params, examples: Examples, loss_fn: Callable, *, batch_size: int = 16, seq_len: int | None = None,
              context_length: int = 1024, progress: bool = False) -> dict:
     """HellaSwag `acc`, `acc_norm` and `num_examples` of the model behind `loss_fn` (see `make_loss_fn`).
@@ -270,8 +267,7 @@ def evaluate(params, examples: Examples, loss_fn: Callable, *, batch_size: int =
       batch_size: examples per call (4 rows each); with a sharded `loss_fn`, make `4 * batch_size` divisible
         by the number of batch shards.
       seq_len: model inputs per row; default `rows_length(examples, context_length)`.
-      context_length: the model's window (`config.n_positions`), the cap of the default `seq_len`
-        (`max_length` is its deprecated name).
+      context_length: the model's window (`config.n_positions`), the cap of the default `seq_len`.
     """
     if not len(examples):
         raise ValueError("no HellaSwag examples to evaluate")

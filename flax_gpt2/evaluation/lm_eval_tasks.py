@@ -1,53 +1,20 @@
-"""lm-evaluation-harness tasks from `python -m flax_gpt2.evaluate --tasks ...`, and the lazy registration of
-lm-eval's model `flax_gpt2`.
+"""lm-evaluation-harness tasks from `python -m flax_gpt2.evaluate --tasks ...`.
 
     python -m flax_gpt2.evaluate --model PATH --tasks lambada_openai,hellaswag,wikitext \\
         [--batch_size N] [--limit N] [--num_fewshot K] [--output_path results.json] [--include_path DIR]
 
-`lm_eval` is an optional extra (`pip install -e ".[eval]"`). This module imports nothing of it until a
-function here needs it, so `flax_gpt2` can register its model at import time for free.
+`lm_eval` is an optional extra (`pip install -e ".[eval]"`): this module imports nothing of it until a
+function here needs it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from typing import Any
 
-MODEL_NAME = "flax_gpt2"  # the name in lm-eval's model registry (`simple_evaluate(model="flax_gpt2", ...)`)
-_MODEL_TARGET = "flax_gpt2.lm_eval_model:FlaxGPT2LM"
-INSTALL_HINT = 'pip install -e ".[eval]" (or pip install "lm_eval>=0.4,<0.5")'
-
-
-def require_lm_eval() -> None:
-    """ModuleNotFoundError naming the `[eval]` extra when lm-evaluation-harness is not installed."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ModuleNotFoundError(f"lm-evaluation-harness (`lm_eval`) is not installed; it is the optional [eval] "
-                                  f"extra: {INSTALL_HINT}", name="lm_eval")
-
-
-def register_lm_eval_model() -> bool:
-    """Registers the lm-eval model `flax_gpt2` (a lazy entry: `flax_gpt2.lm_eval_model` is imported on first
-    use). Returns False, doing nothing, when lm_eval is not installed or its registry is not the 0.4.x one.
-
-    Costs a few milliseconds: only lm-eval's registry and its own lazy model table are imported.
-    """
-    if importlib.util.find_spec("lm_eval") is None:
-        return False
-    try:
-        # lm-eval's own models go in first: its `get_model` fills an *empty* registry with them, so a registry
-        # holding only `flax_gpt2` would otherwise hide "hf" and the rest.
-        import lm_eval.models  # noqa: F401
-        from lm_eval.api.registry import model_registry
-
-        if MODEL_NAME not in model_registry:
-            model_registry.register(MODEL_NAME, target=_MODEL_TARGET)
-    except (ImportError, AttributeError, TypeError):  # an lm_eval without the lazy Registry (older 0.4.x)
-        return False
-    return True
-
+from flax_gpt2.evaluation.lm_eval_registration import MODEL_NAME, require_lm_eval
 
 # --- local task files ----------------------------------------------------------------------------------
 
@@ -117,7 +84,7 @@ def write_local_task(folder: str | os.PathLike, task: str, data_file: str | os.P
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(os.fspath(folder), f"{name or task}.yaml")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# lm-eval's {task} reading {os.path.basename(data_file)} (flax_gpt2.lm_eval_cli.write_local_task)\n")
+        f.write(f"# lm-eval's {task} reading {os.path.basename(data_file)} (flax_gpt2.evaluation.lm_eval_tasks.write_local_task)\n")
         yaml.safe_dump(override, f, sort_keys=False)
     return path
 
@@ -224,7 +191,8 @@ def run_tasks(args: argparse.Namespace | dict | None = None, /, **kwargs) -> dic
     import lm_eval
     from lm_eval.utils import make_table
 
-    from flax_gpt2 import lm_eval_model  # noqa: F401  (registers the model class)
+    # lm_eval (the optional [eval] extra) is imported only when tasks run; importing the model registers its class.
+    from flax_gpt2.evaluation import lm_eval_model  # noqa: F401
 
     task_manager = _task_manager(tasks, include_path)
     # Names may be globs (`lambada_*`) or task YAML files, as on lm-eval's own command line.

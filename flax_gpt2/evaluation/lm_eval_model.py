@@ -1,7 +1,7 @@
 """The lm-evaluation-harness model `flax_gpt2`: lm-eval's `loglikelihood`, `loglikelihood_rolling` and
 `generate_until` computed by a flax_gpt2 model.
 
-    import lm_eval, flax_gpt2.lm_eval_model
+    import lm_eval, flax_gpt2.evaluation.lm_eval_model
     lm_eval.simple_evaluate(model="flax_gpt2", model_args="pretrained=PATH,dtype=float32", tasks=["hellaswag"])
 
 It reproduces lm-eval's Hugging Face model (`HFLM`, `--model hf`) request by request: the same tokenization
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from flax_gpt2.utils.dtypes import DTYPES
 from flax_gpt2.generation.generate import bucket_length as _bucket
 from flax_gpt2.generation.logits_processors import limit_vocab
-from flax_gpt2.lm_eval_cli import INSTALL_HINT, MODEL_NAME
+from flax_gpt2.evaluation.lm_eval_registration import INSTALL_HINT, MODEL_NAME
 from flax_gpt2.modeling.model import unwrap_params
 
 try:
@@ -47,7 +47,7 @@ try:
 except ModuleNotFoundError as e:
     if (e.name or "").split(".")[0] != "lm_eval":
         raise
-    raise ModuleNotFoundError(f"flax_gpt2.lm_eval_model needs lm-evaluation-harness, the optional [eval] extra: "
+    raise ModuleNotFoundError(f"flax_gpt2.evaluation.lm_eval_model needs lm-evaluation-harness, the optional [eval] extra: "
                               f"{INSTALL_HINT}", name="lm_eval") from e
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class FlaxGPT2LM(TemplateLM):
         self._generations = 0
 
     def _load(self, model, params, tokenizer):
-        from flax_gpt2.generation.pipeline import check_vocab, model_tokenizer
+        from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
         from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
 
         if (model is None) != (params is None):
@@ -150,7 +150,7 @@ class FlaxGPT2LM(TemplateLM):
             if self.pretrained is None:
                 raise ValueError(f"{MODEL_NAME} needs pretrained=PATH (a hub id, model folder or training run) in "
                                  f"model_args, or model= and params=")
-            from flax_gpt2.pretrained import from_pretrained, resolve
+            from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
 
             folder = resolve(self.pretrained, progress=self.progress)
             model, params = from_pretrained(folder, dtype=DTYPES[self.dtype_name], progress=self.progress)

@@ -63,7 +63,7 @@ def mirror_root() -> str:
 
 def local_folder(url: str, *, progress: bool = True) -> str:
     """A local folder standing for the model folder or training run at `url` (see the module docstring)."""
-    from flax_gpt2 import run_checkpoint
+    from flax_gpt2.checkpoints import run_folders as run_checkpoint
 
     file_io.resolve_path(url)  # unsupported schemes and missing dependencies get their own message
     url = url.rstrip("/")

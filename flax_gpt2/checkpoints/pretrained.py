@@ -20,14 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.tokenizer import bpe_files
-from flax_gpt2 import checkpoint_files as files
+from flax_gpt2.checkpoints import formats as files
+from flax_gpt2.checkpoints import remote
+from flax_gpt2.checkpoints.hf_state_dict import (check_params, hf_state_dict_from_params, infer_model_class,
+                                                 params_from_hf_state_dict, tensor_count)
 from flax_gpt2.modeling import layer_stacking
-from flax_gpt2.utils import file_io, hub
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
-from flax_gpt2.weights import (check_params, hf_state_dict_from_params, infer_model_class, params_from_hf_state_dict,
-                               tensor_count)
+from flax_gpt2.tokenizer import bpe_files
+from flax_gpt2.utils import file_io, hub
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
 # GPT2Config fields that say how a model runs, not what its weights are: from_pretrained overrides them.
@@ -221,17 +222,13 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, pro
 
 
 def _resolve_url(url: str) -> str:
-    """Remote storage (gs://...): a local mirror folder (`flax_gpt2.remote_models`); never a hub id."""
-    from flax_gpt2 import remote_models
-
-    return remote_models.local_folder(url)
+    """Remote storage (gs://...): a local mirror folder (`flax_gpt2.checkpoints.remote`); never a hub id."""
+    return remote.local_folder(url)
 
 
 def _download(repo_id: str, revision: str | None, progress: bool, pass_folder_as: str) -> str:
     from huggingface_hub import list_repo_files, snapshot_download
     from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    from flax_gpt2 import remote_models
 
     unreachable = hub.hub_unreachable()  # one short probe, not huggingface_hub's ~40 s of retries
     with _hub_progress(progress):
@@ -275,9 +272,9 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
 
 def _is_run_folder(folder: str) -> bool:
     try:
-        from flax_gpt2 import run_checkpoint
+        from flax_gpt2.checkpoints import run_folders as run_checkpoint
     except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.run_checkpoint":
+        if e.name != "flax_gpt2.checkpoints.run_folders":
             raise
         return False
     return run_checkpoint.is_run_folder(folder)
@@ -286,14 +283,12 @@ def _is_run_folder(folder: str) -> bool:
 def _load_training_run(folder: str):
     """`(config, params)` when `folder` is a flax_gpt2 training run, else None."""
     try:
-        from flax_gpt2 import run_checkpoint
+        from flax_gpt2.checkpoints import run_folders as run_checkpoint
     except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.run_checkpoint":
+        if e.name != "flax_gpt2.checkpoints.run_folders":
             raise
         return None
-    from flax_gpt2 import remote_models
-
-    folder = remote_models.run_url(folder) or folder  # a mirror of a run on remote storage
+    folder = remote.run_url(folder) or folder  # a mirror of a run on remote storage
     if not run_checkpoint.is_training_run(folder):
         return None
     return run_checkpoint.load_run(folder)
