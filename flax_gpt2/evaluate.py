@@ -6,7 +6,7 @@
     python -m flax_gpt2.evaluate --model gpt2 --tasks lambada_openai,hellaswag,wikitext   # lm-eval harness [eval]
 
 The window follows the model: `--window_length` (tokens per scored window; HF's perplexity guide calls
-it `max_length`, which this command still accepts) defaults to its `n_positions` and `--stride` to half the
+it `max_length`) defaults to its `n_positions` and `--stride` to half the
 window (512 for GPT-2's 1024, as in Hugging Face's perplexity guide). `<|endoftext|>` in a text is the
 document separator token; no other special token is recognised. Shows a progress bar; the last line
 printed is one JSON object with the figures (never NaN or Infinity: a non-finite result is an error).
@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
-import math
-
-import jax.numpy as jnp
-
+from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
+from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
+from flax_gpt2.evaluation import lm_eval_tasks as lm_eval_cli, perplexity as eval_metrics
+from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 from flax_gpt2.utils import cli, dtypes
-from flax_gpt2.evaluation import perplexity as eval_metrics, lm_eval_tasks as lm_eval_cli
 
 PROG = "python -m flax_gpt2.evaluate"
 
@@ -109,9 +109,6 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
     figure returned is finite (a NaN or infinite result raises FloatingPointError). `command_line` makes
     errors name the flags (`--model DIR`) instead of the Python API.
     """
-    from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
-    from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
-    from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
     if text is None and lambada_texts is None:
         raise ValueError("nothing to evaluate: give --text_file, --dataset or --lambada")
@@ -142,9 +139,7 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
         ids = tokenizer.encode(text, allowed_special=USER_TEXT_SPECIAL)
         ppl = eval_metrics.perplexity(model, params, ids, stride=stride, window_length=window_length,
                                       batch_size=batch_size, progress=progress, scorer=scorer)
-        # `max_length` repeats `window_length` under its old name, for scripts that read it.
-        result.update(ppl, text_tokens=len(ids), stride=stride, window_length=window_length,
-                      max_length=window_length)
+        result.update(ppl, text_tokens=len(ids), stride=stride, window_length=window_length)
     if lambada_texts is not None:
         lam = eval_metrics.lambada(model, params, tokenizer, lambada_texts, batch_size=batch_size,
                                    progress=progress, scorer=scorer)

@@ -23,7 +23,7 @@ import time
 from typing import Sequence
 
 from flax_gpt2.checkpoints.loading import load_model
-from flax_gpt2.generation.generate import MAX_SEED, MIN_TEMPERATURE
+from flax_gpt2.generation.options import MAX_SEED, MIN_TEMPERATURE
 from flax_gpt2.generation.text import generate_text
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache

@@ -97,11 +97,11 @@ def test_fits_is_decided_against_usable_hbm_not_the_total(target_name):
 
 
 def test_the_does_not_fit_message_names_the_step_over_the_usable_hbm():
-    from flax_gpt2.train import compile_only as co
+    from flax_gpt2.train import compile_report
 
     usable = topologies.lookup("v5litepod-8").usable_hbm_bytes_per_device
-    train_over = co._does_not_fit_message(_sized_report("v5litepod-8", usable + 1, 1))
-    eval_over = co._does_not_fit_message(_sized_report("v5litepod-8", usable, usable + 1))
+    train_over = compile_report.does_not_fit_message(_sized_report("v5litepod-8", usable + 1, 1))
+    eval_over = compile_report.does_not_fit_message(_sized_report("v5litepod-8", usable, usable + 1))
     assert train_over.startswith("the train step does not fit a v5litepod-8")
     assert eval_over.startswith("the eval step (with the train state resident) does not fit a v5litepod-8")
     assert f"{usable / GiB:.2f} GiB usable HBM" in eval_over

@@ -239,7 +239,7 @@ def test_defaults_follow_the_model(tiny, tmp_path, capsys):
     assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["window_length"], result["stride"]) == (128, 64)
-    assert result["max_length"] == 128  # the old name of the field, kept for scripts that read it
+    assert "max_length" not in result  # one name per length
     assert result["num_tokens"] == result["text_tokens"] - 1
     assert evaluate.main(["--model", str(tiny[4]), "--text_file", str(text_file), "--no_progress",
                           "--stride", "200"]) == 2  # a usage error
@@ -291,19 +291,3 @@ def test_lambada_final_word_longer_than_the_window_is_an_error(tiny):
     with pytest.raises(ValueError, match=r"example 1: the final word is \d+ tokens, more than the 127"):
         eval_metrics.lambada(model, params, tokenizer, ["a fine text here", "some context " + word],
                              progress=False)
-
-
-def test_old_max_length_names_still_work(tiny, shakespeare_ids, capsys):
-    """`max_length` (HF's perplexity guide's name) meant the window: accepted, with a warning or a note."""
-    model, params = tiny[1], tiny[2]
-    with pytest.warns(DeprecationWarning, match=r"perplexity\(max_length=...\) is deprecated; use window_length="):
-        old = eval_metrics.perplexity(model, params, shakespeare_ids[:300], stride=64, max_length=128, progress=False)
-    assert old == eval_metrics.perplexity(model, params, shakespeare_ids[:300], stride=64, window_length=128,
-                                          progress=False)
-    with pytest.warns(DeprecationWarning, match="use window_length="):
-        old_windows = eval_metrics.sliding_windows(300, max_length=100, stride=100)
-    assert old_windows == eval_metrics.sliding_windows(300, 100, 100)
-    args = evaluate.parse_args(["--model", "x", "--text_file", "t.txt", "--max_length", "128"])
-    assert args.window_length == 128
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--max_length is now --window_length" in err

@@ -32,9 +32,9 @@ def _train_config(workdir_cache, scan_layers):
 def _layouts(config, mesh, rules):
     """{scan_layers: (model, shardings, abstract state)} of the run's model in both layouts."""
     from flax_gpt2 import GPT2LMHeadModel
-    from flax_gpt2.train import checkpointing, mesh as mesh_lib, step as step_lib, train_loop
+    from flax_gpt2.train import checkpointing, mesh as mesh_lib, model_config, step as step_lib
 
-    gpt2_config, _ = train_loop.model_config(config)
+    gpt2_config, _ = model_config.model_config(config)
     tx, _ = step_lib.make_optimizer(config.optimizer, config.steps)
     out = {}
     for scan in (False, True):

@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional [ev
 
 from conftest import make_hf_model  # noqa: E402
 
-from flax_gpt2.evaluation import lm_eval_tasks as lm_eval_cli  # noqa: E402
+from flax_gpt2.evaluation import lm_eval_registration, lm_eval_tasks as lm_eval_cli  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[eval\]"'):
         lm_eval_cli.run_tasks({"model": "gpt2", "tasks": "hellaswag"})
-    assert lm_eval_cli.register_lm_eval_model() is False
+    assert lm_eval_registration.register_lm_eval_model() is False
 
 
 def test_task_arguments():

@@ -112,7 +112,7 @@ def test_generate_text_equals_greedy_generate(loaded):
     assert text == ["Hello" + greedy_text(loaded, tokenizer.encode("Hello"), 6)[0]]
 
 
-def _streamed(pieces: list[bytes], stop: tuple[str, ...] = (), final_flag: bool = False) -> list[str]:
+def _streamed(pieces: list[bytes], stop: tuple[str, ...] = ()) -> list[str]:
     text, out = Detokenizer(stop), []
     for data in pieces:
         if text.add(data):
@@ -124,8 +124,9 @@ def _streamed(pieces: list[bytes], stop: tuple[str, ...] = (), final_flag: bool 
 
 def test_detokenizer_holds_back_a_partial_stop_string():
     out = _streamed([b"abc", b" E", b"N", b"DING", b" more"], stop=("END",))
-    assert out == ["abc", " ", "", ""]  # "E" and "EN" may start "END": held back, then cut before it
-    assert _streamed([b"abc", b" EN", b"ough"], stop=("END",)) == ["abc", " ", "ENou", "gh"]
+    # the last len("END") - 1 characters wait: they may start "END"; the text is cut before it
+    assert out == ["a", "bc", " ", ""]
+    assert _streamed([b"abc", b" EN", b"ough"], stop=("END",)) == ["a", "bc ", "ENou", "gh"]
 
 
 def test_detokenizer_never_splits_a_character():
@@ -258,7 +259,9 @@ def test_a_relative_training_run_path(tmp_path, monkeypatch):
                                     item_names=run_checkpoint.ITEMS)
     manager.save(1, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave({"count": jnp.zeros(())}),
-        meta=ocp.args.JsonSave({"step": 1, "model_config": config.to_hf_config()})))
+        meta=ocp.args.JsonSave(run_checkpoint.RunMeta(
+            step=1, data={}, model_config=config.to_hf_config(), train_config={},
+            checksums={"params": run_checkpoint.fingerprint(params)}).to_json())))
     manager.wait_until_finished()
     monkeypatch.chdir(tmp_path)
     assert resolve("runs/tiny") == str(tmp_path / "runs" / "tiny")

@@ -14,12 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import openai  # the `test` extra installs it, and the `serve` extra's starlette and uvicorn
 import pytest
-
 from conftest import make_hf_model
 from serve_process import server_process
-
-import openai  # the `test` extra installs it, and the `serve` extra's starlette and uvicorn
 
 from flax_gpt2 import from_pretrained, generate, get_tokenizer
 from flax_gpt2.serve.slots import kth_largest
@@ -115,7 +113,6 @@ def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = _health(server)
     assert health["max_batch"] == MAX_BATCH and health["context_length"] == CONTEXT_LENGTH
-    assert health["max_length"] == CONTEXT_LENGTH  # the old name of the field, kept for clients that read it
     assert health["prompt_buckets"] == [16, 64, CONTEXT_LENGTH]
 
 
@@ -544,8 +541,8 @@ class _Collector:
 
 
 def _engine_request(engine, ids, max_tokens):
-    from flax_gpt2.serve.engine import Completion
     from flax_gpt2.serve.protocol import CompletionRequest
+    from flax_gpt2.serve.requests import Completion
 
     collector = _Collector()
     engine.submit(Completion(CompletionRequest(model="tiny", prompts=[ids], max_tokens=max_tokens, temperature=0),
@@ -628,12 +625,3 @@ def test_cli_errors_are_one_line():
                               capture_output=True, text=True, env=env, timeout=120)
     assert busy.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
-
-
-def test_old_max_length_flag_is_context_length(capsys):
-    """`--max_length` was the slot length (prompt + completion): still accepted, with a note naming the new flag."""
-    from flax_gpt2.serve.__main__ import parse_args
-
-    assert parse_args(["--model", "x", "--max_length", "64"]).context_length == 64
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--max_length is now --context_length" in err

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flax_gpt2.configs import base
-from flax_gpt2.train import data, tokenize_corpus as tc
+from flax_gpt2.train import data, documents, tokenize_corpus as tc
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_split_text_encodes_like_the_whole(encoding, shared_dir):
     text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:200_000]
     tricky = "a\n\n\nb  \n  c\r\nd\n é\n\n😀x\nY\n" * 300
     for sample in (text, tricky):
-        pieces = tc.split_text(sample, chunk_chars=1000)
+        pieces = documents.split_text(sample, chunk_chars=1000)
         assert len(pieces) > 5 and "".join(pieces) == sample
         encoded = encoding.encode_ordinary_batch(pieces, num_threads=2)
         assert sum(encoded, []) == encoding.encode_ordinary(sample)

@@ -502,15 +502,6 @@ def test_save_pretrained_never_overwrites_user_files(hf_tiny, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_save_pretrained_without_tokenizer_module(hf_tiny, tmp_path, monkeypatch):
-    _, folder = hf_tiny
-    model, params = from_pretrained(folder, progress=False)
-    monkeypatch.setitem(sys.modules, "flax_gpt2.tokenizer.bpe_tokenizer", None)
-    with pytest.warns(UserWarning, match="no tokenizer files were written"):
-        save_pretrained(tmp_path / "out", model, params, progress=False)
-    assert "model.safetensors" in os.listdir(tmp_path / "out")
-
-
 # --- the converter ---------------------------------------------------------------------------------------
 
 def test_convert_cli(hf_untied, tmp_path, bpe_dir, capsys):
@@ -542,26 +533,6 @@ def test_convert_cli(hf_untied, tmp_path, bpe_dir, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
     code = convert.main(["--model", str(tmp_path / "fast"), "--out", str(tmp_path / "x"), "--format", "onnx"])
     assert code == 2 and "--format" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("word", ["hf-to-flax", "flax-to-hf"])
-def test_convert_old_subcommands_still_work_with_a_note(hf_tiny, tmp_path, capsys, word):
-    """The old subcommands both wrote the safetensors folder: they are plain convert, with a note."""
-    _, folder = hf_tiny
-    assert convert.main([word, "--model", str(folder), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"'{word}' is the same as plain convert" in err
-    _assert_bitwise(_flat(from_pretrained(folder, progress=False)[1]),
-                    _flat(from_pretrained(tmp_path / "out", progress=False)[1]))
-
-
-def test_convert_old_python_names_are_deprecated_aliases(hf_tiny, tmp_path):
-    _, folder = hf_tiny
-    with pytest.warns(DeprecationWarning, match="hf_to_flax is deprecated; use flax_gpt2.convert.convert"):
-        convert.hf_to_flax(str(folder), str(tmp_path / "a"), progress=False)
-    with pytest.warns(DeprecationWarning, match="flax_to_hf is deprecated; use flax_gpt2.convert.convert"):
-        convert.flax_to_hf(str(folder), str(tmp_path / "b"), progress=False)
-    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("which,model_class,with_prefix", [

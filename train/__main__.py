@@ -5,14 +5,17 @@ import logging
 import sys
 
 from flax_gpt2.utils import cli
-from flax_gpt2.train.config_cli import parse_args
+
+from .config_cli import parse_args
+from .train_loop import train_and_evaluate
 
 
 def _main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: importing jax/orbax (above) installed absl's handler on the root logger, which would make a plain
+    # basicConfig a no-op and leave the run's INFO lines unprinted.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
     config, workdir = parse_args(["train", *argv])  # (logs which shipped config a bare name loaded)
-    from flax_gpt2.train.train_loop import train_and_evaluate
 
     result = train_and_evaluate(config, workdir)
     return cli.EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0

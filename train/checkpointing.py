@@ -3,7 +3,8 @@
 Layout (shared with `flax_gpt2.checkpoints.run_folders`, which reads params back for `from_pretrained`):
 `WORKDIR/checkpoints/<step>/{params, opt_state, meta}`. `meta` is JSON: the step, the data iterator's
 `(epoch, position)`, the model's Hugging Face config, the flattened training config, a checksum of
-every array (`run_checkpoint.fingerprint`), and a sha256 of the meta itself (`run_checkpoint.seal_meta`).
+every array (`run_checkpoint.fingerprint`), and a sha256 of the meta itself: `run_checkpoint.RunMeta`, the schema
+the library reads too.
 
 What a restore does with each checkpoint, newest first, and why:
 - written under a different config (meta's `train_config`, see `run_guard`) or holding arrays of other
@@ -30,13 +31,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_gpt2.utils import file_io
 from flax_gpt2.checkpoints import run_folders as run_checkpoint
-from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.checkpoints.run_folders import checkpoint_dir
-from flax_gpt2.train import run_guard
-from flax_gpt2.train.data import DataState
-from flax_gpt2.train.step import TrainState
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.utils import file_io
+
+from . import run_guard
+from .data import DataState
+from .step import TrainState
 
 HAS_CHECKPOINTS = ".has_checkpoints"  # in the workdir, once the first checkpoint is complete
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -102,10 +104,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy,
             cleanup_tmp_directories=True)  # temporary folders of saves that a kill cut short
-        # Handlers named up front, so that item_metadata can describe a checkpoint before anything is restored.
-        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                             item_handlers=run_checkpoint.item_handlers())
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -125,20 +125,17 @@ class Checkpointer:
         self._mark_if_checkpointed()
         if not force and not self.manager.should_save(step):
             return False
-        meta = {"step": step, "data": dataclasses.asdict(data_state), "model_config": model_config,
-                "train_config": self.train_config,
-                "checksums": {"params": run_checkpoint.fingerprint(state.params),
-                              "opt_state": run_checkpoint.fingerprint(state.opt_state)}}
+        meta = run_checkpoint.RunMeta(
+            step=step, data=dataclasses.asdict(data_state), model_config=model_config,
+            train_config=self.train_config, checksums={"params": run_checkpoint.fingerprint(state.params),
+                                                       "opt_state": run_checkpoint.fingerprint(state.opt_state)})
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave(run_checkpoint.seal_meta(meta))), force=True)
+            meta=ocp.args.JsonSave(meta.to_json())), force=True)
 
-    def restore_latest(self, abstract_state: TrainState, *, saved_config: dict[str, Any] | None = None,
+    def restore_latest(self, abstract_state: TrainState, *,
                        allow_config_change: bool = False) -> tuple[TrainState, DataState] | None:
         """The newest intact checkpoint, placed as `abstract_state`'s shardings say; None if there is none.
-
-        `saved_config` (the workdir's train_config.json, flattened) stands in for checkpoints written
-        before meta carried the config.
 
         Raises:
           run_guard.ConfigChangedError / IncompatibleCheckpointError: the newest intact checkpoint does
@@ -148,14 +145,12 @@ class Checkpointer:
         """
         def restore(step: int) -> tuple[TrainState, DataState]:
             where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
-            meta = self._read_meta(step)
-            run_checkpoint.verify_meta(meta, step, where)
-            saved = meta.get("train_config") or saved_config or self.train_config
-            run_guard.check_resume_config(saved, self.train_config, allow_change=allow_config_change,
-                                          workdir=self.workdir, step=meta.get("step"))
+            meta = run_checkpoint.read_meta(self.manager, step, where)
+            run_guard.check_resume_config(meta.train_config, self.train_config, allow_change=allow_config_change,
+                                          workdir=self.workdir, step=meta.step)
             # A run may switch between per-layer and scanned blocks: read the saved layout, convert after.
-            saved_scan = bool(saved.get("model.scan_layers", False))
-            current_scan = bool(self.train_config.get("model.scan_layers", False))
+            saved_scan = run_checkpoint.saved_params_are_stacked(self.manager, step)
+            current_scan = layer_stacking.is_stacked(abstract_state.params)
             target = abstract_state
             if saved_scan != current_scan:
                 convert = lambda tree: layer_stacking.convert_tree(  # noqa: E731
@@ -165,7 +160,7 @@ class Checkpointer:
             self._check_shapes(step, target)
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state)))
-            checksums = meta.get("checksums") or {}
+            checksums = meta.checksums
             run_checkpoint.verify(restored["params"], checksums.get("params"), where)
             run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
             run_checkpoint.check_update_count(restored["opt_state"], step, where)
@@ -176,7 +171,7 @@ class Checkpointer:
                             for k in ("params", "opt_state")}
             state = TrainState(step=jax.device_put(jax.numpy.int32(step), abstract_state.step.sharding),
                                params=restored["params"], opt_state=restored["opt_state"])
-            return state, DataState(**meta["data"])
+            return state, DataState(**meta.data)
 
         # An intact checkpoint that does not fit the config stops the resume; anything else is corruption.
         restored, errors = run_checkpoint.restore_newest_intact(
@@ -192,9 +187,6 @@ class Checkpointer:
                 f"{' (unreadable ones were moved to ' + CORRUPT_DIR + '/)' if errors else ''}; refusing to restart "
                 "from step 0. To start over, use a new --workdir." + "".join(f"\n  {e}" for e in errors))
         return None
-
-    def _read_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def _check_shapes(self, step: int, abstract_state: TrainState) -> None:
         """Raises IncompatibleCheckpointError if the saved arrays' shapes/dtypes differ from the state's."""

@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 
-from flax_gpt2.utils import file_io
 from flax_gpt2.generation import generate
 from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, get_tokenizer
-from flax_gpt2.train import recipes
-from flax_gpt2.train import tokenize_corpus as tc
-from flax_gpt2.train.data import TOKENIZER_FLAG
+from flax_gpt2.utils import file_io
 
+from . import documents, recipes, tokenize_corpus as tc
+from .data import TOKENIZER_FLAG
 
 
 def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
@@ -23,7 +22,7 @@ def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
     gives each document's start; a set is held out when its first example starts at or after `cut`.
     """
     encoding = tc.gpt2_encoding(data_config.tokenizer, pass_folder_as=TOKENIZER_FLAG)
-    docs = [d[0] for d in tc.iter_documents(data_config.source, split=data_config.split,
+    docs = [d[0] for d in documents.iter_documents(data_config.source, split=data_config.split,
                                               dataset_config=data_config.dataset_config, recipe="commongen")]
     lengths = [len(ids) + 1 for ids in encoding.encode_ordinary_batch(docs)]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])

@@ -40,20 +40,25 @@ import os
 import re
 import tempfile
 import time
+from importlib import metadata
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.utils import file_io
-from flax_gpt2.train import topologies
 
-GiB = float(1 << 30)
+from . import (compile_report, config_checks, mesh as mesh_lib, metrics as metrics_lib,
+               model_config as model_config_lib, step as step_lib, topologies)
+
 MFU = 0.5  # the utilization the step-time prediction assumes
 
 
 class DoesNotFit(RuntimeError):
     """The train (or eval) step needs more memory per chip than the target has."""
-
 
 @dataclasses.dataclass
 class _Plan:
@@ -78,7 +83,6 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
       ValueError: an unknown topology name, or a mesh / batch the topology cannot take.
       DoesNotFit: the step needs more HBM per chip than the topology has (the report is written first).
     """
-    from flax_gpt2.train import config_checks
 
     config_checks.check_config(config)
     target = topologies.lookup(config.compile_only)
@@ -122,9 +126,9 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
 
     file_io.makedirs(workdir)
     file_io.atomic_write(file_io.join(workdir, "compile_report.json"), json.dumps(report, indent=1) + "\n")
-    print(format_report(report), flush=True)
+    print(compile_report.format_report(report), flush=True)
     if not report["fits"]:
-        raise DoesNotFit(_does_not_fit_message(report))
+        raise DoesNotFit(compile_report.does_not_fit_message(report))
     return report
 
 
@@ -144,43 +148,17 @@ def _prepare_jax(target) -> None:
     jax.config.update("jax_platforms", "cpu")  # JAX_PLATFORMS is read at import; this counts until backends start
 
 
-def _model_config(config):
-    """`train_loop.model_config` without loading pretrained weights: only the architecture is needed."""
-    from flax_gpt2.modeling.config import GPT2Config, PRESETS
-    from flax_gpt2.train.train_loop import model_config
-
-    if not config.init_from:
-        return model_config(config)[0]
-    scratch = config.copy_and_resolve_references()
-    scratch.init_from = ""
-    run_side = model_config(scratch)[0]  # the run's own settings, checked and converted as a real run does
-    fields = {f: getattr(run_side, f) for f in ("dtype", "param_dtype", "remat", "scan_layers", "attention",
-                                                 "resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    if config.init_from in PRESETS:
-        return GPT2Config.from_preset(config.init_from, **fields)
-    hf_config = file_io.join(config.init_from, "config.json")
-    if file_io.exists(hf_config):
-        return GPT2Config.from_hf_config(json.loads(file_io.read_text(hf_config)), **fields)
-    raise ValueError(f"compile_only with init_from={config.init_from!r}: give a preset name "
-                     f"({', '.join(sorted(PRESETS))}) or a folder with config.json")
-
-
 def _plan(config, devices) -> _Plan:
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from flax_gpt2.modeling.model import GPT2LMHeadModel
-    from flax_gpt2.train import mesh as mesh_lib, step as step_lib
-    from flax_gpt2.train.train_loop import _check_batch
 
-    gpt2_config = _model_config(config)
+    gpt2_config = model_config_lib.architecture(config)
     seq_len = config.data.seq_len
     if seq_len > gpt2_config.n_positions:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's n_positions={gpt2_config.n_positions}")
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
     shards = mesh_lib.batch_shards(mesh, rules)
-    micro = _check_batch(config, shards)
+    micro = config_checks.check_batch(config, shards)
     eval_batch = config.eval_batch_size or micro
     if eval_batch % shards:
         raise ValueError(f"eval_batch_size={eval_batch} is not divisible by the {shards} ways the mesh splits the batch")
@@ -213,7 +191,6 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def _compile(jitted, args, mesh, rules, compiler_options=None) -> dict:
     """`{"compiled", "seconds", "error"}`; an out-of-memory refusal is returned, not raised."""
-    import flax.linen as nn
 
     started = time.perf_counter()
     # The model's activation constraints need the rules and the mesh at trace time, as in the train loop.
@@ -301,7 +278,6 @@ def _largest_buffers(jitted, args, mesh, rules, count: int = 8) -> list[dict]:
 
 
 def _flops(compiled, report: dict, plan: _Plan, kernels: int = 0) -> dict:
-    from flax_gpt2.train import metrics as metrics_lib
 
     tokens = report["batch_size"] * report["seq_len"]
     model_flops = metrics_lib.flops_per_token(plan.gpt2_config, report["seq_len"]) * tokens
@@ -343,7 +319,6 @@ def _flops(compiled, report: dict, plan: _Plan, kernels: int = 0) -> dict:
 
 
 def _describe(config, target, plan: _Plan) -> dict:
-    from importlib import metadata
 
     g = plan.gpt2_config
     compiler = "jax-cuda12-pjrt" if target.platform == "gpu" else "libtpu"
@@ -373,7 +348,6 @@ def _describe(config, target, plan: _Plan) -> dict:
 
 
 def _batch_shards(plan: _Plan) -> int:
-    from flax_gpt2.train import mesh as mesh_lib
 
     return mesh_lib.batch_shards(plan.mesh, plan.rules)
 
@@ -403,75 +377,8 @@ def _suggestions(config, report: dict, plan: _Plan, target) -> list[str]:
         more = [n for n in (2, 4, 8, 16, 32) if n > fsdp and report["devices"] % n == 0
                 and plan.gpt2_config.n_embd % n == 0]
         if more:
-            out.append(f"--config.mesh.fsdp={more[0]} (params and AdamW moments, {state / GiB:.1f} GiB per chip "
+            out.append(f"--config.mesh.fsdp={more[0]} (params and AdamW moments, {state / compile_report.GiB:.1f} GiB per chip "
                        f"now, sharded {more[0]} ways)")
         else:
-            out.append(f"a bigger slice than {target.name}: the train state alone is {state / GiB:.1f} GiB per chip")
+            out.append(f"a bigger slice than {target.name}: the train state alone is {state / compile_report.GiB:.1f} GiB per chip")
     return out
-
-
-def _gib(n) -> str:
-    return "?" if n is None else f"{n / GiB:.2f} GiB"
-
-
-def _does_not_fit_message(report: dict) -> str:
-    where = "train step" if report.get("error") or report["bytes_per_chip"] > report["xla_available_hbm_bytes_per_chip"] \
-        else "eval step (with the train state resident)"
-    needed = report["bytes_per_chip"] if where == "train step" else report.get("eval_bytes_per_chip")
-    buffers = "; ".join(f"{_gib(b['bytes'])} {b['shape']} ({b['op']})"
-                        for b in report.get("largest_buffers", [])[:4])
-    text = (f"the {where} does not fit a {report['topology']}: it needs {_gib(needed)} per chip of "
-            f"{_gib(report['xla_available_hbm_bytes_per_chip'])} usable HBM")
-    if buffers:
-        text += f"; largest buffers: {buffers}"
-    if report.get("suggestions"):
-        text += "; try " + " or ".join(s.split(" (")[0] for s in report["suggestions"])
-    return text
-
-
-def format_report(report: dict) -> str:
-    """The report as the few lines a person reads."""
-    mem = report.get("memory", {})
-    m = report["model"]
-    lines = [
-        f"compile-only for {report['topology']} ({report['topology_name']}): {report['chips']} chips, "
-        f"{report['devices']} devices of {report['device_kind']}",
-        f"  model: {m['num_params'] / 1e6:.0f}M params, L={m['n_layer']} D={m['n_embd']}, {m['dtype']} compute, "
-        f"{m['param_dtype']} params, remat={m['remat']}",
-        f"  mesh {report['mesh']}; batch {report['batch_size']} x {report['seq_len']} tokens = "
-        f"{report['accumulation_steps']} micro-batches of {report['micro_batch_size']} "
-        f"({report['micro_batch_per_chip']} per chip)",
-        "  memory per chip: " + ", ".join(f"{k} {_gib(mem[k])}" for k in
-                                          ("arguments", "outputs", "aliased", "temporaries", "generated_code")
-                                          if k in mem)
-        + f"; total {_gib(report.get('bytes_per_chip'))} of {_gib(report['hbm_bytes_per_chip'])} HBM "
-          f"({_gib(report['xla_available_hbm_bytes_per_chip'])} usable)",
-    ]
-    if "eval_bytes_per_chip" in report:
-        lines.append(f"  eval step (batch {report['eval_batch_size']}) with the train state resident: "
-                     f"{_gib(report['eval_bytes_per_chip'])} per chip")
-    flops = f"  FLOPs per step: model 6N+12LDT {report['model_flops_per_step']:.3e}"
-    if "xla_flops_per_step" in report:
-        flops += (f"; XLA {report['xla_flops_per_step']:.3e} (its count of {report['xla_flops_counted_once']:.3e} "
-                  f"has the accumulation loop body once: x{report['accumulation_steps']}), "
-                  f"ratio {report['xla_to_model_flops']}")
-        if "xla_flops_note" in report:
-            flops += f" ({report['xla_flops_note']})"
-    elif "xla_flops_note" in report:
-        flops += f"; XLA {report['xla_flops_counted_once']:.3e} with {report['xla_flops_note']}"
-    elif report["platform"] == "gpu":
-        flops += "; XLA's GPU compiler gives no cost analysis"
-    lines.append(flops)
-    if "step_seconds_at_50_mfu" in report:
-        lines.append(f"  at 50% MFU: {report['step_seconds_at_50_mfu']:.3g} s per step, "
-                     f"{report['tokens_per_second_at_50_mfu']:,.0f} tokens/s")
-    lines.append(f"  compile: train step {report['compile_seconds']} s"
-                 + (f", eval step {report['eval_compile_seconds']} s" if "eval_compile_seconds" in report else ""))
-    if report.get("error"):
-        lines.append(f"  XLA: {report['error']}")
-    for b in report.get("largest_buffers", []):
-        lines.append(f"    {_gib(b['bytes']):>11}  {b['shape']}  {b['op']}")
-    lines.append(f"  fits: {report['fits']}")
-    for s in report.get("suggestions", []):
-        lines.append(f"  try {s}")
-    return "\n".join(lines)

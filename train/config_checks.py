@@ -3,26 +3,18 @@ naming the key, so a typo costs seconds, not a run."""
 
 from __future__ import annotations
 
-import math
-
 from flax_gpt2.utils.cli import UsageError
+from flax_gpt2.utils.validation import is_int, is_real
+
+from .mesh import MESH_AXES
 
 
 class ConfigValueError(UsageError):
     """A config key holds a value the run cannot use; the message names the key and what is allowed."""
 
-
 def _require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigValueError(f"config.{key}={value!r}: {allowed}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_config(config) -> None:
@@ -33,33 +25,32 @@ def check_config(config) -> None:
                     "sample.max_new_tokens", "sample.top_k", "seed", "eval_hellaswag_limit")
     for key in at_least_one:
         value = _get(config, key)
-        _require(_is_int(value) and value >= 1, key, value, "must be an integer >= 1")
+        _require(is_int(value) and value >= 1, key, value, "must be an integer >= 1")
     for key in non_negative:
         value = _get(config, key)
-        _require(_is_int(value) and value >= 0, key, value, "must be an integer >= 0")
+        _require(is_int(value) and value >= 0, key, value, "must be an integer >= 0")
     _require(config.seed < 2**32, "seed", config.seed, "must be below 2**32")
     opt = config.optimizer
     for key in ("lr", "eps", "weight_decay", "grad_clip"):
         value = opt[key]
-        _require(_is_real(value) and value >= 0, f"optimizer.{key}", value, "must be a finite number >= 0")
+        _require(is_real(value) and value >= 0, f"optimizer.{key}", value, "must be a finite number >= 0")
     for key in ("b1", "b2"):
-        _require(_is_real(opt[key]) and 0 <= opt[key] < 1, f"optimizer.{key}", opt[key], "must be in [0, 1)")
-    _require(_is_real(opt.min_lr_ratio) and 0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+        _require(is_real(opt[key]) and 0 <= opt[key] < 1, f"optimizer.{key}", opt[key], "must be in [0, 1)")
+    _require(is_real(opt.min_lr_ratio) and 0 <= opt.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
              opt.min_lr_ratio, "must be in [0, 1]")
-    _require(_is_real(config.model.dropout) and 0 <= config.model.dropout < 1, "model.dropout",
+    _require(is_real(config.model.dropout) and 0 <= config.model.dropout < 1, "model.dropout",
              config.model.dropout, "must be in [0, 1)")
-    _require(_is_real(config.data.val_fraction) and 0 <= config.data.val_fraction < 1, "data.val_fraction",
+    _require(is_real(config.data.val_fraction) and 0 <= config.data.val_fraction < 1, "data.val_fraction",
              config.data.val_fraction, "must be in [0, 1)")
-    _require(_is_real(config.sample.temperature) and config.sample.temperature > 0, "sample.temperature",
+    _require(is_real(config.sample.temperature) and config.sample.temperature > 0, "sample.temperature",
              config.sample.temperature, "must be a finite number > 0")
-    _require(_is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
+    _require(is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
              config.cpu_peak_flops, "must be a finite number > 0")
     _check_axis_rules(config.logical_axis_rules)
 
 
 def _check_axis_rules(rules) -> None:
     """`logical_axis_rules`: pairs (logical axis name, mesh axis | tuple of mesh axes | None)."""
-    from flax_gpt2.train.mesh import MESH_AXES
 
     def good(rule) -> bool:
         if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
@@ -76,3 +67,16 @@ def _get(config, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def check_batch(config, batch_shards: int) -> int:
+    """The micro-batch size, after checking it divides `batch_size` and splits over the mesh's batch shards."""
+    micro = config.micro_batch_size or config.batch_size
+    if config.batch_size <= 0 or micro <= 0 or config.batch_size % micro:
+        raise ConfigValueError(f"batch_size={config.batch_size} must be a positive multiple of "
+                               f"micro_batch_size={config.micro_batch_size}")
+    if micro % batch_shards:
+        raise ConfigValueError(f"the micro-batch of {micro} sequences is not divisible by the {batch_shards} ways "
+                               "the mesh splits the batch (data x fsdp); change batch_size/micro_batch_size or the "
+                               "mesh")
+    return micro

@@ -21,9 +21,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-
+from flax_gpt2 import configs
+from flax_gpt2.configs import base
 from flax_gpt2.utils.cli import UsageError  # noqa: E402  (re-exported: a bad command line, exit code 2)
-
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull")
 
@@ -74,7 +74,6 @@ def usage() -> str:
     shipped = shipped_configs()
     width = max(map(len, shipped)) + 2
     listing = "\n".join(f"  {name:<{width}}{_first_line(path)}" for name, path in shipped.items())
-    from flax_gpt2 import configs
 
     base = os.path.join(os.path.dirname(configs.__file__), "base.py")
     return f"""usage: python -m flax_gpt2.train --config CONFIG --workdir DIR [--config.KEY=VALUE ...] [--debug]
@@ -117,7 +116,6 @@ def _check_is_config(config, argv: Sequence[str]) -> None:
     if not isinstance(config, ml_collections.ConfigDict):
         raise UsageError(f"{path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict; "
                          f"{fix}")
-    from flax_gpt2.configs import base
 
     missing = sorted(set(_dotted_keys(base.get_config())) - set(_dotted_keys(config)))
     if missing:
@@ -161,7 +159,6 @@ def _explicit_steps_win(config, overrides: dict) -> None:
 
 def shipped_configs() -> dict[str, str]:
     """The configs installed with the package: `{"tiny": ".../flax_gpt2/configs/tiny.py", ...}`."""
-    from flax_gpt2 import configs
 
     folder = os.path.dirname(configs.__file__)
     return {name[:-3]: os.path.join(folder, name) for name in sorted(os.listdir(folder))

@@ -26,8 +26,9 @@ import numpy as np
 
 from flax_gpt2.utils import file_io
 from flax_gpt2.utils.cache_root import cache_root
-from flax_gpt2.train import tokenize_corpus as tc
-from flax_gpt2.train.config_checks import ConfigValueError
+
+from . import documents, tokenize_corpus as tc
+from .config_checks import ConfigValueError
 
 # How an error that cannot load the tokenizer offline tells a training user to pass a folder.
 TOKENIZER_FLAG = "--config.data.tokenizer=DIR"
@@ -220,7 +221,7 @@ def _remote_files(source: str) -> list[str]:
     path = file_io.epath(source)
     if path.is_file():
         return [source]
-    suffixes = tc.TEXT_SUFFIXES + tc.JSONL_SUFFIXES
+    suffixes = documents.TEXT_SUFFIXES + documents.JSONL_SUFFIXES
     files = sorted(str(p) for p in path.iterdir() if str(p).endswith(suffixes)) if path.is_dir() else []
     if not files:
         raise FileNotFoundError(f"data source {source!r} has no .txt or .jsonl objects")

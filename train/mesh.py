@@ -89,7 +89,7 @@ def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, me
                           seq_len: int):
     """`(shardings, shapes)` of the train state (`step.TrainState` trees of `NamedSharding`s and of
     `jax.ShapeDtypeStruct`s) for `model` trained with `tx`, from the params' logical axis names."""
-    from flax_gpt2.train.step import TrainState  # here, not at the top: step.py needs no mesh
+    from .step import TrainState  # here, not at the top: step.py needs no mesh
 
     dummy = jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32)
     boxed = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]

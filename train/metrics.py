@@ -15,8 +15,8 @@ from typing import Iterable
 
 import jax
 
-from flax_gpt2.utils import file_io
 from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.utils import file_io
 
 # Dense bf16 peak FLOP/s of one JAX device, by `device.device_kind` (longest match first). TPU v2/v3
 # expose each TensorCore as a device (half a chip); v4 and v5p chips are one device (megacore).

@@ -20,7 +20,11 @@ import os
 import socket
 from typing import Any, Iterable
 
+import numpy as np
+
 from flax_gpt2.utils import file_io
+
+from . import step as step_lib
 
 # Keys a resumed run may change freely: cadence, bookkeeping and placement (orbax reshards on restore).
 # Nothing here changes the math of a step or the state's structure.
@@ -46,10 +50,8 @@ ARCHITECTURE = ("model.preset", "model.n_layer", "model.n_embd", "model.n_head",
 class ConfigChangedError(RuntimeError):
     """A resume under a config that differs from the run's in keys that are not safe to change."""
 
-
 class WorkdirLockedError(RuntimeError):
     """Another live process is running in this workdir."""
-
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """`{"optimizer.lr": 6e-4, ...}` of a ConfigDict or a JSON-decoded dict (tuples as lists)."""
@@ -121,9 +123,7 @@ def _learning_rates(flat: dict[str, Any], steps: int):
     """The learning rate at steps 0..steps-1 of the schedule a flattened config builds (train/step.py)."""
     import types
 
-    import numpy as np
 
-    from flax_gpt2.train import step as step_lib
 
     optimizer = types.SimpleNamespace(**{k[len("optimizer."):]: v for k, v in flat.items()
                                          if k.startswith("optimizer.")})

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_gpt2.modeling.attention import target_platform
 from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.attention import target_platform
 
 Array = jax.Array
 

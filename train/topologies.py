@@ -22,6 +22,8 @@ import dataclasses
 import os
 import re
 
+from jax.experimental import topologies
+
 GiB = 1 << 30
 
 
@@ -258,7 +260,6 @@ def prepare_environment(target: Topology | GpuTarget) -> None:
 
 def devices(target: Topology | GpuTarget) -> list:
     """The compile-only devices of `target` (no hardware needed; libtpu or jax-cuda12-plugin must be installed)."""
-    from jax.experimental import topologies
 
     if isinstance(target, GpuTarget):
         try:

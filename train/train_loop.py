@@ -13,76 +13,23 @@ import json
 import logging
 import math
 import os
-import signal
-import sys
 import time
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2.utils import dtypes, file_io
 from flax_gpt2.checkpoints import run_folders as run_checkpoint
-from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel
-from flax_gpt2.train import checkpointing, config_checks, data, mesh as mesh_lib, metrics as metrics_lib, recipes
-from flax_gpt2.train import run_guard, step as step_lib
-from flax_gpt2.train.config_checks import ConfigValueError
+from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
+from flax_gpt2.utils import file_io
 
-
-def _dtype(name: str, key: str):
-    try:
-        return dtypes.from_name(name, f"config.model.{key}")
-    except ValueError as e:
-        raise ConfigValueError(str(e)) from None
-
-
-def model_config(config, resumed: dict[str, Any] | None = None) -> tuple[GPT2Config, Any]:
-    """The `GPT2Config` to train, and the pretrained params (None when training from scratch).
-
-    `resumed` is the Hugging Face config saved in the run's own checkpoints: a fine-tune that resumes takes
-    its architecture from there and does not load `init_from` again (its checkpoint has newer weights, and
-    `init_from` may no longer be reachable, e.g. a hub model on an offline pod).
-    """
-    jax_fields, sizes = _model_fields(config)
-    if config.init_from:
-        import flax_gpt2
-
-        if resumed is not None:
-            return GPT2Config.from_hf_config(resumed).replace(**jax_fields), None
-        model, params = flax_gpt2.from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
-                                                  progress=_shows_progress(config),
-                                                  pass_folder_as="--config.init_from=DIR")
-        return model.config.replace(**jax_fields), layer_stacking.to_layout(params, config.model.scan_layers)
-    return GPT2Config.from_preset(config.model.preset, **sizes, **jax_fields), None
-
-
-def _model_fields(config) -> tuple[dict[str, Any], dict[str, int]]:
-    """The config's JAX-side model fields (dtypes, remat, ...) and the sizes it sets, checked."""
-    m = config.model
-    jax_fields = dict(dtype=_dtype(m.dtype, "dtype"), param_dtype=_dtype(m.param_dtype, "param_dtype"),
-                      remat=m.remat, scan_layers=m.scan_layers, attention=m.attention,
-                      resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout)
-    sizes = {k: m[k] for k in ("n_layer", "n_embd", "n_head", "n_positions") if m[k] is not None}
-    if config.init_from and sizes:
-        raise ConfigValueError(f"config.model sets {sorted(sizes)} but init_from={config.init_from!r} fixes the "
-                               "architecture; drop them")
-    return jax_fields, sizes
-
-
-def _check_batch(config, batch_shards: int) -> int:
-    micro = config.micro_batch_size or config.batch_size
-    if config.batch_size <= 0 or micro <= 0 or config.batch_size % micro:
-        raise ConfigValueError(f"batch_size={config.batch_size} must be a positive multiple of "
-                               f"micro_batch_size={config.micro_batch_size}")
-    if micro % batch_shards:
-        raise ConfigValueError(f"the micro-batch of {micro} sequences is not divisible by the {batch_shards} ways "
-                               "the mesh splits the batch (data x fsdp); change batch_size/micro_batch_size or the "
-                               "mesh")
-    return micro
+from . import (checkpointing, compile_only as compile_only_lib, config_checks, data, evals, mesh as mesh_lib,
+               metrics as metrics_lib, model_config as model_config_lib, recipes, run_guard, signals as signals_lib,
+               step as step_lib)
+from .config_checks import ConfigValueError
 
 
 def _shows_progress(config) -> bool:
@@ -106,12 +53,12 @@ def _check_layout(config) -> tuple[Any, tuple, int, int]:
         mesh = mesh_lib.make_mesh(config.mesh)
     with _usage_error("config.model: "):  # GPT2Config's own checks name the field (preset, n_layer, attention)
         if config.init_from:
-            _model_fields(config)  # init_from's architecture is known once it loads
+            model_config_lib.model_fields(config)  # init_from's architecture is known once it loads
         else:
-            _check_seq_len(config.data.seq_len, model_config(config)[0])
+            _check_seq_len(config.data.seq_len, model_config_lib.model_config(config)[0])
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
     shards = mesh_lib.batch_shards(mesh, rules)
-    micro = _check_batch(config, shards)
+    micro = config_checks.check_batch(config, shards)
     eval_batch = config.eval_batch_size or micro
     if eval_batch % shards:
         raise ConfigValueError(f"eval_batch_size={eval_batch} is not divisible by the {shards} ways the mesh "
@@ -143,59 +90,11 @@ def _initialize_distributed(cfg) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-class _StopSignals:
-    """SIGTERM (a preemption) and Ctrl-C become a request the loop honours after the current step: it saves,
-    says so, and exits; rerunning the same command resumes. A second Ctrl-C aborts at once.
-
-    On multi-host runs a signal may reach one host only (Ctrl-C on the launcher's terminal, a host's own
-    maintenance event): `should_stop` makes every process agree, once per step, so that all save the same
-    step; JAX's preemption service (`Checkpointer.reached_preemption`) covers pod-wide notices too.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt  # the second Ctrl-C
-        self.signum = self.signum or signum
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: saving a checkpoint after this step, then stopping "
-              f"{'(press Ctrl-C again to abort without saving)' if signum == signal.SIGINT else ''}",
-              file=sys.stderr, flush=True)
-
-    def should_stop(self) -> bool:
-        local = self.signum is not None
-        if jax.process_count() == 1:
-            return local
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
-
-    @property
-    def reason(self) -> str:
-        return "interrupted" if self.signum == signal.SIGINT else "preempted"
-
-    def __exit__(self, *exc):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-
 def _save_tokenizer(name_or_path: str, workdir: str) -> None:
     """Writes the tokenizer's vocab.json + merges.txt into the workdir, so that the run is a model folder
     `python -m flax_gpt2.sample --model WORKDIR` can use offline."""
     import tempfile
 
-    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
     try:
         tokenizer = get_tokenizer(name_or_path or None, pass_folder_as=data.TOKENIZER_FLAG)
@@ -258,8 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     workdir = file_io.resolve_path(workdir)  # orbax needs absolute paths; a later chdir must not move the run
     if config.compile_only:
-        from flax_gpt2.train.compile_only import compile_only
-        return compile_only(config, workdir)
+        return compile_only_lib.compile_only(config, workdir)
     config_checks.check_config(config)
     _initialize_distributed(config.distributed)
     layout = _check_layout(config)
@@ -297,8 +195,8 @@ def _undo_failed_start(workdir: str, before: set[str] | None):
 
 def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[str, Any]:
     mesh, rules, micro, eval_batch = layout
-    gpt2_config, pretrained = model_config(config, run_checkpoint.saved_model_config(workdir) if config.init_from
-                                           else None)
+    resumed = run_checkpoint.saved_model_config(workdir) if config.init_from else None
+    gpt2_config, pretrained = model_config_lib.model_config(config, resumed, progress=_shows_progress(config))
     seq_len = config.data.seq_len
     _check_seq_len(seq_len, gpt2_config)
     logging.info("mesh %s over %d devices on %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -327,7 +225,7 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     stack.callback(checkpointer.wait)  # runs first: a save in flight completes before the manager closes
     saved_config = _read_saved_config(workdir)
     restored = checkpointer.restore_latest(checkpointing.abstract_train_state(state_shapes, state_shardings),
-                                           saved_config=saved_config, allow_config_change=config.allow_config_change)
+                                           allow_config_change=config.allow_config_change)
     if restored is not None:
         state, data_state = restored
         logging.info("resumed from the checkpoint at step %d", int(state.step))
@@ -357,7 +255,7 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     max_eval_batches = config.eval_batches if config.eval_batches > 0 else val_windows.count // eval_batch
     eval_set = data.eval_batches(val_windows, eval_batch, max_eval_batches, batch_sharding)
 
-    hellaswag_eval = _hellaswag(config, model, mesh, rules, state_shardings.params, eval_batch)
+    hellaswag_eval = evals.hellaswag_evaluator(config, model, mesh, rules, state_shardings.params, eval_batch)
 
     def evaluate(params) -> dict[str, float]:
         """The held-out loss and perplexity (none without held-out data), and HellaSwag accuracy when configured."""
@@ -377,15 +275,15 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     stack.callback(progress.close)
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), _StopSignals() as signals:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), signals_lib.StopSignals() as signals:
         state, result = _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress,
                               signals, hf_model_config, dropout_rng, result)
     checkpointer.wait()
     progress.close()
     if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
-        result.update(_commongen_coverage(model, state.params, config, cut, workdir, writer, result["step"]))
+        result.update(evals.commongen_coverage(model, state.params, config, cut, workdir, writer, result["step"]))
     if config.sample.prompt and result["stopped"] == "done":
-        result["sample"] = sample_after_training(model, state.params, config, workdir)
+        result["sample"] = evals.sample_after_training(model, state.params, config, workdir)
     writer.close()
     result = _with_nulls(result, {
         "loss": f"no training step ran in this invocation: it started at step {start_step} and "
@@ -417,29 +315,6 @@ def _number(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _hellaswag(config, model, mesh, rules, params_sharding, eval_batch: int):
-    """`params -> {"hellaswag_acc", "hellaswag_acc_norm"}` over `config.eval_hellaswag` (None if unset).
-
-    The llm.c / build-nanogpt definition (flax_gpt2.evaluation.hellaswag): each ending scored by its mean token loss;
-    the 4 * eval_batch rows of a call are split over the devices like a train batch.
-    """
-    if not config.eval_hellaswag:
-        return None
-    from flax_gpt2.evaluation import hellaswag
-    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)
-    examples = hellaswag.load(config.eval_hellaswag, tokenizer, limit=config.eval_hellaswag_limit)
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(nn.logical_to_mesh_axes(("batch",), rules)[0],
-                                                                        None))
-    loss_fn = hellaswag.make_loss_fn(model, params_sharding, rows)
-
-    def run(params) -> dict[str, float]:
-        r = hellaswag.evaluate(params, examples, loss_fn, batch_size=eval_batch, context_length=model.config.n_positions)
-        return {"hellaswag_acc": r["acc"], "hellaswag_acc_norm": r["acc_norm"]}
-    return run
-
-
 def _exp(x: float) -> float:
     return math.exp(min(x, 700.0))  # NaN stays NaN
 
@@ -456,44 +331,6 @@ def _resolve_epochs(config, steps_per_epoch: int):
         config.eval_every = steps_per_epoch
     logging.info("%d epochs of %d steps: steps=%d", config.epochs, steps_per_epoch, config.steps)
     return config
-
-
-def _commongen_coverage(model, params, config, cut: int, workdir: str, writer, writer_step: int) -> dict:
-    """Coverage of held-out CommonGen concept sets; appended to metrics.jsonl and printed."""
-    from flax_gpt2.train import commongen_eval
-
-    params = jax.device_get(params)
-    sets = commongen_eval.held_out_concept_sets(config.data, cut, config.coverage_sets)
-    out = commongen_eval.commongen_coverage(model, params, config.data, sets,
-                                            workdir if jax.process_index() == 0 else None)
-    writer.write(writer_step, coverage=out["coverage"], coverage_sets=out["coverage_sets"])
-    if jax.process_index() == 0:
-        print(f"CommonGen coverage on {out['coverage_sets']} held-out concept sets: {out['coverage']:.3f}", flush=True)
-        for row in out["samples"]:
-            print(f"  {', '.join(row['concepts'])}: {row['sentence']}  (coverage {row['coverage']:.2f})", flush=True)
-    return {"coverage": out["coverage"], "coverage_sets": out["coverage_sets"]}
-
-
-def sample_after_training(model: GPT2LMHeadModel, params, config, workdir: str) -> str:
-    """Samples `config.sample.max_new_tokens` after `config.sample.prompt`; writes `workdir/sample.txt`."""
-    from jax.experimental import multihost_utils
-
-    from flax_gpt2.generation import generate
-    from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
-
-    if jax.process_count() > 1:  # every host generates from a full local copy
-        params = multihost_utils.process_allgather(params, tiled=True)
-    params = jax.device_put(params, jax.devices()[0] if jax.process_count() == 1 else jax.local_devices()[0])
-    tokenizer = get_tokenizer(config.data.tokenizer or None, pass_folder_as=data.TOKENIZER_FLAG)
-    prompt = np.asarray([tokenizer.encode(config.sample.prompt)], np.int32)
-    max_new = min(config.sample.max_new_tokens, model.config.n_positions - prompt.shape[1])
-    tokens = generate(model, params, prompt, max_new_tokens=max_new, do_sample=True,
-                      temperature=config.sample.temperature, top_k=config.sample.top_k, seed=config.seed)
-    text = tokenizer.decode(np.asarray(tokens[0]).tolist())
-    if jax.process_index() == 0:
-        file_io.atomic_write(file_io.join(workdir, "sample.txt"), text + "\n")
-        print(f"--- sample ---\n{text}\n---", flush=True)
-    return text
 
 
 def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, signals,

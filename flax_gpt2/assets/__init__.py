@@ -15,16 +15,20 @@ from __future__ import annotations
 import functools
 import os
 
-from flax_gpt2.tokenizer import bpe_files
+from flax_gpt2.utils.file_io import file_sha256
 
 TINYSHAKESPEARE = "data/tinyshakespeare.txt"
 GPT2_BPE = "gpt2-bpe"
 
-# sha256 of each shipped file (the BPE files' are the ones tiktoken checks for its `gpt2` encoding).
+GPT2_VOCAB = f"{GPT2_BPE}/encoder.json"
+GPT2_MERGES = f"{GPT2_BPE}/vocab.bpe"
+
+# sha256 of each shipped file. The BPE files' are the sums tiktoken checks for its `gpt2` encoding: they
+# identify OpenAI's GPT-2 files wherever they are found (`tokenizer.bpe_files.GPT2_VOCAB_SHA256`).
 SHA256 = {
     TINYSHAKESPEARE: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    f"{GPT2_BPE}/encoder.json": bpe_files.GPT2_VOCAB_SHA256,
-    f"{GPT2_BPE}/vocab.bpe": bpe_files.GPT2_MERGES_SHA256,
+    GPT2_VOCAB: "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    GPT2_MERGES: "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
 }
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +58,7 @@ def _check(full_path: str, sha256: str) -> None:
     """Raises DamagedAsset unless the file is there with its sha256 (each file is hashed once a process)."""
     if not os.path.isfile(full_path):
         problem = "is missing"
-    elif bpe_files.file_sha256(full_path) != sha256:
+    elif file_sha256(full_path) != sha256:
         problem = "does not have the sha256 it was shipped with (modified or truncated)"
     else:
         return

@@ -20,19 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.checkpoints import formats as files
-from flax_gpt2.checkpoints import remote
+from flax_gpt2.checkpoints import formats as files, remote, run_folders
 from flax_gpt2.checkpoints.hf_state_dict import (check_params, hf_state_dict_from_params, infer_model_class,
                                                  params_from_hf_state_dict, tensor_count)
 from flax_gpt2.modeling import layer_stacking
-from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.config import RUNTIME_FIELDS, GPT2Config
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
 from flax_gpt2.tokenizer import bpe_files
+from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io, hub
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel)}
-# GPT2Config fields that say how a model runs, not what its weights are: from_pretrained overrides them.
-_RUNTIME_FIELDS = frozenset({"scan_layers", "attention", "remat"})
+# What `**config_overrides` may change: how the model runs (the dtypes have keywords of their own).
+_OVERRIDABLE = RUNTIME_FIELDS - {"dtype", "param_dtype"}
 # Non-weight files worth fetching from the hub: the config, generation defaults, the tokenizer.
 _HUB_EXTRA_FILES = ("config.json", "generation_config.json", *(name for pair in bpe_files.FILE_PAIRS for name in pair),
                     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -77,10 +77,10 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
         model_class = MODEL_CLASSES[model_class]
     if model_class not in MODEL_CLASSES.values():
         raise ValueError(f"model_class must be one of {sorted(MODEL_CLASSES)}, got {model_class!r}")
-    not_runtime = sorted(set(config_overrides) - _RUNTIME_FIELDS)
+    not_runtime = sorted(set(config_overrides) - _OVERRIDABLE)
     if not_runtime:
         raise TypeError(f"from_pretrained cannot override {', '.join(not_runtime)}: only how the model runs "
-                        f"({', '.join(sorted(_RUNTIME_FIELDS))}) can change; the checkpoint fixes the rest")
+                        f"({', '.join(sorted(_OVERRIDABLE))}) can change; the checkpoint fixes the rest")
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     overrides.update(config_overrides)
     folder = resolve(name_or_path, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
@@ -271,27 +271,15 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
 
 
 def _is_run_folder(folder: str) -> bool:
-    try:
-        from flax_gpt2.checkpoints import run_folders as run_checkpoint
-    except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.checkpoints.run_folders":
-            raise
-        return False
-    return run_checkpoint.is_run_folder(folder)
+    return run_folders.is_run_folder(folder)
 
 
 def _load_training_run(folder: str):
     """`(config, params)` when `folder` is a flax_gpt2 training run, else None."""
-    try:
-        from flax_gpt2.checkpoints import run_folders as run_checkpoint
-    except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.checkpoints.run_folders":
-            raise
-        return None
     folder = remote.run_url(folder) or folder  # a mirror of a run on remote storage
-    if not run_checkpoint.is_training_run(folder):
+    if not run_folders.is_training_run(folder):
         return None
-    return run_checkpoint.load_run(folder)
+    return run_folders.load_run(folder)
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -360,13 +348,6 @@ def _save_tokenizer(folder: str, tokenizer, model=None) -> None:
         tokenizer = source
     if hasattr(tokenizer, "save"):
         tokenizer.save(folder)
-        return
-    try:
-        from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
-    except ModuleNotFoundError as e:
-        if e.name != "flax_gpt2.tokenizer.bpe_tokenizer":
-            raise
-        warnings.warn("flax_gpt2.tokenizer.bpe_tokenizer is not available; no tokenizer files were written", stacklevel=3)
         return
     if tokenizer is True:
         try:

@@ -20,11 +20,10 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import threading
-import urllib.parse
 from typing import Any, Callable, Iterator, TypeVar
 
+from flax_gpt2.checkpoints import run_folders as run_checkpoint
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.utils import file_io
 from flax_gpt2.utils.cache_root import cache_root
@@ -39,7 +38,6 @@ T = TypeVar("T")
 
 class RemoteTimeoutError(TimeoutError):
     """The storage server did not answer one request within `$FLAX_GPT2_GCS_TIMEOUT` seconds."""
-
 
 def timeout_s() -> float:
     """Seconds one storage request may take: `$FLAX_GPT2_GCS_TIMEOUT` (a number > 0), default 60."""
@@ -63,7 +61,6 @@ def mirror_root() -> str:
 
 def local_folder(url: str, *, progress: bool = True) -> str:
     """A local folder standing for the model folder or training run at `url` (see the module docstring)."""
-    from flax_gpt2.checkpoints import run_folders as run_checkpoint
 
     file_io.resolve_path(url)  # unsupported schemes and missing dependencies get their own message
     url = url.rstrip("/")

@@ -2,25 +2,31 @@
 
 A run's workdir holds `checkpoints/<step>/` written by orbax's `CheckpointManager`, each with the items
 `params` and `opt_state` (orbax PyTrees) and `meta` (JSON: the step, the data iterator's position, the
-model's Hugging Face config, a checksum of every array and a sha256 of the meta itself, see `seal_meta`).
+model's Hugging Face config, the training config, a checksum of every array and a sha256 of the meta itself:
+`RunMeta`, the one schema the trainer writes and this module reads).
 `flax_gpt2.from_pretrained(run_dir)` reads a run through `load_run`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 from typing import Any, Callable, TypeVar
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from jax import lax
 
-from flax_gpt2.utils import file_io
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel
+from flax_gpt2.utils import file_io
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
 RUN_CONFIG = "train_config.json"  # the run's flattened training config, in its workdir
@@ -33,12 +39,17 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> str:
     return file_io.join(file_io.resolve_path(run_dir), CHECKPOINT_DIR)
 
 
+def item_handlers() -> dict[str, Any]:
+    """orbax's handler for each item of a checkpoint (`ITEMS`), named up front so that `item_metadata` can
+    describe a checkpoint (its arrays' shapes, its layout) before anything is restored."""
+    return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
 def _reader(run_dir):
     """A CheckpointManager that only reads (orbax's `read_only` option would warn on every load)."""
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=item_handlers())
 
 
 def is_training_run(path: str | os.PathLike) -> bool:
@@ -59,8 +70,6 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 def abstract_params(config: GPT2Config, sharding: jax.sharding.Sharding | None = None) -> Any:
     """`jax.ShapeDtypeStruct`s of GPT2LMHeadModel's params (with `sharding`, default the first device)."""
-    import flax.linen as nn
-    import jax.numpy as jnp
 
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(GPT2LMHeadModel(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
@@ -102,15 +111,11 @@ def saved_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     if not is_training_run(path):
         return None
-    import orbax.checkpoint as ocp
-
     manager = _reader(path)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         def model_config(s: int) -> dict[str, Any]:
-            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            verify_meta(meta, s, f"checkpoint {checkpoint_dir(path)}/{s}")
-            return dict(meta["model_config"])
+            return dict(read_meta(manager, s, f"checkpoint {checkpoint_dir(path)}/{s}").model_config)
 
         found, _ = restore_newest_intact(steps, model_config, where=checkpoint_dir(path))
     finally:
@@ -128,17 +133,15 @@ def _steps_to_try(manager, path, step: int | None) -> list[int]:
 
 
 def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config, Any]:
-    import orbax.checkpoint as ocp
-
     def restore(s: int) -> tuple[GPT2Config, Any]:
-        meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        verify_meta(meta, s, f"checkpoint {checkpoint_dir(path)}/{s}")  # before its config sizes anything
-        config = GPT2Config.from_hf_config(meta["model_config"])
+        where = f"checkpoint {checkpoint_dir(path)}/{s}"
+        meta = read_meta(manager, s, where)  # checked before its config sizes anything
+        config = GPT2Config.from_hf_config(meta.model_config)
         # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
-        scanned = bool((meta.get("train_config") or {}).get("model.scan_layers", False))
+        scanned = saved_params_are_stacked(manager, s)
         params = manager.restore(s, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
-        verify(params, (meta.get("checksums") or {}).get("params"), f"checkpoint {checkpoint_dir(path)}/{s}")
+        verify(params, meta.checksums.get("params"), where)
         return config, layer_stacking.unstack_layers(params)
 
     restored, errors = restore_newest_intact(steps, restore, where=checkpoint_dir(path))
@@ -205,8 +208,6 @@ def _fingerprints(leaves):
 
 
 def _checksum(x):
-    import jax.numpy as jnp
-    from jax import lax
 
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
@@ -229,14 +230,11 @@ def _checksum(x):
 class ChecksumMismatchError(RuntimeError):
     """A restored array's checksum differs from the one saved with it: the checkpoint is corrupt."""
 
-
 def verify(tree: Any, expected: dict[str, int] | None, where: str) -> None:
-    """Raises `ChecksumMismatchError` naming the arrays whose checksum differs from `expected`.
-
-    Checkpoints written before checksums existed (`expected` None) are accepted as they are.
-    """
+    """Raises `ChecksumMismatchError` naming the arrays whose checksum differs from `expected` (or when there
+    is no `expected` to check against)."""
     if not expected:
-        return
+        raise ChecksumMismatchError(f"{where}: no checksums were saved for these arrays: the meta is corrupt")
     actual = fingerprint(tree)
     bad = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
     if bad:
@@ -249,31 +247,59 @@ def verify(tree: Any, expected: dict[str, int] | None, where: str) -> None:
 META_CHECKSUM = "meta_sha256"
 
 
-def seal_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` plus `META_CHECKSUM`: the sha256 of the rest of it as canonical JSON, so that an edited step,
-    data position or config is found on restore (`verify_meta`) instead of silently changing training."""
-    return {**meta, META_CHECKSUM: _meta_digest(meta)}
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """The `meta` item of a training checkpoint: the one schema the trainer writes (`train/checkpointing.py`)
+    and the library reads (`load_run`, `saved_model_config`).
+
+    On disk it is this dataclass as a JSON object plus `meta_sha256`, the sha256 of the rest as canonical JSON,
+    so that an edited step, data position or config is found on restore instead of silently changing training.
+    """
+
+    step: int
+    data: dict[str, Any]  # the data iterator's position (the trainer's DataState, as a dict)
+    model_config: dict[str, Any]  # the model's Hugging Face config.json
+    train_config: dict[str, Any]  # the run's training config, flattened (as train_config.json holds it)
+    checksums: dict[str, Any]  # {"params": fingerprint(params), "opt_state": fingerprint(opt_state)}
+
+    def to_json(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        return {**body, META_CHECKSUM: _meta_digest(body)}
+
+    @classmethod
+    def from_json(cls, meta: Any, step: int, where: str) -> "RunMeta":
+        """The meta read from checkpoint `step`, or `ChecksumMismatchError` unless it is intact: a JSON object
+        with every field, whose `step` is the checkpoint's own and whose sha256 matches."""
+        if not isinstance(meta, dict):
+            raise ChecksumMismatchError(f"{where}: its meta is a {type(meta).__name__}, not an object: the files "
+                                        "are corrupt")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [f for f in (*fields, META_CHECKSUM) if f not in meta]
+        if missing:
+            raise ChecksumMismatchError(f"{where}: its meta lacks {', '.join(missing)}: the files are corrupt (or "
+                                        "were not written by flax_gpt2's trainer)")
+        if meta["step"] != step or isinstance(meta["step"], bool):
+            raise ChecksumMismatchError(f"{where}: its meta says step {meta['step']!r} but the checkpoint is step "
+                                        f"{step}: the meta was edited or is corrupt")
+        if meta[META_CHECKSUM] != _meta_digest({k: v for k, v in meta.items() if k != META_CHECKSUM}):
+            raise ChecksumMismatchError(f"{where}: its meta (step, data position, configs) does not match the "
+                                        "sha256 saved with it: the meta was edited or is corrupt")
+        return cls(**{f: meta[f] for f in fields})
 
 
-def _meta_digest(meta: dict[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+def read_meta(manager, step: int, where: str) -> RunMeta:
+    """Checkpoint `step`'s meta, checked (`RunMeta.from_json`)."""
+    raw = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return RunMeta.from_json(raw, step, where)
+
+
+def saved_params_are_stacked(manager, step: int) -> bool:
+    """Whether checkpoint `step` holds its blocks stacked (a `scan_layers` run), learned from the arrays."""
+    return layer_stacking.is_stacked(manager.item_metadata(step)["params"])
+
+
+def _meta_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def verify_meta(meta: Any, step: int, where: str) -> None:
-    """Raises `ChecksumMismatchError` unless the meta read from checkpoint `step` is intact: a JSON object
-    whose `step` is the checkpoint's own and whose sha256 matches (metas written before the sha256 existed
-    are only cross-checked)."""
-    if not isinstance(meta, dict):
-        raise ChecksumMismatchError(f"{where}: its meta is a {type(meta).__name__}, not an object: the files are "
-                                    "corrupt")
-    if meta.get("step") != step or isinstance(meta.get("step"), bool):
-        raise ChecksumMismatchError(f"{where}: its meta says step {meta.get('step')!r} but the checkpoint is step "
-                                    f"{step}: the meta was edited or is corrupt")
-    expected = meta.get(META_CHECKSUM)
-    if expected is not None and expected != _meta_digest(meta):
-        raise ChecksumMismatchError(f"{where}: its meta (step, data position, configs) does not match the sha256 "
-                                    "saved with it: the meta was edited or is corrupt")
 
 
 def check_update_count(opt_state: Any, step: int, where: str) -> None:

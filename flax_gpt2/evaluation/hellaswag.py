@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL, get_tokenizer
+from flax_gpt2.utils import file_io
 
 STYLES = ("nanogpt", "harness")
 NUM_ENDINGS = 4
@@ -73,7 +75,6 @@ def read_records(path: str | os.PathLike, limit: int = 0) -> list[dict]:
     """HellaSwag records from a jsonl file, local or `gs://` (the first `limit` if > 0), each checked for a
     context, 4 endings and a label in 0..3. A record without `ctx` gets `ctx_a + " " + ctx_b` (the dataset's
     definition)."""
-    from flax_gpt2.utils import file_io
 
     path = os.fspath(path)
     if not file_io.exists(path) or file_io.isdir(path):
@@ -135,7 +136,6 @@ def make_examples(records: Sequence[dict], tokenizer, style: str = "nanogpt") ->
     """Tokenizes checked records (see `read_records`) in `style` ("nanogpt" or "harness")."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
     examples = []
     for record in records:
@@ -286,8 +286,6 @@ def evaluate_model(model, params, path_or_examples: str | os.PathLike | Examples
         examples = path_or_examples
     else:
         if tokenizer is None:
-            from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
-
             tokenizer = get_tokenizer(None)
         examples = load(path_or_examples, tokenizer, style=style, limit=limit)
     return evaluate(params, examples, make_loss_fn(model), batch_size=batch_size,

@@ -32,11 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.utils.dtypes import DTYPES
-from flax_gpt2.generation.generate import bucket_length as _bucket
-from flax_gpt2.generation.logits_processors import limit_vocab
+from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
+from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
 from flax_gpt2.evaluation.lm_eval_registration import INSTALL_HINT, MODEL_NAME
+from flax_gpt2.generation import generate_stream
+from flax_gpt2.generation.logits_processors import limit_vocab
+from flax_gpt2.generation.options import GenerateOptions
 from flax_gpt2.modeling.model import unwrap_params
+from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL, Tokenizer, get_tokenizer
+from flax_gpt2.utils.buckets import bucket_length
+from flax_gpt2.utils.dtypes import DTYPES
 
 try:
     import lm_eval.models  # noqa: F401  (lm-eval's own model table first; see lm_eval_cli.register_lm_eval_model)
@@ -54,11 +59,6 @@ logger = logging.getLogger(__name__)
 
 # Generation settings lm-eval tasks pass that map onto flax_gpt2.generate; anything else is an error.
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
-
-
-def bucket_length(n: int, cap: int) -> int:
-    """`generate`'s padded length for `n` tokens, never more than `cap` (the model's window)."""
-    return max(n, min(_bucket(n), cap))
 
 
 def make_scorer(model, vocab_limit: int | None = None):
@@ -141,8 +141,6 @@ class FlaxGPT2LM(TemplateLM):
         self._generations = 0
 
     def _load(self, model, params, tokenizer):
-        from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
-        from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
 
         if (model is None) != (params is None):
             raise ValueError("pass model and params together (or neither, with pretrained=PATH)")
@@ -150,8 +148,6 @@ class FlaxGPT2LM(TemplateLM):
             if self.pretrained is None:
                 raise ValueError(f"{MODEL_NAME} needs pretrained=PATH (a hub id, model folder or training run) in "
                                  f"model_args, or model= and params=")
-            from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
-
             folder = resolve(self.pretrained, progress=self.progress)
             model, params = from_pretrained(folder, dtype=DTYPES[self.dtype_name], progress=self.progress)
             if tokenizer is None:
@@ -202,7 +198,6 @@ class FlaxGPT2LM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
         """As HF's GPT-2 tokenizer: `<|endoftext|>` in the text is the special token; nothing is added."""
-        from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
         ids = self.tokenizer.encode(string, allowed_special=USER_TEXT_SPECIAL)
         return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -232,7 +227,7 @@ class FlaxGPT2LM(TemplateLM):
         bar = tqdm(total=len(rows), desc="loglikelihood", disable=disable_tqdm or not self.progress)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            length = bucket_length(max(len(rows[i][0]) - 1 for i in chunk), window)
+            length = bucket_length(max(len(rows[i][0]) - 1 for i in chunk), cap=window)
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros((self.batch_size, length), np.int32)
             for r, i in enumerate(chunk):
@@ -298,9 +293,8 @@ class FlaxGPT2LM(TemplateLM):
         bar.close()
         return collator.get_original(results)
 
-    def _generate(self, prompts: list[list[int]], until: list[str], max_gen_toks: int, settings: dict,
+    def _generate(self, prompts: list[list[int]], until: list[str], max_gen_toks: int, settings: GenerateOptions,
                   tokens_per_chunk: int = 16) -> list[str]:
-        from flax_gpt2.generation import generate_stream
 
         n, eot = len(prompts), self.eot_token_id
         longest = max(len(p) for p in prompts)
@@ -313,10 +307,9 @@ class FlaxGPT2LM(TemplateLM):
         self._generations += 1
         new = [[] for _ in range(n)]
         done = np.zeros(n, bool)
-        for tokens in generate_stream(self.model, self.params, ids, mask, max_new_tokens=max_gen_toks,
-                                      eos_token_id=eot, pad_token_id=eot, seed=(self.seed + self._generations) % 2**32,
-                                      tokens_per_chunk=tokens_per_chunk, vocab_limit=self.tokenizer.vocab_size,
-                                      **settings):
+        options = settings.replace(max_new_tokens=max_gen_toks, eos_token_id=eot, pad_token_id=eot,
+                                   seed=(self.seed + self._generations) % 2**32, vocab_limit=self.tokenizer.vocab_size)
+        for tokens in generate_stream(self.model, self.params, ids, mask, options, tokens_per_chunk=tokens_per_chunk):
             for i in np.flatnonzero(~done):
                 new[i].extend(int(t) for t in tokens[i])
                 if eot in new[i]:
@@ -374,4 +367,4 @@ def _generation_settings(gen_kwargs: dict, default_max_gen_toks: int, eos: str) 
         settings["top_k"] = 50  # transformers' default for sampling, which HFLM inherits
     if kwargs:
         raise ValueError(f"unsupported generation kwargs for {MODEL_NAME}: {', '.join(sorted(kwargs))}")
-    return settings, until, max_gen_toks
+    return GenerateOptions(**settings), until, max_gen_toks

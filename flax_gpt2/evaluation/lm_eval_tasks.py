@@ -63,8 +63,8 @@ def write_local_task(folder: str | os.PathLike, task: str, data_file: str | os.P
     `activity_label`, `ctx_a`, `ctx_b`, `endings`, `label` (hellaswag; the official `hellaswag_val.jsonl`
     and the `Rowan/hellaswag` rows both have them).
     """
-    from lm_eval.tasks._yaml_loader import load_yaml
     import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
 
     base = standard_task_yaml(task)
     cfg = load_yaml(base, resolve_func=False)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-
 _BUCKET = 64
 
 

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2.generation import beam_search, sampling
-from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.model_step import output_projection
+from flax_gpt2.generation.options import GenerateOptions
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
+from flax_gpt2.utils.buckets import bucket_length
+from flax_gpt2.utils.validation import is_int
 
 _output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 _heads: dict[tuple[int, int | None], tuple[weakref.ref, jax.Array]] = {}
@@ -49,13 +51,6 @@ def _head(model: GPT2LMHeadModel, params: Any, vocab_limit: int | None) -> jax.A
     return head
 
 
-def bucket_length(n: int) -> int:
-    """The padded length for `n` tokens: the next power of two from 16 up to 256, then a multiple of 128."""
-    if n <= 256:
-        return max(16, 1 << (n - 1).bit_length())
-    return -(-n // 128) * 128
-
-
 def _as_int_array(x, name: str) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
@@ -68,7 +63,7 @@ def _check_vocab_limit(model, vocab_limit) -> int:
     vocab = model.config.vocab_size
     if vocab_limit is None:
         return vocab
-    if not _is_int(vocab_limit) or not 1 <= vocab_limit <= vocab:
+    if not is_int(vocab_limit) or not 1 <= vocab_limit <= vocab:
         raise ValueError(f"vocab_limit must be None or an integer from 1 to the model's vocab_size ({vocab}), "
                          f"got {vocab_limit!r}; pass the tokenizer's vocab_size")
     return int(vocab_limit)
@@ -107,114 +102,39 @@ def _check_prompt(model, input_ids, attention_mask, vocab: int) -> tuple[np.ndar
     return ids, mask
 
 
-# The smallest sampling temperature: logits are divided by it in float32, and GPT-2's logits (|x| up to
-# a few hundred) divided by much less overflow to inf, which turns the softmax into NaN.
-MIN_TEMPERATURE = 1e-4
-MAX_SEED = 2**32 - 1  # jax.random.PRNGKey takes a 32-bit seed
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    """A finite real number (int or float, not bool): NaN and ±inf are never a meaningful setting."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
-
-
-def check_seed(seed, name: str = "seed") -> int:
-    """`seed` as an int, or a ValueError: it must be an integer in [0, 2**32 - 1]."""
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{name} must be an integer in [0, 2**32 - 1] (jax.random.PRNGKey takes 32 bits), "
-                         f"got {seed!r}")
-    return int(seed)
-
-
-def check_sampling_options(*, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, length_penalty=1.0,
-                           seed=0) -> None:
-    """ValueError unless every numeric generation setting is finite and in its range (see `generate`).
-
-    `temperature` must be at least `MIN_TEMPERATURE` (smaller values overflow float32 logits); for the
-    most likely token use greedy decoding (`do_sample=False`) instead of a tiny temperature.
-    """
-    if not _is_real(temperature) or not temperature >= MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be > 0 and at least {MIN_TEMPERATURE:g} (smaller values overflow "
-                         f"float32 logits), got {temperature!r}; for greedy decoding use do_sample=False")
-    if not _is_int(top_k) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not _is_real(repetition_penalty) or not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 and finite (1.0 disables it), got {repetition_penalty!r}")
-    if not _is_real(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number (1.0 is the default), got {length_penalty!r}")
-    check_seed(seed)
-
-
-def _check_options(config, *, prompt_length, max_new_tokens, do_sample, temperature, top_k, top_p,
-                   repetition_penalty, no_repeat_ngram_size, num_beams, num_return_sequences, eos_token_id,
-                   pad_token_id, length_penalty=1.0, seed=0):
-    is_int = _is_int
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if prompt_length + max_new_tokens > config.n_positions:
-        raise ValueError(
-            f"prompt length {prompt_length} + max_new_tokens {max_new_tokens} = {prompt_length + max_new_tokens} "
-            f"exceeds the model's n_positions={config.n_positions}; shorten the prompt or ask for fewer tokens")
-    check_sampling_options(temperature=temperature, top_k=top_k, top_p=top_p,
-                           repetition_penalty=repetition_penalty, length_penalty=length_penalty, seed=seed)
-    if not is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {no_repeat_ngram_size!r}")
-    if not is_int(num_beams) or num_beams < 1:
-        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
-    if not is_int(num_return_sequences) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be a positive integer, got {num_return_sequences!r}")
-    if num_beams > 1 and num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) cannot exceed num_beams ({num_beams})")
-    if num_beams == 1 and not do_sample and num_return_sequences > 1:
-        raise ValueError("greedy decoding returns a single sequence per prompt: set do_sample=True or "
-                         f"num_beams >= num_return_sequences to get {num_return_sequences}")
-    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if token is not None and (not is_int(token) or not 0 <= token < config.vocab_size):
-            raise ValueError(f"{name} must be None or a token id in [0, {config.vocab_size}), got {token!r}")
-
-
-def _prepare(model, input_ids, attention_mask, max_new_tokens, vocab, options):
+def _prepare(model, input_ids, attention_mask, options: GenerateOptions):
     """Validates, then left-pads the prompt to its bucket. Returns the device arguments and the layout."""
+    vocab = _check_vocab_limit(model, options.vocab_limit)
     ids, mask = _check_prompt(model, input_ids, attention_mask, vocab)
     config = model.config
-    _check_options(config, prompt_length=ids.shape[1], max_new_tokens=max_new_tokens, **options)
-    t = ids.shape[1]
+    options.check(config.n_positions, config.vocab_size, prompt_length=ids.shape[1])
+    t, max_new_tokens = ids.shape[1], options.max_new_tokens
     # Bucket the prompt and the cache so that nearby lengths share one compiled computation.
-    prompt_len = max(t, min(bucket_length(t), config.n_positions - max_new_tokens))
-    cache_len = max(prompt_len + max_new_tokens, min(bucket_length(prompt_len + max_new_tokens), config.n_positions))
+    prompt_len = bucket_length(t, cap=config.n_positions - max_new_tokens)
+    cache_len = bucket_length(prompt_len + max_new_tokens, cap=config.n_positions)
     extra = prompt_len - t
     ids = np.pad(ids, ((0, 0), (extra, 0)))
     mask = np.pad(mask, ((0, 0), (extra, 0)))
-    eos = options["eos_token_id"]
-    pad = options["pad_token_id"]
+    eos, pad = options.eos_token_id, options.pad_token_id
     pad = pad if pad is not None else (eos if eos is not None else 0)
     return dict(input_ids=jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask, jnp.int32),
                 eos_token_id=jnp.int32(-1 if eos is None else eos), pad_token_id=jnp.int32(pad),
-                seed=jnp.uint32(options["seed"]), cache_len=cache_len), extra
+                seed=jnp.uint32(options.seed), cache_len=cache_len), extra, vocab
 
 
-def _setup(model, params, input_ids, attention_mask, max_new_tokens, vocab_limit, **options):
-    """What `generate` and `generate_stream` share: checked, padded arguments, unwrapped params, the
-    sampling strategy and the output projection (cut to `vocab_limit`)."""
-    vocab = _check_vocab_limit(model, vocab_limit)
-    args, extra = _prepare(model, input_ids, attention_mask, max_new_tokens, vocab, options)
+def _setup(model, params, input_ids, attention_mask, options: GenerateOptions | None, overrides: dict):
+    """What `generate` and `generate_stream` share: the options, checked, padded arguments, unwrapped params,
+    the sampling strategy and the output projection (cut to `vocab_limit`)."""
+    if options is None and "max_new_tokens" not in overrides:
+        raise TypeError("missing the required keyword argument max_new_tokens")
+    options = GenerateOptions.of(options, overrides)
+    args, extra, vocab = _prepare(model, input_ids, attention_mask, options)
     params = unwrap_params(params)
-    strategy = GenerationConfig.create(**{k: options[k] for k in (
-        "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")})
-    return args, extra, params, strategy, _head(model, params, vocab)
+    return options, args, extra, params, options.strategy(), _head(model, params, vocab)
 
 
-def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_beams: int = 1,
-             length_penalty: float = 1.0, num_return_sequences: int = 1, eos_token_id: int | None = None,
-             pad_token_id: int | None = None, seed: int = 0, vocab_limit: int | None = None) -> np.ndarray:
+def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
+             options: GenerateOptions | None = None, **kwargs: Any) -> np.ndarray:
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
     Prefill and every decoding step run in one compiled computation over a preallocated KV cache.
@@ -226,38 +146,23 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
         prompt (`prompt_length == 0`) starts from `<|endoftext|>` (`config.bos_token_id`).
       attention_mask: `[batch, prompt_length]`, 1 on tokens and 0 on the left padding (default all ones).
         Each row's output equals generating that prompt alone.
-      max_new_tokens: how many tokens to add; `prompt_length + max_new_tokens` must fit `n_positions`.
-      do_sample: sample instead of taking the most likely token (or the best beams).
-      temperature, top_k, top_p: sampling warpers (only with `do_sample`); `top_k=0` and `top_p=1.0`
-        disable theirs. `temperature` must be at least `MIN_TEMPERATURE` (1e-4; smaller values overflow
-        float32 logits): for the most likely token, use `do_sample=False`.
-      repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL's penalty).
-      no_repeat_ngram_size: if > 0, no n-gram of this size occurs twice.
-      num_beams: > 1 runs beam search (with `do_sample`, beam sampling).
-      length_penalty: beam search scores a finished hypothesis `sum log p / new_tokens ** length_penalty`
-        (any finite number).
-      num_return_sequences: sequences per prompt (samples, or the best beams); copies are adjacent rows.
-      eos_token_id: a row that produces it stops, and the rest of its row is `pad_token_id`. None: never stop.
-      pad_token_id: the filler after EOS (default `eos_token_id`).
-      seed: the random seed, an integer in [0, 2**32 - 1]; the same seed and arguments give the same tokens.
-      vocab_limit: the tokenizer's `vocab_size` when the model's vocabulary is larger (padded, e.g. 50,304
-        for GPT-2's 50,257): ids from it on are never chosen (they get no logit; the result equals the
-        model cut to `vocab_limit` ids), and a prompt holding one is a ValueError. None: every model id.
+      options: a `GenerateOptions` (optional).
+      **kwargs: `GenerateOptions` fields, overriding `options`' (`max_new_tokens` is required without
+        `options`): `max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
+        no_repeat_ngram_size, num_beams, length_penalty, num_return_sequences, eos_token_id, pad_token_id,
+        seed, vocab_limit`; see `GenerateOptions` for each.
     Raises:
       ValueError: an argument is out of range or not finite (NaN, inf); the message names it.
     Returns:
       A numpy int32 array `[batch * num_return_sequences, prompt_length + max_new_tokens]`: the (padded)
       prompt, then the new tokens.
     """
-    args, extra, params, strategy, head = _setup(
-        model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
-        num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        vocab_limit=vocab_limit)
+    options, args, extra, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
+    max_new_tokens, num_beams, num_return_sequences = (options.max_new_tokens, options.num_beams,
+                                                       options.num_return_sequences)
     if num_beams > 1:
         tokens = beam_search.beam_search_tokens(
-            model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(length_penalty),
+            model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(options.length_penalty),
             args["eos_token_id"], args["pad_token_id"], args["seed"], jnp.int32(max_new_tokens),
             cache_len=args["cache_len"], num_beams=num_beams, num_return_sequences=num_return_sequences)
     else:
@@ -269,11 +174,9 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
     return np.asarray(tokens)[:, extra:end]
 
 
-def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
-                    do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                    eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int = 0,
-                    tokens_per_chunk: int = 1, vocab_limit: int | None = None) -> Iterator[np.ndarray]:
+def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
+                    options: GenerateOptions | None = None, *, tokens_per_chunk: int = 1,
+                    **kwargs: Any) -> Iterator[np.ndarray]:
     """Like `generate` (greedy or sampling), but yields the new tokens as they are produced.
 
     Yields numpy int32 arrays `[batch * num_return_sequences, n]` of the next `n <= tokens_per_chunk` new
@@ -283,11 +186,11 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
     """
     if not isinstance(tokens_per_chunk, int) or tokens_per_chunk < 1:
         raise ValueError(f"tokens_per_chunk must be a positive integer, got {tokens_per_chunk!r}")
-    args, _, params, strategy, head = _setup(
-        model, params, input_ids, attention_mask, max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=1, num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, vocab_limit=vocab_limit)
+    options, args, _, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
+    if options.num_beams != 1:
+        raise ValueError(f"generate_stream does greedy search or sampling: num_beams must be 1, got "
+                         f"{options.num_beams!r} (beam search's best beams are only known at the end)")
+    max_new_tokens, num_return_sequences = options.max_new_tokens, options.num_return_sequences
     prompt_len = args["input_ids"].shape[1]
     state = sampling.start(model, params, head, args["input_ids"], args["attention_mask"], strategy,
                            args["eos_token_id"], args["pad_token_id"], args["seed"],

@@ -17,7 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-
 Array = jax.Array
 
 

@@ -17,9 +17,11 @@ import numpy as np
 from flax_gpt2.checkpoints.loading import check_vocab, tokenizer_source
 from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
 from flax_gpt2.generation.generate import generate
-from flax_gpt2.tokenizer.bpe_tokenizer import Tokenizer, get_tokenizer
+from flax_gpt2.generation.options import GenerateOptions
+from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, Tokenizer, get_tokenizer
 
 _DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
+_PIPELINE_DEFAULTS = GenerateOptions(do_sample=True, top_k=50)  # transformers' text-generation defaults
 _seeds = np.random.default_rng(0)
 
 
@@ -40,10 +42,8 @@ class TextGenerationPipeline:
         self.model, self.params, self.tokenizer = model, params, tokenizer
 
     def __call__(self, text_inputs: str | Sequence[str], *, max_length: int | None = None,
-                 max_new_tokens: int | None = None, num_return_sequences: int = 1, do_sample: bool = True,
-                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                 return_full_text: bool = True, seed: int | None = None) -> list[dict[str, str]] | list[list[dict]]:
+                 max_new_tokens: int | None = None, return_full_text: bool = True, seed: int | None = None,
+                 **generate_kwargs: Any) -> list[dict[str, str]] | list[list[dict]]:
         """Generates text for one prompt (returns a list of dicts) or several (a list of such lists).
 
         Args:
@@ -52,9 +52,8 @@ class TextGenerationPipeline:
           max_length: the length in tokens of prompt plus continuation (per prompt), as in transformers.
           max_new_tokens: the number of new tokens (wins over `max_length`); default 256 (as transformers)
             or what still fits the model's `n_positions`.
-          num_return_sequences, do_sample, temperature, top_k, top_p, repetition_penalty,
-          no_repeat_ngram_size, num_beams, length_penalty: as in `flax_gpt2.generate`. The defaults are
-            transformers': sampling with top-k 50.
+          **generate_kwargs: `flax_gpt2.GenerateOptions` fields (`do_sample`, `temperature`, `top_k`, ...,
+            `num_return_sequences`, `num_beams`). The defaults are transformers': sampling with top-k 50.
           return_full_text: prepend the prompt to each generated text.
           seed: the random seed; default the next one from `set_seed`'s sequence.
         Returns:
@@ -64,7 +63,6 @@ class TextGenerationPipeline:
         prompts = [text_inputs] if single else text_inputs
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"text_inputs must be a string or a non-empty list of strings, got {text_inputs!r}")
-        from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL
 
         eot = self.tokenizer.eot_token
         # <|endoftext|> is the only special token a prompt may contain (a custom BPE's others are plain text).
@@ -87,12 +85,11 @@ class TextGenerationPipeline:
         if seed is None:
             seed = int(_seeds.integers(2**31 - 1))
         # One batch; each row's output equals generating it alone, so a shorter max_length just cuts it.
-        out = np.asarray(generate(
-            self.model, self.params, ids, mask, max_new_tokens=max(per_prompt), do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
-            num_return_sequences=num_return_sequences, eos_token_id=eot, pad_token_id=eot, seed=seed,
-            vocab_limit=self.tokenizer.vocab_size))
+        options = GenerateOptions.of(_PIPELINE_DEFAULTS, generate_kwargs).replace(
+            max_new_tokens=max(per_prompt), eos_token_id=eot, pad_token_id=eot, seed=seed,
+            vocab_limit=self.tokenizer.vocab_size)
+        out = np.asarray(generate(self.model, self.params, ids, mask, options))
+        num_return_sequences = options.num_return_sequences
         results = []
         for i, prompt in enumerate(prompts):
             rows = out[i * num_return_sequences:(i + 1) * num_return_sequences, longest:longest + per_prompt[i]]

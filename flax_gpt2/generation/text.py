@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from flax_gpt2.generation.detokenize import Detokenizer
 from flax_gpt2.generation.generate import generate, generate_stream
+from flax_gpt2.generation.options import GenerateOptions
 from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 
+# transformers' defaults for text generation: sampling with top-k 50 (and 20 new tokens).
+TEXT_DEFAULTS = GenerateOptions(max_new_tokens=20, do_sample=True, top_k=50)
 
-def generate_text(model, params, tokenizer, prompt: str, *, max_new_tokens: int = 20, do_sample: bool = True,
-                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                  num_return_sequences: int = 1, num_beams: int = 1, stop_token: str | None = None, seed: int = 0,
-                  stream: Callable[[str], None] | None = None) -> list[str]:
+
+def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | None = None,
+                  stream: Callable[[str], None] | None = None, **generate_kwargs: Any) -> list[str]:
     """Continues `prompt` (text in, text out); returns each sequence's text (prompt + continuation).
 
-    Greedy, sampled (the default) or beam search, as `generate`'s options say.
+    Greedy, sampled (the default: `TEXT_DEFAULTS`) or beam search, as `generate_kwargs` (`GenerateOptions`
+    fields) say; the end-of-text id and the tokenizer's vocabulary limit come from `tokenizer`.
 
     `<|endoftext|>` in the prompt is the special token (as in the model card's CommonGen format), and the
     only one: a custom BPE's other special tokens are plain text there. An empty prompt starts from it.
@@ -28,15 +31,14 @@ def generate_text(model, params, tokenizer, prompt: str, *, max_new_tokens: int 
     never text that could still be the start of `stop_token`); generation stops once the stop string appears.
     """
     ids = tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) or [tokenizer.eot_token]
-    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                   top_p=top_p, repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
-                   eos_token_id=tokenizer.eot_token, seed=seed, vocab_limit=tokenizer.vocab_size)
+    options = GenerateOptions.of(TEXT_DEFAULTS, generate_kwargs).replace(
+        eos_token_id=tokenizer.eot_token, vocab_limit=tokenizer.vocab_size)
     if stream is not None:
-        if num_return_sequences != 1 or num_beams != 1:
+        if options.num_return_sequences != 1 or options.num_beams != 1:
             raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")
         stream(prompt)
         text = Detokenizer((stop_token,) if stop_token else ())
-        for chunk in generate_stream(model, params, [ids], **options):
+        for chunk in generate_stream(model, params, [ids], options=options):
             if _add_tokens(text, tokenizer, chunk[0].tolist()):
                 break  # <|endoftext|> or the stop string: stop generating
             if piece := text.take(final=False):
@@ -44,7 +46,7 @@ def generate_text(model, params, tokenizer, prompt: str, *, max_new_tokens: int 
         if piece := text.take(final=True):
             stream(piece)
         return [prompt + text.text]
-    out = np.asarray(generate(model, params, [ids], num_beams=num_beams, **options))
+    out = np.asarray(generate(model, params, [ids], options=options))
     return [prompt + continuation(tokenizer, row[len(ids):].tolist(), stop_token) for row in out]
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 Array = jax.Array
 SPLASH_BLOCK = 128  # the TPU kernel's tile along the sequence
@@ -89,6 +91,8 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
     so a token never sees padding. (A padding query sees other padding where "xla" would give it a uniform
     row: its output differs, and nothing reads it.)
     """
+    # Pallas' TPU kernels are imported only when this backend runs: most models (and every CPU run but the
+    # interpret-mode tests) never need them, and the import costs ~0.5 s.
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, h, _ = q.shape
@@ -112,9 +116,6 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
         return local(q, k, v, segments)
     # A Pallas (Mosaic) kernel is not partitioned by XLA: run it per shard, batch and heads as the logical
     # axis rules in context place them (the sequence must not be split: causal attention needs all of it).
-    import flax.linen as nn
-    from jax.sharding import PartitionSpec as P
-
     batch, heads = nn.logical_to_mesh_axes(("batch", "heads"))
     spec = P(batch, None, heads, None)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
@@ -123,8 +124,9 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, h: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    # imported here for the reason given in `splash_attention`
+    from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as sk,
+                                                                  splash_attention_mask as sm)
 
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(h)])
     block = min(SPLASH_BLOCK, t)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 from flax_gpt2.modeling.activations import ACTIVATIONS
+from flax_gpt2.utils.validation import is_int, is_real
 
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
@@ -132,7 +132,7 @@ class GPT2Config:
 
     def to_hf_config(self, architectures: tuple[str, ...] = ("GPT2LMHeadModel",)) -> dict[str, Any]:
         """The Hugging Face `config.json` dict for this config."""
-        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _JAX_FIELDS}
+        hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
         hf.update(model_type="gpt2", architectures=list(architectures), n_ctx=self.n_positions,
                   use_cache=True, task_specific_params={"text-generation": {"do_sample": True, "max_length": 50}})
         return hf
@@ -175,7 +175,7 @@ def _hf_kwargs(cls, hf: dict[str, Any]) -> dict[str, Any]:
             hf[name] = hf.pop(alias)
         else:
             hf.pop(alias, None)
-    known = {f.name for f in dataclasses.fields(cls)} - _JAX_FIELDS
+    known = {f.name for f in dataclasses.fields(cls)} - RUNTIME_FIELDS
     unknown = sorted(set(hf) - known - _HF_IGNORED_KEYS)
     if unknown:
         # Fields we do not know cannot be silently dropped if they might change the math.
@@ -193,7 +193,8 @@ def _hf_kwargs(cls, hf: dict[str, Any]) -> dict[str, Any]:
 
 # --- field checks: every field's type and range, so a bad config.json fails here, naming the field ------
 
-_JAX_FIELDS = frozenset({"dtype", "param_dtype", "remat", "scan_layers", "attention", "block_grad_barrier"})
+# How a model runs, not what its weights are: not in config.json, and free to change when loading a checkpoint.
+RUNTIME_FIELDS = frozenset({"dtype", "param_dtype", "remat", "scan_layers", "attention", "block_grad_barrier"})
 ATTENTION_BACKENDS = ("auto", "xla", "dot_product", "splash")
 _POSITIVE_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id")
@@ -203,37 +204,28 @@ _BOOLS = ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout")
 
 
-def _is_int(x: Any) -> bool:
-    # JSON `true` is a Python bool, which is an int: `n_head: true` must not become 1 head.
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_fields(config: GPT2Config) -> None:
     """ValueError naming the first field of `config` with a wrong type or an out-of-range value."""
     def bad(name: str, requirement: str):
         raise ValueError(f"{name} must be {requirement}, got {getattr(config, name)!r}")
 
     for name in _POSITIVE_INTS:
-        if not _is_int(getattr(config, name)) or getattr(config, name) <= 0:
+        if not is_int(getattr(config, name)) or getattr(config, name) <= 0:
             bad(name, "a positive integer")
-    if config.n_inner is not None and (not _is_int(config.n_inner) or config.n_inner <= 0):
+    if config.n_inner is not None and (not is_int(config.n_inner) or config.n_inner <= 0):
         bad("n_inner", "null (4 * n_embd) or a positive integer")
     for name in _TOKEN_IDS:
-        if not _is_int(getattr(config, name)) or getattr(config, name) < 0:
+        if not is_int(getattr(config, name)) or getattr(config, name) < 0:
             bad(name, "a token id (an integer >= 0)")
     for name in _BOOLS:
         if not isinstance(getattr(config, name), bool):
             bad(name, "true or false")
     for name in _DROPOUTS:
-        if not (_is_real(getattr(config, name)) and 0 <= getattr(config, name) < 1):
+        if not (is_real(getattr(config, name)) and 0 <= getattr(config, name) < 1):
             bad(name, "a probability in [0, 1)")
-    if not (_is_real(config.layer_norm_epsilon) and config.layer_norm_epsilon > 0):
+    if not (is_real(config.layer_norm_epsilon) and config.layer_norm_epsilon > 0):
         bad("layer_norm_epsilon", "a finite number > 0")
-    if not (_is_real(config.initializer_range) and config.initializer_range >= 0):
+    if not (is_real(config.initializer_range) and config.initializer_range >= 0):
         bad("initializer_range", "a finite number >= 0")
     if not isinstance(config.activation_function, str) or config.activation_function not in ACTIVATIONS:
         raise ValueError(f"activation_function={config.activation_function!r} is not supported; "

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 _LAYER = re.compile(r"h_(\d+)$")
 
@@ -89,7 +90,6 @@ def convert_tree(tree: Any, scan_layers: bool, *, stack=None, take=None) -> Any:
 
 def abstract_stack(leaves: list) -> Any:
     """Stacks `jax.ShapeDtypeStruct`s: a leading layers axis, never sharded."""
-    from jax.sharding import NamedSharding, PartitionSpec
 
     x = leaves[0]
     sharding = x.sharding
@@ -100,7 +100,6 @@ def abstract_stack(leaves: list) -> Any:
 
 def abstract_take(x: Any, i: int) -> Any:
     """Layer `i` of a stacked `jax.ShapeDtypeStruct`."""
-    from jax.sharding import NamedSharding, PartitionSpec
 
     sharding = x.sharding
     if isinstance(sharding, NamedSharding):

@@ -12,6 +12,10 @@ output projection `[H, K, D]` so that tensor parallelism splits whole heads.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`); activations are
 constrained as (`batch`, `length`, `embed`). Mesh rules that map them to devices live in the training config.
+
+Why one file: the network reads top to bottom here (embeddings, the block, the stack, the three heads), as
+nanoGPT's model.py does; what can stand alone (attention backends, the KV cache, activations, the parameter
+layouts) lives beside it in `modeling/`.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Sequence
 
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.serve.engine import Engine
+from flax_gpt2.serve.protocol import check_api_key
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache
 from flax_gpt2.utils.dtypes import DTYPES
@@ -59,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: the model's n_positions, 1024 for GPT-2)")
     parser.add_argument("--prompt_buckets", type=cli.flag_type(_buckets, lambda b: True, "comma-separated positive "
                         "integers"), default=None, help="prompt lengths that each get a compiled prefill "
-                        "(default 16, 32, 64, ... up to --context_length)")
+                        "(default the length ladder 16, 32, ..., 256, 384, 512, ... up to --context_length)")
     parser.add_argument("--decode_steps", type=_positive_int, default=8,
                         help="decoding steps per device call while no request waits (default 8; 1 streams every "
                              "token as soon as it is made)")
@@ -89,8 +90,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.api_key is None:
         args.api_key, source = os.environ.get("FLAX_GPT2_API_KEY"), "$FLAX_GPT2_API_KEY"
     if args.api_key is not None:
-        from flax_gpt2.serve.api import check_api_key
-
         try:
             check_api_key(args.api_key)
         except ValueError as e:  # refused now: a key no client can send would lock every client out
@@ -105,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: jax (imported above) installed absl's root handler, which would make a plain basicConfig a no-op.
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
     log = logging.getLogger("flax_gpt2.serve")
     # Bind first: a taken port fails in a second, not after loading and compiling.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
@@ -121,6 +122,7 @@ def _main(argv: Sequence[str]) -> None:
 
     from flax_gpt2.serve.api import create_app
     from flax_gpt2.serve.connections import connection_cap, limited_protocol
+
 
     max_connections = connection_cap(args.max_connections)
 

@@ -25,8 +25,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flax_gpt2.serve import protocol
-from flax_gpt2.serve.engine import Completion, Engine, Event, QueueFull, TokenLogprob
-from flax_gpt2.serve.protocol import APIError, bad_request
+from flax_gpt2.serve.engine import Engine
+from flax_gpt2.serve.protocol import APIError, bad_request, check_api_key
+from flax_gpt2.serve.requests import Completion, Event, QueueFull, TokenLogprob
 
 log = logging.getLogger("flax_gpt2.serve")
 
@@ -88,22 +89,6 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float = 30.0) -
     return body
 
 
-def check_api_key(key: str) -> str:
-    """`key`, or a ValueError when no HTTP client could send it: an API key travels in the Authorization
-    header, which carries printable ASCII only, and the spaces around it are stripped there."""
-    if not key.strip():
-        raise ValueError("the API key is empty; give a key, or none for an open server")
-    bad = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
-    if bad is not None:
-        raise ValueError(f"the API key holds {key[bad]!r} (U+{ord(key[bad]):04X}) at position {bad}, but HTTP "
-                         f"clients send the key in the Authorization header, printable ASCII only, so it could "
-                         f"never match; choose a key of ASCII letters, digits and punctuation")
-    if key != key.strip():
-        raise ValueError("the API key starts or ends with a space, which the Authorization header loses, so it "
-                         "could never match; remove the spaces")
-    return key
-
-
 class _Choices:
     """Collects the events of a non-streaming request into its choices."""
 
@@ -153,9 +138,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def health(request: Request) -> Response:
         stats = engine.stats
-        # "max_length" repeats "context_length" under its old name, for clients that read it.
         return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
-                             "context_length": engine.context_length, "max_length": engine.context_length,
+                             "context_length": engine.context_length,
                              "prompt_buckets": engine.buckets, **vars(stats)})
 
     async def models(request: Request) -> Response:

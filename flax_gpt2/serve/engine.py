@@ -24,6 +24,10 @@ text whatever else is running. Greedy and sampled rows follow `flax_gpt2.generat
 `slots`); choice 0 of a sampled request without `top_k` draws exactly as `generate(do_sample=True,
 seed=seed)` does. Batched matrix products may round differently from batch-1 ones in the last bit, so
 bit-for-bit equality is the rule rather than a guarantee when two candidates tie to float precision.
+
+Why one file: admission, shared prefills, multi-step dispatch, cache resizing and cancellation are one state
+machine run by one thread; their invariants (which slot holds what, when a prefill may be dropped) are read
+together. The request records live in `requests.py`, the device programs in `slots.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -39,128 +42,27 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from flax_gpt2.generation.detokenize import Detokenizer
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
-from flax_gpt2.serve.protocol import APIError, CompletionRequest
+from flax_gpt2.serve.protocol import APIError
+from flax_gpt2.serve.requests import Completion, Event, QueueFull, Sequence, Stats, TokenLogprob
 from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
+from flax_gpt2.utils import buckets
 
 log = logging.getLogger("flax_gpt2.serve")
 
 _output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 
 
-def _doubling(first: int, last: int) -> list[int]:
-    """`first`, `2 * first`, ... while below `last`, then `last`."""
-    sizes = []
-    while first < last:
-        sizes.append(first)
-        first *= 2
-    return sizes + [last]
-
-
 def default_buckets(context_length: int) -> list[int]:
-    """Prompt buckets: powers of two from 16, then `context_length` itself."""
-    return _doubling(16, context_length)
+    """Prompt buckets: the rungs of the one length ladder (`utils.buckets`) below `context_length`, then it."""
+    return buckets.buckets_up_to(context_length)
 
 
 def cache_sizes(max_batch: int) -> list[int]:
     """The numbers of rows the slots' cache takes: powers of two below `max_batch`, then `max_batch`."""
-    return _doubling(1, max_batch)
-
-
-class QueueFull(Exception):
-    """The waiting queue is full (answered 503 with Retry-After)."""
-
-
-@dataclasses.dataclass
-class TokenLogprob:
-    """One token of a choice with its log-probability and the top alternatives (`None` for a prompt's first)."""
-
-    token: str
-    logprob: float | None
-    top: dict[str, float] | None
-    offset: int
-
-
-@dataclasses.dataclass
-class Event:
-    """What the engine hands to a request: new text (and tokens) for some choices, or their end."""
-
-    choices: tuple[int, ...]
-    text: str = ""
-    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" or "length" when the choices are finished
-    completion_tokens: int = 0  # with finish_reason: tokens generated for each of these choices
-    error: APIError | None = None
-
-
-class Completion:
-    """One request as the engine sees it: its prompts (token ids), settings, and where events go."""
-
-    def __init__(self, request: CompletionRequest, prompt_ids: list[list[int]], echo_texts: list[str],
-                 deliver: Callable[[Event], None]):
-        self.request = request
-        self.prompt_ids = prompt_ids
-        self.echo_texts = echo_texts  # the text each choice starts with (echo), per prompt
-        self.deliver = deliver
-        self.seed = secrets.randbits(32) if request.seed is None else request.seed % 2**32
-        self.cancelled = False
-        self.prefilled: dict[int, Any] = {}  # prompt index -> device prefill, while copies wait to be admitted
-        self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # prompt index -> echo's scored prompt
-        self.waiting_copies = collections.Counter()  # prompt index -> sequences not yet admitted
-
-    def cancel(self) -> None:
-        """Called by the HTTP side when the client has gone: the engine frees its slots at the next step."""
-        self.cancelled = True
-
-    def sequences(self) -> list["Sequence"]:
-        """One sequence per choice; a greedy request computes one per prompt and copies it to its n choices."""
-        r = self.request
-        out = []
-        for p in range(len(self.prompt_ids)):
-            choices = [p * r.n + j for j in range(r.n)]
-            if r.greedy:
-                out.append(Sequence(self, p, tuple(choices), stream=0))
-            else:
-                out.extend(Sequence(self, p, (c,), stream=c) for c in choices)
-        for s in out:
-            self.waiting_copies[s.prompt] += 1
-        return out
-
-
-class Sequence:
-    """One generated continuation (one choice, or all choices of a greedy request) and its slot."""
-
-    def __init__(self, completion: Completion, prompt: int, choices: tuple[int, ...], stream: int):
-        self.completion = completion
-        self.prompt = prompt
-        self.choices = choices
-        self.stream = stream
-        self.slot = -1
-        self.tokens: list[int] = []
-        self.text = Detokenizer(completion.request.stop)
-        self.offset = len(completion.echo_texts[prompt]) if completion.request.echo else 0
-        self.pending = Event(choices)  # what a non-streaming request has not been handed yet
-
-
-@dataclasses.dataclass
-class Stats:
-    """Counters shown by `GET /health`."""
-
-    requests: int = 0
-    steps: int = 0
-    dispatches: int = 0  # device calls that ran those steps (several steps per call when nothing waits)
-    tokens: int = 0
-    busy_slots: int = 0
-    peak_busy_slots: int = 0
-    batched_steps: int = 0  # steps with more than one busy slot
-    queued: int = 0
-    rejected: int = 0
-    step_seconds: float = 0.0  # wall time in decoding steps (device work and waiting for it)
-    resizes: int = 0  # times the cache grew or was compacted
-    compiles_after_warmup: int = 0
+    return buckets.doubling(1, max_batch)
 
 
 class Engine:
@@ -229,7 +131,7 @@ class Engine:
                                       values)
             for k in sorted({1, self.decode_steps}):
                 slots, token, _ = device.steps(self.model, self.params, self.head, slots,
-                                               device.RowSettings.empty(n), np.ones(6, bool), num_steps=k)
+                                               device.RowSettings.empty(n), device.StepWork.everything(), num_steps=k)
             for m in self.cache_sizes:
                 if m != n:
                     slots = device.resize(slots, np.zeros(m, np.int32))
@@ -464,20 +366,14 @@ class Engine:
     def _step(self) -> None:
         busy = [i for i, s in enumerate(self._running) if s is not None]
         settings = self._settings
-        act = settings.active
-        sampled = act & ~settings.greedy
-        flags = np.array([np.any(act & (settings.repetition_penalty != 1)),
-                          np.any(act & ((settings.presence_penalty != 0) | (settings.frequency_penalty != 0))),
-                          np.any(sampled), np.any(sampled & (settings.top_k > 0)),
-                          np.any(sampled & (settings.top_p < 1)),
-                          np.any(act & settings.logprobs)])
+        work = device.StepWork.of(settings)
         num_steps = self._steps_ahead(busy)
         start = time.perf_counter()
         self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
-                                                     flags, num_steps=num_steps)
+                                                     work, num_steps=num_steps)
         tokens = np.asarray(tokens)  # [num_steps, N]
         self.stats.step_seconds += time.perf_counter() - start
-        if flags[5]:
+        if work.logprobs:
             chosen, top_ids, top_values = (np.asarray(x) for x in logprobs)
         self.stats.steps += num_steps
         self.stats.dispatches += 1

@@ -17,10 +17,12 @@ import time
 import uuid
 from typing import Any
 
+from flax_gpt2.generation.options import MIN_TEMPERATURE
+from flax_gpt2.utils.validation import is_int
+
 MAX_N = 128  # OpenAI's limit on `n`
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 5  # OpenAI's limit on `logprobs` for completions
-MIN_TEMPERATURE = 1e-4  # as flax_gpt2.generate: smaller (non-zero) temperatures overflow float32 logits
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions API
 
 KNOWN_FIELDS = frozenset({
@@ -50,6 +52,7 @@ class APIError(Exception):
 
 _ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 503: "server_error"}
+
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -92,13 +95,9 @@ def _brief(value: Any) -> str:
     return _REPR.repr(value)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _is_number(x) -> bool:
     # An int is finite however large (math.isfinite would overflow converting a 400-digit one to float).
-    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
+    return is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -122,7 +121,7 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value):
+    if not is_int(value):
         raise bad_request(f"{_brief(value)} is not of type 'integer' - '{name}'", name, "invalid_type")
     if not low <= value <= high:
         raise bad_request(f"{name} must be an integer from {low} to {high}, got {value}", name, "invalid_value")
@@ -142,7 +141,7 @@ def _prompts(value, vocab_size: int) -> list[str | list[int]]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists -> a list of prompts."""
     def token_list(ids: list) -> list[int]:
         for token in ids:
-            if not _is_int(token):
+            if not is_int(token):
                 raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
                                   "lists of token ids", "prompt", "invalid_type")
             if not 0 <= token < vocab_size:
@@ -160,7 +159,7 @@ def _prompts(value, vocab_size: int) -> list[str | list[int]]:
                           "prompt", "invalid_value")
     if all(isinstance(p, str) for p in value):
         return list(value)
-    if all(_is_int(p) for p in value):
+    if all(is_int(p) for p in value):
         return [token_list(value)]
     if all(isinstance(p, list) for p in value):
         return [token_list(p) for p in value]
@@ -190,7 +189,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
 
     n = _integer(body, "n", 1, 1, MAX_N)
     best_of = body.get("best_of")
-    if best_of is not None and (not _is_int(best_of) or best_of != n):
+    if best_of is not None and (not is_int(best_of) or best_of != n):
         raise bad_request("best_of is not supported (only best_of equal to n, or null)", "best_of", "unsupported_value")
     if body.get("suffix") not in (None, ""):
         raise bad_request("suffix is not supported by GPT-2 (it only continues text)", "suffix", "unsupported_value")
@@ -208,7 +207,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise bad_request(f"{_brief(seed)} is not of type 'integer' - 'seed'", "seed", "invalid_type")
     stop = body.get("stop")
     if stop is None:
@@ -269,3 +268,19 @@ def model_list(names: tuple[str, ...], created: int | None = None) -> dict:
     created = int(time.time()) if created is None else created
     return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "flax_gpt2"}
                                        for name in names[:1]]}
+
+
+def check_api_key(key: str) -> str:
+    """`key`, or a ValueError when no HTTP client could send it: an API key travels in the Authorization
+    header, which carries printable ASCII only, and the spaces around it are stripped there."""
+    if not key.strip():
+        raise ValueError("the API key is empty; give a key, or none for an open server")
+    bad = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"the API key holds {key[bad]!r} (U+{ord(key[bad]):04X}) at position {bad}, but HTTP "
+                         f"clients send the key in the Authorization header, printable ASCII only, so it could "
+                         f"never match; choose a key of ASCII letters, digits and punctuation")
+    if key != key.strip():
+        raise ValueError("the API key starts or ends with a space, which the Authorization header loses, so it "
+                         "could never match; remove the spaces")
+    return key

@@ -76,6 +76,33 @@ class RowSettings:
                    stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool))
 
 
+@flax.struct.dataclass
+class StepWork:
+    """What any active row needs this step, as scalar bools: work no row needs is skipped (`lax.cond`)."""
+
+    repetition_penalty: Array
+    counts_penalty: Array  # presence or frequency penalties
+    sample: Array
+    top_k: Array
+    top_p: Array
+    logprobs: Array
+
+    @classmethod
+    def of(cls, rows: RowSettings) -> "StepWork":
+        """What the active rows of host (numpy) settings need."""
+        act = rows.active
+        sampled = act & ~rows.greedy
+        return cls(repetition_penalty=np.any(act & (rows.repetition_penalty != 1)),
+                   counts_penalty=np.any(act & ((rows.presence_penalty != 0) | (rows.frequency_penalty != 0))),
+                   sample=np.any(sampled), top_k=np.any(sampled & (rows.top_k > 0)),
+                   top_p=np.any(sampled & (rows.top_p < 1)), logprobs=np.any(act & rows.logprobs))
+
+    @classmethod
+    def everything(cls) -> "StepWork":
+        """Every branch on: what warm-up compiles (the branches are traced either way)."""
+        return cls(*(np.bool_(True) for _ in range(6)))
+
+
 def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: int) -> Slots:
     """N empty slots of `cache_len` columns each, for logits over `vocab` ids (the output projection's width)."""
     config = model.config
@@ -168,7 +195,7 @@ def kth_largest(logits: Array, k: Array) -> Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
+def _choose(slots: Slots, rows: RowSettings, work: StepWork):
     """The next token of every row, as `generate`'s `GenerationConfig.choose` makes it, with per-row settings.
 
     Order (transformers'): repetition penalty, presence/frequency penalties, then greedy argmax, or
@@ -177,11 +204,10 @@ def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
     n, s = slots.tokens.shape
     cols = jnp.arange(s)[None, :]
     step = slots.pos - slots.start
-    any_repetition, any_counts, any_sample, any_top_k, any_top_p, any_logprobs = (any_flags[i] for i in range(6))
     raw = slots.logits
     history = slots.mask.astype(bool) & (cols < slots.pos[:, None])
     logits = jax.lax.cond(
-        any_repetition, lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
+        work.repetition_penalty, lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
         lambda x: x, raw)
 
     def counts_penalty(x):
@@ -193,16 +219,16 @@ def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
                    + rows.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
         return x - penalty
 
-    logits = jax.lax.cond(any_counts, counts_penalty, lambda x: x, logits)
+    logits = jax.lax.cond(work.counts_penalty, counts_penalty, lambda x: x, logits)
     greedy_token = argmax(logits)
 
     def sampled(x):
         x = apply_temperature(x, rows.temperature[:, None])
-        x = jax.lax.cond(any_top_k, lambda y: jnp.where(
+        x = jax.lax.cond(work.top_k, lambda y: jnp.where(
             (rows.top_k > 0)[:, None] & (y < kth_largest(y, jnp.maximum(rows.top_k, 1))), -jnp.inf, y),
             lambda y: y, x)
         x = jax.lax.cond(
-            any_top_p, lambda y: jnp.where((rows.top_p < 1)[:, None], top_p_filter(y, rows.top_p[:, None]), y),
+            work.top_p, lambda y: jnp.where((rows.top_p < 1)[:, None], top_p_filter(y, rows.top_p[:, None]), y),
             lambda y: y, x)
 
         def draw(seed, stream, step, row):
@@ -212,7 +238,7 @@ def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
 
         return jax.vmap(draw)(rows.seed, rows.stream, step, x)
 
-    sampled_token = jax.lax.cond(any_sample, sampled, lambda x: greedy_token, logits)
+    sampled_token = jax.lax.cond(work.sample, sampled, lambda x: greedy_token, logits)
     token = jnp.where(rows.greedy, greedy_token, sampled_token)
 
     def top(x):
@@ -224,7 +250,7 @@ def _choose(slots: Slots, rows: RowSettings, any_flags: Array):
         return (jnp.zeros((n,), jnp.float32), jnp.zeros((n, MAX_LOGPROBS), jnp.int32),
                 jnp.zeros((n, MAX_LOGPROBS), jnp.float32))
 
-    logprobs = jax.lax.cond(any_logprobs, top, no_top, raw)
+    logprobs = jax.lax.cond(work.logprobs, top, no_top, raw)
     return token, logprobs
 
 
@@ -235,7 +261,7 @@ def resize(slots: Slots, rows: Array) -> Slots:
     return jax.tree.map(lambda x: x[rows], slots)
 
 
-def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, any_flags: Array):
+def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, work: StepWork):
     """One decoding step of every slot, in place: choose each row's next token, write it, and run it
     through the model. Idle rows (`settings.active` False) compute too, but keep their position, and
     their results are ignored.
@@ -243,13 +269,13 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
     (Stepping a subset of the rows, gathered from a larger cache, measured several times slower on XLA's
     CPU backend than stepping a smaller cache in place; the engine resizes the slots instead.)
 
-    `any_flags` `[6]` bool says whether any active row uses the repetition penalty, the presence/frequency
-    penalties, sampling, top-k, top-p, log-probabilities: work that no row needs is skipped (`lax.cond`).
+    `work` says what any active row needs (penalties, sampling, top-k, top-p, log-probabilities): work that
+    no row needs is skipped (`lax.cond`).
 
     Returns `(slots, tokens [N], (chosen_logprob [N], top_ids [N, 5], top_logprobs [N, 5]))`.
     """
     n, s = slots.tokens.shape
-    token, logprobs = _choose(slots, settings, any_flags)
+    token, logprobs = _choose(slots, settings, work)
     pos = jnp.minimum(slots.pos, s - 1)
     token = jnp.where(settings.active, token, slots.tokens[jnp.arange(n), pos])
     position = jnp.minimum(slots.lengths + slots.pos - slots.start, model.config.n_positions - 1)
@@ -271,7 +297,7 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps"), donate_argnames=("slots",))
-def steps(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, any_flags: Array,
+def steps(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, work: StepWork,
           num_steps: int):
     """`num_steps` decoding steps (`step`) in one call: a `lax.scan`, so the host dispatches and waits once,
     not once per token. Each step computes exactly what `step` alone would.
@@ -279,7 +305,7 @@ def steps(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settin
     Returns `(slots, tokens [num_steps, N], logprobs)`, the logprobs stacked likewise along a leading axis.
     """
     def body(slots, _):
-        slots, token, logprobs = step(model, params, head, slots, settings, any_flags)
+        slots, token, logprobs = step(model, params, head, slots, settings, work)
         return slots, (token, logprobs)
 
     slots, (tokens, logprobs) = jax.lax.scan(body, slots, None, length=num_steps)

@@ -19,15 +19,17 @@ import json
 import os
 from pathlib import Path
 
+from flax_gpt2 import assets
 from flax_gpt2.utils import file_io
+from flax_gpt2.utils.file_io import file_sha256
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
 
 # sha256 of OpenAI's GPT-2 `encoder.json` and `vocab.bpe`, as tiktoken checks them (Hugging Face's gpt2
 # folders hold the same content as `vocab.json` and `merges.txt`).
-GPT2_VOCAB_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_VOCAB_SHA256 = assets.SHA256[assets.GPT2_VOCAB]
+GPT2_MERGES_SHA256 = assets.SHA256[assets.GPT2_MERGES]
 # sha256 of the vocabulary itself (see `_vocab_digest`), whatever the files' formatting.
 _GPT2_VOCAB_DIGEST = "b252cf10820e12b2c6e8df336a6af85430b50d7647a8cb91700d6e1f641f211a"
 
@@ -107,11 +109,6 @@ def token_str(token: bytes) -> str:
 
 
 # ---- is it GPT-2's? ----
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def are_gpt2_files(vocab_file: str, merges_file: str) -> bool:

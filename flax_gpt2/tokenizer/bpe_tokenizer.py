@@ -45,7 +45,7 @@ import tiktoken
 
 from flax_gpt2.tokenizer import bpe_files, sources as tokenizer_sources
 from flax_gpt2.tokenizer.bpe_files import (ENDOFTEXT, GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, GPT2_VOCAB_SIZE,
-                                 tokenizer_files)
+                                           tokenizer_files)
 
 __all__ = ["ENDOFTEXT", "USER_TEXT_SPECIAL", "GPT2_PATTERN", "GPT2_VOCAB_SHA256", "GPT2_MERGES_SHA256",
            "GPT2_VOCAB_SIZE", "Tokenizer", "get_tokenizer", "tokenizer_files"]

@@ -20,7 +20,7 @@ import tiktoken
 
 from flax_gpt2 import assets
 from flax_gpt2.tokenizer import bpe_files
-from flax_gpt2.utils import hub
+from flax_gpt2.utils import file_io, hub
 
 # How the offline error tells a Python caller to pass a local folder; command lines pass their flag.
 PASS_FOLDER_AS = "get_tokenizer('/path/to/gpt2')"
@@ -179,6 +179,6 @@ def tiktoken_cache_has_gpt2() -> bool:
     """
     for url, sha256 in TIKTOKEN_GPT2_FILES.items():
         path = tiktoken_cache_path(url)
-        if path is None or not os.path.isfile(path) or bpe_files.file_sha256(path) != sha256:
+        if path is None or not os.path.isfile(path) or file_io.file_sha256(path) != sha256:
             return False
     return True

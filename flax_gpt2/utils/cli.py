@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+import jax
+
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -24,7 +26,6 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(ValueError):
     """A bad command line (flag value, missing flag): exit code 2."""
-
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe something the user can fix; printed as one line, exit code 1."""
@@ -99,7 +100,6 @@ def skip_absent_tpu() -> None:
     if ("JAX_PLATFORMS" in os.environ or tpu_attached() or any(glob.glob(f) for f in _GPU_FILES)
             or importlib.util.find_spec("libtpu") is None):
         return
-    import jax
 
     if not jax.config.jax_platforms:  # read before any backend starts; a later update is ignored by jax
         jax.config.update("jax_platforms", "cpu")

@@ -10,6 +10,7 @@ local folders.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -237,3 +238,12 @@ def _check_scheme(url: str) -> None:
         if missing and importlib.util.find_spec("tensorflow") is None:
             raise MissingDependencyError(f"{url} is on Google Cloud Storage, which needs {' and '.join(missing)}: "
                                          f"{GCS_EXTRA}")
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of a local file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ from gcs_emulator import gcs_bucket, gcs_workdir  # noqa: F401  (fixtures)
 
 from flax_gpt2.utils import file_io
 from flax_gpt2.train import data, run_guard
-from flax_gpt2.train import tokenize_corpus as tc
+from flax_gpt2.train import documents, tokenize_corpus as tc
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 50257
@@ -327,7 +327,7 @@ def test_text_pieces_encode_like_the_whole(bpe_dir):
     rng = random.Random(0)
     for trial in range(40):
         text = _tricky_text(rng, rng.randrange(50, 3000))
-        pieces = list(tc.text_pieces(io.StringIO(text), chunk_chars=rng.choice([1, 2, 7, 33, 200])))
+        pieces = list(documents.text_pieces(io.StringIO(text), chunk_chars=rng.choice([1, 2, 7, 33, 200])))
         assert "".join(pieces) == text
         assert sum(encoding.encode_ordinary_batch(pieces, num_threads=1), []) == encoding.encode_ordinary(text), trial
 
@@ -337,7 +337,7 @@ def test_a_text_file_larger_than_a_chunk_tokenizes_as_one_piece(tmp_path, bpe_di
     encoding = tc.gpt2_encoding(str(bpe_dir))
     plays = (shared_dir / "data" / "tinyshakespeare.txt").read_text()
     text = plays + _tricky_text(random.Random(1), 20_000) + plays + "x" * 50_000 + plays[:300_000]
-    assert len(text) > 2 * tc._CHUNK_CHARS
+    assert len(text) > 2 * documents.CHUNK_CHARS
     (tmp_path / "big.txt").write_text(text)
     tc.tokenize_corpus(str(tmp_path / "big.txt"), str(tmp_path / "out"), tokenizer=str(bpe_dir), progress=False)
     store = data.TokenStore(str(tmp_path / "out"))
@@ -348,10 +348,10 @@ def test_a_text_file_larger_than_a_chunk_tokenizes_as_one_piece(tmp_path, bpe_di
 
 _PEAK_SCRIPT = """
 import sys
-from flax_gpt2.train import tokenize_corpus as tc
+from flax_gpt2.train import documents, tokenize_corpus as tc
 def mib(field):
     return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
-tc._CHUNK_CHARS, tc._BATCH_CHARS = 1 << 16, 1 << 18  # the same code path, at a scale a test affords
+documents.CHUNK_CHARS, documents.BATCH_CHARS = 1 << 16, 1 << 18  # the same code path, at a scale a test affords
 encoding = tc.gpt2_encoding(sys.argv[3])
 encoding.encode_ordinary_batch(["warm up the encoder " * 1000], num_threads=1)
 open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here, not from loading

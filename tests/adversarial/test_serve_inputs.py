@@ -19,9 +19,9 @@ import time
 
 import openai
 import pytest
-
 from adversarial.test_generation_inputs import TOKENIZER_VOCAB, padded_vocab_folders
 from serve_process import server_process
+
 from flax_gpt2 import from_pretrained, generate, get_tokenizer
 from flax_gpt2.serve import __main__ as serve_cli
 
@@ -78,8 +78,9 @@ def test_a_failure_in_one_requests_work_ends_that_request_alone(folders, cut):
     ended with engine_error)."""
     import queue
 
-    from flax_gpt2.serve.engine import Completion, Engine
+    from flax_gpt2.serve.engine import Engine
     from flax_gpt2.serve.protocol import parse_completion_request
+    from flax_gpt2.serve.requests import Completion
 
     model, params, tokenizer = cut
     engine = Engine(model, params, tokenizer, max_batch=2, context_length=32, prompt_buckets=[16], decode_steps=1)
@@ -301,8 +302,8 @@ def test_a_flood_of_half_open_connections_does_not_lock_clients_out(server):
 def test_the_connection_cap_fits_the_open_file_limit():
     """The default cap is half of `ulimit -n` (at most 1000); a larger explicit cap raises the soft limit up
     to the hard one, and one past the hard limit is a usage error naming the flag."""
-    from flax_gpt2.utils.cli import UsageError
     from flax_gpt2.serve.connections import RESERVED_FILES, connection_cap
+    from flax_gpt2.utils.cli import UsageError
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     low = min(soft, 512)

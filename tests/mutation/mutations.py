@@ -129,16 +129,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_train_safety.py::test_a_flipped_bit_in_the_optimizer_state_is_caught",),
         "a corrupt checkpoint is deleted instead of set aside: what a user might still recover is gone"),
     Mutation(
-        "older_checkpoint_ignores_train_config_json", "train/checkpointing.py",
-        (("saved = meta.get(\"train_config\") or saved_config or self.train_config",
-          "saved = meta.get(\"train_config\") or self.train_config"),),
-        ("tests/test_train_safety.py::test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json",),
-        "a checkpoint from before meta carried the config resumes under any config: the guard compares the "
-        "new config with itself"),
+        "resume_assumes_the_saved_layout_is_the_current_one", "train/checkpointing.py",
+        (("saved_scan = run_checkpoint.saved_params_are_stacked(self.manager, step)",
+          "saved_scan = layer_stacking.is_stacked(abstract_state.params)"),),
+        ("tests/test_layer_stacking.py::test_a_per_layer_checkpoint_restores_in_either_layout_placed_by_its_shardings",),
+        "a run that switches scan_layers on resume reads its checkpoint in the wrong layout (the saved layout is "
+        "guessed from the current config instead of read from the arrays)"),
     Mutation(
         "resume_restarts_the_data_order", "train/checkpointing.py",
-        (('return state, DataState(**meta["data"])', "return state, DataState()"),),
-        ("tests/test_train_safety.py::test_checkpoints_without_a_recorded_config_are_guarded_by_train_config_json",),
+        (("return state, DataState(**meta.data)", "return state, DataState()"),),
+        ("tests/test_train_safety.py::test_a_checkpoint_meta_missing_a_field_is_corruption_not_a_guess",),
         "a resumed run reads the data from the beginning again: batches it already trained on, twice"),
     # --- resume guard -----------------------------------------------------------------------------------
     Mutation(

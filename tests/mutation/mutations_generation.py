@@ -57,8 +57,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # --- serving ------------------------------------------------------------------------------------------
     Mutation(
         "serve_logprobs_of_the_penalized_logits", "flax_gpt2/serve/slots.py",
-        (("    logprobs = jax.lax.cond(any_logprobs, top, no_top, raw)",
-          "    logprobs = jax.lax.cond(any_logprobs, top, no_top, logits)"),),
+        (("    logprobs = jax.lax.cond(work.logprobs, top, no_top, raw)",
+          "    logprobs = jax.lax.cond(work.logprobs, top, no_top, logits)"),),
         (f"{_SERVE}test_sampled_logprobs_are_the_returned_tokens_teacher_forced",),
         "logprobs report the penalized distribution instead of the model's"),
     Mutation(

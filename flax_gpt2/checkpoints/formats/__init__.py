@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 
-from flax_gpt2.checkpoints.formats.common import (FLAX_MSGPACK, MAX_TENSORS, SAFETENSORS, SAFETENSORS_INDEX,
-                                                  TORCH_BIN, TORCH_BIN_INDEX, WEIGHT_FILES, CheckpointError,
-                                                  StateDict, UnsafePickleError, parse_size)
+from flax_gpt2.checkpoints.formats.common import (FLAX_MSGPACK, MAX_TENSORS, SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN,
+                                                  TORCH_BIN_INDEX, WEIGHT_FILES, CheckpointError, StateDict,
+                                                  UnsafePickleError, parse_size)
 from flax_gpt2.checkpoints.formats.msgpack import read_flax_msgpack, write_flax_msgpack
 from flax_gpt2.checkpoints.formats.safetensors import read_safetensors, read_safetensors_checked, write_safetensors
 from flax_gpt2.checkpoints.formats.sharded import read_sharded

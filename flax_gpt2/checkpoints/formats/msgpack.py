@@ -7,9 +7,11 @@ import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax.serialization import msgpack_restore, msgpack_serialize
 
-from flax_gpt2.checkpoints.formats.common import (FLAX_MSGPACK, MAX_TENSORS, CheckpointError, StateDict,
-                                                  progress_bar, reading, require_file)
+from flax_gpt2.checkpoints.formats.common import (FLAX_MSGPACK, MAX_TENSORS, CheckpointError, StateDict, progress_bar,
+                                                  reading, require_file)
+
 
 def read_flax_msgpack(path: str, *, max_tensors: int = MAX_TENSORS) -> StateDict:
     """`flax_model.msgpack` of transformers' FlaxGPT2Model / FlaxGPT2LMHeadModel, under HF PyTorch key names.
@@ -20,7 +22,6 @@ def read_flax_msgpack(path: str, *, max_tensors: int = MAX_TENSORS) -> StateDict
     The file may hold at most `_MSGPACK_OBJECTS_PER_TENSOR * max_tensors` objects (counted before any
     is built: a 10 MB file of empty maps would otherwise build ~900 MiB of Python dicts).
     """
-    from flax.serialization import msgpack_restore
 
     require_file(path)
     with open(path, "rb") as f:
@@ -119,7 +120,6 @@ def write_flax_msgpack(folder: str | os.PathLike, tensors: Mapping[str, np.ndarr
 
     Returns the names of the files written.
     """
-    from flax.serialization import msgpack_serialize
 
     tree: dict[str, Any] = {}
     for key, value in tensors.items():

@@ -4,15 +4,15 @@ any tensor is, and written in shards under `max_shard_size`."""
 from __future__ import annotations
 
 import json
-import struct
 import os
+import struct
 from typing import Callable, Mapping
 
 import numpy as np
 
 from flax_gpt2.checkpoints.formats.common import (MAX_TENSORS, SAFETENSORS, CheckpointError, StateDict,
-                                                  load_manifest_json, manifest_bytes, parse_size, progress_bar,
-                                                  reading, require_file)
+                                                  load_manifest_json, manifest_bytes, parse_size, progress_bar, reading,
+                                                  require_file)
 
 # safetensors dtypes numpy can hold (the library names the rest, e.g. F8_E5M2, as numpy attributes that
 # do not exist).

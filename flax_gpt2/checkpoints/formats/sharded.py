@@ -14,6 +14,7 @@ from flax_gpt2.checkpoints.formats.safetensors import read_safetensors_checked
 from flax_gpt2.checkpoints.formats.torch_bin import read_torch_bin
 from flax_gpt2.utils import file_io
 
+
 def read_index(index_path: str, max_tensors: int = MAX_TENSORS) -> dict[str, str]:
     """The `weight_map` of a shard index, checked to be `{tensor name: shard file name}` (at most
     `max_tensors` of them)."""

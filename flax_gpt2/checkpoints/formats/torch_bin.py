@@ -15,8 +15,8 @@ storage, and `<root>/byteorder`. Everything in it is checked before it is used:
 from __future__ import annotations
 
 import collections
-import os
 import math
+import os
 import pickletools
 import struct
 import sys
@@ -26,8 +26,9 @@ from typing import Any, Callable, Mapping, NoReturn
 import ml_dtypes
 import numpy as np
 
-from flax_gpt2.checkpoints.formats.common import (CheckpointError, StateDict, UnsafePickleError, join_names,
-                                                  reading, require_file)
+from flax_gpt2.checkpoints.formats.common import (CheckpointError, StateDict, UnsafePickleError, join_names, reading,
+                                                  require_file)
+from flax_gpt2.utils.validation import is_int
 
 _TORCH_STORAGES = {
     "FloatStorage": np.float32, "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
@@ -60,10 +61,6 @@ class _Storage:
 
 
 
-def _is_int(x: Any) -> bool:
-    return type(x) is int  # not bool, not float
-
-
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
@@ -74,8 +71,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     """
     if not isinstance(storage, _Storage):
         raise UnsafePickleError("tensor without a storage in the checkpoint")
-    if not (isinstance(size, tuple) and isinstance(stride, tuple) and all(map(_is_int, size + stride))
-            and _is_int(storage_offset)):
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and all(map(is_int, size + stride))
+            and is_int(storage_offset)):
         raise UnsafePickleError(f"invalid tensor layout: offset {storage_offset!r}, size {size!r}, stride {stride!r}")
     offset, n = storage_offset, storage.array.size
     if len(size) != len(stride) or len(size) > _MAX_DIMS or offset < 0 or any(s < 0 for s in size + stride):
@@ -313,7 +310,7 @@ class _TorchZip:
     def persistent_load(self, pid) -> _Storage:
         """The storage a tensor's persistent id names: ("storage", type, key, location, numel)."""
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[1]) is _StorageType
-                and type(pid[2]) is str and _is_int(pid[4]) and pid[4] >= 0):
+                and type(pid[2]) is str and is_int(pid[4]) and pid[4] >= 0):
             raise UnsafePickleError(f"{self.path}: unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
         dtype = np.dtype(storage_type.dtype)
