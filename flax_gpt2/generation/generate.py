@@ -27,7 +27,7 @@ _output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 _heads: dict[tuple[int, int | None], tuple[weakref.ref, jax.Array]] = {}
 
 
-def _head(model: GPT2LMHeadModel, params: Any, vocab_limit: int | None) -> jax.Array:
+def output_head(model: GPT2LMHeadModel, params: Any, vocab_limit: int | None) -> jax.Array:
     """`output_projection(model, params, vocab_limit)`; on CPU a copy it makes (the transposed tied
     embeddings, or the first `vocab_limit` columns) is kept for as long as the weights live, so that
     later calls skip the copy (~40 ms for GPT-2 124M, as much as the whole prefill of a short prompt)."""
@@ -58,7 +58,7 @@ def _as_int_array(x, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def _check_vocab_limit(model, vocab_limit) -> int:
+def check_vocab_limit(model, vocab_limit) -> int:
     """The number of ids the strategies may choose from: `vocab_limit` (checked), else the model's vocabulary."""
     vocab = model.config.vocab_size
     if vocab_limit is None:
@@ -102,9 +102,9 @@ def _check_prompt(model, input_ids, attention_mask, vocab: int) -> tuple[np.ndar
     return ids, mask
 
 
-def _prepare(model, input_ids, attention_mask, options: GenerateOptions):
+def prepare_prompts(model, input_ids, attention_mask, options: GenerateOptions):
     """Validates, then left-pads the prompt to its bucket. Returns the device arguments and the layout."""
-    vocab = _check_vocab_limit(model, options.vocab_limit)
+    vocab = check_vocab_limit(model, options.vocab_limit)
     ids, mask = _check_prompt(model, input_ids, attention_mask, vocab)
     config = model.config
     options.check(config.n_positions, config.vocab_size, prompt_length=ids.shape[1])
@@ -128,13 +128,14 @@ def _setup(model, params, input_ids, attention_mask, options: GenerateOptions | 
     if options is None and "max_new_tokens" not in overrides:
         raise TypeError("missing the required keyword argument max_new_tokens")
     options = GenerateOptions.of(options, overrides)
-    args, extra, vocab = _prepare(model, input_ids, attention_mask, options)
+    args, extra, vocab = prepare_prompts(model, input_ids, attention_mask, options)
     params = unwrap_params(params)
-    return options, args, extra, params, options.strategy(), _head(model, params, vocab)
+    return options, args, extra, params, options.strategy(), output_head(model, params, vocab)
 
 
 def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
-             options: GenerateOptions | None = None, **kwargs: Any) -> np.ndarray:
+             options: GenerateOptions | None = None, *, draft: tuple[GPT2LMHeadModel, Any] | None = None,
+             num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None, **kwargs: Any) -> np.ndarray:
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
     Prefill and every decoding step run in one compiled computation over a preallocated KV cache.
@@ -151,12 +152,19 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
         `options`): `max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
         no_repeat_ngram_size, num_beams, length_penalty, num_return_sequences, eos_token_id, pad_token_id,
         seed, vocab_limit`; see `GenerateOptions` for each.
+      draft, num_draft_tokens, prompt_lookup_ngram: speculative decoding (greedy or sampling, without
+        penalties, beams or several sequences per prompt): `draft=(draft_model, draft_params)` or
+        `prompt_lookup_ngram=n` proposes `num_draft_tokens` tokens per target call; the output is the
+        target's own (see `flax_gpt2.generation.speculative`).
     Raises:
       ValueError: an argument is out of range or not finite (NaN, inf); the message names it.
     Returns:
       A numpy int32 array `[batch * num_return_sequences, prompt_length + max_new_tokens]`: the (padded)
       prompt, then the new tokens.
     """
+    if draft is not None or prompt_lookup_ngram is not None:
+        return _speculative(model, params, input_ids, attention_mask, GenerateOptions.of(options, kwargs), draft,
+                            num_draft_tokens, prompt_lookup_ngram)
     options, args, extra, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
     max_new_tokens, num_beams, num_return_sequences = (options.max_new_tokens, options.num_beams,
                                                        options.num_return_sequences)
@@ -172,6 +180,28 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
             num_return_sequences=num_return_sequences)
     end = args["input_ids"].shape[1] + max_new_tokens
     return np.asarray(tokens)[:, extra:end]
+
+
+def _speculative(model, params, input_ids, attention_mask, options: GenerateOptions, draft, num_draft_tokens,
+                 prompt_lookup_ngram):
+    unsupported = dict(repetition_penalty=(options.repetition_penalty, 1.0),
+                       no_repeat_ngram_size=(options.no_repeat_ngram_size, 0), num_beams=(options.num_beams, 1),
+                       num_return_sequences=(options.num_return_sequences, 1))
+    for name, (value, default) in unsupported.items():
+        if value != default:
+            raise ValueError(f"speculative decoding (draft / prompt_lookup_ngram) does not support {name}="
+                             f"{value!r}; leave it at {default!r} or drop the draft")
+    if options.max_new_tokens is None:
+        raise TypeError("missing the required keyword argument max_new_tokens")
+    # Imported here: speculative.py builds on this module's prompt preparation (a top-level import would be
+    # a circle).
+    from flax_gpt2.generation.speculative import speculative_generate
+    return speculative_generate(
+        model, params, input_ids, attention_mask, max_new_tokens=options.max_new_tokens, draft=draft,
+        prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=options.do_sample,
+        temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+        eos_token_id=options.eos_token_id, pad_token_id=options.pad_token_id, seed=options.seed,
+        vocab_limit=options.vocab_limit)
 
 
 def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
