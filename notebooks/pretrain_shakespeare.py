@@ -204,7 +204,7 @@ print(f"workdir: {os.path.abspath(workdir)}")
 # %%
 from flax_gpt2.train import mesh as mesh_lib
 from flax_gpt2.train import step as step_lib
-from flax_gpt2.train.train_loop import model_config
+from flax_gpt2.train.model_config import model_config
 
 gpt2_config, _ = model_config(config)
 model = flax_gpt2.GPT2LMHeadModel(gpt2_config)
