@@ -23,7 +23,7 @@ def test_all_run_configs_exist():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_is_consistent(name):
-    from flax_gpt2.train.train_loop import model_config
+    from flax_gpt2.train.model_config import model_config
 
     config, workdir = parse_args(["train", "--config", f"configs/{name}.py", "--workdir", "/tmp/x"])
     assert workdir == "/tmp/x"
