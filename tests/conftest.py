@@ -32,6 +32,35 @@ class _QuietOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
+def left_padded(prompts, pad: int):
+    """`(ids, mask)` `[B, T]` int64: token-id prompts of different lengths, left-padded with `pad`."""
+    import numpy as np
+
+    t = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), t), pad, np.int64)
+    mask = np.zeros((len(prompts), t), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    return ids, mask
+
+
+def write_run_checkpoint(run_dir, step: int, config, params) -> None:
+    """A training run's checkpoint `step` as the trainer writes it (orbax items + `RunMeta`), without training:
+    for tests of the readers (`from_pretrained`, `convert`) on run folders."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from flax_gpt2.checkpoints import run_folders
+
+    manager = ocp.CheckpointManager(run_folders.checkpoint_dir(run_dir), item_handlers=run_folders.item_handlers())
+    meta = run_folders.RunMeta(step=step, data={}, model_config=config.to_hf_config(), train_config={},
+                               checksums={"params": run_folders.fingerprint(params)})
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave({"count": jnp.zeros(())}),
+        meta=ocp.args.JsonSave(meta.to_json())))
+    manager.wait_until_finished()
+
+
 def run_device_worker(test_file: str, out: Path, devices: int, timeout: float) -> dict:
     """Runs `python TEST_FILE worker OUT` on `devices` fake CPU devices (XLA's host-platform device count must
     be set before JAX starts, hence a subprocess) and returns the JSON the worker wrote to `out`."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import make_hf_model, left_padded
 from flax_gpt2 import GPT2Config, GPT2DoubleHeadsModel, GPT2LMHeadModel, init_params
 from flax_gpt2.generation import generate, generate_stream, sampling
 from flax_gpt2.generation.model_step import forward, output_projection, prefill
@@ -42,12 +42,7 @@ def tiny():
 
 
 def left_pad(prompts, pad=EOT):
-    t = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), t), pad, np.int64)
-    mask = np.zeros((len(prompts), t), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
-    return ids, mask
+    return left_padded(prompts, pad)
 
 
 def hf_generate(hf, ids, mask, **kwargs):
@@ -309,3 +304,34 @@ def test_generate_needs_a_language_model():
     model = GPT2DoubleHeadsModel(GPT2Config.from_preset("tiny"))
     with pytest.raises(TypeError, match="needs a GPT2LMHeadModel"):
         generate(model, {}, [[1, 2]], max_new_tokens=2)
+
+
+def test_the_length_ladder():
+    """One ladder for prompts, caches, scored rows and the server's prompt buckets (utils/buckets.py)."""
+    from flax_gpt2.utils.buckets import bucket_length, buckets_up_to
+
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 256, 257, 384, 385, 1000)] == \
+        [16, 16, 32, 128, 256, 384, 384, 512, 1024]
+    assert bucket_length(300, cap=320) == 320 and bucket_length(300, cap=350) == 350
+    assert bucket_length(330, cap=320) == 330  # never below the length itself
+    assert buckets_up_to(1024) == [16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert buckets_up_to(100) == [16, 32, 64, 100] and buckets_up_to(16) == [16]
+
+
+def test_generate_options_travel_as_one_object(tiny):
+    """`options=` carries every setting; keywords override its fields; the result equals plain keywords."""
+    from flax_gpt2.generation import GenerateOptions
+
+    model, params = tiny
+    ids, mask = left_pad(PROMPTS)
+    options = GenerateOptions(max_new_tokens=6, do_sample=True, temperature=0.8, seed=3, eos_token_id=EOT)
+    by_keywords = generate(model, params, ids, mask, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5,
+                           seed=3, eos_token_id=EOT)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, options=options, top_k=5), by_keywords)
+    assert not np.array_equal(generate(model, params, ids, mask, options=options), by_keywords)  # top_k matters
+    with pytest.raises(TypeError, match="unknown generation option.*tok_k"):
+        generate(model, params, ids, mask, max_new_tokens=2, tok_k=5)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        generate(model, params, ids, mask)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(model, params, ids, mask, options=options.replace(top_p=float("nan")))

@@ -246,23 +246,14 @@ def test_pipeline_errors(loaded):
 def test_a_relative_training_run_path(tmp_path, monkeypatch):
     """`--model runs/x` (relative) used to fail inside orbax, which needs absolute checkpoint paths."""
     import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
+    from conftest import write_run_checkpoint
 
     from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
-    from flax_gpt2.checkpoints import run_folders as run_checkpoint
     from flax_gpt2.checkpoints.pretrained import resolve
 
     config = GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)
     params = init_params(GPT2LMHeadModel(config), jax.random.PRNGKey(3))
-    manager = ocp.CheckpointManager(run_checkpoint.checkpoint_dir(tmp_path / "runs" / "tiny"),
-                                    item_names=run_checkpoint.ITEMS)
-    manager.save(1, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave({"count": jnp.zeros(())}),
-        meta=ocp.args.JsonSave(run_checkpoint.RunMeta(
-            step=1, data={}, model_config=config.to_hf_config(), train_config={},
-            checksums={"params": run_checkpoint.fingerprint(params)}).to_json())))
-    manager.wait_until_finished()
+    write_run_checkpoint(tmp_path / "runs" / "tiny", 1, config, params)
     monkeypatch.chdir(tmp_path)
     assert resolve("runs/tiny") == str(tmp_path / "runs" / "tiny")
     _, loaded = from_pretrained("runs/tiny", progress=False)

@@ -6,6 +6,7 @@ one compilation per bucket, and argument errors."""
 import jax
 import numpy as np
 import pytest
+from conftest import left_padded
 from scipy import stats as scipy_stats
 
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
@@ -39,12 +40,7 @@ def models():
 
 
 def left_pad(prompts, pad=0):
-    t = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), t), pad, np.int64)
-    mask = np.zeros((len(prompts), t), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
-    return ids, mask
+    return left_padded(prompts, pad)
 
 
 def eos_mid_text(reference, prompt_len):

@@ -591,17 +591,12 @@ def test_convert_double_heads_to_msgpack_is_refused(hf_double, tmp_path, capsys)
 
 @pytest.mark.filterwarnings("ignore:the GPT-2 tokenizer could not be loaded")  # offline, no tiktoken cache
 def test_training_run_folder(tmp_path, bpe_dir):
-    from flax_gpt2.checkpoints import run_folders as run_checkpoint
-    import orbax.checkpoint as ocp
+    from conftest import write_run_checkpoint
 
     config = flax_gpt2.GPT2Config.from_preset("tiny", n_layer=1, vocab_size=50257)
     model = flax_gpt2.GPT2LMHeadModel(config)
     params = flax_gpt2.init_params(model, jax.random.PRNGKey(3))
-    manager = ocp.CheckpointManager(run_checkpoint.checkpoint_dir(tmp_path / "run"), item_names=run_checkpoint.ITEMS)
-    manager.save(5, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave({"count": jnp.zeros(())}),
-        meta=ocp.args.JsonSave({"step": 5, "model_config": config.to_hf_config()})))
-    manager.wait_until_finished()
+    write_run_checkpoint(tmp_path / "run", 5, config, params)
 
     _, loaded = from_pretrained(tmp_path / "run", progress=False)
     _assert_bitwise(_flat(params), _flat(loaded))

@@ -86,7 +86,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
     folder = resolve(name_or_path, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
 
     has_config = os.path.isfile(os.path.join(folder, "config.json"))
-    if has_config and _is_run_folder(folder):
+    if has_config and run_folders.is_run_folder(folder):
         # Older versions let `convert --out RUN` write an export here; loading it would silently ignore the
         # run's newer checkpoints, loading the checkpoints would ignore the export. Neither is guessed.
         raise ValueError(f"{folder} holds both a training run (checkpoints/, train_config.json) and a Hugging Face "
@@ -270,10 +270,6 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def _is_run_folder(folder: str) -> bool:
-    return run_folders.is_run_folder(folder)
-
-
 def _load_training_run(folder: str):
     """`(config, params)` when `folder` is a flax_gpt2 training run, else None."""
     folder = remote.run_url(folder) or folder  # a mirror of a run on remote storage
@@ -309,7 +305,7 @@ def check_output_folder(folder: str, overwrite: bool) -> None:
     empty, or `overwrite`, and never a training run's workdir."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"{folder} exists and is not a folder")
-    if os.path.isdir(folder) and _is_run_folder(folder):
+    if os.path.isdir(folder) and run_folders.is_run_folder(folder):
         raise FileExistsError(f"{folder} is a flax_gpt2 training run: an export written into it would be what "
                               "from_pretrained, sample, evaluate and serve load instead of the run's newest checkpoint."
                               f" Write it to a folder of its own (e.g. {folder.rstrip(os.sep)}-export)")

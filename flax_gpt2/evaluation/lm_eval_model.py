@@ -309,7 +309,8 @@ class FlaxGPT2LM(TemplateLM):
         done = np.zeros(n, bool)
         options = settings.replace(max_new_tokens=max_gen_toks, eos_token_id=eot, pad_token_id=eot,
                                    seed=(self.seed + self._generations) % 2**32, vocab_limit=self.tokenizer.vocab_size)
-        for tokens in generate_stream(self.model, self.params, ids, mask, options, tokens_per_chunk=tokens_per_chunk):
+        for tokens in generate_stream(self.model, self.params, ids, mask, options=options,
+                                      tokens_per_chunk=tokens_per_chunk):
             for i in np.flatnonzero(~done):
                 new[i].extend(int(t) for t in tokens[i])
                 if eot in new[i]:

@@ -133,8 +133,8 @@ def _setup(model, params, input_ids, attention_mask, options: GenerateOptions | 
     return options, args, extra, params, options.strategy(), output_head(model, params, vocab)
 
 
-def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
-             options: GenerateOptions | None = None, *, draft: tuple[GPT2LMHeadModel, Any] | None = None,
+def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *,
+             options: GenerateOptions | None = None, draft: tuple[GPT2LMHeadModel, Any] | None = None,
              num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None, **kwargs: Any) -> np.ndarray:
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
@@ -204,8 +204,8 @@ def _speculative(model, params, input_ids, attention_mask, options: GenerateOpti
         vocab_limit=options.vocab_limit)
 
 
-def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None,
-                    options: GenerateOptions | None = None, *, tokens_per_chunk: int = 1,
+def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *,
+                    options: GenerateOptions | None = None, tokens_per_chunk: int = 1,
                     **kwargs: Any) -> Iterator[np.ndarray]:
     """Like `generate` (greedy or sampling), but yields the new tokens as they are produced.
 

@@ -1,7 +1,7 @@
 """`GenerateOptions`: every setting of `generate` in one frozen object, checked in one place.
 
 `generate(model, params, ids, max_new_tokens=20, do_sample=True)` builds one from its keywords;
-`generate(model, params, ids, options)` takes one whole (and keywords then override its fields), so the
+`generate(model, params, ids, options=opts)` takes one whole (and keywords then override its fields), so the
 pipeline, `generate_text`, lm-eval and the benchmarks pass settings along without restating them.
 """
 

@@ -18,10 +18,10 @@ from flax_gpt2.checkpoints.loading import check_vocab, tokenizer_source
 from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
 from flax_gpt2.generation.generate import generate
 from flax_gpt2.generation.options import GenerateOptions
+from flax_gpt2.generation.text import TEXT_DEFAULTS
 from flax_gpt2.tokenizer.bpe_tokenizer import ENDOFTEXT, USER_TEXT_SPECIAL, Tokenizer, get_tokenizer
 
 _DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
-_PIPELINE_DEFAULTS = GenerateOptions(do_sample=True, top_k=50)  # transformers' text-generation defaults
 _seeds = np.random.default_rng(0)
 
 
@@ -85,10 +85,10 @@ class TextGenerationPipeline:
         if seed is None:
             seed = int(_seeds.integers(2**31 - 1))
         # One batch; each row's output equals generating it alone, so a shorter max_length just cuts it.
-        options = GenerateOptions.of(_PIPELINE_DEFAULTS, generate_kwargs).replace(
+        options = GenerateOptions.of(TEXT_DEFAULTS, generate_kwargs).replace(
             max_new_tokens=max(per_prompt), eos_token_id=eot, pad_token_id=eot, seed=seed,
             vocab_limit=self.tokenizer.vocab_size)
-        out = np.asarray(generate(self.model, self.params, ids, mask, options))
+        out = np.asarray(generate(self.model, self.params, ids, mask, options=options))
         num_return_sequences = options.num_return_sequences
         results = []
         for i, prompt in enumerate(prompts):
