@@ -23,6 +23,6 @@ __all__ = [
     "PRESETS", "GPT2Config", "KVCache", "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "GPT2ModelOutput",
     "GPT2LMOutput", "GPT2DoubleHeadsOutput", "init_params", "from_pretrained", "save_pretrained",
     "hf_state_dict_from_params", "params_from_hf_state_dict", "ENDOFTEXT", "Tokenizer", "get_tokenizer",
-    "GenerateOptions", "generate", "generate_stream", "pipeline", "set_seed", "LoRAConfig", "init_lora", "apply_lora", "merge_adapter",
-    "save_peft_adapter", "load_peft_adapter",
+    "GenerateOptions", "generate", "generate_stream", "pipeline", "set_seed", "LoRAConfig", "init_lora",
+    "apply_lora", "merge_adapter", "save_peft_adapter", "load_peft_adapter",
 ]

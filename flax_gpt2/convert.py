@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Sequence
 
-from flax_gpt2.checkpoints import run_folders as run_checkpoint
+from flax_gpt2.checkpoints import run_folders
 from flax_gpt2.checkpoints.conversion import FORMATS, convert
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
@@ -33,7 +33,8 @@ PROG = "python -m flax_gpt2.convert"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see
+    `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 
@@ -55,7 +56,7 @@ def _main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file; pass a folder (new, empty, or with --overwrite)")
-    if os.path.isdir(args.out) and run_checkpoint.is_run_folder(args.out):
+    if os.path.isdir(args.out) and run_folders.is_run_folder(args.out):
         raise cli.UsageError(f"--out {args.out} is a flax_gpt2 training run: sample, evaluate and serve would load the "
                              f"export instead of the run's newest checkpoint; write it to a folder of its own (e.g. "
                              f"--out {args.out.rstrip(os.sep)}-export)")

@@ -23,7 +23,7 @@ import sys
 
 from flax_gpt2.checkpoints.loading import check_vocab, model_tokenizer
 from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve
-from flax_gpt2.evaluation import lm_eval_tasks as lm_eval_cli, perplexity as eval_metrics
+from flax_gpt2.evaluation import lm_eval_tasks, perplexity as eval_metrics
 from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
 from flax_gpt2.utils import cli, dtypes
 
@@ -178,9 +178,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per scored window (default: the model's n_positions)")
     p.add_argument("--batch_size", type=_positive_int, default=4)
     p.add_argument("--dtype", default="float32", choices=sorted(dtypes.DTYPES), help="compute dtype")
-    p.add_argument("--param_dtype", default="float32", choices=sorted(dtypes.DTYPES), help="dtype the weights are kept in")
+    p.add_argument("--param_dtype", default="float32", choices=sorted(dtypes.DTYPES),
+                   help="dtype the weights are kept in")
     p.add_argument("--no_progress", action="store_true")
-    lm_eval_cli.add_task_arguments(p)
+    lm_eval_tasks.add_task_arguments(p)
     args = p.parse_args(argv)
     if args.tasks is not None:
         if args.text_file or args.dataset or args.lambada:
@@ -197,14 +198,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see
+    `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 
 def _main(argv) -> None:
     args = parse_args(argv)
     if args.tasks is not None:
-        lm_eval_cli.run_tasks(args)
+        lm_eval_tasks.run_tasks(args)
         return
     text = read_text_file(args.text_file) if args.text_file else None
     if args.dataset:

@@ -74,7 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see `flax_gpt2.utils.cli`)."""
+    """The command line (arguments as in `--help`, plus `--debug`); returns the exit code (see
+    `flax_gpt2.utils.cli`)."""
     return cli.run(_main, argv, prog=PROG)
 
 

@@ -3,7 +3,7 @@
 Layout (shared with `flax_gpt2.checkpoints.run_folders`, which reads params back for `from_pretrained`):
 `WORKDIR/checkpoints/<step>/{params, opt_state, meta}`. `meta` is JSON: the step, the data iterator's
 `(epoch, position)`, the model's Hugging Face config, the flattened training config, a checksum of
-every array (`run_checkpoint.fingerprint`), and a sha256 of the meta itself: `run_checkpoint.RunMeta`, the schema
+every array (`run_folders.fingerprint`), and a sha256 of the meta itself: `run_folders.RunMeta`, the schema
 the library reads too.
 
 What a restore does with each checkpoint, newest first, and why:
@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_gpt2.checkpoints import run_folders as run_checkpoint
+from flax_gpt2.checkpoints import run_folders
 from flax_gpt2.checkpoints.run_folders import checkpoint_dir
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.utils import file_io
@@ -105,7 +105,7 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy,
             cleanup_tmp_directories=True)  # temporary folders of saves that a kill cut short
         self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                             item_handlers=run_checkpoint.item_handlers())
+                                             item_handlers=run_folders.item_handlers())
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -125,10 +125,10 @@ class Checkpointer:
         self._mark_if_checkpointed()
         if not force and not self.manager.should_save(step):
             return False
-        meta = run_checkpoint.RunMeta(
+        meta = run_folders.RunMeta(
             step=step, data=dataclasses.asdict(data_state), model_config=model_config,
-            train_config=self.train_config, checksums={"params": run_checkpoint.fingerprint(state.params),
-                                                       "opt_state": run_checkpoint.fingerprint(state.opt_state)})
+            train_config=self.train_config, checksums={"params": run_folders.fingerprint(state.params),
+                                                       "opt_state": run_folders.fingerprint(state.opt_state)})
         return self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
             meta=ocp.args.JsonSave(meta.to_json())), force=True)
@@ -145,11 +145,11 @@ class Checkpointer:
         """
         def restore(step: int) -> tuple[TrainState, DataState]:
             where = f"checkpoint {checkpoint_dir(self.workdir)}/{step}"
-            meta = run_checkpoint.read_meta(self.manager, step, where)
+            meta = run_folders.read_meta(self.manager, step, where)
             run_guard.check_resume_config(meta.train_config, self.train_config, allow_change=allow_config_change,
                                           workdir=self.workdir, step=meta.step)
             # A run may switch between per-layer and scanned blocks: read the saved layout, convert after.
-            saved_scan = run_checkpoint.saved_params_are_stacked(self.manager, step)
+            saved_scan = run_folders.saved_params_are_stacked(self.manager, step)
             current_scan = layer_stacking.is_stacked(abstract_state.params)
             target = abstract_state
             if saved_scan != current_scan:
@@ -161,9 +161,9 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state)))
             checksums = meta.checksums
-            run_checkpoint.verify(restored["params"], checksums.get("params"), where)
-            run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)
-            run_checkpoint.check_update_count(restored["opt_state"], step, where)
+            run_folders.verify(restored["params"], checksums.get("params"), where)
+            run_folders.verify(restored["opt_state"], checksums.get("opt_state"), where)
+            run_folders.check_update_count(restored["opt_state"], step, where)
             if saved_scan != current_scan:
                 logging.info("converting checkpoint %d to scan_layers=%s", step, current_scan)
                 restored = {k: jax.device_put(layer_stacking.convert_tree(restored[k], current_scan),
@@ -174,7 +174,7 @@ class Checkpointer:
             return state, DataState(**meta.data)
 
         # An intact checkpoint that does not fit the config stops the resume; anything else is corruption.
-        restored, errors = run_checkpoint.restore_newest_intact(
+        restored, errors = run_folders.restore_newest_intact(
             sorted(self.manager.all_steps(), reverse=True), restore, where=checkpoint_dir(self.workdir),
             on_corrupt=self._set_aside, fatal=(run_guard.ConfigChangedError, IncompatibleCheckpointError))
         if restored is not None:

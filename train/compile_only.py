@@ -53,6 +53,7 @@ from flax_gpt2.utils import file_io
 
 from . import (compile_report, config_checks, mesh as mesh_lib, metrics as metrics_lib,
                model_config as model_config_lib, step as step_lib, topologies)
+from .compile_report import GiB
 
 MFU = 0.5  # the utilization the step-time prediction assumes
 
@@ -377,8 +378,8 @@ def _suggestions(config, report: dict, plan: _Plan, target) -> list[str]:
         more = [n for n in (2, 4, 8, 16, 32) if n > fsdp and report["devices"] % n == 0
                 and plan.gpt2_config.n_embd % n == 0]
         if more:
-            out.append(f"--config.mesh.fsdp={more[0]} (params and AdamW moments, {state / compile_report.GiB:.1f} GiB per chip "
+            out.append(f"--config.mesh.fsdp={more[0]} (params and AdamW moments, {state / GiB:.1f} GiB per chip "
                        f"now, sharded {more[0]} ways)")
         else:
-            out.append(f"a bigger slice than {target.name}: the train state alone is {state / compile_report.GiB:.1f} GiB per chip")
+            out.append(f"a bigger slice than {target.name}: the train state alone is {state / GiB:.1f} GiB per chip")
     return out

@@ -20,7 +20,7 @@ CHUNK_CHARS = 1 << 20  # a large text file is cut into pieces of about this size
 
 
 # A safe place to cut a text: one whitespace character between two non-space ones. GPT-2's pre-tokenizer
-# (flax_gpt2.tokenizer.bpe_tokenizer.GPT2_PATTERN) never joins across it: the token that holds the character before it ends
+# (`bpe_tokenizer.GPT2_PATTERN`) never joins across it: the token that holds the character before it ends
 # there (only whitespace tokens hold whitespace, and they start with it), and the regex reads no further
 # left than where it starts. So the encodings of the two sides concatenate to the encoding of the whole.
 # Runs of whitespace are never cut: `\s+(?!\S)` and `\s++$` can merge across them. The cut character is

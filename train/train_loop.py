@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flax_gpt2.checkpoints import run_folders as run_checkpoint
+from flax_gpt2.checkpoints import run_folders
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
@@ -195,7 +195,7 @@ def _undo_failed_start(workdir: str, before: set[str] | None):
 
 def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[str, Any]:
     mesh, rules, micro, eval_batch = layout
-    resumed = run_checkpoint.saved_model_config(workdir) if config.init_from else None
+    resumed = run_folders.saved_model_config(workdir) if config.init_from else None
     gpt2_config, pretrained = model_config_lib.model_config(config, resumed, progress=_shows_progress(config))
     seq_len = config.data.seq_len
     _check_seq_len(seq_len, gpt2_config)

@@ -251,7 +251,7 @@ def params_from_hf_state_dict(state_dict: Mapping[str, Any], config: GPT2Config,
     with a warning naming its keys: that head must be trained before use. The tied `lm_head.weight`
     some checkpoints carry is ignored when `tie_word_embeddings=True`. Anything else missing,
     unexpected, misshapen or not floating point is a ValueError that names it (and the file it came
-    from, when `state_dict` is a `checkpoint_files.StateDict`).
+    from, when `state_dict` is a `formats.StateDict`).
 
     Tensors are read (`np.asarray`) only after every key, shape and dtype has been checked, and only
     the ones the model uses: the unused tensors of a lazily read checkpoint are never read.

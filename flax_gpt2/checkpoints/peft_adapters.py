@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from flax_gpt2.checkpoints import formats as checkpoint_files
+from flax_gpt2.checkpoints import formats
 from flax_gpt2.checkpoints.formats.common import join_names
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
@@ -124,7 +124,7 @@ def save_peft_adapter(folder: str | os.PathLike, adapters: Mapping[str, Any], lo
     }
     folder = os.fspath(folder)
     with file_io.staged_folder(folder) as staging:
-        checkpoint_files.write_safetensors(staging, tensors, filename=ADAPTER_WEIGHTS, metadata=metadata,
+        formats.write_safetensors(staging, tensors, filename=ADAPTER_WEIGHTS, metadata=metadata,
                                            progress=False)
         with open(os.path.join(staging, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -281,10 +281,10 @@ def _read_tensors(folder: str, config: GPT2Config) -> tuple[dict[str, np.ndarray
     limit = 2 * len(MODULES) * config.n_layer + 16  # every module of every layer, A and B, and a little slack
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     if os.path.isfile(path):
-        return checkpoint_files.read_safetensors(path, progress=False, max_tensors=limit)
+        return formats.read_safetensors(path, progress=False, max_tensors=limit)
     path = os.path.join(folder, ADAPTER_WEIGHTS_BIN)
     if os.path.isfile(path):
-        return dict(checkpoint_files.read_weights(path, progress=False, max_tensors=limit)), {}
+        return dict(formats.read_weights(path, progress=False, max_tensors=limit)), {}
     raise FileNotFoundError(f"{folder} has {ADAPTER_CONFIG} but no adapter weights ({ADAPTER_WEIGHTS} or "
                             f"{ADAPTER_WEIGHTS_BIN})")
 

@@ -318,7 +318,7 @@ def check_output_folder(folder: str, overwrite: bool) -> None:
 def _remove_stale_weights(folder: str, keep: list[str], format: str = "safetensors") -> None:
     """Removes weights a save did not write that could be loaded instead of (or mixed with) the new ones
     (run once the new ones are in place): an old safetensors index or shards, and, after a msgpack save,
-    every other format too, since `checkpoint_files.find_weights` prefers them all to msgpack."""
+    every other format too, since `formats.find_weights` prefers them all to msgpack."""
     stale_names = {files.SAFETENSORS, files.SAFETENSORS_INDEX}
     stale_shards = [_SHARD[files.SAFETENSORS_INDEX]]
     if format == "msgpack":

@@ -23,7 +23,7 @@ import os
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
-from flax_gpt2.checkpoints import run_folders as run_checkpoint
+from flax_gpt2.checkpoints import run_folders
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.utils import file_io
 from flax_gpt2.utils.cache_root import cache_root
@@ -75,8 +75,8 @@ def local_folder(url: str, *, progress: bool = True) -> str:
         raise FileNotFoundError(f"no such folder: {url} (or it cannot be reached with the current credentials)")
     target = os.path.join(mirror_root(), hashlib.sha256(url.encode()).hexdigest()[:20])
     os.makedirs(target, exist_ok=True)
-    if ask(lambda: run_checkpoint.is_training_run(url), "listing"):
-        steps = ask(lambda: sorted(int(p.name) for p in file_io.epath(run_checkpoint.checkpoint_dir(url)).iterdir()
+    if ask(lambda: run_folders.is_training_run(url), "listing"):
+        steps = ask(lambda: sorted(int(p.name) for p in file_io.epath(run_folders.checkpoint_dir(url)).iterdir()
                                    if p.name.isdigit()), "listing")
         for name in _SMALL_RUN_FILES:
             _copy_if_changed(remote / name, os.path.join(target, name), limit)

@@ -44,7 +44,8 @@ from flax_gpt2.utils.buckets import bucket_length
 from flax_gpt2.utils.dtypes import DTYPES
 
 try:
-    import lm_eval.models  # noqa: F401  (lm-eval's own model table first; see lm_eval_cli.register_lm_eval_model)
+    # lm-eval's own model table first; see lm_eval_registration.register_lm_eval_model
+    import lm_eval.models  # noqa: F401
     from lm_eval import utils as lm_eval_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -52,7 +53,8 @@ try:
 except ModuleNotFoundError as e:
     if (e.name or "").split(".")[0] != "lm_eval":
         raise
-    raise ModuleNotFoundError(f"flax_gpt2.evaluation.lm_eval_model needs lm-evaluation-harness, the optional [eval] extra: "
+    raise ModuleNotFoundError(f"flax_gpt2.evaluation.lm_eval_model needs lm-evaluation-harness, the optional "
+                              f"[eval] extra: "
                               f"{INSTALL_HINT}", name="lm_eval") from e
 
 logger = logging.getLogger(__name__)

@@ -84,7 +84,8 @@ def write_local_task(folder: str | os.PathLike, task: str, data_file: str | os.P
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(os.fspath(folder), f"{name or task}.yaml")
     with open(path, "w", encoding="utf-8") as f:
-        f.write(f"# lm-eval's {task} reading {os.path.basename(data_file)} (flax_gpt2.evaluation.lm_eval_tasks.write_local_task)\n")
+        f.write(f"# lm-eval's {task} reading {os.path.basename(data_file)} "
+                f"(flax_gpt2.evaluation.lm_eval_tasks.write_local_task)\n")
         yaml.safe_dump(override, f, sort_keys=False)
     return path
 

@@ -7,5 +7,5 @@ from flax_gpt2.generation.logits_processors import (GenerationConfig, apply_temp
 from flax_gpt2.generation.options import GenerateOptions
 from flax_gpt2.generation.text import generate_text
 
-__all__ = ["GenerateOptions", "GenerationConfig", "apply_temperature", "draw_tokens", "generate", "generate_stream", "generate_text",
-           "limit_vocab", "no_repeat_ngram", "repetition_penalty", "top_k_filter", "top_p_filter"]
+__all__ = ["GenerateOptions", "GenerationConfig", "apply_temperature", "draw_tokens", "generate", "generate_stream",
+           "generate_text", "limit_vocab", "no_repeat_ngram", "repetition_penalty", "top_k_filter", "top_p_filter"]

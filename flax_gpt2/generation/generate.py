@@ -170,7 +170,8 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
                                                        options.num_return_sequences)
     if num_beams > 1:
         tokens = beam_search.beam_search_tokens(
-            model, params, head, args["input_ids"], args["attention_mask"], strategy, jnp.float32(options.length_penalty),
+            model, params, head, args["input_ids"], args["attention_mask"], strategy,
+            jnp.float32(options.length_penalty),
             args["eos_token_id"], args["pad_token_id"], args["seed"], jnp.int32(max_new_tokens),
             cache_len=args["cache_len"], num_beams=num_beams, num_return_sequences=num_return_sequences)
     else:

@@ -207,7 +207,8 @@ def _choose(slots: Slots, rows: RowSettings, work: StepWork):
     raw = slots.logits
     history = slots.mask.astype(bool) & (cols < slots.pos[:, None])
     logits = jax.lax.cond(
-        work.repetition_penalty, lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
+        work.repetition_penalty,
+        lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
         lambda x: x, raw)
 
     def counts_penalty(x):

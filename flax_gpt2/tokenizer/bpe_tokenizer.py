@@ -43,7 +43,7 @@ from typing import Literal
 import numpy as np
 import tiktoken
 
-from flax_gpt2.tokenizer import bpe_files, sources as tokenizer_sources
+from flax_gpt2.tokenizer import bpe_files, sources
 from flax_gpt2.tokenizer.bpe_files import (ENDOFTEXT, GPT2_MERGES_SHA256, GPT2_VOCAB_SHA256, GPT2_VOCAB_SIZE,
                                            tokenizer_files)
 
@@ -349,7 +349,7 @@ def _warn_if_custom(tokenizer: Tokenizer) -> None:
 
 
 def get_tokenizer(name_or_path: str | os.PathLike | None = None, *,
-                  pass_folder_as: str = tokenizer_sources.PASS_FOLDER_AS) -> Tokenizer:
+                  pass_folder_as: str = sources.PASS_FOLDER_AS) -> Tokenizer:
     """The GPT-2 tokenizer of a model folder, a hub model, or (`None`) the standard GPT-2 encoding.
 
     Args:
@@ -372,7 +372,7 @@ def get_tokenizer(name_or_path: str | os.PathLike | None = None, *,
             folder holds both pairs of names with different contents.
         OSError: a hub name could not be loaded (e.g. no network); the message says how to work offline.
     """
-    source = tokenizer_sources.locate(name_or_path, pass_folder_as=pass_folder_as)
+    source = sources.locate(name_or_path, pass_folder_as=pass_folder_as)
     name = "gpt2" if name_or_path is None else os.fspath(name_or_path)
     if isinstance(source, tiktoken.Encoding):  # tiktoken's own `gpt2`, whose files it checked itself
         return Tokenizer(source, name_or_path=name, is_standard_gpt2=True)
