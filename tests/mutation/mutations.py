@@ -119,7 +119,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the checksum converts float values to integers instead of reading their bits: a flipped mantissa bit passes"),
     Mutation(
         "optimizer_state_not_verified", "train/checkpointing.py",
-        (('run_checkpoint.verify(restored["opt_state"], checksums.get("opt_state"), where)', "pass"),),
+        (('run_folders.verify(restored["opt_state"], checksums.get("opt_state"), where)', "pass"),),
         ("tests/test_train_safety.py::test_a_flipped_bit_in_the_optimizer_state_is_caught",),
         "a flipped bit in an AdamW moment is resumed from: every later update silently changes"),
     Mutation(
@@ -130,7 +130,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a corrupt checkpoint is deleted instead of set aside: what a user might still recover is gone"),
     Mutation(
         "resume_assumes_the_saved_layout_is_the_current_one", "train/checkpointing.py",
-        (("saved_scan = run_checkpoint.saved_params_are_stacked(self.manager, step)",
+        (("saved_scan = run_folders.saved_params_are_stacked(self.manager, step)",
           "saved_scan = layer_stacking.is_stacked(abstract_state.params)"),),
         ("tests/test_layer_stacking.py::test_a_per_layer_checkpoint_restores_in_either_layout_placed_by_its_shardings",),
         "a run that switches scan_layers on resume reads its checkpoint in the wrong layout (the saved layout is "
