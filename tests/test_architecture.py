@@ -129,3 +129,18 @@ def test_files_are_small_or_say_why_not():
         if text.count("\n") > MAX_LINES and LONG_FILE_NOTE not in (ast.get_docstring(ast.parse(text)) or ""):
             bad.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines and no '{LONG_FILE_NOTE}' in its docstring")
     assert not bad, "\n".join(bad)
+
+
+def test_importing_the_library_configures_no_logging():
+    """Was (after orbax moved to a top-level import): `import flax_gpt2` left a stderr handler on the root
+    logger (orbax logs at import), so a user's `logging.basicConfig` did nothing and the train and serve
+    commands lost their INFO lines."""
+    modules = ["flax_gpt2", "flax_gpt2.sample", "flax_gpt2.evaluate", "flax_gpt2.convert", "flax_gpt2.serve.__main__",
+               "flax_gpt2.train.__main__", "flax_gpt2.checkpoints.run_folders"]
+    code = ("import logging, importlib, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    importlib.import_module(m)\n"
+            "    assert not logging.getLogger().handlers, (m, logging.getLogger().handlers)\n")
+    result = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

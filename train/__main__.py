@@ -7,15 +7,15 @@ import sys
 from flax_gpt2.utils import cli
 
 from .config_cli import parse_args
-from .train_loop import train_and_evaluate
 
 
 def _main(argv: list[str]) -> int:
-    # force: importing jax/orbax (above) installed absl's handler on the root logger, which would make a plain
-    # basicConfig a no-op and leave the run's INFO lines unprinted.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save step at INFO
     config, workdir = parse_args(["train", *argv])  # (logs which shipped config a bare name loaded)
+    # Imported after logging is configured: orbax logs at import, which would install Python's default
+    # WARNING-level handler first and make the basicConfig above a no-op (the run's INFO lines unprinted).
+    from .train_loop import train_and_evaluate
 
     result = train_and_evaluate(config, workdir)
     return cli.EXIT_INTERRUPTED if result.get("stopped") == "interrupted" else 0

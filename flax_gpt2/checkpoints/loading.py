@@ -47,7 +47,7 @@ def _fingerprint(folder: str) -> str:
 
 # Written last into a cache entry: the size of each of its files. An entry without it, or whose files
 # differ, was left incomplete (by an older version, or a crash before the data reached the disk).
-_CACHE_MANIFEST = "flax_gpt2_cache.json"
+CACHE_MANIFEST = "flax_gpt2_cache.json"
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
@@ -79,7 +79,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | 
 
 def _load_through_cache(folder: str, root: str, kwargs: dict, tokenizer, log: Callable[[str], None]):
     cached = os.path.join(root, "models", _fingerprint(folder))
-    if _cache_is_complete(cached):
+    if cache_is_complete(cached):
         log(f"Loading {cached} (converted from {folder})")
         try:
             return from_pretrained(cached, **kwargs)
@@ -108,22 +108,22 @@ def _convert_into_cache(folder: str, cached: str, tokenizer, *, progress: bool) 
         save_pretrained(staging, model, params, tokenizer=tokenizer, overwrite=True, progress=progress)
         sizes = {name: os.path.getsize(os.path.join(staging, name)) for name in sorted(os.listdir(staging))
                  if os.path.isfile(os.path.join(staging, name))}
-        file_io.atomic_write(os.path.join(staging, _CACHE_MANIFEST), json.dumps({"source": folder, "files": sizes}))
+        file_io.atomic_write(os.path.join(staging, CACHE_MANIFEST), json.dumps({"source": folder, "files": sizes}))
         if os.path.lexists(cached):  # incomplete or unreadable: why it is being converted again
             _discard(cached)
         try:
             os.replace(staging, cached)  # atomic: a half-written copy is never picked up
         except OSError:
-            if not _cache_is_complete(cached):  # else another process published its copy meanwhile
+            if not cache_is_complete(cached):  # else another process published its copy meanwhile
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _cache_is_complete(cached: str) -> bool:
+def cache_is_complete(cached: str) -> bool:
     """Whether the cache entry holds its manifest and every file at the size the manifest records."""
     try:
-        with open(os.path.join(cached, _CACHE_MANIFEST), encoding="utf-8") as f:
+        with open(os.path.join(cached, CACHE_MANIFEST), encoding="utf-8") as f:
             sizes = json.load(f)["files"]
         return formats.SAFETENSORS in sizes and all(
             os.path.getsize(os.path.join(cached, name)) == size for name, size in sizes.items())

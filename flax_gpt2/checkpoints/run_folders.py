@@ -20,7 +20,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax import lax
 
 from flax_gpt2.modeling import layer_stacking
@@ -39,17 +38,25 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> str:
     return file_io.join(file_io.resolve_path(run_dir), CHECKPOINT_DIR)
 
 
+def orbax():
+    """`orbax.checkpoint`, imported on first use: importing it logs through the root logger, which makes
+    Python install a stderr handler there, and a library must not configure its users' logging at import."""
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
 def item_handlers() -> dict[str, Any]:
     """orbax's handler for each item of a checkpoint (`ITEMS`), named up front so that `item_metadata` can
     describe a checkpoint (its arrays' shapes, its layout) before anything is restored."""
-    return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler()}
+    return {"params": orbax().StandardCheckpointHandler(), "opt_state": orbax().StandardCheckpointHandler(),
+            "meta": orbax().JsonCheckpointHandler()}
 
 
 def _reader(run_dir):
     """A CheckpointManager that only reads (orbax's `read_only` option would warn on every load)."""
-    options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=item_handlers())
+    options = orbax().CheckpointManagerOptions(create=False, save_root_metadata=False)
+    return orbax().CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=item_handlers())
 
 
 def is_training_run(path: str | os.PathLike) -> bool:
@@ -139,8 +146,8 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
         config = GPT2Config.from_hf_config(meta.model_config)
         # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
         scanned = saved_params_are_stacked(manager, s)
-        params = manager.restore(s, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
+        params = manager.restore(s, args=orbax().args.Composite(
+            params=orbax().args.StandardRestore(abstract_params(config.replace(scan_layers=scanned)))))["params"]
         verify(params, meta.checksums.get("params"), where)
         return config, layer_stacking.unstack_layers(params)
 
@@ -289,7 +296,7 @@ class RunMeta:
 
 def read_meta(manager, step: int, where: str) -> RunMeta:
     """Checkpoint `step`'s meta, checked (`RunMeta.from_json`)."""
-    raw = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    raw = manager.restore(step, args=orbax().args.Composite(meta=orbax().args.JsonRestore()))["meta"]
     return RunMeta.from_json(raw, step, where)
 
 

@@ -11,7 +11,7 @@ import safetensors.numpy
 import torch
 
 from flax_gpt2 import convert, from_pretrained, save_pretrained
-from flax_gpt2 import sample as sample_cli
+from flax_gpt2.checkpoints import loading
 
 
 def _failing_after(real_save):
@@ -149,30 +149,30 @@ def _cached_entry(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "no-manifest", "garbage-same-size"])
 def test_a_damaged_cache_entry_is_converted_again(bin_folder, tmp_path, tiny, damage):
     logs = []
-    sample_cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    loading.load_model(str(bin_folder), progress=False, log=logs.append)
     entry = _cached_entry(tmp_path)
     weights = entry / "model.safetensors"
     if damage == "truncated":  # a crash before the data reached the disk
         with open(weights, "r+b") as f:
             f.truncate(100)
     elif damage == "no-manifest":  # an entry written by an older version, or cut short
-        (entry / sample_cli._CACHE_MANIFEST).unlink()
+        (entry / loading.CACHE_MANIFEST).unlink()
         with open(weights, "r+b") as f:
             f.truncate(100)
     else:  # the right size, unreadable content: caught when loading
         weights.write_bytes(b"\xff" * weights.stat().st_size)
     logs.clear()
-    model, params, _ = sample_cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    model, params, _ = loading.load_model(str(bin_folder), progress=False, log=logs.append)
     assert any("converting" in line and "again" in line for line in logs), logs
     np.testing.assert_array_equal(params["transformer"]["wte"]["embedding"],
                                   tiny[1]["transformer"]["wte"]["embedding"])
-    assert _cached_entry(tmp_path) == entry and sample_cli._cache_is_complete(str(entry))
+    assert _cached_entry(tmp_path) == entry and loading.cache_is_complete(str(entry))
     assert sorted(n for n in os.listdir(entry.parent) if n.startswith(".")) == []  # no staging left
 
 
 def test_an_unwritable_cache_still_loads_the_model(bin_folder, tmp_path, tiny, full_disk):
     logs = []
-    _, params, _ = sample_cli.load_model(str(bin_folder), progress=False, log=logs.append)
+    _, params, _ = loading.load_model(str(bin_folder), progress=False, log=logs.append)
     assert any(line.startswith("Could not cache") and "No space left" in line for line in logs), logs
     np.testing.assert_array_equal(params["transformer"]["wte"]["embedding"],
                                   tiny[1]["transformer"]["wte"]["embedding"])
