@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from flax_gpt2 import GPT2Config, GPT2LMHeadModel, KVCache, init_params
+from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
 from flax_gpt2.generation import (GenerationConfig, apply_temperature, generate, no_repeat_ngram, repetition_penalty,
                                   top_k_filter, top_p_filter)
-from flax_gpt2.generation.logits_processors import argmax, nucleus_of_sorted
+from flax_gpt2.generation.logits_processors import ChoiceSettings, ChoiceStages, argmax, choose_tokens
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,14 +80,6 @@ def test_top_p_min_tokens_to_keep_matches_transformers():
     logits = fake_logits(scale=10.0)  # peaked: p=0.1 keeps a single token unless told otherwise
     np.testing.assert_array_equal(top_p_filter(jnp.asarray(logits), 0.1, min_tokens_to_keep=2),
                                   hf_apply(hf.TopPLogitsWarper(0.1, min_tokens_to_keep=2), logits))
-
-
-def test_top_p_on_sorted_candidates_equals_the_full_filter():
-    logits = fake_logits(vocab=3000, seed=2)
-    sorted_logits = -np.sort(-logits, axis=-1)
-    keep = np.asarray(nucleus_of_sorted(jnp.asarray(sorted_logits), 0.8))
-    full = np.isfinite(np.asarray(top_p_filter(jnp.asarray(logits), 0.8)))
-    np.testing.assert_array_equal(keep.sum(-1), full.sum(-1))
 
 
 def test_temperature_matches_transformers():
@@ -270,3 +262,26 @@ def test_generate_with_every_warper_draws_what_transformers_keeps(tiny):
         kept = np.isfinite(hf_apply(chain, logits[:, t - 1], out[:, :t]))
         assert kept.sum(1).max() <= 10
         assert kept[np.arange(2), out[:, t]].all(), t
+
+
+def test_per_row_settings_choose_what_each_row_alone_chooses():
+    """The server's slots run `choose_tokens` with one setting per row ([B] arrays, per-row top-k by
+    bisection, stages decided at run time) and one key per row; each row's token equals `generate`'s
+    choice (`GenerationConfig.choose`, static top-k) for that row alone with the same key."""
+    logits = fake_logits(batch=5, vocab=300, seed=9, scale=2.0)
+    rows = [dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_k=20, top_p=1.0),
+            dict(do_sample=True, temperature=1.3, top_k=0, top_p=0.6),
+            dict(do_sample=True, temperature=0.9, top_k=5, top_p=0.8), dict(do_sample=True, temperature=1.0)]
+    settings = ChoiceSettings(
+        greedy=jnp.asarray([not r["do_sample"] for r in rows]),
+        temperature=jnp.asarray([r.get("temperature", 1.0) for r in rows], jnp.float32),
+        top_k=jnp.asarray([r.get("top_k", 0) for r in rows], jnp.int32),
+        top_p=jnp.asarray([r.get("top_p", 1.0) for r in rows], jnp.float32))
+    stages = ChoiceStages(sample=jnp.bool_(True), top_k=jnp.bool_(True), top_p=jnp.bool_(True))
+    together = jax.jit(lambda keys: choose_tokens(jnp.asarray(logits), keys, None, None, 0, settings, stages))
+    for seed in range(20):
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(rows))
+        got = np.asarray(together(keys))
+        for i, row in enumerate(rows):
+            alone = GenerationConfig.create(**row).choose(jnp.asarray(logits[i:i + 1]), None, None, 0, keys[i])
+            assert got[i] == int(alone[0]), (seed, i, row)

@@ -20,7 +20,7 @@ from conftest import make_hf_model
 from serve_process import server_process
 
 from flax_gpt2 import from_pretrained, generate, get_tokenizer
-from flax_gpt2.serve.slots import kth_largest
+from flax_gpt2.generation.logits_processors import kth_largest
 
 API_KEY = "sk-test-key"
 CONTEXT_LENGTH = 128

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2.generation.logits_processors import (apply_temperature, argmax, draw_tokens, limit_vocab,
-                                                    repetition_penalty, top_p_filter)
+from flax_gpt2.generation.logits_processors import ChoiceSettings, ChoiceStages, choose_tokens, limit_vocab
 from flax_gpt2.generation.model_step import forward, prefill
 from flax_gpt2.modeling.kv_cache import KVCache
 from flax_gpt2.modeling.model import GPT2LMHeadModel
@@ -80,11 +79,7 @@ class RowSettings:
 class StepWork:
     """What any active row needs this step, as scalar bools: work no row needs is skipped (`lax.cond`)."""
 
-    repetition_penalty: Array
-    counts_penalty: Array  # presence or frequency penalties
-    sample: Array
-    top_k: Array
-    top_p: Array
+    choice: ChoiceStages  # penalties, sampling, top-k, top-p
     logprobs: Array
 
     @classmethod
@@ -92,15 +87,18 @@ class StepWork:
         """What the active rows of host (numpy) settings need."""
         act = rows.active
         sampled = act & ~rows.greedy
-        return cls(repetition_penalty=np.any(act & (rows.repetition_penalty != 1)),
-                   counts_penalty=np.any(act & ((rows.presence_penalty != 0) | (rows.frequency_penalty != 0))),
-                   sample=np.any(sampled), top_k=np.any(sampled & (rows.top_k > 0)),
-                   top_p=np.any(sampled & (rows.top_p < 1)), logprobs=np.any(act & rows.logprobs))
+        choice = ChoiceStages(
+            repetition_penalty=np.any(act & (rows.repetition_penalty != 1)),
+            counts_penalty=np.any(act & ((rows.presence_penalty != 0) | (rows.frequency_penalty != 0))),
+            sample=np.any(sampled), top_k=np.any(sampled & (rows.top_k > 0)),
+            top_p=np.any(sampled & (rows.top_p < 1)))
+        return cls(choice=choice, logprobs=np.any(act & rows.logprobs))
 
     @classmethod
     def everything(cls) -> "StepWork":
         """Every branch on: what warm-up compiles (the branches are traced either way)."""
-        return cls(*(np.bool_(True) for _ in range(6)))
+        on = np.bool_(True)
+        return cls(choice=ChoiceStages(on, on, on, on, on), logprobs=on)
 
 
 def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: int) -> Slots:
@@ -174,73 +172,24 @@ def insert(slots: Slots, slot: Array, end: Array, length: Array, input_ids: Arra
         pos=slots.pos.at[slot].set(end), logits=jax.lax.dynamic_update_slice(slots.logits, logits, (slot, 0)))
 
 
-def kth_largest(logits: Array, k: Array) -> Array:
-    """`[B, V], [B] -> [B, 1]`: each row's k-th largest value (k >= 1, a per-row array), by bisection over
-    the order-preserving integer image of float32 (32 masked counts instead of a sort; exact, ties count)."""
-    bits = jax.lax.bitcast_convert_type(logits, jnp.int32)
-    # Flip the magnitude bits of negative floats: the int32 order is then the float order (-inf included).
-    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    lo = jnp.full(logits.shape[:-1] + (1,), jnp.iinfo(jnp.int32).min, jnp.int32)
-    hi = jnp.full_like(lo, jnp.iinfo(jnp.int32).max)
-    k = k.reshape(lo.shape)
-
-    def halve(_, bounds):
-        lo, hi = bounds  # invariant: count(key >= lo) >= k, and the answer is at most hi
-        mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)  # the upper middle, without overflow
-        enough = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
-
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
-    bits = jnp.where(lo < 0, lo ^ 0x7FFFFFFF, lo)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
 def _choose(slots: Slots, rows: RowSettings, work: StepWork):
-    """The next token of every row, as `generate`'s `GenerationConfig.choose` makes it, with per-row settings.
-
-    Order (transformers'): repetition penalty, presence/frequency penalties, then greedy argmax, or
-    temperature, top-k, top-p and a Gumbel-max draw with the row's key folded with its step.
-    """
+    """The next token of every row (`choose_tokens`, `generate`'s token choice, with per-row settings and
+    each row's key folded with its step), and the log-probabilities of the raw logits when asked."""
     n, s = slots.tokens.shape
     cols = jnp.arange(s)[None, :]
-    step = slots.pos - slots.start
-    raw = slots.logits
     history = slots.mask.astype(bool) & (cols < slots.pos[:, None])
-    logits = jax.lax.cond(
-        work.repetition_penalty,
-        lambda x: repetition_penalty(x, slots.tokens, history, rows.repetition_penalty[:, None]),
-        lambda x: x, raw)
+    generated = (cols >= slots.start[:, None]) & (cols < slots.pos[:, None])
 
-    def counts_penalty(x):
-        generated = (cols >= slots.start[:, None]) & (cols < slots.pos[:, None])
-        vocab = x.shape[-1]
-        ids = jnp.where(generated & (slots.tokens < vocab), slots.tokens, vocab)
-        counts = jnp.zeros((n, vocab + 1), jnp.float32).at[jnp.arange(n)[:, None], ids].add(1.0)[:, :vocab]
-        penalty = (rows.frequency_penalty[:, None] * counts
-                   + rows.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))
-        return x - penalty
+    def row_key(seed, stream, step):
+        key = jax.random.PRNGKey(seed)
+        key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
+        return jax.random.fold_in(key, step)
 
-    logits = jax.lax.cond(work.counts_penalty, counts_penalty, lambda x: x, logits)
-    greedy_token = argmax(logits)
-
-    def sampled(x):
-        x = apply_temperature(x, rows.temperature[:, None])
-        x = jax.lax.cond(work.top_k, lambda y: jnp.where(
-            (rows.top_k > 0)[:, None] & (y < kth_largest(y, jnp.maximum(rows.top_k, 1))), -jnp.inf, y),
-            lambda y: y, x)
-        x = jax.lax.cond(
-            work.top_p, lambda y: jnp.where((rows.top_p < 1)[:, None], top_p_filter(y, rows.top_p[:, None]), y),
-            lambda y: y, x)
-
-        def draw(seed, stream, step, row):
-            key = jax.random.PRNGKey(seed)
-            key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
-            return draw_tokens(jax.random.fold_in(key, step), row[None])[0]
-
-        return jax.vmap(draw)(rows.seed, rows.stream, step, x)
-
-    sampled_token = jax.lax.cond(work.sample, sampled, lambda x: greedy_token, logits)
-    token = jnp.where(rows.greedy, greedy_token, sampled_token)
+    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos - slots.start)
+    settings = ChoiceSettings(greedy=rows.greedy, temperature=rows.temperature, top_k=rows.top_k,
+                              top_p=rows.top_p, repetition_penalty=rows.repetition_penalty,
+                              frequency_penalty=rows.frequency_penalty, presence_penalty=rows.presence_penalty)
+    token = choose_tokens(slots.logits, keys, slots.tokens, history, slots.pos, settings, work.choice, generated)
 
     def top(x):
         logprobs = jax.nn.log_softmax(x, axis=-1)
@@ -251,7 +200,7 @@ def _choose(slots: Slots, rows: RowSettings, work: StepWork):
         return (jnp.zeros((n,), jnp.float32), jnp.zeros((n, MAX_LOGPROBS), jnp.int32),
                 jnp.zeros((n, MAX_LOGPROBS), jnp.float32))
 
-    logprobs = jax.lax.cond(work.logprobs, top, no_top, raw)
+    logprobs = jax.lax.cond(work.logprobs, top, no_top, slots.logits)
     return token, logprobs
 
 

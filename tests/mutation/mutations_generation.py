@@ -38,29 +38,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         "attention='auto' on TPU v4 picks splash for a sequence that does not tile into 128 blocks: an error"),
     # --- sampling -----------------------------------------------------------------------------------------
     Mutation(
-        "choose_divides_by_temperature_after_top_k_and_top_p", "flax_gpt2/generation/logits_processors.py",
-        (("        logits = apply_temperature(logits, self.temperature)\n        if self.top_k > 0:\n"
-          "            values, indices = _top_k(logits, self.top_k)\n            if self.use_top_p:\n"
-          "                values = jnp.where(nucleus_of_sorted(values, self.top_p), values, -jnp.inf)\n",
-          "        if self.top_k > 0:\n            values, indices = _top_k(logits, self.top_k)\n"
-          "            if self.use_top_p:\n"
-          "                values = jnp.where(nucleus_of_sorted(values, self.top_p), values, -jnp.inf)\n"
-          "            values = apply_temperature(values, self.temperature)\n"),),
+        "warp_divides_by_temperature_after_top_k_and_top_p", "flax_gpt2/generation/logits_processors.py",
+        (("    logits = apply_temperature(logits, _column(settings.temperature))\n", ""),
+         ("    return _stage(stages.top_p, lambda x: jnp.where(p < 1, top_p_filter(x, p, min_tokens_to_keep), x), "
+          "logits)",
+          "    logits = _stage(stages.top_p, lambda x: jnp.where(p < 1, top_p_filter(x, p, min_tokens_to_keep), x), "
+          "logits)\n    return apply_temperature(logits, _column(settings.temperature))")),
         (f"{_CHOOSE}[0.5-40-0.5]", "tests/test_sampling_strategies.py::test_temperature_comes_before_the_filters"),
         "sampling with top-k and top-p picks the nucleus before the temperature: other tokens than transformers"),
     Mutation(
-        "nucleus_of_sorted_drops_the_token_that_crosses_p", "flax_gpt2/generation/logits_processors.py",
-        (("    keep = mass_from_bottom > _tail_mass(p)\n",
-          "    keep = jnp.cumsum(probs, axis=-1) < p\n"),),
-        (f"{_CHOOSE}[1.0-40-0.5]",),
-        "top-k + top-p sampling never draws the least likely token of the nucleus (mass below p)"),
+        "top_k_keeps_one_more", "flax_gpt2/generation/logits_processors.py",
+        (("jnp.clip(jnp.broadcast_to(k, logits.shape[:-1]), min_tokens_to_keep",
+          "jnp.clip(jnp.broadcast_to(k + 1, logits.shape[:-1]), min_tokens_to_keep"),),
+        ("tests/test_sampling_strategies.py::test_per_row_settings_choose_what_each_row_alone_chooses",),
+        "top_k=k samples among k + 1 tokens, in generate and in the server"),
     # --- serving ------------------------------------------------------------------------------------------
     Mutation(
-        "serve_logprobs_of_the_penalized_logits", "flax_gpt2/serve/slots.py",
-        (("    logprobs = jax.lax.cond(work.logprobs, top, no_top, raw)",
-          "    logprobs = jax.lax.cond(work.logprobs, top, no_top, logits)"),),
+        "serve_logprobs_of_the_tempered_logits", "flax_gpt2/serve/slots.py",
+        (("        logprobs = jax.nn.log_softmax(x, axis=-1)\n",
+          "        logprobs = jax.nn.log_softmax(x / rows.temperature[:, None], axis=-1)\n"),),
         (f"{_SERVE}test_sampled_logprobs_are_the_returned_tokens_teacher_forced",),
-        "logprobs report the penalized distribution instead of the model's"),
+        "logprobs report the tempered distribution instead of the model's"),
     Mutation(
         "serve_logprob_of_the_most_likely_token", "flax_gpt2/serve/slots.py",
         (("        return jnp.take_along_axis(logprobs, token[:, None], axis=1)[:, 0], ids, values",
@@ -68,20 +66,17 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{_SERVE}test_sampled_logprobs_are_the_returned_tokens_teacher_forced",),
         "a sampled token's logprob is the most likely token's (right for greedy only)"),
     Mutation(
-        "serve_presence_and_frequency_swapped", "flax_gpt2/serve/slots.py",
-        (("        penalty = (rows.frequency_penalty[:, None] * counts\n"
-          "                   + rows.presence_penalty[:, None] * (counts > 0).astype(jnp.float32))",
-          "        penalty = (rows.presence_penalty[:, None] * counts\n"
-          "                   + rows.frequency_penalty[:, None] * (counts > 0).astype(jnp.float32))"),),
+        "serve_presence_and_frequency_swapped", "flax_gpt2/generation/logits_processors.py",
+        (("    return logits - (_column(frequency) * counts + _column(presence) * (counts > 0).astype(jnp.float32))",
+          "    return logits - (_column(presence) * counts + _column(frequency) * (counts > 0).astype(jnp.float32))"),),
         (f"{_SERVE}test_each_penalty_alone_follows_openais_formula",),
         "frequency_penalty acts as presence_penalty and the other way round"),
     Mutation(
-        "serve_temperature_after_the_filters", "flax_gpt2/serve/slots.py",
-        (("        x = apply_temperature(x, rows.temperature[:, None])\n", ""),
-         ("        def draw(seed, stream, step, row):",
-          "        x = apply_temperature(x, rows.temperature[:, None])\n\n        def draw(seed, stream, step, row):")),
+        "serve_sampling_key_folds_the_column", "flax_gpt2/serve/slots.py",
+        (("    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos - slots.start)",
+          "    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos)"),),
         (f"{_SERVE}test_sampling_equals_generate_and_seeds_reproduce",),
-        "the server filters top-k/top-p before the temperature: other tokens than generate and transformers"),
+        "a sampled request's key is folded with its column, not its step: other tokens than generate's"),
     Mutation(
         "serve_endoftext_in_prompt_is_plain_text", "flax_gpt2/serve/engine.py",
         (("self.tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL)", "self.tokenizer.encode(prompt)"),),
