@@ -211,7 +211,7 @@ def hf_warpers(temperature, top_k, top_p):
 @pytest.mark.parametrize("top_k", [0, 3, 40])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.5])
 def test_choose_draws_from_what_process_keeps(temperature, top_k, top_p):
-    """The fused `choose` (top-k candidates, nucleus over them, Gumbel draw) samples the distribution that
+    """The one token choice (`choose`: top-k, nucleus, an inverse-transform draw) samples the distribution that
     `process` (= transformers' warpers) hands to a sampler: nothing outside its kept set, and each kept token
     about as often as its probability."""
     logits = fake_logits(batch=2, vocab=200, seed=3, scale=1.5)

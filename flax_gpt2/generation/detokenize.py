@@ -21,6 +21,7 @@ class Detokenizer:
     """
 
     def __init__(self, stop: Iterable[str] = ()):
+        """`stop`: strings that end the text (cut before them); empty ones match nowhere and are ignored."""
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self.sent = 0

@@ -266,7 +266,7 @@ def warp(logits: Array, settings: ChoiceSettings, stages: ChoiceStages, min_toke
 
 def choose_tokens(logits: Array, key: Array, tokens: Array, history: Array, length: Array | int,
                   settings: ChoiceSettings, stages: ChoiceStages, generated: Array | None = None) -> Array:
-    """The next token `[B]` of every row: `penalize`, then the argmax, or a Gumbel-max draw from `warp`'s
+    """The next token `[B]` of every row: `penalize`, then the argmax, or a draw (`draw_tokens`) from `warp`'s
     logits. The one token choice of `generate` (one setting for the batch, static stages) and of the
     server's slots (per-row settings, stages decided per step).
 

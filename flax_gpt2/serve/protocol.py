@@ -234,7 +234,7 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
         model=model, prompts=prompts, max_tokens=_integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, 2**31 - 1),
         temperature=temperature, top_p=top_p, top_k=max(top_k, 0), n=n, stream=stream, include_usage=include_usage,
         logprobs=_integer(body, "logprobs", None, 0, MAX_LOGPROBS), echo=_boolean(body, "echo"),
-        stop=tuple(s for s in stops if s), seed=seed,
+        stop=stops, seed=seed,  # an empty stop string is ignored where stops are matched (Detokenizer)
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, math.inf, low_open=True))

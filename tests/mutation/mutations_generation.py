@@ -83,8 +83,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{_SERVE}test_endoftext_in_a_prompt_is_the_special_token",),
         "README's CommonGen prompt '<|endoftext|> kid, room, dance:' is served as 7 plain-text tokens"),
     Mutation(
-        "serve_empty_stop_string_kept", "flax_gpt2/serve/protocol.py",
-        (("stop=tuple(s for s in stops if s)", "stop=stops"),),
+        "serve_empty_stop_string_kept", "flax_gpt2/generation/detokenize.py",
+        (("self.stop = tuple(s for s in stop if s)", "self.stop = tuple(stop)"),),
         (f"{_SERVE}test_an_empty_stop_string_is_ignored",),
         "stop=[''] cuts every completion to the empty string"),
     Mutation(
