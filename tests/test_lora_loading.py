@@ -227,15 +227,17 @@ def test_sample_adapter_on_a_converted_and_cached_base(capsys, base, adapter, wi
     """A .bin base goes through the conversion cache, which holds the base; the adapter is merged on load, and
     an adapter that does not fit is reported as such, not taken for a broken cached copy."""
     folder = tmp_path / "bin_base"
-    base[0].save_pretrained(folder, safe_serialization=False)
-    for name in ("vocab.json", "merges.txt"):
+    folder.mkdir()
+    for name in ("config.json", "vocab.json", "merges.txt"):
         shutil.copy(base[1] / name, folder / name)
+    torch.save(base[0].state_dict(), folder / "pytorch_model.bin")  # transformers 5 saves only safetensors
     tokenizer = get_tokenizer(bpe_dir)
     tokens = _torch_greedy(adapter[1], tokenizer.encode(PROMPT), 6)
     args = ["--model", str(folder), "--prompt", PROMPT, "--max_new_tokens", "6", "--greedy"]
     for _ in range(2):  # converted, then read from the cache
         assert sample.main(["--no_progress", "--adapter", str(adapter[0]), *args]) == 0
         assert capsys.readouterr().out == PROMPT + tokenizer.decode(tokens) + "\n"
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1  # the base, converted once
     assert sample.main(["--adapter", str(wide_adapter), *args]) == 1  # with progress: the log on stderr
     err = capsys.readouterr().err
     assert "made for another base model" in err and "again" not in err
