@@ -289,10 +289,11 @@ def adapter_for_base(folder: str | os.PathLike, params: Mapping[str, Any],
     """`load_peft_adapter(folder, params, config)` with its every error (a missing folder or file, an
     adapter for another base, options flax_gpt2 cannot apply) raised as an `AdapterError` with the same
     message, which names the folder."""
+    folder = file_io.resolve_path(os.fspath(folder))
     try:
-        return load_peft_adapter(file_io.resolve_path(os.fspath(folder)), params, config)
+        return load_peft_adapter(folder, params, config)
     except (OSError, ValueError) as e:
-        raise AdapterError(str(e) if os.fspath(folder) in str(e) else f"adapter {os.fspath(folder)}: {e}") from e
+        raise AdapterError(str(e) if folder in str(e) else f"adapter {folder}: {e}") from e
 
 
 def _read_tensors(folder: str, config: GPT2Config) -> tuple[dict[str, np.ndarray], dict[str, str]]:
