@@ -4,6 +4,7 @@
     python -m flax_gpt2.evaluate --model gpt2 --dataset wikitext-2-raw-v1        # datasets: wikitext, test split
     python -m flax_gpt2.evaluate --model gpt2 --lambada lambada_test.jsonl      # records {"text": ...}
     python -m flax_gpt2.evaluate --model gpt2 --tasks lambada_openai,hellaswag,wikitext   # lm-eval harness [eval]
+    python -m flax_gpt2.evaluate --model gpt2 --adapter my-lora --text_file wiki.test.raw   # a PEFT LoRA adapter
 
 The window follows the model: `--window_length` (tokens per scored window; HF's perplexity guide calls
 it `max_length`) defaults to its `n_positions` and `--stride` to half the
@@ -101,13 +102,14 @@ def read_dataset(name: str, config: str | None, split: str, field: str) -> str:
 def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[str] | None = None,
              stride: int | None = None, window_length: int | None = None, batch_size: int = 4,
              dtype: str = "float32", param_dtype: str = "float32", progress: bool = True,
-             command_line: bool = False) -> dict:
+             command_line: bool = False, adapter: str | None = None) -> dict:
     """Loads `model_name` (hub id, HF folder or training run) and computes the requested figures.
 
     `window_length` (tokens per perplexity window) defaults to the
     model's `n_positions`, `stride` to half the window. Every
     figure returned is finite (a NaN or infinite result raises FloatingPointError). `command_line` makes
-    errors name the flags (`--model DIR`) instead of the Python API.
+    errors name the flags (`--model DIR`) instead of the Python API. `adapter` (a PEFT LoRA folder) is
+    merged into the weights on load (`from_pretrained(adapter=)`) and named in the result.
     """
 
     if text is None and lambada_texts is None:
@@ -117,7 +119,8 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
     folder = resolve(model_name, progress=progress,
                      **({"pass_folder_as": "--model DIR"} if command_line else {}))
     model, params = from_pretrained(folder, dtype=dtypes.from_name(dtype, "--dtype"),
-                                    param_dtype=dtypes.from_name(param_dtype, "--param_dtype"), progress=progress)
+                                    param_dtype=dtypes.from_name(param_dtype, "--param_dtype"), progress=progress,
+                                    adapter=adapter)
     tokenizer = model_tokenizer(folder, command_line=command_line)
     check_vocab(model.config, tokenizer, str(model_name))
     n_positions = model.config.n_positions
@@ -133,7 +136,7 @@ def evaluate(model_name: str, *, text: str | None = None, lambada_texts: list[st
         raise bad_flag(f"--stride ({stride}) must not exceed the window ({window_length}, the model's "
                        f"n_positions); leave it out to use half the window")
     scorer = eval_metrics.make_scorer(model)
-    result: dict = {"model": str(model_name)}
+    result: dict = {"model": str(model_name), **({"adapter": str(adapter)} if adapter is not None else {})}
     if text is not None:
         # As HF's tokenizer does, '<|endoftext|>' in an evaluation text is the document separator token.
         ids = tokenizer.encode(text, allowed_special=USER_TEXT_SPECIAL)
@@ -164,6 +167,8 @@ _positive_int = cli.flag_type(int, lambda n: n >= 1, "a positive integer")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="hub id, Hugging Face folder, or training run folder")
+    p.add_argument("--adapter", default=None,
+                   help="a PEFT LoRA adapter folder for --model, merged into its weights on load")
     src = p.add_argument_group("what to evaluate (one or more)")
     src.add_argument("--text_file", help="plain text file: sliding-window perplexity")
     src.add_argument("--dataset", help="a `datasets` name, e.g. wikitext-2-raw-v1 (shorthand) or ptb_text_only")
@@ -186,6 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tasks is not None:
         if args.text_file or args.dataset or args.lambada:
             p.error("--tasks runs lm-eval tasks; give --text_file/--dataset/--lambada in a separate run")
+        if args.adapter is not None:
+            p.error("--adapter is not passed to lm-eval tasks yet; merge it first (python -m flax_gpt2.convert "
+                    "--model M --adapter DIR --merge --out MERGED) and pass --model MERGED")
         return args
     if args.text_file and args.dataset:
         p.error("give --text_file or --dataset, not both")
@@ -214,7 +222,8 @@ def _main(argv) -> None:
     lambada_texts = read_lambada(args.lambada) if args.lambada else None
     result = evaluate(args.model, text=text, lambada_texts=lambada_texts, stride=args.stride,
                       window_length=args.window_length, batch_size=args.batch_size, dtype=args.dtype,
-                      param_dtype=args.param_dtype, progress=not args.no_progress, command_line=True)
+                      param_dtype=args.param_dtype, progress=not args.no_progress, command_line=True,
+                      adapter=args.adapter)
     print(json.dumps(result, allow_nan=False))
 
 

@@ -3,6 +3,7 @@
     python -m flax_gpt2.sample --model gpt2 --prompt "Hello, I'm a language model,"
     echo "Once upon a time" | python -m flax_gpt2.sample --model gpt2 --max_new_tokens 50 --seed 1
     python -m flax_gpt2.sample --model runs/my-run --prompt "<|endoftext|> kid, room, dance:" --stop_token "."
+    python -m flax_gpt2.sample --model gpt2 --adapter my-lora --prompt "Hello"    # a PEFT LoRA adapter, merged
 
 `--model` is a hub id, a Hugging Face folder, or a flax_gpt2 training run. Sampling (top-k 50, as
 transformers' defaults) unless `--greedy`, or beam search with `--num_beams`; the same `--seed` gives the
@@ -40,6 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      epilog="The prompt is read from stdin when --prompt is not given. "
                                             "--debug shows the traceback of an error.")
     parser.add_argument("--model", default="gpt2", help="hub id, Hugging Face folder, or training run folder")
+    parser.add_argument("--adapter", default=None,
+                        help="a PEFT LoRA adapter folder for --model, merged into its weights on load")
     parser.add_argument("--prompt", default=None, help="the text to continue (default: read stdin)")
     parser.add_argument("--max_new_tokens", "--length", dest="max_new_tokens", type=_positive_int, default=20,
                         help="tokens to generate (default 20)")
@@ -85,7 +88,7 @@ def _main(argv: Sequence[str]) -> None:
     enable_compilation_cache(args.cache_dir)
     prompt = args.prompt if args.prompt is not None else _read_stdin()
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype,
-                                          cache_dir=args.cache_dir,
+                                          cache_dir=args.cache_dir, adapter=args.adapter,
                                           progress=args.progress, log=log)
     streaming = args.num_return_sequences == 1 and args.num_beams == 1
 

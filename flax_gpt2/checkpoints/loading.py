@@ -18,6 +18,7 @@ import uuid
 from typing import Callable
 
 from flax_gpt2.checkpoints import formats
+from flax_gpt2.checkpoints.peft_adapters import AdapterError
 from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve, save_pretrained
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
@@ -51,7 +52,7 @@ CACHE_MANIFEST = "flax_gpt2_cache.json"
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-               cache_dir: str | None = None, progress: bool = True,
+               cache_dir: str | None = None, progress: bool = True, adapter: str | None = None,
                log: Callable[[str], None] = lambda msg: None):
     """`(model, params, tokenizer)` for a hub id, a Hugging Face folder or a training run.
 
@@ -59,13 +60,14 @@ def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | 
     under `cache_root(cache_dir)/models/`, keyed by the source folder's path and file dates; later loads
     read the cached copy. An incomplete or unreadable cached copy is converted again; when the cache
     cannot be written (a full disk, a read-only folder), the converted model is used without caching.
+    `adapter` (a PEFT LoRA folder) is merged on load (`from_pretrained(adapter=)`); the cache holds the base.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     param_dtype = param_dtype or dtype  # inference keeps the weights in the compute dtype unless told otherwise
     if param_dtype not in DTYPES:
         raise ValueError(f"param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
-    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], progress=progress)
+    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], progress=progress, adapter=adapter)
     folder = resolve(name_or_path, progress=progress, pass_folder_as="--model DIR")
     tokenizer = model_tokenizer(folder, command_line=True)
     if _needs_conversion(folder):
@@ -73,6 +75,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | 
     else:
         log(f"Loading {folder}")
         model, params = from_pretrained(folder, **kwargs)
+    if adapter is not None:
+        log(f"Merged the LoRA adapter {adapter} into the weights")
     check_vocab(model.config, tokenizer, folder)
     return model, params, tokenizer
 
@@ -83,6 +87,8 @@ def _load_through_cache(folder: str, root: str, kwargs: dict, tokenizer, log: Ca
         log(f"Loading {cached} (converted from {folder})")
         try:
             return from_pretrained(cached, **kwargs)
+        except AdapterError:  # the adapter does not fit: converting the base again would not help
+            raise
         except cli.user_errors() as e:
             log(f"The cached copy {cached} cannot be read ({cli.one_line(e)}); converting {folder} again")
     elif os.path.lexists(cached):

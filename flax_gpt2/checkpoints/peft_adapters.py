@@ -272,9 +272,28 @@ def load_peft_adapter(folder: str | os.PathLike, params: Mapping[str, Any], conf
     if check_base and stored_hash is not None and stored_hash != base_weights_sha256(params):
         raise ValueError(f"{folder}: the adapter was saved for other base weights (their sha256 {stored_hash[:12]}... "
                          f"differs from these params'; base_model_name_or_path is "
-                         f"{_base_name(folder)!r}); load that base, or pass check_base=False")
+                         f"{_base_name(folder)!r}); load that base (or, to apply it to these weights "
+                         "anyway, call load_peft_adapter(..., check_base=False))")
     adapters = {"transformer": blocks} if "transformer" in params else blocks
     return layer_stacking.to_layout(adapters, layer_stacking.is_stacked(params)), lora
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read or does not fit the base it is loaded onto: what
+    `from_pretrained(adapter=...)` raises, so a loader tells it apart from a fault in the base's own files
+    (`flax_gpt2.checkpoints.loading` converts a cached base again on the latter, never on the former)."""
+
+
+def adapter_for_base(folder: str | os.PathLike, params: Mapping[str, Any],
+                     config: GPT2Config) -> tuple[dict[str, Any], LoRAConfig]:
+    """`load_peft_adapter(folder, params, config)` with its every error (a missing folder or file, an
+    adapter for another base, options flax_gpt2 cannot apply) raised as an `AdapterError` with the same
+    message, which names the folder."""
+    folder = file_io.resolve_path(os.fspath(folder))
+    try:
+        return load_peft_adapter(folder, params, config)
+    except (OSError, ValueError) as e:
+        raise AdapterError(str(e) if folder in str(e) else f"adapter {folder}: {e}") from e
 
 
 def _read_tensors(folder: str, config: GPT2Config) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from flax_gpt2.checkpoints import formats as files, remote, run_folders
+from flax_gpt2.checkpoints import formats as files, peft_adapters, remote, run_folders
 from flax_gpt2.checkpoints.hf_state_dict import (check_params, hf_state_dict_from_params, infer_model_class,
                                                  params_from_hf_state_dict, tensor_count)
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import RUNTIME_FIELDS, GPT2Config
+from flax_gpt2.modeling.lora import merge_adapter
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
@@ -48,7 +49,7 @@ SAVE_FORMATS = ("safetensors", "msgpack")
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     model_class: type | str = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
                     seed: int = 0, pass_folder_as: str = "from_pretrained('DIR')",
-                    **config_overrides) -> tuple[Any, dict[str, Any]]:
+                    adapter: str | os.PathLike | None = None, **config_overrides) -> tuple[Any, dict[str, Any]]:
     """Loads a GPT-2 model and its parameters.
 
     Args:
@@ -66,6 +67,13 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
       seed: seeds a missing multiple-choice head.
       pass_folder_as: how the error for an unreachable hub tells the user to pass a downloaded folder
         instead (a command line names its flag, e.g. `"--config.init_from=DIR"`).
+      adapter: a PEFT LoRA adapter folder for this base (`adapter_config.json` + `adapter_model.safetensors`,
+        as `peft`'s `save_pretrained` or `flax_gpt2.save_peft_adapter` write it). It is checked against the
+        weights as read (shapes, and the base-weights hash when the folder records one) and merged into
+        the kernels (`merge_adapter`) after the cast to `param_dtype`, so the returned model is the base's
+        class and shape and everything downstream (generate, pipeline, evaluation, save_pretrained) uses
+        it unchanged. A folder that is unreadable or made for another base raises
+        `flax_gpt2.checkpoints.peft_adapters.AdapterError` (a ValueError naming the folder).
       **config_overrides: how the model runs, as `GPT2Config` fields: `scan_layers=True` (params come
         stacked on a leading layers axis), `attention="dot_product"`, `remat=True`. Fields that change
         the weights' shapes cannot be overridden.
@@ -109,10 +117,13 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
         tensors = files.read_weights(files.find_weights(folder), progress=progress, max_tensors=max_tensors)
         params = params_from_hf_state_dict(tensors, config, model_class, seed=seed)
     params = layer_stacking.to_layout(params, config.scan_layers)
+    # Checked on the weights as stored: the base hash rounds them to bfloat16, which a float16 cast first would change.
+    adapted = peft_adapters.adapter_for_base(adapter, params, config) if adapter is not None else None
     model = model_class(config)
     _LOADED_FROM[id(model)] = folder  # save_pretrained(model, tokenizer=True) copies this folder's tokenizer
     weakref.finalize(model, _LOADED_FROM.pop, id(model), None)
-    return model, _to_device(params, config.param_dtype, progress)
+    params = _to_device(params, config.param_dtype, progress)
+    return model, params if adapted is None else merge_adapter(params, *adapted)
 
 
 def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], tokenizer: Any = True, *,

@@ -99,7 +99,7 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any = None, dtype: Any = None,
-             progress: bool = True) -> TextGenerationPipeline:
+             progress: bool = True, adapter: str | os.PathLike | None = None) -> TextGenerationPipeline:
     """A text-generation pipeline, as `transformers.pipeline("text-generation", model=...)`.
 
     Args:
@@ -110,6 +110,8 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
         (`vocab.json` + `merges.txt`), else the standard GPT-2 tokenizer.
       dtype: compute dtype for a model loaded here (e.g. `jnp.bfloat16`).
       progress: show loading progress.
+      adapter: a PEFT LoRA adapter folder for a model loaded here, merged into its weights
+        (`from_pretrained(adapter=)`).
     """
     if task != "text-generation":
         raise ValueError(f"flax_gpt2.pipeline supports only task='text-generation', got {task!r}")
@@ -118,7 +120,10 @@ def pipeline(task: str = "text-generation", model: Any = None, *, tokenizer: Any
     folder = None
     if isinstance(model, (str, os.PathLike)):
         folder = resolve(model, progress=progress)
-        model, params = from_pretrained(folder, dtype=dtype, progress=progress)
+        model, params = from_pretrained(folder, dtype=dtype, progress=progress, adapter=adapter)
+    elif adapter is not None:
+        raise ValueError("adapter= applies to a model loaded by name; for a (model, params) pair, merge it first: "
+                         "flax_gpt2.merge_adapter(params, *flax_gpt2.load_peft_adapter(DIR, params, model.config))")
     else:
         model, params = model
     if not isinstance(tokenizer, Tokenizer):
