@@ -11,7 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # What stands for the network in a pasted block, and what replaces it here.
 # GPT-2's tokenizer needs no stand-in: `get_tokenizer()` and `get_tokenizer("gpt2")` load the files shipped
 # in the package, offline, as pasted.
-OFFLINE = {'from_pretrained("gpt2")': "from_pretrained(MODEL)", 'model="gpt2"': "model=MODEL",
+OFFLINE = {'from_pretrained("gpt2")': "from_pretrained(MODEL)", 'from_pretrained("gpt2", ': "from_pretrained(MODEL, ",
+           'model="gpt2"': "model=MODEL",
            'get_tokenizer("path/to/model")': "get_tokenizer(MODEL)"}
 
 
