@@ -4,6 +4,8 @@
     echo "Once upon a time" | python -m flax_gpt2.sample --model gpt2 --max_new_tokens 50 --seed 1
     python -m flax_gpt2.sample --model runs/my-run --prompt "<|endoftext|> kid, room, dance:" --stop_token "."
     python -m flax_gpt2.sample --model gpt2 --adapter my-lora --prompt "Hello"    # a PEFT LoRA adapter, merged
+    python -m flax_gpt2.sample --model gpt2-large --draft_model distilgpt2 --num_draft_tokens 4 --greedy
+    python -m flax_gpt2.sample --model gpt2 --prompt_lookup 3 --prompt "..." --greedy    # no draft model
 
 `--model` is a hub id, a Hugging Face folder, or a flax_gpt2 training run. Sampling (top-k 50, as
 transformers' defaults) unless `--greedy`, or beam search with `--num_beams`; the same `--seed` gives the
@@ -61,6 +63,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", default=0, help="random seed, 0 to 2**32 - 1 (default 0, as generate's)",
                         type=cli.flag_type(int, lambda n: 0 <= n <= MAX_SEED, "an integer from 0 to 2**32 - 1"))
     parser.add_argument("--greedy", action="store_true", help="most likely token instead of sampling")
+    parser.add_argument("--draft_model", default=None,
+                        help="speculative decoding: a smaller GPT-2 with the same tokenizer proposes tokens (hub id, "
+                             "folder or run); greedy output is the target's own, sampled keeps its distribution")
+    parser.add_argument("--prompt_lookup", dest="prompt_lookup_ngram", default=None, metavar="N",
+                        type=_positive_int, help="speculative decoding without a draft model: propose what "
+                                                 "followed the last matching N-gram of the prompt and text")
+    parser.add_argument("--num_draft_tokens", type=_positive_int, default=4,
+                        help="tokens proposed per target step with --draft_model or --prompt_lookup (default 4)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="compute dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
     parser.add_argument("--param_dtype", default=None, choices=sorted(DTYPES),
@@ -70,6 +80,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.greedy and args.num_beams == 1 and args.num_return_sequences > 1:
         parser.error("--greedy gives one sequence; drop it to sample several, or use --num_beams")
+    if args.draft_model is not None and args.prompt_lookup_ngram is not None:
+        parser.error("--draft_model and --prompt_lookup are two ways to propose tokens: choose one")
+    speculative = args.draft_model is not None or args.prompt_lookup_ngram is not None
+    for flag, value, default in (("--num_beams", args.num_beams, 1),
+                                 ("--num_return_sequences", args.num_return_sequences, 1),
+                                 ("--repetition_penalty", args.repetition_penalty, 1.0)):
+        if speculative and value != default:
+            parser.error(f"{flag} does not go with speculative decoding (--draft_model / --prompt_lookup): "
+                         f"drop one of them")
     if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
         parser.error(f"--num_return_sequences ({args.num_return_sequences}) cannot exceed "
                      f"--num_beams ({args.num_beams})")
@@ -90,7 +109,20 @@ def _main(argv: Sequence[str]) -> None:
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype,
                                           cache_dir=args.cache_dir, adapter=args.adapter,
                                           progress=args.progress, log=log)
-    streaming = args.num_return_sequences == 1 and args.num_beams == 1
+    speculative = {}
+    if args.draft_model is not None:
+        draft_model, draft_params, draft_tokenizer = load_model(
+            args.draft_model, dtype=args.dtype, param_dtype=args.param_dtype, cache_dir=args.cache_dir,
+            progress=args.progress, log=log)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"--draft_model {args.draft_model!r} has a tokenizer of {draft_tokenizer.vocab_size} "
+                             f"ids, --model {args.model!r} one of {tokenizer.vocab_size}: a draft must share the "
+                             "target's tokenizer (any GPT-2 size does)")
+        speculative = dict(draft=(draft_model, draft_params), num_draft_tokens=args.num_draft_tokens)
+    elif args.prompt_lookup_ngram is not None:
+        speculative = dict(prompt_lookup_ngram=args.prompt_lookup_ngram, num_draft_tokens=args.num_draft_tokens)
+    # Speculative decoding runs as one compiled loop to the end (no token-by-token stream): printed at the end.
+    streaming = args.num_return_sequences == 1 and args.num_beams == 1 and not speculative
 
     def write(text):
         sys.stdout.write(text)
@@ -101,9 +133,12 @@ def _main(argv: Sequence[str]) -> None:
                           do_sample=not args.greedy and args.num_beams == 1, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           num_return_sequences=args.num_return_sequences, num_beams=args.num_beams,
-                          stop_token=args.stop_token, seed=args.seed, stream=write if streaming else None)
+                          stop_token=args.stop_token, seed=args.seed, stream=write if streaming else None,
+                          **speculative)
     if streaming:
         print()
+    elif speculative:
+        print(texts[0])
     else:
         for i, text in enumerate(texts, 1):
             print(f"=== GENERATED SEQUENCE {i} ===\n{text}")

@@ -10,15 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from flax_gpt2 import sample as cli
-from flax_gpt2.generation import generate
-from flax_gpt2.generation.detokenize import Detokenizer
-from flax_gpt2.generation.text import generate_text
-from flax_gpt2.generation.pipeline import pipeline, set_seed
 from flax_gpt2.checkpoints import loading
 from flax_gpt2.checkpoints.pretrained import from_pretrained
+from flax_gpt2.generation import generate, speculative
+from flax_gpt2.generation.detokenize import Detokenizer
+from flax_gpt2.generation.pipeline import pipeline, set_seed
+from flax_gpt2.generation.text import generate_text
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 
 EOT = 50256
@@ -63,6 +63,24 @@ def test_cli_prints_the_greedy_continuation(capsys, folder, loaded):
     out = run_cli(capsys, "--model", folder, "--prompt", "Hello, I'm a language model,", "--length", 16, "--greedy")
     ids = loaded[2].encode("Hello, I'm a language model,")
     assert out == "Hello, I'm a language model," + greedy_text(loaded, ids, 16)[0] + "\n"
+
+
+def test_cli_speculative_greedy_prints_the_plain_greedy_text(capsys, tmp_path_factory, monkeypatch, folder, loaded):
+    """`--prompt_lookup` and `--draft_model` (a shallower, narrower GPT-2 with the same tokenizer) change how
+    fast the tokens come, not which: greedy output equals plain greedy decoding (and the speculative loop ran)."""
+    calls = []
+    real = speculative.speculative_generate
+    monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    _, draft = make_hf_model(tmp_path_factory, "cli_draft", n_positions=128, n_layer=1, n_embd=32, n_head=2)
+    prompt = "the cat sat on the mat and the cat sat on the"
+    ids = loaded[2].encode(prompt)
+    expected = prompt + greedy_text(loaded, ids, 24)[0] + "\n"
+    assert run_cli(capsys, "--model", folder, "--prompt", prompt, "--length", 24, "--greedy",
+                   "--prompt_lookup", 2, "--num_draft_tokens", 3) == expected
+    assert run_cli(capsys, "--model", folder, "--prompt", prompt, "--length", 24, "--greedy",
+                   "--draft_model", draft) == expected
+    assert [(k["prompt_lookup_ngram"], k["num_draft_tokens"], k["draft"] is not None) for k in calls] == [
+        (2, 3, False), (None, 4, True)]
 
 
 def test_cli_samples_by_default_and_a_seed_reproduces_it(capsys, folder):
@@ -164,6 +182,11 @@ PARSER_ERRORS = [  # usage errors: exit 2, the flag named
     (["--repetition_penalty", "-1"], "--repetition_penalty: must be a number > 0"),
     (["--repetition_penalty", "nan"], "--repetition_penalty: must be a number > 0"),
     (["--seed", "99999999999"], "--seed: must be an integer from 0 to 2"),
+    (["--draft_model", "x", "--prompt_lookup", "2"], "--draft_model and --prompt_lookup are two ways"),
+    (["--prompt_lookup", "2", "--num_beams", "2"], "--num_beams does not go with speculative decoding"),
+    (["--prompt_lookup", "2", "--repetition_penalty", "1.2"], "--repetition_penalty does not go with speculative"),
+    (["--prompt_lookup", "0"], "--prompt_lookup: must be a positive integer"),
+    (["--num_draft_tokens", "0"], "--num_draft_tokens: must be a positive integer"),
 ]
 
 

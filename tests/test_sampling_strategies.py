@@ -40,6 +40,16 @@ def test_top_k_matches_transformers(k):
     np.testing.assert_array_equal(top_k_filter(jnp.asarray(logits), k), hf_apply(hf.TopKLogitsWarper(k), logits))
 
 
+def test_top_k_per_row_matches_transformers_row_by_row():
+    """One k per row (the server's requests; 0 = off) filters each row as transformers does with that k."""
+    logits = fake_logits(batch=4)
+    ks = [3, 0, 50, 999]
+    got = np.asarray(top_k_filter(jnp.asarray(logits), jnp.asarray(ks)))
+    for row, k in enumerate(ks):
+        expected = logits[row:row + 1] if k == 0 else hf_apply(hf.TopKLogitsWarper(k), logits[row:row + 1])
+        np.testing.assert_array_equal(got[row:row + 1], expected)
+
+
 def test_top_k_keeps_ties_with_the_kth_value():
     logits = jnp.asarray([[3.0, 1.0, 2.0, 2.0, 0.0]])
     np.testing.assert_array_equal(top_k_filter(logits, 2), [[3.0, -np.inf, 2.0, 2.0, -np.inf]])

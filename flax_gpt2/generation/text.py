@@ -16,7 +16,9 @@ TEXT_DEFAULTS = GenerateOptions(max_new_tokens=20, do_sample=True, top_k=50)
 
 
 def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | None = None,
-                  stream: Callable[[str], None] | None = None, **generate_kwargs: Any) -> list[str]:
+                  stream: Callable[[str], None] | None = None, draft: tuple[Any, Any] | None = None,
+                  num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None,
+                  **generate_kwargs: Any) -> list[str]:
     """Continues `prompt` (text in, text out); returns each sequence's text (prompt + continuation).
 
     Greedy, sampled (the default: `TEXT_DEFAULTS`) or beam search, as `generate_kwargs` (`GenerateOptions`
@@ -29,10 +31,14 @@ def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | No
     `stop_token`, just before that string. With `stream` (one greedy or sampled sequence only), the prompt
     and then the continuation are passed to it piece by piece as they are produced (never half a character,
     never text that could still be the start of `stop_token`); generation stops once the stop string appears.
+    `draft` / `prompt_lookup_ngram` / `num_draft_tokens`: speculative decoding (`generate`'s), not streamed.
     """
     ids = tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) or [tokenizer.eot_token]
     options = GenerateOptions.of(TEXT_DEFAULTS, generate_kwargs).replace(
         eos_token_id=tokenizer.eot_token, vocab_limit=tokenizer.vocab_size)
+    speculative = dict(draft=draft, num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram)
+    if stream is not None and (draft is not None or prompt_lookup_ngram is not None):
+        raise ValueError("speculative decoding (draft / prompt_lookup_ngram) is not streamed: drop `stream`")
     if stream is not None:
         if options.num_return_sequences != 1 or options.num_beams != 1:
             raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")
@@ -46,7 +52,7 @@ def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | No
         if piece := text.take(final=True):
             stream(piece)
         return [prompt + text.text]
-    out = np.asarray(generate(model, params, [ids], options=options))
+    out = np.asarray(generate(model, params, [ids], options=options, **speculative))
     return [prompt + continuation(tokenizer, row[len(ids):].tolist(), stop_token) for row in out]
 
 

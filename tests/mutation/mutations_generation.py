@@ -50,7 +50,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "top_k_keeps_one_more", "flax_gpt2/generation/logits_processors.py",
         (("jnp.clip(jnp.broadcast_to(k, logits.shape[:-1]), min_tokens_to_keep",
           "jnp.clip(jnp.broadcast_to(k + 1, logits.shape[:-1]), min_tokens_to_keep"),),
-        ("tests/test_sampling_strategies.py::test_per_row_settings_choose_what_each_row_alone_chooses",),
+        ("tests/test_sampling_strategies.py::test_top_k_matches_transformers",
+         "tests/test_sampling_strategies.py::test_top_k_per_row_matches_transformers_row_by_row"),
         "top_k=k samples among k + 1 tokens, in generate and in the server"),
     # --- serving ------------------------------------------------------------------------------------------
     Mutation(
