@@ -191,9 +191,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tasks is not None:
         if args.text_file or args.dataset or args.lambada:
             p.error("--tasks runs lm-eval tasks; give --text_file/--dataset/--lambada in a separate run")
-        if args.adapter is not None:
-            p.error("--adapter is not passed to lm-eval tasks yet; merge it first (python -m flax_gpt2.convert "
-                    "--model M --adapter DIR --merge --out MERGED) and pass --model MERGED")
         return args
     if args.text_file and args.dataset:
         p.error("give --text_file or --dataset, not both")

@@ -260,9 +260,24 @@ def test_evaluate_with_adapter_equals_the_peft_models_perplexity(capsys, base, a
     assert abs(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nll"] - nll) > 1e-2
 
 
-def test_evaluate_adapter_with_lm_eval_tasks_is_a_usage_error(capsys):
-    assert evaluate.main(["--model", "gpt2", "--adapter", "A", "--tasks", "hellaswag"]) == 2
-    assert "--adapter is not passed to lm-eval tasks yet; merge it first" in capsys.readouterr().err
+def test_lm_eval_with_adapter_equals_hflm_with_the_peft_adapter(base, adapter):
+    """The lm-eval model with `adapter=` (what `evaluate --tasks --adapter` passes) scores requests as lm-eval's
+    own HFLM with `peft=` the same folder; without the adapter the scores differ."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional [eval] extra")
+    pytest.importorskip("accelerate", reason="lm-eval's HFLM needs accelerate (lm_eval[hf])")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from flax_gpt2.evaluation.lm_eval_model import FlaxGPT2LM
+
+    requests = [("To be, or not", " to be"), ("The cat sat on the", " mat"), ("Hello", ", world. And more")]
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(requests)]
+    theirs = HFLM(pretrained=str(base[1]), peft=str(adapter[0]), device="cpu", batch_size=2,
+                  dtype="float32").loglikelihood(inst)
+    ours = FlaxGPT2LM(pretrained=base[1], adapter=adapter[0], batch_size=2, progress=False).loglikelihood(inst)
+    plain = FlaxGPT2LM(pretrained=base[1], batch_size=2, progress=False).loglikelihood(inst)
+    np.testing.assert_allclose([o[0] for o in ours], [t[0] for t in theirs], rtol=1e-4)
+    assert not np.allclose([p[0] for p in plain], [t[0] for t in theirs], rtol=1e-2)
 
 
 def test_pipeline_with_adapter_equals_peft_greedy_generate(base, adapter, bpe_dir):

@@ -105,6 +105,8 @@ class FlaxGPT2LM(TemplateLM):
       max_gen_toks: new tokens per `generate_until` request unless the task sets its own (default 256, as HFLM).
       model, params, tokenizer: an in-memory model instead of `pretrained` (tokenizer default: GPT-2's).
       seed: the sampling seed for tasks that sample (`do_sample=True`).
+      adapter: a PEFT LoRA adapter folder for `pretrained`, merged on load (`from_pretrained(adapter=)`); HFLM's
+        `peft=` is accepted as its alias, so the same model_args work for both.
       progress: show progress bars.
       max_batch_size, device: accepted because `simple_evaluate` passes them; unused (JAX picks the device).
     """
@@ -112,12 +114,13 @@ class FlaxGPT2LM(TemplateLM):
     def __init__(self, pretrained: str | os.PathLike | None = None, batch_size: int | str = 8,
                  dtype: str = "float32", max_length: int | None = None, max_gen_toks: int = 256, *,
                  model: Any = None, params: Any = None, tokenizer: Any = None, seed: int = 0,
+                 adapter: str | os.PathLike | None = None, peft: str | os.PathLike | None = None,
                  progress: bool = True, max_batch_size: int | None = None, device: str | None = None,
                  **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise TypeError(f"unknown model_args for {MODEL_NAME}: {', '.join(sorted(unknown))}; it takes pretrained, "
-                            f"batch_size, dtype, max_length, max_gen_toks, seed")
+                            f"batch_size, dtype, max_length, max_gen_toks, seed, adapter (or peft)")
         del max_batch_size, device
         if isinstance(progress, str):
             progress = progress.lower() not in ("false", "0", "no")
@@ -134,6 +137,10 @@ class FlaxGPT2LM(TemplateLM):
         self.seed = int(seed)
         self.pretrained = None if pretrained is None else os.fspath(pretrained)
         self.dtype_name = dtype
+        if adapter is not None and peft is not None and os.fspath(adapter) != os.fspath(peft):
+            raise ValueError(f"adapter={adapter!r} and peft={peft!r} name two adapters: pass one")
+        adapter = adapter if adapter is not None else peft
+        self.adapter = None if adapter in (None, "") else os.fspath(adapter)
         self.model, self.params, self.tokenizer = self._load(model, params, tokenizer)
         n_positions = self.model.config.n_positions
         self._max_length = n_positions if max_length is None else _int_arg(max_length, "max_length")
@@ -151,11 +158,15 @@ class FlaxGPT2LM(TemplateLM):
                 raise ValueError(f"{MODEL_NAME} needs pretrained=PATH (a hub id, model folder or training run) in "
                                  f"model_args, or model= and params=")
             folder = resolve(self.pretrained, progress=self.progress)
-            model, params = from_pretrained(folder, dtype=DTYPES[self.dtype_name], progress=self.progress)
+            model, params = from_pretrained(folder, dtype=DTYPES[self.dtype_name], progress=self.progress,
+                                            adapter=self.adapter)
             if tokenizer is None:
                 tokenizer = model_tokenizer(folder)
         elif self.pretrained is not None:
             raise ValueError("pass pretrained=PATH or model= and params=, not both")
+        elif self.adapter is not None:
+            raise ValueError("adapter= goes with pretrained=PATH; with model= and params=, merge it yourself "
+                             "(flax_gpt2.merge_adapter)")
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = get_tokenizer(None if tokenizer is None else os.fspath(tokenizer))
         check_vocab(model.config, tokenizer, self.pretrained)

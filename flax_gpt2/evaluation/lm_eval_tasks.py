@@ -167,8 +167,8 @@ def run_tasks(args: argparse.Namespace | dict | None = None, /, **kwargs) -> dic
 
     Args:
       args: the parsed `python -m flax_gpt2.evaluate` arguments (or a dict); keyword arguments override
-        them. Used: `model` (hub id, Hugging Face folder or training run), `tasks` (a comma-separated
-        string or a list), `batch_size`, `dtype`, `limit`, `num_fewshot`, `output_path`, `include_path`,
+        them. Used: `model` (hub id, Hugging Face folder or training run), `adapter` (a PEFT LoRA folder),
+        `tasks` (a comma-separated string or a list), `batch_size`, `dtype`, `limit`, `num_fewshot`, `output_path`, `include_path`,
         `bootstrap_iters`, `no_progress`.
     Returns:
       lm-eval's results dict (`results`, `versions`, `n-shot`, `config`, ...), without per-sample logs.
@@ -210,6 +210,8 @@ def run_tasks(args: argparse.Namespace | dict | None = None, /, **kwargs) -> dic
     output_path = opts.get("output_path")
     model_args = {"pretrained": os.fspath(opts["model"]), "dtype": opts.get("dtype") or "float32",
                   "progress": not opts.get("no_progress", False)}
+    if opts.get("adapter"):
+        model_args["adapter"] = os.fspath(opts["adapter"])
     results = lm_eval.simple_evaluate(
         model=MODEL_NAME, model_args=model_args, tasks=names, batch_size=opts.get("batch_size") or 8,
         num_fewshot=opts.get("num_fewshot"), limit=opts.get("limit"), task_manager=task_manager,
