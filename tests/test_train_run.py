@@ -82,7 +82,8 @@ def test_tiny_trains_end_to_end(reference):
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all({"grad_norm", "lr"} <= set(r) for r in train)
-    assert all({"tokens_per_sec", "mfu"} <= set(r) for r in train[1:])  # the first step is compilation
+    assert all({"tokens_per_sec", "mfu", "mfu_causal"} <= set(r) for r in train[1:])  # step 1 is compilation
+    assert all(0 < r["mfu_causal"] < r["mfu"] for r in train[1:])
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert [r["step"] for r in records if "eval_loss" in r] == [5, 10]
     assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
@@ -215,3 +216,16 @@ def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monk
     _, params = run_checkpoint.load_run(tmp_path)  # saved although no periodic checkpoint was due
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [last_good]
     assert all(np.isfinite(np.asarray(p)).all() for p in __import__("jax").tree.leaves(params))
+
+
+def test_model_flops_both_conventions_by_hand():
+    """GPT-2 124M at T = 1024, counted by hand: 6N for the matmuls (N = 124,439,808 with the tied embedding
+    and wpe), plus attention 12·L·D·T (PaLM, nanoGPT's MFU), or half of it over the causal triangle
+    (MaxText's)."""
+    from flax_gpt2 import GPT2Config
+    from flax_gpt2.train.metrics import flops_per_token
+
+    config = GPT2Config.from_preset("gpt2")
+    assert config.num_params == 124_439_808
+    assert flops_per_token(config, 1024) == 6 * 124_439_808 + 12 * 12 * 768 * 1024
+    assert flops_per_token(config, 1024, causal=True) == 6 * 124_439_808 + 6 * 12 * 768 * 1024

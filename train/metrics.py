@@ -3,6 +3,9 @@
 MFU (model FLOPs utilization) counts the FLOPs of the model, not of the implementation: per trained
 token, 6N for the matmuls of N parameters (forward 2N, backward 4N) plus 12·L·D·T for attention
 (PaLM, appendix B), divided by the devices' peak. Rematerialization's extra forward is not counted.
+Two conventions differ on the attention term, and both are reported: `mfu` counts the full T×T score
+matrix (PaLM, nanoGPT), `mfu_causal` half of it, the causal triangle a masked kernel can skip (6·L·D·T:
+MaxText's convention), so `mfu_causal <= mfu`; compare a number only with one of the same convention.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ PEAK_FLOPS = {
 }
 
 
-def flops_per_token(config: GPT2Config, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·D·T."""
-    return 6 * config.num_params + 12 * config.n_layer * config.n_embd * seq_len
+def flops_per_token(config: GPT2Config, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token: 6N + 12·L·D·T (PaLM), or 6N + 6·L·D·T with `causal` (MaxText: attention
+    over the causal triangle only)."""
+    attention = 12 * config.n_layer * config.n_embd * seq_len
+    return 6 * config.num_params + (attention / 2 if causal else attention)
 
 
 def peak_flops(devices: Iterable[jax.Device], cpu_peak_flops: float) -> float | None:
@@ -205,8 +210,9 @@ class Progress:
     """
 
     def __init__(self, total: int, initial: int, tokens_per_step: int, flops_per_token: float,
-                 peak: float | None, enabled: bool = True):
+                 peak: float | None, enabled: bool = True, causal_flops_per_token: float | None = None):
         self.total, self.tokens_per_step, self.flops_per_token = total, tokens_per_step, flops_per_token
+        self.causal_flops_per_token = causal_flops_per_token
         self.peak = peak
         self._bar = None
         if enabled and jax.process_index() == 0:
@@ -217,6 +223,7 @@ class Progress:
         self._n = initial
         self.tokens_per_sec = math.nan
         self.mfu = math.nan
+        self.mfu_causal = math.nan  # MaxText's convention (module docstring); NaN unless causal FLOPs are given
 
     def start_timing(self) -> None:
         self._last = time.perf_counter()
@@ -230,6 +237,8 @@ class Progress:
             self.tokens_per_sec = self._steps * self.tokens_per_step / self._seconds
             if self.peak:
                 self.mfu = self.tokens_per_sec * self.flops_per_token / self.peak
+                if self.causal_flops_per_token is not None:
+                    self.mfu_causal = self.tokens_per_sec * self.causal_flops_per_token / self.peak
         self._last = now
         self._n += 1
         if self._bar is not None:

@@ -271,7 +271,8 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     stack.callback(writer.close)
     progress = metrics_lib.Progress(
         config.steps, start_step, config.batch_size * seq_len, metrics_lib.flops_per_token(gpt2_config, seq_len),
-        metrics_lib.peak_flops(jax.devices(), config.cpu_peak_flops), enabled=config.progress_bar)
+        metrics_lib.peak_flops(jax.devices(), config.cpu_peak_flops), enabled=config.progress_bar,
+        causal_flops_per_token=metrics_lib.flops_per_token(gpt2_config, seq_len, causal=True))
     stack.callback(progress.close)
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
@@ -366,7 +367,7 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
             if not math.isnan(progress.tokens_per_sec):
                 scalars["tokens_per_sec"] = progress.tokens_per_sec
             if not math.isnan(progress.mfu):
-                scalars["mfu"] = progress.mfu
+                scalars.update(mfu=progress.mfu, mfu_causal=progress.mfu_causal)
             writer.write(step, **scalars)
         paused = False
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
