@@ -52,6 +52,16 @@ def _post(port, body, headers=None, path="/v1/completions"):
     return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
 
 
+def _scrape(port) -> dict:
+    """`GET /metrics` parsed by prometheus-client's own parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, body = _get(port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
 def _health(port) -> dict:
     status, _, body = _get(port, "/health")
     assert status == 200
@@ -114,6 +124,32 @@ def test_models_and_health(client, server):
     health = _health(server)
     assert health["max_batch"] == MAX_BATCH and health["context_length"] == CONTEXT_LENGTH
     assert health["prompt_buckets"] == [16, 64, CONTEXT_LENGTH]
+
+
+def test_metrics_count_what_the_clients_saw(client, server):
+    """/metrics (Prometheus text, read with prometheus-client's parser) moves by exactly what these requests
+    did: responses by status, prompt and completion tokens (the usage the client got), one time-to-first-token
+    per request, and an idle server shows an empty queue and no running slots."""
+    before = _scrape(server)
+    outs = [client.completions.create(model="tiny", prompt=_prompt(3 + s, seed=s), max_tokens=6, temperature=0)
+            for s in range(3)]
+    chunks = list(client.completions.create(model="tiny", prompt=_prompt(4, seed=9), max_tokens=5, temperature=0.8,
+                                            seed=1, stream=True, stream_options={"include_usage": True}))
+    usages = [o.usage for o in outs] + [chunks[-1].usage]
+    assert _post(server, {"model": "tiny", "prompt": "x", "max_tokens": -1})[0] == 400
+    after = _scrape(server)
+
+    def moved(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    ok, bad = {"path": "/v1/completions", "status": "200"}, {"path": "/v1/completions", "status": "400"}
+    assert (moved("flax_gpt2_http_requests_total", **ok), moved("flax_gpt2_http_requests_total", **bad)) == (4, 1)
+    assert moved("flax_gpt2_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert moved("flax_gpt2_completion_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert moved("flax_gpt2_time_to_first_token_seconds_count") == 4
+    assert moved("flax_gpt2_inter_token_latency_seconds_count") > 0
+    assert after[("flax_gpt2_queue_depth", ())] == 0 and after[("flax_gpt2_running_slots", ())] == 0
 
 
 def test_greedy_completion_equals_generate(client, reference):

@@ -1,4 +1,5 @@
-"""The HTTP layer (Starlette): `POST /v1/completions`, `GET /v1/models`, `GET /health`.
+"""The HTTP layer (Starlette): `POST /v1/completions`, `GET /v1/models`, `GET /health`, `GET /metrics`
+(Prometheus, `serve.metrics`; like /health, it needs no API key).
 
 Handlers validate, tokenize (in a worker thread) and queue the request on the engine, then wait on an
 asyncio queue that the engine thread fills: nothing here waits for the device. Errors are OpenAI-shaped
@@ -20,12 +21,14 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flax_gpt2.serve import protocol
 from flax_gpt2.serve.engine import Engine
+from flax_gpt2.serve.metrics import CONTENT_TYPE, CountResponses, RequestClock, ServerMetrics
 from flax_gpt2.serve.protocol import APIError, bad_request, check_api_key
 from flax_gpt2.serve.requests import Completion, Event, QueueFull, TokenLogprob
 
@@ -126,6 +129,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         check_api_key(api_key)
     names = (model_name,)
     created = int(time.time())
+    metrics = ServerMetrics(lambda: engine.stats)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -141,6 +145,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
                              "context_length": engine.context_length,
                              "prompt_buckets": engine.buckets, **vars(stats)})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(request: Request) -> Response:
         check_key(request)
@@ -164,6 +171,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         return prompt_ids, echo
 
     async def completions(request: Request) -> Response:
+        arrived = time.perf_counter()
         check_key(request)
         body = await read_json(request, max_body_bytes, body_timeout_s)
         # Prompt token ids must be ids the tokenizer can decode (not a padded model vocabulary's extra ones).
@@ -187,9 +195,11 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         id_ = protocol.completion_id()
         now = int(time.time())
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        metrics.prompt_tokens.inc(prompt_tokens)
+        clock = RequestClock(metrics, arrived)
         count = len(prompt_ids) * req.n
         if req.stream:
-            return StreamingResponse(_stream(completion, events, id_, now, count, prompt_tokens),
+            return StreamingResponse(_stream(completion, events, id_, now, count, prompt_tokens, clock),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = _Choices(count)
         try:
@@ -203,6 +213,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                     continue
                 if event.error is not None:
                     raise event.error
+                clock.delivered()
                 choices.add(event)
         finally:
             if not choices.done:
@@ -214,7 +225,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                                                        protocol.usage(prompt_tokens, sum(choices.tokens))))
 
     async def _stream(completion: Completion, events: asyncio.Queue, id_: str, created: int, count: int,
-                      prompt_tokens: int):
+                      prompt_tokens: int, clock: RequestClock):
         req = completion.request
         finished, completion_tokens = 0, 0
         extra = {"usage": None} if req.include_usage else {}
@@ -224,6 +235,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
                 if event.error is not None:
                     yield f"data: {json.dumps(event.error.body())}\n\n"
                     break
+                clock.delivered()
                 for c in event.choices:
                     choice = {"text": event.text, "index": c,
                               "logprobs": logprobs_object(event.logprobs) if req.logprobs is not None else None,
@@ -259,6 +271,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/v1/models/{name:path}", model, methods=["GET"]),
-              Route("/health", health, methods=["GET"])]
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                                        Exception: on_error})
+                                                        Exception: on_error},
+                     middleware=[Middleware(CountResponses, metrics=metrics)])
