@@ -31,12 +31,12 @@ def health(port: int) -> dict:
 
 @contextlib.contextmanager
 def server_process(args: list[str], tmp_path_factory, *, file_limit: int | None = None,
-                   start_timeout: float = 300) -> Iterator[tuple[int, Path]]:
+                   start_timeout: float = 300, procs: list | None = None) -> Iterator[tuple[int, Path]]:
     """Starts the server with `args` (its flags, `--port` added here) and yields `(port, log path)` once
     `/health` says ok; fails the test with the log's tail if it exits or does not come up in time.
 
     `file_limit` sets the child's open-file limit (`ulimit -n`) at once, long before it opens its port (no
-    fork-time hook in a process that runs JAX's threads).
+    fork-time hook in a process that runs JAX's threads). `procs`, when given, gets the `Popen` (to signal it).
     """
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")))
@@ -44,6 +44,8 @@ def server_process(args: list[str], tmp_path_factory, *, file_limit: int | None 
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flax_gpt2.serve", *args, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        if procs is not None:
+            procs.append(proc)
         try:
             if file_limit is not None:
                 resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (file_limit, file_limit))

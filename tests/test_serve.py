@@ -5,6 +5,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -661,3 +662,29 @@ def test_cli_errors_are_one_line():
                               capture_output=True, text=True, env=env, timeout=120)
     assert busy.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
+
+
+def test_sigterm_drains_running_requests_refuses_new_ones_and_exits_0(tiny_folder, tmp_path_factory):
+    """SIGTERM while a long stream runs: new completions get 503 `shutting_down` and /health 503 `draining`
+    (the port stays open), the running stream still ends normally with all its tokens, and the process exits
+    0 (uvicorn alone re-raised the signal: exit status 143)."""
+    procs = []
+    args = ["--model", str(tiny_folder), "--served_model_name", "tiny", "--max_batch", "2", "--context_length",
+            str(CONTEXT_LENGTH), "--prompt_buckets", "16", "--decode_steps", "1", "--drain_seconds", "120"]
+    with server_process(args, tmp_path_factory, procs=procs) as (port, log_path):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = client.completions.create(model="tiny", prompt=_prompt(4), max_tokens=CONTEXT_LENGTH - 4,
+                                           temperature=0, stream=True)
+        chunks = [next(iter(stream))]
+        procs[0].send_signal(signal.SIGTERM)
+        deadline = time.time() + 30
+        while _get(port, "/health")[0] != 503:  # the signal is handled on the server's main thread
+            assert time.time() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.01)
+        status, _, body = _post(port, {"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert (status, body["error"]["code"]) == (503, "shutting_down")
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert len("".join(c.choices[0].text for c in chunks)) > 0
+        assert procs[0].wait(timeout=60) == 0, log_path.read_text()[-2000:]
+        assert "drained in" in log_path.read_text()

@@ -81,6 +81,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_connections", type=_positive_int, default=None,
                         help="open connections at once; more are answered 503 and closed (default 1000, or half "
                              "the open-file limit `ulimit -n` when that is lower)")
+    parser.add_argument("--drain_seconds", type=cli.flag_type(float, lambda t: t >= 0, "a number of seconds >= 0"),
+                        default=30.0, help="on SIGTERM/SIGINT: new requests get 503 while running ones finish, for "
+                                           "at most this long; then the server stops and exits 0 (default 30; a "
+                                           "second signal stops at once)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -121,6 +125,7 @@ def _main(argv: Sequence[str]) -> None:
 
     from flax_gpt2.serve.api import create_app
     from flax_gpt2.serve.connections import connection_cap, limited_protocol
+    from flax_gpt2.serve.drain import Drain
 
 
     max_connections = connection_cap(args.max_connections)
@@ -137,16 +142,18 @@ def _main(argv: Sequence[str]) -> None:
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()
     name = args.served_model_name or args.model
+    drain = Drain(engine, args.drain_seconds, log)
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     body_timeout_s=args.body_timeout)
+                     body_timeout_s=args.body_timeout, draining=drain.started.is_set)
     host, port = sock.getsockname()[:2]
     log.info("serving %r on http://%s:%d/v1 (%d slots of %d tokens)%s", name, host, port, engine.max_batch,
              engine.context_length, "" if args.api_key is None else ", API key required")
     log.info("connections: at most %d open, request heads within %g s, bodies within %g s, idle keep-alive %g s",
              max_connections, args.header_timeout, args.body_timeout, args.timeout_keep_alive)
     protocol = limited_protocol(header_timeout_s=args.header_timeout, max_connections=max_connections)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, http=protocol,
-                                           timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=5))
+    server = drain.server_class(uvicorn.Server)(uvicorn.Config(
+        app, log_level=args.log_level, access_log=args.access_log, http=protocol,
+        timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
     finally:

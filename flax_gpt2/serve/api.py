@@ -16,7 +16,7 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -120,11 +120,14 @@ def logprobs_object(records: list[TokenLogprob]) -> dict:
 
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               body_timeout_s: float = 30.0, retry_after_s: int = 1) -> Starlette:
+               body_timeout_s: float = 30.0, retry_after_s: int = 1,
+               draining: Callable[[], bool] = lambda: False) -> Starlette:
     """The ASGI app serving `engine` (already warmed up and started) as the model `model_name`.
 
     `api_key` (printable ASCII, see `check_api_key`) is compared in constant time; a request body must
-    arrive within `body_timeout_s` seconds."""
+    arrive within `body_timeout_s` seconds. While `draining()` (a shutdown in progress), new completions
+    get 503 `shutting_down` and /health answers 503 `{"status": "draining"}`, so a load balancer moves
+    on, while running requests finish."""
     if api_key is not None:
         check_api_key(api_key)
     names = (model_name,)
@@ -142,6 +145,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
 
     async def health(request: Request) -> Response:
         stats = engine.stats
+        if draining():
+            return JSONResponse({"status": "draining", "model": model_name, **vars(stats)}, status_code=503)
         return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
                              "context_length": engine.context_length,
                              "prompt_buckets": engine.buckets, **vars(stats)})
@@ -173,6 +178,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     async def completions(request: Request) -> Response:
         arrived = time.perf_counter()
         check_key(request)
+        if draining():
+            raise APIError(503, "the server is shutting down; send new requests to another replica",
+                           code="shutting_down", headers={"Connection": "close"})
         body = await read_json(request, max_body_bytes, body_timeout_s)
         # Prompt token ids must be ids the tokenizer can decode (not a padded model vocabulary's extra ones).
         req = protocol.parse_completion_request(body, vocab_size=engine.vocab_limit, model_names=names)

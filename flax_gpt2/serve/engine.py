@@ -145,6 +145,12 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="flax_gpt2-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def idle(self) -> bool:
+        """No request is running or waiting (what a draining server waits for)."""
+        with self._lock:
+            return not self._waiting and all(s is None for s in self._running)
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
