@@ -654,6 +654,9 @@ def test_cli_errors_are_one_line():
     bad = subprocess.run([sys.executable, "-m", "flax_gpt2.serve", "--model", "x", "--max_batch", "0"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--max_batch" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "flax_gpt2.serve", "--model", "x", "--drain_seconds", "-1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--drain_seconds: must be a number of seconds >= 0" in bad.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
