@@ -125,6 +125,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Keys that fix the params' shapes (model sizes, param_dtype) can never change on resume.
     c.allow_config_change = False
     c.async_checkpointing = True
+    # "START:END": a jax.profiler trace of those optimizer steps (1-based) in WORKDIR/profile/, for TensorBoard's
+    # profile plugin or xprof (train/profiling.py); "" = none.
+    c.profile_steps = ""
     c.progress_bar = True
     # A Cloud TPU topology (`v4-8`, `v5litepod-8`, ...): compile the train and eval steps for it on this
     # machine, write compile_report.json (memory per chip, FLOPs) and exit without training.

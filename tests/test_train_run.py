@@ -70,9 +70,10 @@ def cache_dir(tmp_path_factory, shared_dir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir):
-    """An uninterrupted run of STEPS steps."""
+    """An uninterrupted run of STEPS steps, profiling steps 3 and 4 (the interrupted runs compared with it
+    do not: the trace changes nothing a step computes)."""
     workdir = tmp_path_factory.mktemp("reference")
-    proc = _run(workdir, cache_dir)
+    proc = _run(workdir, cache_dir, "--config.profile_steps=3:4")
     return workdir, proc.stderr
 
 
@@ -216,6 +217,14 @@ def test_nan_loss_stops_with_the_last_good_state_saved(cache_dir, tmp_path, monk
     _, params = run_checkpoint.load_run(tmp_path)  # saved although no periodic checkpoint was due
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [last_good]
     assert all(np.isfinite(np.asarray(p)).all() for p in __import__("jax").tree.leaves(params))
+
+
+def test_profile_window_writes_a_trace(reference):
+    """`profile_steps=3:4` leaves one jax.profiler trace (an .xplane.pb TensorBoard's profile plugin reads)."""
+    workdir, console = reference
+    traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000, traces
+    assert "profile of steps 3..4 written to" in console
 
 
 def test_model_flops_both_conventions_by_hand():

@@ -27,8 +27,8 @@ from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io
 
 from . import (checkpointing, compile_only as compile_only_lib, config_checks, data, evals, mesh as mesh_lib,
-               metrics as metrics_lib, model_config as model_config_lib, recipes, run_guard, signals as signals_lib,
-               step as step_lib)
+               metrics as metrics_lib, model_config as model_config_lib, profiling, recipes, run_guard,
+               signals as signals_lib, step as step_lib)
 from .config_checks import ConfigValueError
 
 
@@ -56,6 +56,7 @@ def _check_layout(config) -> tuple[Any, tuple, int, int]:
             model_config_lib.model_fields(config)  # init_from's architecture is known once it loads
         else:
             _check_seq_len(config.data.seq_len, model_config_lib.model_config(config)[0])
+    profiling.parse_window(config.profile_steps, None if config.epochs else config.steps)
     rules = tuple(tuple(rule) for rule in config.logical_axis_rules)
     shards = mesh_lib.batch_shards(mesh, rules)
     micro = config_checks.check_batch(config, shards)
@@ -274,11 +275,13 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
         metrics_lib.peak_flops(jax.devices(), config.cpu_peak_flops), enabled=config.progress_bar,
         causal_flops_per_token=metrics_lib.flops_per_token(gpt2_config, seq_len, causal=True))
     stack.callback(progress.close)
+    profile = profiling.ProfileWindow(config.profile_steps, config.steps, workdir, start_step)
+    stack.callback(profile.close)
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), signals_lib.StopSignals() as signals:
         state, result = _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress,
-                              signals, hf_model_config, dropout_rng, result)
+                              signals, hf_model_config, dropout_rng, result, profile)
     checkpointer.wait()
     progress.close()
     if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
@@ -335,7 +338,7 @@ def _resolve_epochs(config, steps_per_epoch: int):
 
 
 def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, signals,
-          hf_model_config, dropout_rng, result) -> tuple[step_lib.TrainState, dict[str, Any]]:
+          hf_model_config, dropout_rng, result, profile) -> tuple[step_lib.TrainState, dict[str, Any]]:
     step = int(state.step)
     if step >= config.steps:
         progress.write(f"already trained to step {step} (steps={config.steps})")
@@ -346,7 +349,9 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
     progress.start_timing()
     while step < config.steps:
         data_before = batches.state
+        profile.before(step + 1)
         state, m = train_step(state, next(batches), dropout_rng)
+        profile.after(step + 1, m)
         # One scalar back to the host per step: the NaN check must see every step before the next one
         # consumes the donated state.
         loss, finite = float(m["loss"]), bool(m["finite"])
