@@ -39,7 +39,8 @@ def parse_window(spec: str, steps: int | None = None) -> tuple[int, int] | None:
 
 
 class ProfileWindow:
-    """Starts the trace before step START and stops it once step END's results are on the host."""
+    """Starts the trace before step START and stops it once step END's results are on the host; as a
+    context manager, stops a trace still running at exit (see `close`)."""
 
     def __init__(self, spec: str, steps: int, workdir: str, first_step: int):
         self.window = parse_window(spec, steps)
@@ -69,3 +70,9 @@ class ProfileWindow:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+    def __enter__(self) -> "ProfileWindow":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -275,8 +275,7 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
         metrics_lib.peak_flops(jax.devices(), config.cpu_peak_flops), enabled=config.progress_bar,
         causal_flops_per_token=metrics_lib.flops_per_token(gpt2_config, seq_len, causal=True))
     stack.callback(progress.close)
-    profile = profiling.ProfileWindow(config.profile_steps, config.steps, workdir, start_step)
-    stack.callback(profile.close)
+    profile = stack.enter_context(profiling.ProfileWindow(config.profile_steps, config.steps, workdir, start_step))
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules), signals_lib.StopSignals() as signals:
