@@ -212,6 +212,139 @@ def test_adapter_dropout_trains_and_differs_from_no_dropout():
     assert dropped[0][2] != plain[0][2]  # (the warmup's learning rate is 0 at the first update)
 
 
+# --- runs: adapter-only checkpoints, exact resume, the base's identity, PEFT export ---------------------
+
+STEPS = 8
+LORA_KEYS = {"lora.rank": 4, "lora.targets": "c_attn,c_fc", "lora.alpha": 16.0}
+
+
+def _run_config(cache_dir, base_folder, **overrides):
+    """configs/tiny.py's data and cadence, LoRA on the tiny HF base; `decay_steps` fixed, so a shorter run
+    is the same schedule and `steps` may grow on resume."""
+    keys = {"init_from": str(base_folder), "steps": STEPS, "checkpoint_every": 4, "eval_every": 4, "data.seq_len": 32,
+            "optimizer.decay_steps": STEPS, **LORA_KEYS}
+    return tiny_train_config(cache_dir, **{**keys, **overrides})
+
+
+def _losses(workdir, key="loss"):
+    with open(Path(workdir) / "metrics.jsonl") as f:
+        return {r["step"]: r[key] for r in map(json.loads, filter(str.strip, f)) if key in r}
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (the lock file aside): what 'nothing changed' compares."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, shared_dir):
+    return tmp_path_factory.mktemp("token_cache")
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A tiny random transformers GPT-2 folder (every parameter random), the base of the LoRA runs."""
+    return make_hf_model(tmp_path_factory, "lora_train_base", randomize=True)[1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache_dir, hf_base):
+    """An uninterrupted LoRA run of STEPS steps."""
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("lora_reference")
+    result = train_and_evaluate(_run_config(cache_dir, hf_base), str(workdir))
+    assert result["step"] == STEPS and result["stopped"] == "done"
+    return workdir
+
+
+def test_a_lora_run_checkpoints_only_adapters_and_the_base_identity(reference_run, hf_base):
+    import jax
+
+    import flax_gpt2
+    from flax_gpt2.checkpoints import run_adapters, run_folders
+    from flax_gpt2.checkpoints.peft_adapters import base_weights_sha256
+
+    losses = _losses(reference_run)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    adapters, lora, base = run_adapters.load_run_adapter(reference_run)
+    assert lora.rank == 4 and lora.targets == ("c_attn", "c_fc") and lora.alpha == 16.0
+    _, base_params = flax_gpt2.from_pretrained(str(hf_base), progress=False)
+    assert base["init_from"] == str(hf_base) and base["weights_sha256"] == base_weights_sha256(base_params)
+    assert base["model_config"]["n_embd"] == 64
+    assert set(adapters["transformer"]) == {"h_0", "h_1"}
+    assert {x.shape for x in jax.tree.leaves(adapters)} == {(64, 4), (4, 3, 4, 16), (4, 256)}
+    # The checkpoint (adapters, Adam's moments, meta, orbax's files) is tiny beside the base's weights.
+    checkpoint = reference_run / "checkpoints" / str(STEPS)
+    checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
+    base_bytes = (hf_base / "model.safetensors").stat().st_size
+    assert checkpoint_bytes * 20 < base_bytes, (checkpoint_bytes, base_bytes)
+    # A LoRA run is not a whole model: the readers of whole models say what it is instead.
+    with pytest.raises(run_folders.LoRARunError, match="LoRA training run.*load_run_adapter"):
+        flax_gpt2.from_pretrained(str(reference_run), progress=False)
+
+
+def test_a_stopped_lora_run_resumes_exactly(reference_run, cache_dir, hf_base, tmp_path):
+    """Stopped at its checkpoint of step 4 (a shorter run of the same schedule), then resumed to STEPS: the
+    losses and the adapters equal the uninterrupted run's."""
+    from flax_gpt2.checkpoints import run_adapters
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    assert train_and_evaluate(_run_config(cache_dir, hf_base, steps=4), str(tmp_path))["step"] == 4
+    result = train_and_evaluate(_run_config(cache_dir, hf_base), str(tmp_path))
+    assert result["step"] == STEPS
+    expected = _losses(reference_run)
+    np.testing.assert_allclose([_losses(tmp_path)[s] for s in expected], list(expected.values()), rtol=1e-6)
+    expected_eval = _losses(reference_run, "eval_loss")
+    np.testing.assert_allclose([_losses(tmp_path, "eval_loss")[s] for s in expected_eval],
+                               list(expected_eval.values()), rtol=1e-6)
+    resumed, reference = run_adapters.load_run_adapter(tmp_path)[0], run_adapters.load_run_adapter(reference_run)[0]
+    assert _max_diff(resumed, reference) <= 1e-6
+
+
+def test_resuming_on_other_base_weights_is_refused_naming_them(reference_run, cache_dir, tmp_path_factory, tmp_path):
+    import shutil
+
+    from flax_gpt2.train import run_guard
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    other = make_hf_model(tmp_path_factory, "lora_other_base", seed=5, randomize=True)[1]
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run, workdir)
+    before = _snapshot(workdir)
+    for allow in (False, True):
+        with pytest.raises(run_guard.ConfigChangedError, match=f"other base weights than init_from='{other}'"):
+            train_and_evaluate(_run_config(cache_dir, other, allow_config_change=allow), str(workdir))
+    assert _snapshot(workdir) == before
+
+
+def test_the_run_adapter_loads_in_peft_with_equal_logits(reference_run, hf_base, tmp_path):
+    import jax.numpy as jnp
+    import peft
+    import torch
+    import transformers
+
+    import flax_gpt2
+    from flax_gpt2 import apply_lora, save_peft_adapter
+    from flax_gpt2.checkpoints import run_adapters
+
+    adapters, lora, base = run_adapters.load_run_adapter(reference_run)
+    model, params = flax_gpt2.from_pretrained(base["init_from"], progress=False)
+    save_peft_adapter(tmp_path, adapters, lora, base_model_name_or_path=base["init_from"], base_params=params)
+    reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(hf_base).eval(),
+                                               tmp_path).eval()
+    ids = np.random.default_rng(0).integers(0, 50257, (2, 16))
+    ours = np.asarray(model.apply({"params": apply_lora(params, adapters, lora)}, jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    plain = np.asarray(model.apply({"params": params}, jnp.asarray(ids)).logits)
+    assert np.abs(ours - plain).max() > 1e-3  # the trained adapter does change the model
+
+
 # --- meshes (subprocess) ----------------------------------------------------------------------------------
 
 
