@@ -355,7 +355,7 @@ def _worker(out_path):
     results = {}
     for scan in (False, True):
         for accumulation in (1, 2):
-            tokens = _tokens((accumulation, 8 // accumulation, SEQ + 1), seed=1)
+            tokens = _tokens((accumulation, 16 // accumulation, SEQ + 1), seed=1)  # micro-batches split 8 ways
             reference = _lora_run((1, 1, 1), jax.devices()[:1], tokens, lora=lora, scan_layers=scan)
             for shape in MESHES:
                 losses, adapters, _, after, _, eval_loss, spec = _lora_run(shape, jax.devices(), tokens, lora=lora,
