@@ -144,6 +144,17 @@ def test_resume_refuses_other_base_weights_even_when_changes_are_allowed():
         run_guard.check_resume_config(saved, other, allow_change=True, workdir="w")
 
 
+def test_a_run_from_before_lora_existed_resumes_under_the_lora_off_defaults():
+    from flax_gpt2.configs import base
+    from flax_gpt2.train import run_guard
+
+    current = run_guard.flatten(base.get_config())
+    older = {k: v for k, v in current.items() if not k.startswith("lora.")}
+    assert run_guard.check_resume_config(older, current, allow_change=False, workdir="w") == {}
+    with pytest.raises(run_guard.ConfigChangedError, match=r"lora\.rank: '<absent>' -> 4"):
+        run_guard.check_resume_config(older, dict(current, **{"lora.rank": 4}), allow_change=True, workdir="w")
+
+
 # --- the train step -------------------------------------------------------------------------------------
 
 
@@ -305,6 +316,20 @@ def test_a_stopped_lora_run_resumes_exactly(reference_run, cache_dir, hf_base, t
     assert _max_diff(resumed, reference) <= 1e-6
 
 
+def test_a_lora_run_resumes_in_the_other_layer_layout(reference_run, cache_dir, hf_base, tmp_path):
+    """Per-layer adapters and their moments restore into scanned blocks (`model.scan_layers` is harmless on
+    resume): the finished run's eval loss is the same."""
+    import shutil
+
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run, workdir)
+    result = train_and_evaluate(_run_config(cache_dir, hf_base, **{"model.scan_layers": True}), str(workdir))
+    assert result["step"] == STEPS
+    assert abs(result["eval_loss"] - _losses(reference_run, "eval_loss")[STEPS]) <= 1e-5
+
+
 def test_resuming_on_other_base_weights_is_refused_naming_them(reference_run, cache_dir, tmp_path_factory, tmp_path):
     import shutil
 
@@ -343,6 +368,28 @@ def test_the_run_adapter_loads_in_peft_with_equal_logits(reference_run, hf_base,
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     plain = np.asarray(model.apply({"params": params}, jnp.asarray(ids)).logits)
     assert np.abs(ours - plain).max() > 1e-3  # the trained adapter does change the model
+
+
+@pytest.mark.slow
+def test_compile_only_sizes_a_lora_run_without_optimizer_state_for_the_base(tmp_path):
+    """`--config.compile_only` compiles a LoRA run for a TPU chip on this host: the train state is the base
+    plus small adapters and their moments (full training: params and two moments, 3x the base)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (pip install 'jax[tpu]==<the installed jax>')")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                           "--config.compile_only=v5litepod-1", "--config.lora.rank=4",
+                           "--config.lora.targets=c_attn,c_fc", "--config.lora.base_dtype=bfloat16"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "compile_report.json").read_text())
+    assert report["fits"] and report["lora"] == {"rank": 4, "targets": "c_attn,c_fc", "base_dtype": "bfloat16"}
+    base_bytes = 2 * report["model"]["num_params"]  # bfloat16
+    assert base_bytes < report["state_bytes_per_chip"] < 1.1 * base_bytes
+    assert "LoRA rank 4 on c_attn,c_fc over a frozen bfloat16 base" in proc.stdout
 
 
 # --- meshes (subprocess) ----------------------------------------------------------------------------------

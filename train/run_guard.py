@@ -105,6 +105,9 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], *, allow
     reshapes the learning-rate schedule and a changed corpus only with `allow_change`
     (`--config.allow_config_change=True`). `step` is the checkpoint's, for the message.
     """
+    if "lora.rank" not in saved and not current.get("lora.rank"):
+        # A run from before LoRA existed trained the whole model, as `lora.rank=0` does: not a change.
+        current = {k: v for k, v in current.items() if not k.startswith("lora.")}
     diff = config_diff(saved, current)
     unsafe = {k: v for k, v in diff.items() if not _matches(k, SAFE_ON_RESUME)}
     if _matches_any(unsafe, LENGTH) and _same_schedule(saved, current):
