@@ -6,7 +6,7 @@ sized for one Colab GPU (a T4's 16 GB) or TPU.
 
 Only the adapters (rank 16 on every attention and MLP projection: ~6M of 355M weights) get gradients and
 AdamW moments, so the memory that full fine-tuning spends on optimizer state goes to the batch; checkpoints
-hold only the adapters (~70 MB with their moments instead of ~4 GB). LoRA wants a larger learning rate than
+hold only the adapters (~75 MB with their moments instead of ~4 GB). LoRA wants a larger learning rate than
 full fine-tuning (PEFT's examples use 1e-4 to 3e-4); the run keeps the recipe's data, epochs and schedule.
 """
 
