@@ -392,6 +392,48 @@ def test_compile_only_sizes_a_lora_run_without_optimizer_state_for_the_base(tmp_
     assert "LoRA rank 4 on c_attn,c_fc over a frozen bfloat16 base" in proc.stdout
 
 
+def _cli(workdir, cache_dir):
+    """`python -m train` of a LoRA run on the tiny model's random init (no init_from)."""
+    return [sys.executable, "-m", "train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+            f"--config.steps={STEPS}", "--config.checkpoint_every=4", "--config.log_every=1", "--config.eval_every=4",
+            f"--config.data.cache_dir={cache_dir}", "--config.lora.rank=4", "--config.lora.targets=c_attn,c_proj"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_reproduces_the_lora_run(cache_dir, tmp_path):
+    """As tests/test_train_run.py: SIGTERM once step 2 is logged saves where it stopped; the same command
+    resumes; the losses equal an uninterrupted run's."""
+    import signal
+    import time
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+
+    def run(workdir):
+        proc = subprocess.run(_cli(workdir, cache_dir), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "reference")
+    workdir = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli(workdir, cache_dir), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and max(_losses(workdir) or [0]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = json.loads((workdir / "result.json").read_text())
+    assert stopped["stopped"] == "preempted" and stopped["step"] < STEPS
+    run(workdir)
+    expected = _losses(tmp_path / "reference")
+    np.testing.assert_allclose([_losses(workdir)[s] for s in expected], list(expected.values()), rtol=1e-6)
+
+
 # --- meshes (subprocess) ----------------------------------------------------------------------------------
 
 

@@ -9,7 +9,9 @@ of the state (no multi-GB constant baked into the program), yet it is never diff
 (`lora.frozen_base_loss` stops its gradient), never given to the optimizer (whose state is built on the
 adapters alone) and never checkpointed (`train/checkpointing.py` saves `params` and `opt_state`): a resume
 reloads it from `init_from`. Everything that reads `params` (sharding, checkpoints, checksums) therefore
-works on the adapters unchanged.
+works on the adapters unchanged. Memory: `lora.apply_lora` merges the adapters into the kernels, so each
+targeted kernel has a merged copy and a kernel-sized gradient as transients of the step (for every layer at
+once under `scan_layers`); `configs/finetune_lora_gpt2xl.py` has the measured cost.
 """
 
 from __future__ import annotations
