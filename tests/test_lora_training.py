@@ -370,7 +370,6 @@ def test_the_run_adapter_loads_in_peft_with_equal_logits(reference_run, hf_base,
     assert np.abs(ours - plain).max() > 1e-3  # the trained adapter does change the model
 
 
-@pytest.mark.slow
 def test_compile_only_sizes_a_lora_run_without_optimizer_state_for_the_base(tmp_path):
     """`--config.compile_only` compiles a LoRA run for a TPU chip on this host: the train state is the base
     plus small adapters and their moments (full training: params and two moments, 3x the base)."""
