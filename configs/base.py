@@ -51,6 +51,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Start from pretrained weights: a Hugging Face folder or hub name, or a training run's workdir, read
     # by `flax_gpt2.from_pretrained`. Empty trains from scratch. The architecture then comes from there.
     c.init_from = ""
+    # LoRA fine-tuning (flax_gpt2/modeling/lora.py): `rank` > 0 freezes the model and trains low-rank adapters
+    # on `targets` (PEFT's target_modules names, comma-separated: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj).
+    # Only the adapters get gradients and optimizer state, and checkpoints hold only them (plus the base's
+    # identity: init_from and a sha256 of its weights, checked on resume). The base is `init_from`; without one
+    # it is the seed's random init (legal, for tests and experiments; no warning). `base_dtype` stores the frozen
+    # base in another dtype ("" = model.param_dtype; "bfloat16" halves its memory), adapters stay in param_dtype.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (full fine-tuning)
+    c.lora.alpha = 8.0  # the update is scaled by alpha / rank (PEFT's default alpha)
+    c.lora.dropout = 0.0  # on the adapters' input features (lora.py's docstring: how it differs from PEFT's)
+    c.lora.targets = "c_attn"
+    c.lora.base_dtype = ""
 
     # Data: see train/data.py for what `source` may be.
     c.data = ml_collections.ConfigDict()

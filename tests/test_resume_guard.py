@@ -40,6 +40,9 @@ CLASSES = {
     # the shapes (or dtype) of the saved arrays
     "model.preset": ARCHITECTURE, "model.n_layer": ARCHITECTURE, "model.n_embd": ARCHITECTURE,
     "model.n_head": ARCHITECTURE, "model.n_positions": ARCHITECTURE, "model.param_dtype": ARCHITECTURE,
+    # LoRA: rank and targets fix the adapters' shapes; the rest is the math of a step
+    "lora.rank": ARCHITECTURE, "lora.targets": ARCHITECTURE,
+    "lora.alpha": TRAINING, "lora.dropout": TRAINING, "lora.base_dtype": TRAINING,
 }
 
 

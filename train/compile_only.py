@@ -166,10 +166,12 @@ def _plan(config, devices) -> _Plan:
 
     model = GPT2LMHeadModel(gpt2_config)
     tx, schedule = step_lib.make_optimizer(config.optimizer, config.steps)
-    state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len)
+    lora = model_config_lib.lora_config(config)  # LoRA: the state is adapters + their moments + the frozen base
+    state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len, lora,
+                                                                   model_config_lib.base_dtype(config))
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding)
-    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding)
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora)
+    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base)
 
     def abstract(shape, sharding):
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
@@ -181,8 +183,9 @@ def _plan(config, devices) -> _Plan:
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     eval_tokens = jax.ShapeDtypeStruct((1, eval_batch, seq_len + 1), jnp.int32, sharding=batch_sharding)
     state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+    eval_args = (state.params, eval_tokens) + (() if lora is None else (state.base,))
     return _Plan(gpt2_config, mesh, rules, micro, accumulation, eval_batch, train_step, eval_step,
-                 (state, tokens, rng), (state.params, eval_tokens), state_bytes)
+                 (state, tokens, rng), eval_args, state_bytes)
 
 
 def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
@@ -340,6 +343,8 @@ def _describe(config, target, plan: _Plan) -> dict:
         "model": {"n_layer": g.n_layer, "n_embd": g.n_embd, "n_head": g.n_head, "num_params": g.num_params,
                   "dtype": config.model.dtype, "param_dtype": config.model.param_dtype, "remat": g.remat,
                   "scan_layers": g.scan_layers},
+        "lora": ({"rank": config.lora.rank, "targets": config.lora.targets,
+                  "base_dtype": config.lora.base_dtype or config.model.param_dtype} if config.lora.rank else None),
         "hbm_bytes_per_chip": target.hbm_bytes_per_device,
         "xla_available_hbm_bytes_per_chip": target.usable_hbm_bytes_per_device,
         "state_bytes_per_chip": plan.state_bytes,

@@ -32,7 +32,9 @@ def format_report(report: dict) -> str:
         f"compile-only for {report['topology']} ({report['topology_name']}): {report['chips']} chips, "
         f"{report['devices']} devices of {report['device_kind']}",
         f"  model: {m['num_params'] / 1e6:.0f}M params, L={m['n_layer']} D={m['n_embd']}, {m['dtype']} compute, "
-        f"{m['param_dtype']} params, remat={m['remat']}",
+        f"{m['param_dtype']} params, remat={m['remat']}" + (
+            f"; LoRA rank {report['lora']['rank']} on {report['lora']['targets']} over a frozen "
+            f"{report['lora']['base_dtype']} base" if report.get("lora") else ""),
         f"  mesh {report['mesh']}; batch {report['batch_size']} x {report['seq_len']} tokens = "
         f"{report['accumulation_steps']} micro-batches of {report['micro_batch_size']} "
         f"({report['micro_batch_per_chip']} per chip)",

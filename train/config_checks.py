@@ -3,6 +3,8 @@ naming the key, so a typo costs seconds, not a run."""
 
 from __future__ import annotations
 
+from flax_gpt2.modeling.lora import TARGET_NAMES
+from flax_gpt2.utils import dtypes
 from flax_gpt2.utils.cli import UsageError
 from flax_gpt2.utils.validation import is_int, is_real
 
@@ -47,6 +49,25 @@ def check_config(config) -> None:
     _require(is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
              config.cpu_peak_flops, "must be a finite number > 0")
     _check_axis_rules(config.logical_axis_rules)
+    check_lora(config)
+
+
+def check_lora(config) -> None:
+    """`lora.*`: rank 0 (off) or more, and with rank > 0 values `LoRAConfig` accepts and a known base dtype."""
+    lora = config.lora
+    _require(is_int(lora.rank) and lora.rank >= 0, "lora.rank", lora.rank,
+             "must be an integer >= 0 (0 = no LoRA: full fine-tuning)")
+    if lora.rank == 0:
+        return
+    _require(is_real(lora.alpha) and lora.alpha > 0, "lora.alpha", lora.alpha, "must be a finite number > 0")
+    _require(is_real(lora.dropout) and 0 <= lora.dropout < 1, "lora.dropout", lora.dropout, "must be in [0, 1)")
+    targets = tuple(t.strip() for t in lora.targets.split(",")) if isinstance(lora.targets, str) else ()
+    unknown = [t for t in targets if t not in TARGET_NAMES]
+    _require(bool(targets) and all(targets) and not unknown, "lora.targets", lora.targets,
+             f"must be comma-separated module names of {', '.join(TARGET_NAMES)} (e.g. 'c_attn' or 'c_attn,c_fc'; "
+             "c_proj is both attn.c_proj and mlp.c_proj)")
+    _require(lora.base_dtype == "" or lora.base_dtype in dtypes.DTYPES, "lora.base_dtype", lora.base_dtype,
+             f"must be '' (model.param_dtype) or one of {', '.join(sorted(dtypes.DTYPES))}")
 
 
 def _check_axis_rules(rules) -> None:

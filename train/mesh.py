@@ -15,8 +15,12 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from flax_gpt2.modeling import lora as lora_lib
+from flax_gpt2.modeling.lora import LoRAConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,6 +43,12 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+def place(tree, shardings):
+    """Host arrays (the same on every process) -> global arrays with `shardings`."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x[i])),
+                        tree, shardings)
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Sharding of a token batch `[A, B, T]` (A accumulated micro-batches of B rows)."""
     return NamedSharding(mesh, P(None, *nn.logical_to_mesh_axes(("batch", None), rules)))
@@ -57,8 +67,13 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules) -> Any:
     A mesh axis that does not divide a parameter dimension (e.g. GPT-2 XL's 25 heads over tensor=2) is
     dropped for that dimension, and said so, rather than failing: the parameter is replicated there.
     """
-    specs = nn.get_partition_spec(abstract_boxed_params)
-    shapes = nn.unbox(abstract_boxed_params)
+    return logical_shardings(nn.get_partition_spec(abstract_boxed_params), nn.unbox(abstract_boxed_params),
+                             mesh, rules)
+
+
+def logical_shardings(specs, shapes, mesh: Mesh, rules) -> Any:
+    """Shardings from a tree of logical `PartitionSpec`s (e.g. `lora.logical_axes` of the adapters) and the
+    matching tree of shapes, by the rules; axes that do not divide a dimension are dropped (`param_shardings`)."""
 
     def fit(path, spec: P, shape) -> NamedSharding:
         mesh_axes = nn.logical_to_mesh_axes(spec, rules) if spec else P()
@@ -86,9 +101,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param
 
 
 def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules,
-                          seq_len: int):
+                          seq_len: int, lora: LoRAConfig | None = None, base_dtype=None):
     """`(shardings, shapes)` of the train state (`step.TrainState` trees of `NamedSharding`s and of
-    `jax.ShapeDtypeStruct`s) for `model` trained with `tx`, from the params' logical axis names."""
+    `jax.ShapeDtypeStruct`s) for `model` trained with `tx`, from the params' logical axis names.
+
+    With `lora`, the trained params are the adapters (in the model's param_dtype, sharded by
+    `lora.logical_axes` like the kernels they change) and `base` is the frozen model in `base_dtype`
+    (default param_dtype), sharded as full training shards the params."""
     from .step import TrainState  # here, not at the top: step.py needs no mesh
 
     dummy = jax.ShapeDtypeStruct((1, seq_len), jax.numpy.int32)
@@ -96,8 +115,18 @@ def train_state_shardings(model: nn.Module, tx: optax.GradientTransformation, me
     params = param_shardings(boxed, mesh, rules)
     shapes = nn.unbox(boxed)
     replicated = NamedSharding(mesh, P())
-    shardings = TrainState(step=replicated, params=params,
-                           opt_state=opt_state_shardings(tx, shapes, params, mesh))
-    state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=shapes,
-                              opt_state=jax.eval_shape(tx.init, shapes))
+    if lora is None:
+        shardings = TrainState(step=replicated, params=params,
+                               opt_state=opt_state_shardings(tx, shapes, params, mesh))
+        state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=shapes,
+                                  opt_state=jax.eval_shape(tx.init, shapes))
+        return shardings, state_shapes
+    base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, base_dtype or x.dtype), shapes)
+    adapters = jax.eval_shape(lambda: lora_lib.init_lora(jax.random.key(0), shapes, model.config, lora,
+                                                         dtype=model.config.param_dtype))
+    adapter_shardings = logical_shardings(lora_lib.logical_axes(adapters), adapters, mesh, rules)
+    shardings = TrainState(step=replicated, params=adapter_shardings,
+                           opt_state=opt_state_shardings(tx, adapters, adapter_shardings, mesh), base=params)
+    state_shapes = TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=adapters,
+                              opt_state=jax.eval_shape(tx.init, adapters), base=base_shapes)
     return shardings, state_shapes

@@ -9,6 +9,7 @@ from typing import Any
 from flax_gpt2.checkpoints.pretrained import from_pretrained
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import PRESETS, GPT2Config
+from flax_gpt2.modeling.lora import LoRAConfig
 from flax_gpt2.utils import dtypes, file_io
 
 from .config_checks import ConfigValueError
@@ -32,11 +33,34 @@ def model_config(config, resumed: dict[str, Any] | None = None, *, progress: boo
     if config.init_from:
         if resumed is not None:
             return GPT2Config.from_hf_config(resumed).replace(**jax_fields), None
-        model, params = from_pretrained(config.init_from, param_dtype=jax_fields["param_dtype"],
+        # A LoRA base is read straight into its storage dtype (a bfloat16 base never exists in float32 here).
+        model, params = from_pretrained(config.init_from, param_dtype=base_dtype(config) or jax_fields["param_dtype"],
                                                   progress=progress,
                                                   pass_folder_as="--config.init_from=DIR")
         return model.config.replace(**jax_fields), layer_stacking.to_layout(params, config.model.scan_layers)
     return GPT2Config.from_preset(config.model.preset, **sizes, **jax_fields), None
+
+
+def lora_config(config) -> LoRAConfig | None:
+    """The run's `LoRAConfig` (`config.lora.*`, checked by `config_checks.check_lora`); None when `lora.rank`
+    is 0 (full training)."""
+    lora = config.lora
+    if not lora.rank:
+        return None
+    return LoRAConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+
+
+def base_dtype(config):
+    """The dtype a LoRA run keeps its frozen base in (`lora.base_dtype`, default `model.param_dtype`); None
+    without LoRA."""
+    if not config.lora.rank:
+        return None
+    if not config.lora.base_dtype:
+        return _dtype(config.model.param_dtype, "param_dtype")
+    try:
+        return dtypes.from_name(config.lora.base_dtype, "config.lora.base_dtype")
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
 
 
 def model_fields(config) -> tuple[dict[str, Any], dict[str, int]]:

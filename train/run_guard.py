@@ -43,8 +43,13 @@ LENGTH = ("steps", "epochs", "optimizer.decay_steps")
 # config in each checkpoint. A value that is unknown on either side (an older checkpoint) is not compared.
 CORPUS = "corpus."
 # Keys that fix the shapes of the params and optimizer state: a checkpoint cannot be resumed under others.
+# A LoRA run's adapters have shapes set by `lora.rank` and `lora.targets` too (its other `lora.*` keys are
+# training keys: refused unless allow_config_change).
 ARCHITECTURE = ("model.preset", "model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
-                "model.param_dtype")
+                "model.param_dtype", "lora.rank", "lora.targets")
+# Not config keys: what identifies the frozen base of a LoRA run (`run_folders.LORA_BASE_SHA256`), stored with the
+# config. Checkpoints hold only the adapters, which mean nothing on other base weights: never accepted changed.
+BASE = "lora_base."
 
 
 class ConfigChangedError(RuntimeError):
@@ -63,6 +68,18 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
     return out
+
+
+def read_saved_config(workdir: str) -> dict[str, Any] | None:
+    """The flattened config of the run already in `workdir` (its train_config.json), if any."""
+    path = file_io.join(workdir, "train_config.json")
+    if not file_io.exists(path):
+        return None
+    try:
+        return flatten(json.loads(file_io.read_text(path)))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logging.warning("%s is not valid JSON; the checkpoints' own record of the config is used", path)
+        return None
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -88,11 +105,24 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], *, allow
     reshapes the learning-rate schedule and a changed corpus only with `allow_change`
     (`--config.allow_config_change=True`). `step` is the checkpoint's, for the message.
     """
+    if "lora.rank" not in saved and not current.get("lora.rank"):
+        # A run from before LoRA existed trained the whole model, as `lora.rank=0` does: not a change.
+        current = {k: v for k, v in current.items() if not k.startswith("lora.")}
     diff = config_diff(saved, current)
     unsafe = {k: v for k, v in diff.items() if not _matches(k, SAFE_ON_RESUME)}
     if _matches_any(unsafe, LENGTH) and _same_schedule(saved, current):
         unsafe = {k: v for k, v in unsafe.items() if k not in LENGTH}
     fixed = {k: v for k, v in unsafe.items() if _matches(k, ARCHITECTURE)}
+    # Both sides known: a LoRA run on other base weights (a switch to or from LoRA is `lora.rank`'s error below).
+    base = {k: v for k, v in diff.items() if k.startswith(BASE) and k in saved and k in current}
+    if base:
+        saved_hash, current_hash = next(iter(base.values()))
+        raise ConfigChangedError(
+            f"{workdir} holds LoRA adapters trained on other base weights than init_from="
+            f"{current.get('init_from')!r} holds now (sha256 {str(saved_hash)[:12]}... when trained, "
+            f"{str(current_hash)[:12]}... now); nothing was changed in the workdir. The checkpoints hold only the "
+            "adapters, so the run needs the base it was trained on: point init_from at those weights (the run "
+            f"started from {saved.get('init_from')!r}), or start a new run in another --workdir.")
     if fixed or (unsafe and not allow_change):
         blocking = fixed or unsafe
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in blocking.items())

@@ -2,6 +2,16 @@
 
 The steps are plain functions of arrays; `train_loop` jits them with explicit shardings. Parameters are
 kept in `param_dtype` (fp32 master weights) and cast to the model's compute `dtype` inside its layers.
+
+LoRA (`lora` given): `TrainState.params` holds the adapters, the only trained arrays, and `TrainState.base`
+the frozen model. The base is an input of every step like the params, so the step stays one jitted function
+of the state (no multi-GB constant baked into the program), yet it is never differentiated
+(`lora.frozen_base_loss` stops its gradient), never given to the optimizer (whose state is built on the
+adapters alone) and never checkpointed (`train/checkpointing.py` saves `params` and `opt_state`): a resume
+reloads it from `init_from`. Everything that reads `params` (sharding, checkpoints, checksums) therefore
+works on the adapters unchanged. Memory: `lora.apply_lora` merges the adapters into the kernels, so each
+targeted kernel has a merged copy and a kernel-sized gradient as transients of the step (for every layer at
+once under `scan_layers`); `configs/finetune_lora_gpt2xl.py` has the measured cost.
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling import layer_stacking, lora as lora_lib
 from flax_gpt2.modeling.attention import target_platform
+from flax_gpt2.modeling.lora import LoRAConfig
 
 Array = jax.Array
 
@@ -27,17 +38,19 @@ _MAX_NONFINITE_SKIPS = 1_000_000
 @flax.struct.dataclass
 class TrainState:
     step: Array  # optimizer steps taken (int32 scalar)
-    params: Any
+    params: Any  # what the optimizer trains: the model's params, or a LoRA run's adapters
     opt_state: Any
+    base: Any = None  # a LoRA run's frozen model params (module docstring); None otherwise
 
 
 def decay_mask(params) -> Any:
-    """Weight decay on matrices and embeddings (`kernel`, `embedding`), never on biases or LayerNorm.
+    """Weight decay on matrices and embeddings (`kernel`, `embedding`) and LoRA adapters (`lora_a`, `lora_b`,
+    as Hugging Face's Trainer decays PEFT's), never on biases or LayerNorm.
 
     Anything not found under such a name (including optax's params placeholder) is not decayed.
     """
     def leaf(path, _):
-        return bool(path) and getattr(path[-1], "key", None) in ("kernel", "embedding")
+        return bool(path) and getattr(path[-1], "key", None) in ("kernel", "embedding", "lora_a", "lora_b")
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
@@ -97,23 +110,34 @@ def make_loss_fn(model: nn.Module) -> Callable[[Any, Array, Array], Array]:
     return loss_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    lora: LoRAConfig | None = None) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
     """`train_step(state, tokens [A, B, T+1], rng) -> (state, metrics)`.
 
     The gradient of the A micro-batches of B sequences is accumulated in a `lax.scan` and averaged, which
     equals the gradient of the whole A*B batch (every row has T target tokens). Dropout keys depend
-    only on `rng`, the step and the micro-batch index, so a resumed run draws the same masks.
+    only on `rng`, the step and the micro-batch index, so a resumed run draws the same masks. With `lora`,
+    `state.params` are the adapters over the frozen `state.base` (module docstring).
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(model))
+    loss_fn = make_loss_fn(model)
+    if lora is None:
+        grad_fn = jax.value_and_grad(loss_fn)
+    else:
+        adapted = jax.value_and_grad(lora_lib.frozen_base_loss(loss_fn, lora))
+
+        def grad_fn(adapters, tokens, rng, base):
+            # The model's dropout and the adapters' draw from independent keys of the micro-batch's key.
+            model_rng, lora_rng = jax.random.split(rng)
+            return adapted(adapters, base, tokens, model_rng, dropout_rng=lora_rng if lora.dropout > 0 else None)
 
     def train_step(state: TrainState, tokens: Array, rng: Array):
         rng = jax.random.fold_in(rng, state.step)
+        extra = () if lora is None else (state.base,)
 
         def accumulate(carry, xs):
             loss_sum, grad_sum = carry
             index, micro_tokens = xs
-            loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index))
+            loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         n_micro = tokens.shape[0]
@@ -125,8 +149,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         finite = opt_state.last_finite & jnp.isfinite(loss)
         # A skipped (non-finite) step leaves params and optimizer moments as they were; so does `step`.
-        new_state = TrainState(step=state.step + finite.astype(state.step.dtype), params=params,
-                               opt_state=opt_state)
+        new_state = state.replace(step=state.step + finite.astype(state.step.dtype), params=params,
+                                  opt_state=opt_state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
                    "finite": finite}
         return new_state, metrics
@@ -134,11 +158,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Array], Array]:
-    """`eval_step(params, tokens [1, B, T+1]) -> mean loss` without dropout."""
+def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None) -> Callable[..., Array]:
+    """`eval_step(params, tokens [1, B, T+1]) -> mean loss` without dropout; with `lora`,
+    `eval_step(adapters, tokens, base)`."""
 
-    def eval_step(params, tokens):
+    def eval_step(params, tokens, base=None):
         tokens = tokens[0]
+        if lora is not None:
+            params = lora_lib.apply_lora(base, params, lora)
         logits = model.apply({"params": params}, tokens[:, :-1], deterministic=True).logits
         return cross_entropy(logits, tokens[:, 1:])
 
@@ -146,16 +173,31 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Array], Array]:
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   state_shardings: TrainState, batch_sharding: jax.sharding.NamedSharding):
-    """The train step jitted with explicit in/out shardings; the input state's buffers are donated."""
+                   state_shardings: TrainState, batch_sharding: jax.sharding.NamedSharding,
+                   lora: LoRAConfig | None = None):
+    """The train step jitted with explicit in/out shardings; the input state's buffers are donated (a LoRA
+    run's base is passed through: its output aliases its input)."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(make_train_step(model, tx, schedule), in_shardings=(state_shardings, batch_sharding, replicated),
+    return jax.jit(make_train_step(model, tx, schedule, lora), in_shardings=(state_shardings, batch_sharding,
+                                                                              replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
-def jit_eval_step(model: nn.Module, params_shardings, batch_sharding: jax.sharding.NamedSharding):
+def jit_eval_step(model: nn.Module, params_shardings, batch_sharding: jax.sharding.NamedSharding,
+                  lora: LoRAConfig | None = None, base_shardings=None):
+    """The eval step jitted; with `lora`, it takes `(adapters, tokens, base)` and `base_shardings` places the base."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(make_eval_step(model), in_shardings=(params_shardings, batch_sharding), out_shardings=replicated)
+    in_shardings = (params_shardings, batch_sharding) + (() if lora is None else (base_shardings,))
+    return jax.jit(make_eval_step(model, lora), in_shardings=in_shardings, out_shardings=replicated)
+
+
+def full_params(state: TrainState, lora: LoRAConfig | None, base_shardings=None) -> Any:
+    """The model's params of `state`: `state.params`, or a LoRA run's base with its adapters merged (a new
+    base-sized tree placed like the base, for evaluations that take plain params: HellaSwag, sampling)."""
+    if lora is None:
+        return state.params
+    return jax.jit(lambda base, adapters: lora_lib.merge_adapter(base, adapters, lora),
+                   out_shardings=base_shardings)(state.base, state.params)
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, state_shardings: TrainState,
@@ -174,3 +216,28 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, state_s
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     return jax.jit(init, out_shardings=state_shardings)(rng, params)
+
+
+def init_lora_state(tx: optax.GradientTransformation, state_shardings: TrainState, rng: Array, base,
+                    gpt2_config, lora: LoRAConfig) -> TrainState:
+    """A fresh LoRA train state over `base` (global arrays placed by `state_shardings.base`): adapters drawn
+    by `lora.init_lora` in the base's layout (B = 0: step 0's model is the base exactly) in the params
+    dtype, their optimizer state, step 0."""
+    def init(rng, base):
+        adapters = lora_lib.init_lora(rng, base, gpt2_config, lora, dtype=gpt2_config.param_dtype)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=tx.init(adapters))
+
+    trained = state_shardings.replace(base=None)
+    return jax.jit(init, out_shardings=trained)(rng, base).replace(base=base)
+
+
+def init_base(model: nn.Module, base_shardings, rng: Array, seq_len: int, dtype) -> Any:
+    """The random init `init_train_state` draws from `rng` (the same values), in `dtype`: the base of a
+    LoRA run without `init_from`."""
+    def init(rng):
+        unrolled = type(model)(model.config.replace(scan_layers=False))
+        params = nn.unbox(unrolled.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
+        params = layer_stacking.to_layout(params, model.config.scan_layers)
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+
+    return jax.jit(init, out_shardings=base_shardings)(rng)

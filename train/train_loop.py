@@ -9,6 +9,7 @@ Rerunning the same command on the same workdir resumes from the newest readable 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -26,9 +27,9 @@ from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io
 
-from . import (checkpointing, compile_only as compile_only_lib, config_checks, data, evals, mesh as mesh_lib,
-               metrics as metrics_lib, model_config as model_config_lib, profiling, recipes, run_guard,
-               signals as signals_lib, step as step_lib)
+from . import (checkpointing, compile_only as compile_only_lib, config_checks, data, evals, lora_run,
+               mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib, profiling, recipes,
+               run_guard, signals as signals_lib, step as step_lib)
 from .config_checks import ConfigValueError
 
 
@@ -123,24 +124,6 @@ def _prepare_workdir(workdir: str) -> None:
         raise PermissionError(f"--workdir {workdir} is not writable; choose a folder you can write to")
 
 
-def _read_saved_config(workdir: str) -> dict[str, Any] | None:
-    """The flattened config of the run already in `workdir` (its train_config.json), if any."""
-    path = file_io.join(workdir, "train_config.json")
-    if not file_io.exists(path):
-        return None
-    try:
-        return run_guard.flatten(json.loads(file_io.read_text(path)))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        logging.warning("%s is not valid JSON; the checkpoints' own record of the config is used", path)
-        return None
-
-
-def _place(tree, shardings):
-    """Host arrays (the same on every process) -> global arrays with `shardings`."""
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: np.asarray(x[i])),
-                        tree, shardings)
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the run described by `config` in `workdir` (a local folder or a `gs://` URL).
 
@@ -196,7 +179,9 @@ def _undo_failed_start(workdir: str, before: set[str] | None):
 
 def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[str, Any]:
     mesh, rules, micro, eval_batch = layout
-    resumed = run_folders.saved_model_config(workdir) if config.init_from else None
+    lora = model_config_lib.lora_config(config)
+    # A LoRA run's checkpoints hold only adapters: its base is always loaded from init_from again.
+    resumed = run_folders.saved_model_config(workdir) if config.init_from and lora is None else None
     gpt2_config, pretrained = model_config_lib.model_config(config, resumed, progress=_shows_progress(config))
     seq_len = config.data.seq_len
     _check_seq_len(seq_len, gpt2_config)
@@ -216,19 +201,24 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     model = GPT2LMHeadModel(gpt2_config)
     tx, schedule = step_lib.make_optimizer(config.optimizer, config.steps)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len)
+    state_shardings, state_shapes = mesh_lib.train_state_shardings(
+        model, tx, mesh, rules, seq_len, lora, model_config_lib.base_dtype(config))
 
     # The corpus's identity is kept with the config in every checkpoint: a resume on edited data is refused.
+    # So is a LoRA run's base's (its weights' sha256): the adapters mean nothing on other weights.
     flat_config = {**run_guard.flatten(config), **run_guard.flatten(store.identity(), run_guard.CORPUS)}
+    base, flat_config = lora_run.frozen_base(config, lora, model, pretrained, state_shardings.base, init_rng,
+                                             seq_len, flat_config)
     checkpointer = checkpointing.Checkpointer(workdir, every=config.checkpoint_every, keep=config.keep_checkpoints,
                                               async_save=config.async_checkpointing, train_config=flat_config)
     stack.callback(checkpointer.close)
     stack.callback(checkpointer.wait)  # runs first: a save in flight completes before the manager closes
-    saved_config = _read_saved_config(workdir)
+    saved_config = run_guard.read_saved_config(workdir)
     restored = checkpointer.restore_latest(checkpointing.abstract_train_state(state_shapes, state_shardings),
                                            allow_config_change=config.allow_config_change)
     if restored is not None:
         state, data_state = restored
+        state = state.replace(base=base)
         logging.info("resumed from the checkpoint at step %d", int(state.step))
         changes = run_guard.config_diff(saved_config or flat_config, flat_config)
         if changes:
@@ -236,11 +226,14 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
                             "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     else:
         data_state = data.DataState()
-        params = None
-        if pretrained is not None:
-            params = _place(jax.tree.map(lambda x: np.asarray(x, gpt2_config.param_dtype), pretrained),
-                            state_shardings.params)
-        state = step_lib.init_train_state(model, tx, state_shardings, init_rng, seq_len, params)
+        if lora is not None:
+            # Adapters from a key of their own: the random base (without init_from) is drawn from init_rng.
+            state = step_lib.init_lora_state(tx, state_shardings, jax.random.fold_in(init_rng, 1), base, gpt2_config,
+                                             lora)
+        else:
+            params = None if pretrained is None else mesh_lib.place(
+                jax.tree.map(lambda x: np.asarray(x, gpt2_config.param_dtype), pretrained), state_shardings.params)
+            state = step_lib.init_train_state(model, tx, state_shardings, init_rng, seq_len, params)
     del pretrained
     if jax.process_index() == 0:
         # Written only now that the config is known to fit the run's checkpoints. Not config.json:
@@ -250,22 +243,26 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     start_step = int(state.step)
     hf_model_config = gpt2_config.to_hf_config()
 
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding)
-    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding)
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora)
+    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base)
+    # Evaluations that take the model's plain params get a LoRA run's base with the adapters merged, placed so.
+    model_shardings = state_shardings.params if lora is None else state_shardings.base
+    model_params = functools.partial(step_lib.full_params, lora=lora, base_shardings=model_shardings)
     batches = data.TrainBatches(train_windows, config.batch_size, micro, config.seed, batch_sharding, data_state)
     max_eval_batches = config.eval_batches if config.eval_batches > 0 else val_windows.count // eval_batch
     eval_set = data.eval_batches(val_windows, eval_batch, max_eval_batches, batch_sharding)
 
-    hellaswag_eval = evals.hellaswag_evaluator(config, model, mesh, rules, state_shardings.params, eval_batch)
+    hellaswag_eval = evals.hellaswag_evaluator(config, model, mesh, rules, model_shardings, eval_batch)
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(state) -> dict[str, float]:
         """The held-out loss and perplexity (none without held-out data), and HellaSwag accuracy when configured."""
         out = {}
         if eval_set:
-            out["eval_loss"] = float(np.mean([float(eval_step(params, b)) for b in eval_set]))
+            base_arg = () if lora is None else (state.base,)
+            out["eval_loss"] = float(np.mean([float(eval_step(state.params, b, *base_arg)) for b in eval_set]))
             out["eval_perplexity"] = _exp(out["eval_loss"])
         if hellaswag_eval is not None:
-            out.update(hellaswag_eval(params))
+            out.update(hellaswag_eval(model_params(state)))
         return out
 
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step)
@@ -284,9 +281,10 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     checkpointer.wait()
     progress.close()
     if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
-        result.update(evals.commongen_coverage(model, state.params, config, cut, workdir, writer, result["step"]))
+        result.update(evals.commongen_coverage(model, model_params(state), config, cut, workdir, writer,
+                                               result["step"]))
     if config.sample.prompt and result["stopped"] == "done":
-        result["sample"] = evals.sample_after_training(model, state.params, config, workdir)
+        result["sample"] = evals.sample_after_training(model, model_params(state), config, workdir)
     writer.close()
     result = _with_nulls(result, {
         "loss": f"no training step ran in this invocation: it started at step {start_step} and "
@@ -341,7 +339,7 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
     step = int(state.step)
     if step >= config.steps:
         progress.write(f"already trained to step {step} (steps={config.steps})")
-        result.update(evaluate(state.params))
+        result.update(evaluate(state))
         return state, result
     first = True
     started = time.perf_counter()
@@ -375,7 +373,7 @@ def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, pr
             writer.write(step, **scalars)
         paused = False
         if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
-            evals = evaluate(state.params)
+            evals = evaluate(state)
             if evals:  # none without held-out data or HellaSwag: no eval record, no NaN
                 result.update(evals)
                 writer.write(step, **evals, epoch=round(step / batches.batches_per_epoch, 4),

@@ -5,6 +5,9 @@ A run's workdir holds `checkpoints/<step>/` written by orbax's `CheckpointManage
 model's Hugging Face config, the training config, a checksum of every array and a sha256 of the meta itself:
 `RunMeta`, the one schema the trainer writes and this module reads).
 `flax_gpt2.from_pretrained(run_dir)` reads a run through `load_run`.
+
+A LoRA run (`lora.rank > 0` in its training config) saves only its adapters under `params` (and their
+optimizer state): `load_run` refuses it, naming `run_adapters.load_run_adapter`, which reads them.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from jax import lax
 
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
+from flax_gpt2.modeling.lora import LoRAConfig
 from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.utils import file_io
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run's workdir
 RUN_CONFIG = "train_config.json"  # the run's flattened training config, in its workdir
 ITEMS = ("params", "opt_state", "meta")
+# In a LoRA run's training config (meta's `train_config`): the sha256 of the base weights its adapters fit.
+LORA_BASE_SHA256 = "lora_base.weights_sha256"
 T = TypeVar("T")
 
 
@@ -53,7 +59,7 @@ def item_handlers() -> dict[str, Any]:
             "meta": orbax().JsonCheckpointHandler()}
 
 
-def _reader(run_dir):
+def reader(run_dir):
     """A CheckpointManager that only reads (orbax's `read_only` option would warn on every load)."""
     options = orbax().CheckpointManagerOptions(create=False, save_root_metadata=False)
     return orbax().CheckpointManager(checkpoint_dir(run_dir), options=options, item_handlers=item_handlers())
@@ -103,9 +109,9 @@ def load_run(path: str | os.PathLike, step: int | None = None) -> tuple[GPT2Conf
     if not is_training_run(path):
         raise FileNotFoundError(f"{os.fspath(path)} is not a training run with a complete checkpoint "
                                 f"(expected {checkpoint_dir(path)}/<step>/)")
-    manager = _reader(path)
+    manager = reader(path)
     try:
-        return _restore_first_readable(manager, path, _steps_to_try(manager, path, step))
+        return _restore_first_readable(manager, path, steps_to_try(manager, path, step))
     finally:
         manager.close()
 
@@ -118,7 +124,7 @@ def saved_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     if not is_training_run(path):
         return None
-    manager = _reader(path)
+    manager = reader(path)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
         def model_config(s: int) -> dict[str, Any]:
@@ -130,7 +136,9 @@ def saved_model_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return None if found is None else found[1]
 
 
-def _steps_to_try(manager, path, step: int | None) -> list[int]:
+def steps_to_try(manager, path, step: int | None) -> list[int]:
+    """The checkpoint steps a reader tries, newest first: all of them, or only `step` (FileNotFoundError
+    naming the steps there are when the run has no such checkpoint)."""
     steps = sorted(manager.all_steps(), reverse=True)
     if step is None:
         return steps
@@ -143,6 +151,11 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
     def restore(s: int) -> tuple[GPT2Config, Any]:
         where = f"checkpoint {checkpoint_dir(path)}/{s}"
         meta = read_meta(manager, s, where)  # checked before its config sizes anything
+        if run_lora_config(meta.train_config) is not None:
+            raise LoRARunError(
+                f"{os.fspath(path)} is a LoRA training run: its checkpoints hold adapters for the base "
+                f"{meta.train_config.get('init_from') or '(a random init)'}, not a whole model. Read them with "
+                "flax_gpt2.checkpoints.run_adapters.load_run_adapter (or convert the run with --format peft)")
         config = GPT2Config.from_hf_config(meta.model_config)
         # A run trained with scan_layers saved its blocks stacked: read them so, return them per layer.
         scanned = saved_params_are_stacked(manager, s)
@@ -151,12 +164,26 @@ def _restore_first_readable(manager, path, steps: list[int]) -> tuple[GPT2Config
         verify(params, meta.checksums.get("params"), where)
         return config, layer_stacking.unstack_layers(params)
 
-    restored, errors = restore_newest_intact(steps, restore, where=checkpoint_dir(path))
+    restored, errors = restore_newest_intact(steps, restore, where=checkpoint_dir(path), fatal=(LoRARunError,))
     if restored is None:
         raise RuntimeError(f"no readable checkpoint in {checkpoint_dir(path)}:\n" + "\n".join(errors))
     if errors:
         logging.warning("using the checkpoint at step %d instead", restored[0])
     return restored[1]
+
+
+class LoRARunError(ValueError):
+    """A whole model was asked of a LoRA run, whose checkpoints hold only adapters (or the reverse)."""
+
+
+def run_lora_config(train_config: dict[str, Any]) -> LoRAConfig | None:
+    """The `LoRAConfig` a run trained with (from its flattened training config, `lora.*`); None for a run
+    that trained the whole model (`lora.rank` 0, or a run from before LoRA existed)."""
+    rank = train_config.get("lora.rank") or 0
+    if not rank:
+        return None
+    return LoRAConfig(rank=rank, alpha=train_config.get("lora.alpha", 8.0),
+                      dropout=train_config.get("lora.dropout", 0.0), targets=train_config.get("lora.targets", "c_attn"))
 
 
 def restore_newest_intact(steps: list[int], restore: Callable[[int], T], *, where: str,

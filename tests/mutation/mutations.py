@@ -34,14 +34,15 @@ MUTATIONS: tuple[Mutation, ...] = (
         "LAMBADA accuracy counts a multi-token word right when only its first token is"),
     Mutation(
         "weight_decay_on_biases_and_layernorm", "train/step.py",
-        (('in ("kernel", "embedding")', 'in ("kernel", "embedding", "bias", "scale")'),),
+        (('in ("kernel", "embedding", "lora_a", "lora_b")',
+          'in ("kernel", "embedding", "lora_a", "lora_b", "bias", "scale")'),),
         ("tests/test_train_parity.py::test_decay_mask_on_the_real_parameter_tree",
          "tests/test_train_parity.py::test_train_steps_match_torch_adamw_with_accumulation"),
         "AdamW decays biases and LayerNorm scales towards 0"),
     Mutation(
         "same_dropout_key_for_every_micro_batch", "train/step.py",
-        (("loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index))",
-          "loss, grads = grad_fn(state.params, micro_tokens, rng)"),),
+        (("loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)",
+          "loss, grads = grad_fn(state.params, micro_tokens, rng, *extra)"),),
         ("tests/test_train_dropout.py",),
         "every accumulated micro-batch drops the same units"),
     Mutation(
