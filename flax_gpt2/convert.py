@@ -18,6 +18,9 @@
     # adapter_model.safetensors, with the base's weight hash) that peft.PeftModel.from_pretrained loads:
     python -m flax_gpt2.convert --model gpt2 --adapter my-lora --format peft --out ~/adapters/my-lora
 
+    # A LoRA training run's newest adapter (python -m train --config.lora.rank=R), for its init_from base:
+    python -m flax_gpt2.convert --model runs/my-lora-run --format peft --out ~/adapters/my-lora
+
 `--format` names what is written (`safetensors`, the default, `msgpack`, or `peft` for an adapter alone);
 the input format is found from the folder. `--adapter` needs `--merge` or `--format peft`. Every input is
 loaded through flax_gpt2's strict rename table, so a converted folder is known to fit the model. With
@@ -34,7 +37,8 @@ import sys
 from typing import Sequence
 
 from flax_gpt2.checkpoints import run_folders
-from flax_gpt2.checkpoints.conversion import ADAPTER_FORMAT, FORMATS, convert, export_adapter
+from flax_gpt2.checkpoints.conversion import (ADAPTER_FORMAT, FORMATS, convert, export_adapter,
+                                              export_run_adapter)
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.dtypes import DTYPES  # noqa: E402  (one table for every interface)
 
@@ -78,7 +82,9 @@ def _main(argv: Sequence[str]) -> None:
                              f"--out {args.out.rstrip(os.sep)}-export)")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         parser.error(f"--out {args.out} is not empty; pass --overwrite to replace the files a conversion writes")
-    if args.format == ADAPTER_FORMAT:
+    if args.format == ADAPTER_FORMAT and args.adapter is None:  # a LoRA training run (checked above)
+        out = export_run_adapter(args.model, args.out, overwrite=args.overwrite)
+    elif args.format == ADAPTER_FORMAT:
         out = export_adapter(args.model, args.adapter, args.out, revision=args.revision, overwrite=args.overwrite,
                              progress=args.progress, pass_folder_as="--model DIR")
     else:
@@ -93,9 +99,9 @@ def _check_adapter_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.merge and args.adapter is None:
         parser.error("--merge folds a LoRA adapter into --model: pass --adapter DIR (a PEFT LoRA folder)")
     if args.format == ADAPTER_FORMAT:
-        if args.adapter is None:
-            # Training runs do not hold adapters yet; conversion.read_adapter is where they will be read.
-            parser.error("--format peft writes a LoRA adapter: pass --adapter DIR (a PEFT LoRA folder for --model)")
+        if args.adapter is None and not run_folders.is_run_folder(args.model):
+            parser.error("--format peft writes a LoRA adapter: pass --adapter DIR (a PEFT LoRA folder for --model), "
+                         "or --model a LoRA training run")
         if args.merge:
             parser.error("--merge writes a full model, --format peft the adapter alone: pass one of them")
         if args.dtype != "float32":

@@ -353,12 +353,18 @@ def test_the_run_adapter_loads_in_peft_with_equal_logits(reference_run, hf_base,
     import transformers
 
     import flax_gpt2
-    from flax_gpt2 import apply_lora, save_peft_adapter
-    from flax_gpt2.checkpoints import run_adapters
+    from flax_gpt2 import apply_lora, convert
+    from flax_gpt2.checkpoints import peft_adapters, run_adapters
 
     adapters, lora, base = run_adapters.load_run_adapter(reference_run)
     model, params = flax_gpt2.from_pretrained(base["init_from"], progress=False)
-    save_peft_adapter(tmp_path, adapters, lora, base_model_name_or_path=base["init_from"], base_params=params)
+    # `convert --format peft` of the run: the adapter for its init_from base, with that base's weight hash.
+    assert convert.main(["--model", str(reference_run), "--out", str(tmp_path), "--format", "peft",
+                         "--no_progress"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
+        assert f.metadata()[peft_adapters.BASE_HASH_KEY] == peft_adapters.base_weights_sha256(params)
     reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(hf_base).eval(),
                                                tmp_path).eval()
     ids = np.random.default_rng(0).integers(0, 50257, (2, 16))

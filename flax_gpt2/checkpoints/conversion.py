@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from flax_gpt2.checkpoints.peft_adapters import adapter_for_base, save_peft_adapter
+from flax_gpt2.checkpoints.run_adapters import load_run_adapter
 from flax_gpt2.checkpoints.pretrained import (MODEL_CLASSES, SAVE_FORMATS, check_output_folder, check_save_format,
                                               from_pretrained, resolve, save_pretrained)
 from flax_gpt2.modeling.config import GPT2Config, read_hf_json
@@ -80,11 +81,25 @@ def export_adapter(model: str, adapter: str | os.PathLike, out: str, *, revision
 
 
 def read_adapter(source: str | os.PathLike, params, config: GPT2Config):
-    """`(adapters, lora)` from `source` for the base `params`: the one place that knows where adapters
-    come from. Today a PEFT LoRA folder (`adapter_for_base`: every error an `AdapterError` naming it);
-    a training run with LoRA (once training saves adapters) is meant to be read here too, so that
-    `export_adapter` and `convert --format peft` take it unchanged."""
+    """`(adapters, lora)` from a PEFT LoRA folder `source` for the base `params` (`adapter_for_base`: every
+    error an `AdapterError` naming it). A LoRA training run's adapter: `export_run_adapter`."""
     return adapter_for_base(source, params, config)
+
+
+def export_run_adapter(run: str | os.PathLike, out: str, *, overwrite: bool = False) -> str:
+    """The newest adapter of a LoRA training run (`python -m train --config.lora.rank=R`) as a PEFT folder for
+    the run's base (`init_from`, recorded as `base_model_name_or_path`, with the base weights' hash the run
+    trained on), which `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(init_from), out)` loads.
+
+    Raises ValueError for a run that trained the whole model (convert it as a model instead) or a LoRA run
+    on a random base (no `init_from`: there is no base model PEFT could load it onto)."""
+    check_output_folder(os.fspath(out), overwrite)  # before anything is read
+    adapters, lora, base = load_run_adapter(run)
+    if not base["init_from"]:
+        raise ValueError(f"{os.fspath(run)} trained LoRA on a random base (no init_from): no base model exists that "
+                         "PEFT could load the adapter onto")
+    return save_peft_adapter(out, adapters, lora, base_model_name_or_path=base["init_from"],
+                             base_sha256=base["weights_sha256"])
 
 
 def _saved_model_class(folder: str) -> type:

@@ -81,7 +81,8 @@ def base_weights_sha256(params: Mapping[str, Any]) -> str:
 
 
 def save_peft_adapter(folder: str | os.PathLike, adapters: Mapping[str, Any], lora: LoRAConfig, *,
-                      base_model_name_or_path: str | None, base_params: Mapping[str, Any] | None = None) -> str:
+                      base_model_name_or_path: str | None, base_params: Mapping[str, Any] | None = None,
+                      base_sha256: str | None = None) -> str:
     """Writes `adapters` as a PEFT LoRA folder that `peft.PeftModel.from_pretrained` loads.
 
     Args:
@@ -92,6 +93,7 @@ def save_peft_adapter(folder: str | os.PathLike, adapters: Mapping[str, Any], lo
       base_model_name_or_path: the hub id or path of the base, written for PEFT and for people.
       base_params: the base's params; when given, their `base_weights_sha256` goes in the weights
         file's metadata, and `load_peft_adapter` refuses another base.
+      base_sha256: that hash when it is known without the params (a LoRA training run records it).
 
     Returns:
       The folder.
@@ -113,8 +115,12 @@ def save_peft_adapter(folder: str | os.PathLike, adapters: Mapping[str, Any], lo
             tensors[f"{prefix}.lora_A.weight"] = a.reshape(-1, lora.rank).T
             tensors[f"{prefix}.lora_B.weight"] = b.reshape(lora.rank, -1).T
     metadata = {"format": "pt"}
+    if base_params is not None and base_sha256 is not None:
+        raise ValueError("pass base_params or base_sha256 (the hash of the same weights), not both")
     if base_params is not None:
         metadata[BASE_HASH_KEY] = base_weights_sha256(base_params)
+    elif base_sha256 is not None:
+        metadata[BASE_HASH_KEY] = base_sha256
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
