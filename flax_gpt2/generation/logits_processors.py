@@ -203,13 +203,14 @@ def _column(x: Array | float) -> Array | float:
     return x[:, None] if getattr(x, "ndim", 0) == 1 else x
 
 
-def _stage(run: Array | bool, fn, x: Array) -> Array:
-    """`fn(x)` if `run`, else `x`. A Python bool is decided while tracing (a stage nothing asks for is not
-    compiled: `generate`, one strategy per compilation); a traced scalar bool is decided per call with
-    `lax.cond` (the server: one compiled step for any mix of requests, skipping what no row needs)."""
+def _stage(run: Array | bool, fn, x: Array, otherwise=lambda y: y) -> Array:
+    """`fn(x)` if `run`, else `otherwise(x)` (default: `x`). A Python bool is decided while tracing (a stage
+    nothing asks for is not compiled: `generate`, one strategy per compilation); a traced scalar bool is
+    decided per call with `lax.cond` (the server: one compiled step for any mix of requests, skipping what
+    no row needs)."""
     if isinstance(run, (bool, np.bool_)):
-        return fn(x) if run else x
-    return jax.lax.cond(run, fn, lambda y: y, x)
+        return fn(x) if run else otherwise(x)
+    return jax.lax.cond(run, fn, otherwise, x)
 
 
 @flax.struct.dataclass
@@ -284,15 +285,8 @@ def choose_tokens(logits: Array, key: Array, tokens: Array, history: Array, leng
             return jax.vmap(lambda k, row: draw_tokens(k, row[None])[0])(key, x)
         return draw_tokens(key, x)
 
-    token = _when(stages.sample, sampled, lambda x: greedy_token, logits)
+    token = _stage(stages.sample, sampled, logits, otherwise=lambda x: greedy_token)
     return token if settings.greedy is False else jnp.where(settings.greedy, greedy_token, token)
-
-
-def _when(run: Array | bool, fn, otherwise, x: Array) -> Array:
-    """`fn(x)` if `run`, else `otherwise(x)`: `_stage` with an explicit other branch."""
-    if isinstance(run, (bool, np.bool_)):
-        return fn(x) if run else otherwise(x)
-    return jax.lax.cond(run, fn, otherwise, x)
 
 
 @flax.struct.dataclass
