@@ -140,6 +140,14 @@ def get_config() -> ml_collections.ConfigDict:
     # "START:END": a jax.profiler trace of those optimizer steps (1-based) in WORKDIR/profile/, for TensorBoard's
     # profile plugin or xprof (train/profiling.py); "" = none.
     c.profile_steps = ""
+    # Hang watchdog (train/watchdog.py): when no step finishes for max(watchdog_seconds, 10 x the median step
+    # time), every host writes all its threads' stacks to its log and WORKDIR/hangs/process_N.txt; with
+    # watchdog_exit the process then exits with status 75, which `scripts/tpu_pod.py babysit` restarts.
+    c.watchdog_seconds = 600.0
+    c.watchdog_exit = False
+    # JAX's persistent compilation cache, so a resumed or preempted run does not compile again:
+    # "" = WORKDIR/compile_cache, a folder or gs:// URL, or "none" (off).
+    c.compile_cache_dir = ""
     c.progress_bar = True
     # A Cloud TPU topology (`v4-8`, `v5litepod-8`, ...): compile the train and eval steps for it on this
     # machine, write compile_report.json (memory per chip, FLOPs) and exit without training.

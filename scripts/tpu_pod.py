@@ -60,7 +60,9 @@ TPU_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 OVERRIDE = re.compile(r"^--config\.[A-Za-z_][A-Za-z0-9_.]*=")
 # States after which a spot/preemptible slice cannot be restarted, only deleted and created again.
 RECREATE_STATES = ("PREEMPTED", "TERMINATED")
-MAX_DESCRIBE_FAILURES = 5  # babysit: consecutive failed `describe` calls before giving up
+MAX_DESCRIBE_FAILURES = 5
+# The exit status of a run the hang watchdog stopped (train/watchdog.py HANG_EXIT_CODE): restart it.
+HANG_EXIT_CODE = 75  # babysit: consecutive failed `describe` calls before giving up
 WORKER_STATUS = re.compile(r"^(?P<host>\S+): (?P<status>running|not started|exited (?P<code>-?[0-9]+))$")
 
 
@@ -233,7 +235,8 @@ def cmd_babysit(pod: Pod, run: Runner) -> int:
     Each poll: done? -> exit 0. Slice missing, PREEMPTED or TERMINATED -> (delete,) create, install, run.
     READY -> if no worker is running the job (it stopped at a preemption notice, or the VM restarted):
     run it again (install first if this babysit has not launched it). A worker whose job exited non-zero
-    on a slice that is still READY is a crash, not a preemption: exit 1. Every relaunch or failed command
+    on a slice that is still READY is a crash, not a preemption: exit 1, unless a worker exited with the hang
+    watchdog's status (75, `watchdog_exit=True`): then the run is relaunched from its last checkpoint. Every relaunch or failed command
     counts against --max_restarts.
     """
     a = pod.args
@@ -285,7 +288,13 @@ def cmd_babysit(pod: Pod, run: Runner) -> int:
         elif state == "READY":
             workers = _workers(pod, run)
             crashed = {host: code for host, code in workers.items() if code not in (None, "running", 0)}
-            if crashed and _crash_confirmed(pod, run):
+            hung = sorted(host for host, code in crashed.items() if code == HANG_EXIT_CODE)
+            if hung and "running" not in workers.values():
+                # The watchdog found the run stuck (its peers may have failed in the broken collective):
+                # the stacks are in WORKDIR/hangs/; the checkpoint is good, so run again.
+                relaunch(f"the hang watchdog stopped the run on {', '.join(hung)} (stacks in "
+                         f"{a.workdir}/hangs/)", ([] if launched else pod.install()) + [pod.run()])
+            elif crashed and _crash_confirmed(pod, run):
                 raise RuntimeError(f"training exited with status {crashed} on a READY slice (a crash, not a "
                                    f"preemption); see `{PROG} logs --worker N`, fix, and babysit again")
             if workers and not crashed and "running" not in workers.values():

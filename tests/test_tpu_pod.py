@@ -286,6 +286,18 @@ def test_babysit_stops_on_a_crash(fake_gcloud):
     assert proc.stderr.count("\n") == 1 and "training exited with status {'t1v-n-0-w-1': 1}" in proc.stderr
 
 
+def test_babysit_restarts_a_run_its_hang_watchdog_stopped(fake_gcloud):
+    from flax_gpt2.train.watchdog import HANG_EXIT_CODE
+
+    env, set_script, calls = fake_gcloud
+    # Host 1 froze: its watchdog exited 75; host 0's collective then failed (exit 1). Both finish the rerun.
+    set_script(describe=["READY"], workers=[[[0, "exited 1"], [1, f"exited {HANG_EXIT_CODE}"]]],
+               done_after_runs=1)
+    proc = tpu_pod(*BABYSIT, env=env, check_code=0)
+    assert kinds(calls()) == ["result", "describe", "status", "install", "run", "result"]
+    assert "hang watchdog stopped the run on t1v-n-0-w-1" in proc.stdout and "/hangs/" in proc.stdout
+
+
 def test_babysit_gives_up_after_max_restarts(fake_gcloud):
     env, set_script, calls = fake_gcloud
     set_script(describe=["NOT_FOUND"], fail_create=[1])  # no capacity, ever

@@ -238,3 +238,45 @@ def test_model_flops_both_conventions_by_hand():
     assert config.num_params == 124_439_808
     assert flops_per_token(config, 1024) == 6 * 124_439_808 + 12 * 12 * 768 * 1024
     assert flops_per_token(config, 1024, causal=True) == 6 * 124_439_808 + 6 * 12 * 768 * 1024
+
+
+def test_goodput_splits_the_wall_time(reference):
+    """result.json and the last metrics record split the invocation's wall time by where it went; every
+    logged step says how long it waited for data."""
+    workdir, _ = reference
+    goodput = json.loads((workdir / "result.json").read_text())["goodput"]
+    parts = ("restart_s", "compile_s", "data_wait_s", "step_s", "checkpoint_s", "eval_s", "other_s")
+    assert all(goodput[k] >= 0 for k in parts)
+    assert all(goodput[k] > 0 for k in ("restart_s", "compile_s", "step_s", "checkpoint_s", "eval_s"))
+    assert abs(sum(goodput[k] for k in parts) - goodput["wall_s"]) < 0.01 * goodput["wall_s"] + 0.01
+    assert goodput["goodput"] == pytest.approx(goodput["step_s"] / goodput["wall_s"], abs=1e-3)
+    records = _records(workdir)
+    assert {f"goodput_{k}": v for k, v in goodput.items()} == {k: v for k, v in records[-1].items() if k != "step"}
+    assert all(r["data_wait_s"] >= 0 for r in records if "loss" in r)
+
+
+def test_a_new_start_loads_the_compiled_steps_from_the_run_cache(reference, cache_dir, tmp_path):
+    """The first run filled WORKDIR/compile_cache; a new process pointed at it loads the train step instead
+    of compiling it (jax reports cache hits), and the process's own cache setting is restored after."""
+    import jax
+
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    workdir, _ = reference
+    assert glob.glob(str(workdir / "compile_cache" / "jit_train_step-*"))
+    hits = []
+
+    def on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    before = jax.config.jax_compilation_cache_dir
+    jax.monitoring.register_event_listener(on_event)
+    try:
+        config = _tiny_config(cache_dir, steps=2, compile_cache_dir=str(workdir / "compile_cache"))
+        train_and_evaluate(config, str(tmp_path / "again"))
+    finally:
+        jax.monitoring.unregister_event_listener(on_event)
+    assert len(hits) >= 2  # the init and the train step at least
+    assert jax.config.jax_compilation_cache_dir == before
+    assert not (tmp_path / "again" / "compile_cache").exists()  # it used the one it was given

@@ -48,6 +48,9 @@ def check_config(config) -> None:
              config.sample.temperature, "must be a finite number > 0")
     _require(is_real(config.cpu_peak_flops) and config.cpu_peak_flops > 0, "cpu_peak_flops",
              config.cpu_peak_flops, "must be a finite number > 0")
+    _require(is_real(config.watchdog_seconds) and config.watchdog_seconds > 0, "watchdog_seconds",
+             config.watchdog_seconds, "must be a number of seconds > 0 (the minimum time without a finished step "
+             "before every host dumps its stacks; it is raised to 10x the median step time)")
     _check_axis_rules(config.logical_axis_rules)
     check_lora(config)
 

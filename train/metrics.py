@@ -220,6 +220,7 @@ class Progress:
             self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, postfix="ETA ?",
                                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self._steps, self._seconds, self._last = 0, 0.0, None
+        self._waited = 0.0  # of `_seconds`: waiting for batches
         self._n = initial
         self.tokens_per_sec = math.nan
         self.mfu = math.nan
@@ -228,12 +229,14 @@ class Progress:
     def start_timing(self) -> None:
         self._last = time.perf_counter()
 
-    def update(self, loss: float, timed: bool = True) -> None:
+    def update(self, loss: float, timed: bool = True, data_wait: float = 0.0) -> None:
+        """One step done, its loss; `data_wait`: the seconds of it spent waiting for the batch."""
         now = time.perf_counter()
         untimed = None if self._last is None else now - self._last
         if timed and self._last is not None:
             self._steps += 1
             self._seconds += now - self._last
+            self._waited += data_wait
             self.tokens_per_sec = self._steps * self.tokens_per_step / self._seconds
             if self.peak:
                 self.mfu = self.tokens_per_sec * self.flops_per_token / self.peak
@@ -259,6 +262,8 @@ class Progress:
         text = f"ETA {eta}, loss={loss:.4f}, tok/s={self.tokens_per_sec:,.0f}"
         if self.peak:
             text += f", MFU={100 * self.mfu:.1f}%"
+        if self._waited > 0.01 * self._seconds:  # an input-bound run shows it
+            text += f", data wait {100 * self._waited / self._seconds:.0f}%"
         return text
 
     def write(self, message: str) -> None:

@@ -33,6 +33,7 @@ SAFE_ON_RESUME = (
     "keep_checkpoints", "async_checkpointing", "progress_bar", "cpu_peak_flops", "coverage_sets", "sample.",
     "distributed.", "mesh.", "logical_axis_rules", "micro_batch_size", "data.num_threads", "data.cache_dir",
     "compile_only", "allow_config_change", "eval_hellaswag", "eval_hellaswag_limit", "profile_steps",
+    "watchdog_seconds", "watchdog_exit", "compile_cache_dir",
     # The same math in another form: rematerialized, scanned (checkpoints convert), another attention kernel.
     "model.remat", "model.scan_layers", "model.attention",
 )

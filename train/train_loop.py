@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,10 +26,12 @@ from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io
 
-from . import (checkpointing, compile_only as compile_only_lib, config_checks, data, evals, lora_run,
+from . import (checkpointing, compile_cache, compile_only as compile_only_lib, config_checks, data, evals, lora_run,
                mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib, profiling, recipes,
-               run_guard, signals as signals_lib, step as step_lib)
+               run_guard, signals as signals_lib, step as step_lib, step_loop)
 from .config_checks import ConfigValueError
+from .goodput import Goodput
+from .watchdog import Watchdog
 
 
 def _shows_progress(config) -> bool:
@@ -141,6 +142,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     workdir = file_io.resolve_path(workdir)  # orbax needs absolute paths; a later chdir must not move the run
     if config.compile_only:
+        # No persistent cache here: it did not shorten a rerun for a TPU topology (measured, docs/TPU_PODS.md),
+        # and compile_report.json's compile seconds are meant to be the compiler's.
         return compile_only_lib.compile_only(config, workdir)
     config_checks.check_config(config)
     _initialize_distributed(config.distributed)
@@ -179,6 +182,9 @@ def _undo_failed_start(workdir: str, before: set[str] | None):
 
 def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[str, Any]:
     mesh, rules, micro, eval_batch = layout
+    goodput = Goodput()
+    stack.callback(goodput.close)
+    stack.enter_context(compile_cache.enabled_for_run(config.compile_cache_dir, workdir))
     lora = model_config_lib.lora_config(config)
     # A LoRA run's checkpoints hold only adapters: its base is always loaded from init_from again.
     resumed = run_folders.saved_model_config(workdir) if config.init_from and lora is None else None
@@ -275,16 +281,22 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     profile = stack.enter_context(profiling.ProfileWindow(config.profile_steps, config.steps, workdir, start_step))
     result = {"step": start_step, "loss": math.nan, "eval_loss": math.nan, "stopped": "done"}
     # The model's activation constraints (nn.with_logical_constraint) need the rules and the mesh at trace time.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), signals_lib.StopSignals() as signals:
-        state, result = _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress,
-                              signals, hf_model_config, dropout_rng, result, profile)
-    checkpointer.wait()
+    watchdog = Watchdog(config.watchdog_seconds, workdir, jax.process_index(), exit_on_hang=config.watchdog_exit)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), signals_lib.StopSignals() as signals, watchdog:
+        state, result = step_loop.run_steps(config, state, batches, train_step, evaluate, checkpointer, writer,
+                                            progress, signals, hf_model_config, dropout_rng, result, profile,
+                                            goodput, watchdog)
+    with goodput.timed("checkpoint"):
+        checkpointer.wait()
     progress.close()
-    if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
-        result.update(evals.commongen_coverage(model, model_params(state), config, cut, workdir, writer,
-                                               result["step"]))
-    if config.sample.prompt and result["stopped"] == "done":
-        result["sample"] = evals.sample_after_training(model, model_params(state), config, workdir)
+    with goodput.timed("eval"):
+        if config.coverage_sets and config.data.recipe == "commongen" and result["stopped"] == "done":
+            result.update(evals.commongen_coverage(model, model_params(state), config, cut, workdir, writer,
+                                                   result["step"]))
+        if config.sample.prompt and result["stopped"] == "done":
+            result["sample"] = evals.sample_after_training(model, model_params(state), config, workdir)
+    result["goodput"] = goodput.summary()
+    writer.write(result["step"], **{f"goodput_{k}": v for k, v in result["goodput"].items()})
     writer.close()
     result = _with_nulls(result, {
         "loss": f"no training step ran in this invocation: it started at step {start_step} and "
@@ -332,67 +344,3 @@ def _resolve_epochs(config, steps_per_epoch: int):
         config.eval_every = steps_per_epoch
     logging.info("%d epochs of %d steps: steps=%d", config.epochs, steps_per_epoch, config.steps)
     return config
-
-
-def _loop(config, state, batches, train_step, evaluate, checkpointer, writer, progress, signals,
-          hf_model_config, dropout_rng, result, profile) -> tuple[step_lib.TrainState, dict[str, Any]]:
-    step = int(state.step)
-    if step >= config.steps:
-        progress.write(f"already trained to step {step} (steps={config.steps})")
-        result.update(evaluate(state))
-        return state, result
-    first = True
-    started = time.perf_counter()
-    progress.start_timing()
-    while step < config.steps:
-        data_before = batches.state
-        profile.before(step + 1)
-        state, m = train_step(state, next(batches), dropout_rng)
-        profile.after(step + 1, m)
-        # One scalar back to the host per step: the NaN check must see every step before the next one
-        # consumes the donated state.
-        loss, finite = float(m["loss"]), bool(m["finite"])
-        if not finite:
-            # optax.apply_if_finite skipped the update: `state` is still the last good state.
-            checkpointer.save(state, data_before, hf_model_config, force=True)
-            checkpointer.wait()
-            raise FloatingPointError(
-                f"loss is {loss} (or a gradient is not finite) at step {step + 1}; stopped, and the last good "
-                f"state (step {step}) is saved in {checkpointer.workdir}. Lower optimizer.lr or raise warmup.")
-        step += 1
-        progress.update(loss, timed=not first)
-        first = False
-        result.update(step=step, loss=loss)
-        if step % config.log_every == 0 or step == config.steps:
-            scalars = {"loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
-                       "elapsed_s": time.perf_counter() - started}
-            if not math.isnan(progress.tokens_per_sec):
-                scalars["tokens_per_sec"] = progress.tokens_per_sec
-            if not math.isnan(progress.mfu):
-                scalars.update(mfu=progress.mfu, mfu_causal=progress.mfu_causal)
-            writer.write(step, **scalars)
-        paused = False
-        if (config.eval_every > 0 and step % config.eval_every == 0) or step == config.steps:
-            evals = evaluate(state)
-            if evals:  # none without held-out data or HellaSwag: no eval record, no NaN
-                result.update(evals)
-                writer.write(step, **evals, epoch=round(step / batches.batches_per_epoch, 4),
-                             elapsed_s=time.perf_counter() - started)
-                parts = ([f"eval loss {evals['eval_loss']:.4f}, perplexity {evals['eval_perplexity']:.2f}"]
-                         if "eval_loss" in evals else [])
-                if "hellaswag_acc_norm" in evals:
-                    parts.append(f"HellaSwag acc_norm {evals['hellaswag_acc_norm']:.4f}")
-                progress.write(f"step {step} (epoch {step / batches.batches_per_epoch:.2f}): {', '.join(parts)}")
-            paused = True
-        stop = signals.should_stop() or checkpointer.reached_preemption(step)
-        paused |= checkpointer.save(state, batches.state, hf_model_config, force=stop or step == config.steps)
-        if stop:
-            checkpointer.wait()
-            writer.flush()
-            result["stopped"] = signals.reason
-            progress.write(f"{result['stopped']}: saved step {step} in {checkpointer.workdir}; rerun the same "
-                           "command to resume")
-            break
-        if paused:
-            progress.start_timing()
-    return state, result
