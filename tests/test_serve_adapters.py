@@ -46,7 +46,7 @@ def _random_adapter(params, config, lora, seed):
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scanned_adapters"])
 def test_row_branch_equals_merged_weights(scan_layers):
     """Each row's unmerged branch (ranks 2 and 5, different modules, one with rslora) gives the merged model's
-    logits to 1e-5, alone and mixed in one vmapped batch; row 0 is the base exactly."""
+    logits to 1e-5, alone and mixed in one vmapped batch, gathered or masked; row 0 is the base exactly."""
     config = GPT2Config(vocab_size=100, **TINY)
     model = GPT2LMHeadModel(config)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (1, 9)))
@@ -58,8 +58,8 @@ def test_row_branch_equals_merged_weights(scan_layers):
     table = stack_adapters(list(zip(stacked, loras)))
     assert table["transformer"]["h_1"]["mlp"]["c_fc"]["lora_a"].shape == (3, 32, 5)
 
-    def logits(index, input_ids):
-        with row_adapters(table, index):
+    def logits(index, input_ids, batch_rows=1):
+        with row_adapters(table, index, batch_rows):
             return model.apply({"params": params}, input_ids).logits
 
     base = model.apply({"params": params}, ids).logits
@@ -70,9 +70,10 @@ def test_row_branch_equals_merged_weights(scan_layers):
         np.testing.assert_allclose(logits(k, ids), merged[k], atol=1e-5, rtol=0)
         assert np.abs(merged[k] - base).max() > 1e-2  # the adapter changes the model
     rows = jnp.asarray([2, 0, 1, 2])
-    mixed = jax.jit(jax.vmap(logits))(rows, jnp.repeat(ids[None], 4, axis=0))
-    for row, k in enumerate(rows.tolist()):
-        np.testing.assert_allclose(mixed[row], merged[k], atol=1e-5, rtol=0)
+    for batch_rows in (1, 4):  # each row's adapter gathered (3 adapters > 1 row), or all 3 masked (3 <= 4 rows)
+        mixed = jax.jit(jax.vmap(lambda i, x: logits(i, x, batch_rows)))(rows, jnp.repeat(ids[None], 4, axis=0))
+        for row, k in enumerate(rows.tolist()):
+            np.testing.assert_allclose(mixed[row], merged[k], atol=1e-5, rtol=0)
 
 
 def test_adapters_for_different_bases_do_not_stack():

@@ -16,6 +16,13 @@ table (one compiled program) serves any mix of adapters.
 adapted `Dense`/`DenseGeneral` (found by its module path, e.g. `("transformer", "h_0", "attn", "c_attn")`) gets
 its row's branch added (flax's method interception). `index` is a scalar: the serving step `jax.vmap`s a batch-1
 forward over the rows, so each row's trace sees its own index.
+
+Two ways to compute a row's branch, the same numbers (zero terms add exactly nothing): gather that row's A and B
+(`table[index]`), or run every adapter's A, zero all but the row's own rank columns (a one-hot mask) and contract
+with all of B: under `vmap` the latter is two plain matmuls that read the table once for the whole batch, like one
+LoRA of rank `rows x R`, where gathering copies an `[*in, R]` and an `[R, *out]` block per row. `batch_rows` (the
+rows of the vmapped batch) picks: the mask while the table has no more rows than the batch, else the gather (a
+lone prefill reads one adapter, not all).
 """
 
 from __future__ import annotations
@@ -91,24 +98,35 @@ def num_rows(table: Mapping[str, Any]) -> int:
     return ab["lora_a"].shape[0]
 
 
-def row_branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """`(x @ a) @ b` for one row's `a` `[*in, R]` and `b` (scale folded in) `[R, *out]`, contracting x's trailing
-    input axes (`[..., *in]` -> `[..., *out]`), in float32."""
-    n_in = a.ndim - 1
-    # HIGHEST: a TPU's default matmul precision would round the branch to bfloat16, as lora_delta avoids too.
-    low = jnp.tensordot(x.astype(jnp.float32), a.astype(jnp.float32), axes=n_in,
-                        precision=jax.lax.Precision.HIGHEST)
-    return jnp.tensordot(low, b.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+# HIGHEST: a TPU's default matmul precision would round the branch to bfloat16, as lora_delta avoids too.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def row_branch(x: jax.Array, a: jax.Array, b: jax.Array, index: jax.Array, *, gather: bool = True) -> jax.Array:
+    """`(x @ a[index]) @ b[index]` for the table's `a` `[M, *in, R]` and `b` (scale folded in) `[M, R, *out]`,
+    contracting x's trailing input axes (`[..., *in]` -> `[..., *out]`), in float32. `gather=False` computes
+    the same with a one-hot mask over all M adapters instead of indexing (module docstring: which is cheaper)."""
+    x = x.astype(jnp.float32)
+    if gather:
+        low = jnp.tensordot(x, a[index].astype(jnp.float32), axes=a.ndim - 2, precision=_PRECISION)
+        return jnp.tensordot(low, b[index].astype(jnp.float32), axes=1, precision=_PRECISION)
+    m, n_in = a.shape[0], a.ndim - 2
+    a_all = jnp.moveaxis(a.astype(jnp.float32), 0, -2)  # [*in, M, R]
+    low = jnp.tensordot(x, a_all, axes=n_in, precision=_PRECISION)  # [..., M, R]
+    low = low * (jnp.arange(m) == index)[:, None].astype(low.dtype)
+    return jnp.tensordot(low, b.astype(jnp.float32), axes=2, precision=_PRECISION)
 
 
 @contextlib.contextmanager
-def row_adapters(table: Mapping[str, Any] | None, index: jax.Array) -> Iterator[None]:
+def row_adapters(table: Mapping[str, Any] | None, index: jax.Array, batch_rows: int = 1) -> Iterator[None]:
     """Inside this context, model calls add adapter `index`'s branch (a scalar; 0 = the base) from `table` to
-    every adapted module's output. `table=None` (no adapters served) changes nothing."""
+    every adapted module's output. `batch_rows`: how many rows a `vmap` around the call runs (1 without), which
+    picks how the branch is computed (module docstring). `table=None` (no adapters served) changes nothing."""
     if table is None:
         yield
         return
     modules = dict(_modules(table))
+    gather = num_rows(table) > batch_rows
 
     def add_branch(call, args, kwargs, context):
         y = call(*args, **kwargs)
@@ -117,7 +135,7 @@ def row_adapters(table: Mapping[str, Any] | None, index: jax.Array) -> Iterator[
         ab = modules.get(tuple(context.module.path))
         if ab is None:
             return y
-        branch = row_branch(args[0], ab["lora_a"][index], ab["lora_b"][index])
+        branch = row_branch(args[0], ab["lora_a"], ab["lora_b"], index, gather=gather)
         return (y.astype(jnp.float32) + branch).astype(y.dtype)
 
     with nn.intercept_methods(add_branch):

@@ -150,7 +150,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         stats = engine.stats
         if draining():
             return JSONResponse({"status": "draining", "model": model_name, **vars(stats)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
+        return JSONResponse({"status": "ok", "model": model_name, "adapters": list(engine.adapter_names),
+                             "max_batch": engine.max_batch,
                              "context_length": engine.context_length,
                              "prompt_buckets": engine.buckets, **vars(stats)})
 

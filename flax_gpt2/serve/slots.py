@@ -1,8 +1,9 @@
 """The device side of the server: a fixed set of decode slots, each a row of one preallocated KV cache.
 
 Every function here is jitted, and its compiled code depends only on the model, the number of slots N, the
-cache length S and (for `prefill`, `score_prompt` and `insert`) the prompt bucket P, so the engine compiles
-them all at start-up and never again.
+cache length S, the shapes of the LoRA adapter table (if adapters are served) and (for `prefill`, `score_prompt`
+and `insert`) the prompt bucket P, so the engine compiles them all at start-up and never again: which adapter
+each row uses is data (`RowSettings.adapter`), not a shape.
 
 A slot's row holds one sequence laid out as `flax_gpt2.generate` lays out a prompt of its own: the prompt,
 left-padded, ends at column `start`; the new tokens follow from `start` on; position ids count real tokens
@@ -244,7 +245,7 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
 
     def row_forward(token, mask, position, index, adapter, keys, values):
         cache = KVCache(keys=tuple(k[None] for k in keys), values=tuple(v[None] for v in values), index=index)
-        with row_adapters(adapters, adapter):
+        with row_adapters(adapters, adapter, batch_rows=n):
             logits, cache = forward(model, params, head, token[None, None], mask[None], position[None, None], cache)
         return logits[0], tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values)
 
