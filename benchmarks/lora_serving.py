@@ -16,8 +16,8 @@ decode together. Rows of the table:
 Adapters: random (init_lora, then a random B), ranks 8 and 16 alternating, half on `c_attn` alone and half
 on every module (c_attn, both c_proj, c_fc), so the table is padded to rank 16 over every module: the
 branch costs the same for every row, whatever adapter it has. Both engines are warmed up (compiled), each
-configuration is run once untimed, then `--repeats` rounds of all of them; each one's best wall time is reported (tokens/s = all new tokens / wall time, prefills
-included) with its ratio to the plain engine's.
+configuration is run once untimed, then `--repeats` rounds of all of them; each one's best wall time is reported
+(tokens/s = all new tokens / wall time, prefills included) with its ratio to the plain engine's.
 """
 
 from __future__ import annotations
