@@ -2,11 +2,14 @@
 
     python -m flax_gpt2.serve --model gpt2
     python -m flax_gpt2.serve --model runs/my-run --port 8080 --max_batch 16 --context_length 512 --api_key KEY
+    python -m flax_gpt2.serve --model gpt2 --adapter poet=adapters/poet --adapter adapters/legal   # LoRA adapters
 
 Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").completions.create(
 model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging Face folder or a flax_gpt2
 training run, loaded once at start-up (requests never name files or load models); it is served under
-`--served_model_name` (default: the `--model` text). Binds 127.0.0.1 unless `--host` says otherwise.
+`--served_model_name` (default: the `--model` text). Each `--adapter [NAME=]DIR` (a PEFT LoRA folder for that
+base; NAME defaults to the folder's name) is served beside it as the model NAME: requests for the base and for
+any adapters share one decoding batch (`serve.engine`). Binds 127.0.0.1 unless `--host` says otherwise.
 Every computation is compiled before the port accepts requests (the compiled code is also kept in JAX's
 persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does). No client holds a
 connection without using it: a request head must arrive within `--header_timeout`, a body within
@@ -26,8 +29,9 @@ import sys
 from typing import Sequence
 
 from flax_gpt2.checkpoints.loading import load_model
+from flax_gpt2.checkpoints.peft_adapters import AdapterError, adapter_for_base
 from flax_gpt2.serve.engine import Engine
-from flax_gpt2.serve.protocol import check_api_key
+from flax_gpt2.serve.protocol import check_adapter_name, check_api_key
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache
 from flax_gpt2.utils.dtypes import DTYPES
@@ -45,12 +49,31 @@ def _buckets(text: str) -> list[int]:
     return sizes
 
 
+def _adapter(text: str) -> tuple[str, str]:
+    """`NAME=DIR` or `DIR` (named by its folder's name) -> `(name, folder)`. A folder whose own path holds `=`
+    is taken whole when it exists."""
+    if "=" in text and not os.path.isdir(text):
+        name, folder = text.split("=", 1)
+    else:
+        name, folder = os.path.basename(os.path.normpath(text)), text
+    if not folder:
+        raise argparse.ArgumentTypeError(f"{text!r} names no folder; give NAME=DIR or DIR")
+    try:
+        check_adapter_name(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; give it another as NAME=DIR" if "=" not in text else str(e))
+    return name, folder
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog="--debug shows the traceback of an error.")
     parser.add_argument("--model", required=True, help="hub id, Hugging Face folder, or training run folder")
     parser.add_argument("--served_model_name", default=None, help="the name clients pass as `model` "
                         "(default: the --model text)")
+    parser.add_argument("--adapter", type=_adapter, action="append", default=[], metavar="[NAME=]DIR",
+                        help="a PEFT LoRA adapter folder for --model, served beside it as the model NAME (default "
+                             "the folder's name); repeat for more adapters")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=cli.flag_type(int, lambda p: 0 <= p <= 65535, "a port from 0 to 65535"),
                         default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -90,6 +113,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
+    served = args.served_model_name or args.model
+    seen = {served: "the served model name (--served_model_name, else --model)"}
+    for name, folder in args.adapter:
+        if name in seen:
+            parser.error(f"--adapter {name}={folder}: the name {name!r} is already {seen[name]}; give each adapter "
+                         "its own name as NAME=DIR")
+        seen[name] = f"the name of --adapter {name}={folder}"
     source = "--api_key"
     if args.api_key is None:
         args.api_key, source = os.environ.get("FLAX_GPT2_API_KEY"), "$FLAX_GPT2_API_KEY"
@@ -133,11 +163,20 @@ def _main(argv: Sequence[str]) -> None:
     enable_compilation_cache(args.cache_dir)
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
                                           log=log.info)
+    adapters = {}
+    for name, folder in args.adapter:  # checked against the base before anything compiles
+        try:
+            adapters[name] = adapter_for_base(folder, params, model.config)
+        except AdapterError as e:
+            raise AdapterError(f"--adapter {name}={folder}: {e}") from e
+        log.info("loaded the LoRA adapter %r from %s (rank %d on %s)", name, folder, adapters[name][1].rank,
+                 ", ".join(adapters[name][1].modules))
     n_positions = model.config.n_positions
     if args.context_length is not None and args.context_length > n_positions:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
-                    prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps)
+                    prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
+                    adapters=adapters)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()
@@ -146,7 +185,8 @@ def _main(argv: Sequence[str]) -> None:
     app = create_app(engine, model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      body_timeout_s=args.body_timeout, draining=drain.started.is_set)
     host, port = sock.getsockname()[:2]
-    log.info("serving %r on http://%s:%d/v1 (%d slots of %d tokens)%s", name, host, port, engine.max_batch,
+    log.info("serving %r%s on http://%s:%d/v1 (%d slots of %d tokens)%s", name,
+             f" and its adapters {', '.join(map(repr, adapters))}" if adapters else "", host, port, engine.max_batch,
              engine.context_length, "" if args.api_key is None else ", API key required")
     log.info("connections: at most %d open, request heads within %g s, bodies within %g s, idle keep-alive %g s",
              max_connections, args.header_timeout, args.body_timeout, args.timeout_keep_alive)

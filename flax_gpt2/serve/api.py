@@ -127,10 +127,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
     `api_key` (printable ASCII, see `check_api_key`) is compared in constant time; a request body must
     arrive within `body_timeout_s` seconds. While `draining()` (a shutdown in progress), new completions
     get 503 `shutting_down` and /health answers 503 `{"status": "draining"}`, so a load balancer moves
-    on, while running requests finish."""
+    on, while running requests finish. The engine's LoRA adapters are served beside the model under their
+    names (`/v1/models` lists them with `"parent": model_name`); a request's `model` picks one."""
     if api_key is not None:
         check_api_key(api_key)
-    names = (model_name,)
+    names = (model_name, *engine.adapter_names)
+    if len(set(names)) < len(names):
+        raise ValueError(f"the model and its adapters need distinct names, got {list(names)}")
     created = int(time.time())
     metrics = ServerMetrics(lambda: engine.stats)
 
@@ -147,7 +150,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         stats = engine.stats
         if draining():
             return JSONResponse({"status": "draining", "model": model_name, **vars(stats)}, status_code=503)
-        return JSONResponse({"status": "ok", "model": model_name, "max_batch": engine.max_batch,
+        return JSONResponse({"status": "ok", "model": model_name, "adapters": list(engine.adapter_names),
+                             "max_batch": engine.max_batch,
                              "context_length": engine.context_length,
                              "prompt_buckets": engine.buckets, **vars(stats)})
 
@@ -163,7 +167,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         name = request.path_params["name"]
         if name not in names:
             raise APIError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
-        return JSONResponse(protocol.model_list(names, created)["data"][0])
+        return JSONResponse(protocol.model_list(names, created)["data"][names.index(name)])
 
     def prepare(req: protocol.CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompt_ids = [engine.encode(p) for p in req.prompts]
@@ -194,7 +198,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
             except RuntimeError:  # the event loop is closed: the server is shutting down
                 pass
 
-        completion = Completion(req, prompt_ids, echo, deliver)
+        completion = Completion(req, prompt_ids, echo, deliver, adapter=names.index(req.model))
         try:
             engine.submit(completion)
         except QueueFull:
@@ -229,7 +233,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None, m
         out = [{"text": "".join(choices.text[c]), "index": c,
                 "logprobs": logprobs_object(choices.logprobs[c]) if req.logprobs is not None else None,
                 "finish_reason": choices.finish[c]} for c in range(count)]
-        return JSONResponse(protocol.completion_object(id_, model_name, now, out,
+        return JSONResponse(protocol.completion_object(id_, req.model, now, out,
                                                        protocol.usage(prompt_tokens, sum(choices.tokens))))
 
     async def _stream(completion: Completion, events: asyncio.Queue, id_: str, created: int, count: int,

@@ -18,6 +18,12 @@ Compiles are bounded: the prefill and prompt scoring once per prompt bucket (pro
 the next bucket), the step once per cache size, the insertion once per (cache size, prompt bucket), the
 resize once per pair of sizes, all during `warm_up`.
 
+LoRA adapters (`adapters`, PEFT folders loaded for this base) are served beside the base, unmerged: a request
+names one as its `model`, its slot's row takes that adapter's index (`RowSettings.adapter`), and every step
+reads the base weights once for all rows while each row adds its own low-rank branch (`lora_rows`), so
+requests for different adapters share one decoding batch and one compiled step. Without adapters the step is
+the plain model's.
+
 Reproducibility: every sampled sequence draws with its own key, `PRNGKey(seed)` folded with the choice
 index (not for choice 0) and then with the step, so the same request with the same seed gives the same
 text whatever else is running. Greedy and sampled rows follow `flax_gpt2.generate`'s computation (see
@@ -43,6 +49,9 @@ import jax
 import numpy as np
 
 from flax_gpt2.generation.model_step import output_projection
+from flax_gpt2.modeling import layer_stacking
+from flax_gpt2.modeling.lora import LoRAConfig
+from flax_gpt2.modeling.lora_rows import stack_adapters
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
 from flax_gpt2.serve.protocol import APIError
@@ -73,15 +82,24 @@ class Engine:
     decoding steps one device call runs while no request waits for a slot (see `_steps_ahead`): fewer host
     round trips per token, at the price of tokens streaming in groups of that many. `submit` is called from the
     HTTP side (any thread); everything that touches the device runs on the engine's own thread (`start`).
+    `adapters` maps names to LoRA adapters of this base (`(tree, LoRAConfig)`, as `load_peft_adapter` returns
+    them); a `Completion`'s `adapter` is 1 + its position in `adapter_names`, 0 for the base.
     """
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
-                 decode_steps: int = 8):
+                 decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
+        params = unwrap_params(params)
+        self.adapter_names = tuple(adapters or ())
+        self.adapters = stack_adapters(list(adapters.values())) if adapters else None
+        if adapters and config.scan_layers:
+            # The adapter table is found by per-layer module paths (`lora_rows`): run the same weights unrolled.
+            config = config.replace(scan_layers=False)
+            model, params = type(model)(config), layer_stacking.to_layout(params, False)
         self.model, self.tokenizer = model, tokenizer
-        self.params = unwrap_params(params)
+        self.params = params
         # The one vocabulary rule (`limit_vocab`): a model vocabulary padded past the tokenizer's (50,304 for
         # 50,257) never yields the extra ids, and prompts holding them are refused (400) before they queue.
         self.vocab_limit = min(tokenizer.vocab_size, config.vocab_size)
@@ -122,8 +140,10 @@ class Engine:
             ids = np.full((1, p), eot, np.int32)
             mask = np.zeros((1, p), np.int32)
             mask[0, -1] = 1
-            prefilled.append((ids, device.prefill_prompt(self.model, self.params, self.head, ids, mask)))
-            jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask, self.vocab_limit))
+            prefilled.append((ids, device.prefill_prompt(self.model, self.params, self.head, ids, mask,
+                                                         self.adapters, np.int32(0))))
+            jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask, self.vocab_limit,
+                                                      self.adapters, np.int32(0)))
         for n in self.cache_sizes:
             slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
             for ids, (logits, keys, values) in prefilled:
@@ -131,7 +151,8 @@ class Engine:
                                       values)
             for k in sorted({1, self.decode_steps}):
                 slots, token, _ = device.steps(self.model, self.params, self.head, slots,
-                                               device.RowSettings.empty(n), device.StepWork.everything(), num_steps=k)
+                                               device.RowSettings.empty(n), device.StepWork.everything(), num_steps=k,
+                                               adapters=self.adapters)
             for m in self.cache_sizes:
                 if m != n:
                     slots = device.resize(slots, np.zeros(m, np.int32))
@@ -276,7 +297,8 @@ class Engine:
             mask[0, p - len(ids):] = 1
             out = None
             if completion.request.max_tokens > 0:
-                out = device.prefill_prompt(self.model, self.params, self.head, padded, mask)
+                out = device.prefill_prompt(self.model, self.params, self.head, padded, mask, self.adapters,
+                                            np.int32(completion.adapter))
             completion.prefilled[prompt] = (padded, mask, out)
         completion.waiting_copies[prompt] -= 1
         if completion.waiting_copies[prompt] == 0:
@@ -292,8 +314,8 @@ class Engine:
             first.text = completion.echo_texts[sequence.prompt]
             if request.logprobs is not None:
                 if sequence.prompt not in completion.prompt_logprobs:
-                    completion.prompt_logprobs[sequence.prompt] = self._prompt_logprobs(padded, mask, ids,
-                                                                                        request.logprobs)
+                    completion.prompt_logprobs[sequence.prompt] = self._prompt_logprobs(
+                        padded, mask, ids, request.logprobs, completion.adapter)
                 first.logprobs = list(completion.prompt_logprobs[sequence.prompt])
         if request.max_tokens == 0:
             first.finish_reason, first.completion_tokens = "length", 0
@@ -321,9 +343,11 @@ class Engine:
         s.seed[slot] = completion.seed
         s.stream[slot] = sequence.stream
         s.logprobs[slot] = request.logprobs is not None
+        s.adapter[slot] = completion.adapter
 
-    def _prompt_logprobs(self, padded, mask, ids: list[int], k: int) -> list[TokenLogprob]:
-        scores = device.score_prompt(self.model, self.params, padded, mask, self.vocab_limit)
+    def _prompt_logprobs(self, padded, mask, ids: list[int], k: int, adapter: int) -> list[TokenLogprob]:
+        scores = device.score_prompt(self.model, self.params, padded, mask, self.vocab_limit, self.adapters,
+                                     np.int32(adapter))
         chosen, top_ids, top_values = (np.asarray(x) for x in scores)
         start = padded.shape[1] - len(ids)
         records, offset = [], 0
@@ -376,7 +400,7 @@ class Engine:
         num_steps = self._steps_ahead(busy)
         start = time.perf_counter()
         self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
-                                                     work, num_steps=num_steps)
+                                                     work, num_steps=num_steps, adapters=self.adapters)
         tokens = np.asarray(tokens)  # [num_steps, N]
         self.stats.step_seconds += time.perf_counter() - start
         if work.logprobs:

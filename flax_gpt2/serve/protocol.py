@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import time
 import uuid
@@ -181,7 +182,8 @@ def parse_completion_request(body: Any, *, vocab_size: int, model_names: tuple[s
     if not isinstance(model, str):
         raise bad_request(f"{_brief(model)} is not of type 'string' - 'model'", "model", "invalid_type")
     if model not in model_names:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves {model_names[0]!r}",
+        served = " and its adapters " + ", ".join(map(repr, model_names[1:])) if model_names[1:] else ""
+        raise APIError(404, f"The model `{model}` does not exist; this server serves {model_names[0]!r}{served}",
                        param="model", code="model_not_found")
     if "prompt" not in body or body["prompt"] is None:
         raise bad_request("you must provide a prompt parameter", "prompt", "missing_required_parameter")
@@ -265,9 +267,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def model_list(names: tuple[str, ...], created: int | None = None) -> dict:
+    """`GET /v1/models`: the served model (`names[0]`), then its LoRA adapters, each with `"parent"` and
+    `"root"` naming the base (vLLM's form for adapters)."""
     created = int(time.time()) if created is None else created
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "flax_gpt2"}
-                                       for name in names[:1]]}
+    base = {"id": names[0], "object": "model", "created": created, "owned_by": "flax_gpt2"}
+    return {"object": "list", "data": [base] + [{**base, "id": name, "root": names[0], "parent": names[0]}
+                                                for name in names[1:]]}
+
+
+# A LoRA adapter's name: what clients send as `model` (JSON) and put in the URL `/v1/models/NAME`. ASCII letters,
+# digits and `._:/-` travel in both unescaped; spaces, `?`, `#`, `%` and non-ASCII text would need escaping
+# that clients do not all do.
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+def check_adapter_name(name: str) -> str:
+    """`name`, or a ValueError saying which names a served LoRA adapter may have."""
+    if not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} cannot name an adapter: clients send it as `model` and in URLs, so it must be "
+                         "1 to 128 ASCII letters, digits and . _ : / - (starting with a letter or digit)")
+    return name
 
 
 def check_api_key(key: str) -> str:

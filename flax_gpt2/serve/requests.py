@@ -39,11 +39,13 @@ class Event:
 
 
 class Completion:
-    """One request as the engine sees it: its prompts (token ids), settings, and where events go."""
+    """One request as the engine sees it: its prompts (token ids), settings, where events go, and its LoRA
+    adapter (`adapter`: a row of the engine's adapter table, 0 for the base model)."""
 
     def __init__(self, request: CompletionRequest, prompt_ids: list[list[int]], echo_texts: list[str],
-                 deliver: Callable[[Event], None]):
+                 deliver: Callable[[Event], None], adapter: int = 0):
         self.request = request
+        self.adapter = adapter
         self.prompt_ids = prompt_ids
         self.echo_texts = echo_texts  # the text each choice starts with (echo), per prompt
         self.deliver = deliver

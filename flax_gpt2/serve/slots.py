@@ -1,8 +1,9 @@
 """The device side of the server: a fixed set of decode slots, each a row of one preallocated KV cache.
 
 Every function here is jitted, and its compiled code depends only on the model, the number of slots N, the
-cache length S and (for `prefill`, `score_prompt` and `insert`) the prompt bucket P, so the engine compiles
-them all at start-up and never again.
+cache length S, the shapes of the LoRA adapter table (if adapters are served) and (for `prefill`, `score_prompt`
+and `insert`) the prompt bucket P, so the engine compiles them all at start-up and never again: which adapter
+each row uses is data (`RowSettings.adapter`), not a shape.
 
 A slot's row holds one sequence laid out as `flax_gpt2.generate` lays out a prompt of its own: the prompt,
 left-padded, ends at column `start`; the new tokens follow from `start` on; position ids count real tokens
@@ -27,6 +28,7 @@ import numpy as np
 from flax_gpt2.generation.logits_processors import ChoiceSettings, ChoiceStages, choose_tokens, limit_vocab
 from flax_gpt2.generation.model_step import forward, prefill
 from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.lora_rows import row_adapters
 from flax_gpt2.modeling.model import GPT2LMHeadModel
 
 Array = jax.Array
@@ -64,6 +66,7 @@ class RowSettings:
     seed: Array  # uint32: jax.random.PRNGKey(seed)
     stream: Array  # int32: 0, or the index of a sample's copy (its key is folded with it)
     logprobs: Array  # bool: return the top log-probabilities
+    adapter: Array  # int32: the row's LoRA adapter, a row of the adapter table (`lora_rows`); 0 = the base
 
     @classmethod
     def empty(cls, n: int) -> "RowSettings":
@@ -72,7 +75,7 @@ class RowSettings:
                    top_k=np.zeros(n, np.int32), top_p=np.ones(n, np.float32),
                    repetition_penalty=np.ones(n, np.float32), presence_penalty=np.zeros(n, np.float32),
                    frequency_penalty=np.zeros(n, np.float32), seed=np.zeros(n, np.uint32),
-                   stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool))
+                   stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool), adapter=np.zeros(n, np.int32))
 
 
 @flax.struct.dataclass
@@ -113,26 +116,33 @@ def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: in
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def prefill_prompt(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array):
-    """`generate`'s prefill of one left-padded prompt `[1, P]` into a cache of P columns.
+def prefill_prompt(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
+                   adapters: Any = None, adapter: Array | int = 0):
+    """`generate`'s prefill of one left-padded prompt `[1, P]` into a cache of P columns, with LoRA adapter
+    `adapter` of the table `adapters` (`lora_rows.stack_adapters`; None: no adapters served).
 
     Returns `(logits [1, V], keys, values)`, the cache as per-layer `[1, H, P, K]`.
     """
-    logits, cache, _, _ = prefill(model, params, head, input_ids, attention_mask, input_ids.shape[1])
+    with row_adapters(adapters, adapter):
+        logits, cache, _, _ = prefill(model, params, head, input_ids, attention_mask, input_ids.shape[1])
     return logits, cache.keys, cache.values
 
 
 @functools.partial(jax.jit, static_argnames=("model", "vocab_limit"))
-def score_prompt(model: GPT2LMHeadModel, params: Any, input_ids: Array, attention_mask: Array, vocab_limit: int):
+def score_prompt(model: GPT2LMHeadModel, params: Any, input_ids: Array, attention_mask: Array, vocab_limit: int,
+                 adapters: Any = None, adapter: Array | int = 0):
     """Log-probabilities of a left-padded prompt's own tokens (for `echo` with `logprobs`), over the ids
-    the tokenizer can decode (`limit_vocab`), the same distribution the decoding step draws from.
+    the tokenizer can decode (`limit_vocab`), the same distribution the decoding step draws from; with LoRA
+    adapter `adapter` of `adapters` as in `prefill_prompt`.
 
     Returns `(chosen [P], top_ids [P, MAX_LOGPROBS], top_logprobs [P, MAX_LOGPROBS])`: column c scores the
     token in column c + 1 given the tokens up to c (the last column scores nothing).
     """
     mask = attention_mask.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits = limit_vocab(model.apply({"params": params}, input_ids, mask, positions).logits[0], vocab_limit)
+    with row_adapters(adapters, adapter):
+        logits = model.apply({"params": params}, input_ids, mask, positions).logits[0]
+    logits = limit_vocab(logits, vocab_limit)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     following = jnp.concatenate([input_ids[0, 1:], input_ids[0, :1]])
     chosen = jnp.take_along_axis(logprobs, following[:, None], axis=1)[:, 0]
@@ -211,7 +221,8 @@ def resize(slots: Slots, rows: Array) -> Slots:
     return jax.tree.map(lambda x: x[rows], slots)
 
 
-def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, work: StepWork):
+def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, work: StepWork,
+         adapters: Any = None):
     """One decoding step of every slot, in place: choose each row's next token, write it, and run it
     through the model. Idle rows (`settings.active` False) compute too, but keep their position, and
     their results are ignored.
@@ -220,7 +231,9 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
     CPU backend than stepping a smaller cache in place; the engine resizes the slots instead.)
 
     `work` says what any active row needs (penalties, sampling, top-k, top-p, log-probabilities): work that
-    no row needs is skipped (`lax.cond`).
+    no row needs is skipped (`lax.cond`). `adapters` is the table of LoRA adapters served
+    (`lora_rows.stack_adapters`), each row adding adapter `settings.adapter` to the shared base weights; None
+    (no adapters served) traces the plain model, `settings.adapter` unused.
 
     Returns `(slots, tokens [N], (chosen_logprob [N], top_ids [N, 5], top_logprobs [N, 5]))`.
     """
@@ -230,17 +243,19 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
     token = jnp.where(settings.active, token, slots.tokens[jnp.arange(n), pos])
     position = jnp.minimum(slots.lengths + slots.pos - slots.start, model.config.n_positions - 1)
 
-    def row_forward(token, mask, position, index, keys, values):
+    def row_forward(token, mask, position, index, adapter, keys, values):
         cache = KVCache(keys=tuple(k[None] for k in keys), values=tuple(v[None] for v in values), index=index)
-        logits, cache = forward(model, params, head, token[None, None], mask[None], position[None, None], cache)
+        with row_adapters(adapters, adapter, batch_rows=n):
+            logits, cache = forward(model, params, head, token[None, None], mask[None], position[None, None], cache)
         return logits[0], tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values)
 
     if n == 1:  # one row: the plain batch-1 step (a dynamic-update-slice, not a one-row scatter)
         logits, keys, values = jax.tree.map(lambda x: x[None], row_forward(
-            token[0], slots.mask[0], position[0], pos[0], tuple(k[0] for k in slots.keys),
+            token[0], slots.mask[0], position[0], pos[0], settings.adapter[0], tuple(k[0] for k in slots.keys),
             tuple(v[0] for v in slots.values)))
     else:
-        logits, keys, values = jax.vmap(row_forward)(token, slots.mask, position, pos, slots.keys, slots.values)
+        logits, keys, values = jax.vmap(row_forward)(token, slots.mask, position, pos, settings.adapter, slots.keys,
+                                                     slots.values)
     slots = slots.replace(keys=keys, values=values, tokens=slots.tokens.at[jnp.arange(n), pos].set(token),
                           logits=logits, pos=jnp.where(settings.active, slots.pos + 1, slots.pos))
     return slots, token, logprobs
@@ -248,14 +263,14 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps"), donate_argnames=("slots",))
 def steps(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, settings: RowSettings, work: StepWork,
-          num_steps: int):
+          num_steps: int, adapters: Any = None):
     """`num_steps` decoding steps (`step`) in one call: a `lax.scan`, so the host dispatches and waits once,
     not once per token. Each step computes exactly what `step` alone would.
 
     Returns `(slots, tokens [num_steps, N], logprobs)`, the logprobs stacked likewise along a leading axis.
     """
     def body(slots, _):
-        slots, token, logprobs = step(model, params, head, slots, settings, work)
+        slots, token, logprobs = step(model, params, head, slots, settings, work, adapters)
         return slots, (token, logprobs)
 
     slots, (tokens, logprobs) = jax.lax.scan(body, slots, None, length=num_steps)
