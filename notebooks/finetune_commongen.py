@@ -31,6 +31,11 @@
 # a data-parallel mesh over all the runtime's devices, draws the loss curve as it trains, generates for
 # held-out concept sets, and exports a Hugging Face folder that `transformers` loads.
 #
+# With `lora_rank > 0` it fine-tunes with **LoRA** instead (`configs/finetune_commongen_lora.py`): the model
+# stays frozen, low-rank adapters on every attention and MLP projection are the only trained weights, and
+# the export is the adapter alone in Hugging Face PEFT's format, loaded back onto the base by `flax_gpt2`
+# and (when installed) by `peft`.
+#
 # **Runtime:** written for a Colab **T4 GPU**; faster on L4/A100 and TPU v5e-1 / v6e-1. On CPU, set
 # `steps` to a few hundred. Run the cells from the top.
 
@@ -44,12 +49,13 @@ model_name = "gpt2"  # a hub id or a local Hugging Face folder to start from
 data_source = "allenai/common_gen"  # the hub dataset, or a local CommonGen file: X.jsonl or X.src_alpha.txt
 tokenizer = ""  # a folder with vocab.json + merges.txt; empty: GPT-2's BPE, downloaded once
 workdir = "runs/commongen"  # the run: checkpoints, metrics.jsonl, ...; rerunning on it resumes
-export_dir = "gpt2-commongen"  # the Hugging Face folder written at the end
+export_dir = "gpt2-commongen"  # the Hugging Face folder written at the end (with LoRA: the PEFT adapter folder)
+lora_rank = 0  # 0: full fine-tuning; > 0: LoRA adapters of this rank, the rest of the model frozen
 epochs = 3  # the model card's 3 epochs ...
 steps = 0  # ... or, if > 0, this many steps
 batch_size = 32
 seq_len = 128  # windows of packed examples (each ~20 tokens)
-learning_rate = 5e-5
+learning_rate = 0.0  # 0: the recipe's, 5e-5 for full fine-tuning and 2e-4 with LoRA
 warmup_steps = 100
 compute_dtype = "auto"  # "bfloat16" on TPUs and Ampere+ GPUs, "float32" on T4 and CPU; or name one
 log_every = 10
@@ -142,14 +148,23 @@ print("compute dtype:", compute_dtype)
 # `configs/finetune_commongen.py`, what `python -m flax_gpt2.train --config finetune_commongen` runs, with
 # this notebook's parameters. The mesh is data parallel over every device (`mesh.data = -1`): each holds a
 # copy of the parameters and `batch_size / devices` sequences of every batch.
+#
+# With `lora_rank > 0`: `configs/finetune_commongen_lora.py`, the same recipe with the model frozen and
+# LoRA adapters (`--config.lora.rank=R`, on `c_attn,c_proj,c_fc`, alpha 2R) trained at a LoRA learning
+# rate. Only the adapters get gradients and AdamW moments, and the run's checkpoints hold only them.
 
 # %%
-from flax_gpt2.configs import finetune_commongen
+from flax_gpt2.configs import finetune_commongen, finetune_commongen_lora
 from flax_gpt2.train import data as data_lib
 from flax_gpt2.train import mesh as mesh_lib
 from flax_gpt2.train.train_loop import train_and_evaluate
 
-config = finetune_commongen.get_config()
+if lora_rank > 0:
+    config = finetune_commongen_lora.get_config()
+    config.lora.rank = lora_rank
+    config.lora.alpha = 2.0 * lora_rank  # the recipe's scale, alpha / rank = 2, at any rank
+else:
+    config = finetune_commongen.get_config()
 config.init_from = model_name
 config.data.source = os.path.abspath(data_source) if os.path.exists(data_source) else data_source
 config.data.tokenizer = tokenizer
@@ -159,7 +174,8 @@ if steps > 0:
     config.epochs, config.steps = 0, steps
 else:
     config.epochs = epochs
-config.optimizer.lr = learning_rate
+if learning_rate > 0:
+    config.optimizer.lr = learning_rate
 config.optimizer.warmup_steps = warmup_steps
 config.model.dtype = compute_dtype
 config.log_every, config.eval_every = log_every, eval_every
@@ -169,6 +185,8 @@ config.progress_bar = False  # the live loss curve shows the progress
 mesh = mesh_lib.make_mesh(config.mesh)
 print(f"mesh {dict(mesh.shape)}: {batch_size // mesh.size} of the {batch_size} sequences of a batch on each "
       f"of {mesh.size} device(s)")
+print(f"LoRA rank {config.lora.rank} on {config.lora.targets}, lr {config.optimizer.lr}" if lora_rank > 0
+      else f"full fine-tuning, lr {config.optimizer.lr}")
 
 # %% [markdown]
 # ## The data
@@ -294,9 +312,20 @@ print(result)
 import html
 
 from IPython.display import HTML
+from flax_gpt2.checkpoints.run_adapters import load_run_adapter
 from flax_gpt2.train import commongen_eval, recipes
 
-model, params = flax_gpt2.from_pretrained(workdir, progress=False)  # the run's newest checkpoint
+adapter_weights = None
+if lora_rank > 0:
+    # A LoRA run's checkpoints hold only the adapters: its newest adapter merged into the base's kernels.
+    adapters, lora, _ = load_run_adapter(workdir)
+    model, base_params = flax_gpt2.from_pretrained(model_name, progress=False)
+    params = flax_gpt2.merge_adapter(base_params, adapters, lora)
+    adapter_weights = sum(x.size for x in jax.tree.leaves(adapters))
+    print(f"{adapter_weights:,} adapter weights (rank {lora.rank}) over "
+          f"{sum(x.size for x in jax.tree.leaves(base_params)):,} frozen ones")
+else:
+    model, params = flax_gpt2.from_pretrained(workdir, progress=False)  # the run's newest checkpoint
 after = sentence(model, params, CARD_PROMPT)
 print(f"before: {CARD_PROMPT}{before}\nafter:  {CARD_PROMPT}{after}\n")
 
@@ -319,34 +348,60 @@ display(HTML("<table><tr><th>concepts</th><th>sentence</th><th>coverage</th></tr
 # (From a command line: `python -m flax_gpt2.convert --model runs/commongen --out DIR`.) If
 # `transformers` and `torch` are installed (they are on Colab), the cell loads the export back with them and
 # checks that both libraries compute the same logits and the same greedy sentence.
+#
+# With LoRA the export is the adapter alone, a PEFT folder (`adapter_config.json` +
+# `adapter_model.safetensors`, with the hash of the base weights it was trained on): what
+# `python -m flax_gpt2.convert --model runs/commongen --format peft --out DIR` writes. `flax_gpt2` loads it onto
+# the base with `from_pretrained(model_name, adapter=DIR)` (the hash is checked), and `peft.PeftModel` onto
+# `transformers`' GPT-2 (when `peft` is installed: `pip install peft`).
 
 # %%
-flax_gpt2.save_pretrained(export_dir, model, params, tokenizer=run_tokenizer, overwrite=True, progress=False)
+from flax_gpt2.checkpoints.conversion import export_run_adapter
+
+if lora_rank > 0:
+    export_run_adapter(workdir, export_dir, overwrite=True)
+    exported, exported_params = flax_gpt2.from_pretrained(model_name, adapter=export_dir, progress=False)
+else:
+    flax_gpt2.save_pretrained(export_dir, model, params, tokenizer=run_tokenizer, overwrite=True, progress=False)
+    exported, exported_params = flax_gpt2.from_pretrained(export_dir, progress=False)  # float32, as saved
 print(export_dir, sorted(os.listdir(export_dir)))
-exported, exported_params = flax_gpt2.from_pretrained(export_dir, progress=False)  # float32, as saved
+ids = np.array([run_tokenizer.encode(CARD_PROMPT, allowed_special="all")])
+our_logits = np.asarray(exported.apply({"params": exported_params}, ids).logits)
+# The reloaded export computes what the model of the run did (above): the same logits.
+reload_max_abs_diff = float(np.max(np.abs(our_logits - np.asarray(model.apply({"params": params}, ids).logits))))
+print(f"reloaded export vs the run's model: largest logit difference {reload_max_abs_diff:.2e}")
 
 hf_check = None
 try:
     import torch
     import transformers
+
+    if lora_rank > 0:
+        import peft
 except ImportError:
-    print("transformers/torch are not installed here: `pip install transformers torch` to load the export with them")
+    print("transformers/torch" + ("/peft" if lora_rank > 0 else "") + " are not installed here: "
+          f"`pip install transformers torch{' peft' if lora_rank > 0 else ''}` to load the export with them")
 else:
-    hf_model = transformers.GPT2LMHeadModel.from_pretrained(export_dir).eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
-    ids = np.array([run_tokenizer.encode(CARD_PROMPT, allowed_special="all")])
+    if lora_rank > 0:  # the base from its own folder (or the hub), the adapter on top
+        hf_model = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(model_name),
+                                                  export_dir).eval()
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(model_name)
+    else:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(export_dir).eval()
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
     with torch.no_grad():
-        hf_logits = hf_model(torch.from_numpy(ids)).logits.numpy()
-        hf_tokens = hf_model.generate(torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+        hf_logits = hf_model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        hf_tokens = hf_model.generate(input_ids=torch.from_numpy(ids),
+                                      attention_mask=torch.ones_like(torch.from_numpy(ids)),
                                       max_new_tokens=16, do_sample=False,
                                       pad_token_id=run_tokenizer.eot_token).numpy()
-    our_logits = np.asarray(exported.apply({"params": exported_params}, ids).logits)
     our_tokens = flax_gpt2.generate(exported, exported_params, ids, max_new_tokens=16)[:, :hf_tokens.shape[1]]
     hf_check = {"max_abs_logit_diff": float(np.max(np.abs(hf_logits - our_logits))),
                 "same_greedy_tokens": bool(np.array_equal(hf_tokens, our_tokens)),
                 "same_token_ids": hf_tokenizer(CARD_PROMPT)["input_ids"] == ids[0].tolist(),
                 "transformers_text": hf_tokenizer.decode(hf_tokens[0, ids.shape[1]:], skip_special_tokens=True)}
-    print(f"transformers {transformers.__version__}: {CARD_PROMPT}{hf_check['transformers_text']}")
+    print(f"transformers {transformers.__version__}{' + peft ' + peft.__version__ if lora_rank > 0 else ''}: "
+          f"{CARD_PROMPT}{hf_check['transformers_text']}")
     print(f"largest logit difference {hf_check['max_abs_logit_diff']:.2e}; same greedy tokens: "
           f"{hf_check['same_greedy_tokens']}; same tokenizer: {hf_check['same_token_ids']}")
 
@@ -367,6 +422,9 @@ summary = {
     "coverage": coverage,
     "samples": rows,
     "export_files": sorted(os.listdir(export_dir)),
+    "reload_max_abs_diff": reload_max_abs_diff,
+    "lora_rank": config.lora.rank,
+    "adapter_weights": adapter_weights,
     "hf_check": hf_check,
 }
 print(json.dumps(summary, indent=1))

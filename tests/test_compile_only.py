@@ -65,6 +65,17 @@ def test_unknown_topology_lists_the_accepted_names():
         topologies.lookup("v9-8")
 
 
+def test_a_16gb_gpu_target_describes_xla_s_v100_spec():
+    """`v100x1`: one 16 GB Volta card (sm_70), as openxla's gpu_specs/v100.txtpb describes it to XLA."""
+    v100 = topologies.lookup("V100x1")
+    assert (v100.platform, v100.num_devices, v100.topology_name) == ("gpu", 1, "1x1x1")
+    assert v100.device_kind == "Tesla V100-SXM2-16GB" and 15 * GiB < v100.hbm_bytes_per_device < 16 * GiB
+    proto = topologies.gpu_target_config("v100")
+    assert "cuda_compute_capability { major: 7 }" in proto and "core_count: 80" in proto
+    assert f"device_memory_size: {v100.hbm_bytes_per_device}" in proto
+    assert topologies.lookup("v100x8").topology_name == "1x1x8"
+
+
 # --- the "fits" decision at its threshold (no compile) ---
 
 def _sized_report(target_name, train_bytes, eval_bytes):
@@ -75,7 +86,7 @@ def _sized_report(target_name, train_bytes, eval_bytes):
             "bytes_per_chip": train_bytes, "eval_bytes_per_chip": eval_bytes}
 
 
-@pytest.mark.parametrize("target_name", ["v5litepod-8", "v4-8", "h100x8"])
+@pytest.mark.parametrize("target_name", ["v5litepod-8", "v4-8", "h100x8", "v100x1"])
 def test_fits_is_decided_against_usable_hbm_not_the_total(target_name):
     from flax_gpt2.train import compile_only as co
 

@@ -1,10 +1,12 @@
 """The model-card fine-tuning recipes end to end on tiny models: CommonGen and ELI5 configs train, evaluate
-per epoch, report coverage, sample with the card's prompt, and export to a folder transformers loads."""
+per epoch, report coverage, sample with the card's prompt, and export to a folder transformers loads; with
+`--config.lora.rank`, they train adapters only and export them for PEFT."""
 
 import json
 
 import numpy as np
 import pytest
+from conftest import make_hf_model
 
 from flax_gpt2.train import config_cli, train_loop
 
@@ -20,6 +22,16 @@ def _records(path):
 
 TINY = ["--config.init_from=", "--config.model.preset=tiny", "--config.model.dtype=float32",
         "--config.progress_bar=False", "--config.checkpoint_every=1000"]
+
+
+def _eli5_file(tmp_path, shared_dir):
+    """A local ELI5-shaped jsonl (question + answer records, from Tiny Shakespeare's lines)."""
+    lines = [ln for ln in (shared_dir / "data" / "tinyshakespeare.txt").read_text().splitlines() if ln.strip()]
+    sample_file = tmp_path / "eli5.jsonl"
+    with open(sample_file, "w") as f:
+        for i in range(0, 1200, 4):
+            f.write(json.dumps({"question": lines[i], "answer": " ".join(lines[i + 1:i + 4])}) + "\n")
+    return sample_file
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +126,7 @@ def test_eli5_card_recipe_per_epoch_table_and_export(tmp_path, shared_dir):
     import torch
     import transformers
 
-    lines = [ln for ln in (shared_dir / "data" / "tinyshakespeare.txt").read_text().splitlines() if ln.strip()]
-    sample_file = tmp_path / "eli5.jsonl"
-    with open(sample_file, "w") as f:
-        for i in range(0, 1200, 4):
-            f.write(json.dumps({"question": lines[i], "answer": " ".join(lines[i + 1:i + 4])}) + "\n")
+    sample_file = _eli5_file(tmp_path, shared_dir)
     workdir = tmp_path / "run"
     result = _run("configs/finetune_eli5.py", workdir, *TINY, f"--config.data.source={sample_file}",
                   f"--config.data.tokenizer={shared_dir / 'gpt2-bpe'}", f"--config.data.cache_dir={tmp_path}/cache",
@@ -162,3 +170,61 @@ def test_linear_schedule_matches_transformers():
         assert float(ours(s)) == pytest.approx(ref.get_last_lr()[0], rel=1e-6, abs=1e-12), s  # optax runs in float32
         torch_opt.step()
         ref.step()
+
+
+def test_eli5_recipe_with_lora_trains_adapters_only_and_exports_for_peft(tmp_path, tmp_path_factory, shared_dir):
+    """`configs/finetune_eli5.py --config.lora.rank=8` on a tiny base: the checkpoint holds only adapters (and
+    their moments), step 1's loss is the base's (a full fine-tune's first loss on the same batch), the loss
+    goes down, and `convert --format peft` writes an adapter that loads onto the base with the run's logits."""
+    import jax
+
+    import flax_gpt2
+    from flax_gpt2 import convert
+    from flax_gpt2.checkpoints import run_adapters, run_folders
+
+    _, base_dir = make_hf_model(tmp_path_factory, name="eli5_base", randomize=True)
+    data = [f"--config.data.source={_eli5_file(tmp_path, shared_dir)}",
+            f"--config.data.tokenizer={shared_dir / 'gpt2-bpe'}", f"--config.data.cache_dir={tmp_path}/cache",
+            f"--config.init_from={base_dir}", "--config.model.dropout=0.0", "--config.log_every=1",
+            "--config.epochs=0", "--config.batch_size=8"]
+    steps = 6
+    lora_run = tmp_path / "lora"
+    result = _run("configs/finetune_eli5.py", lora_run, *TINY, *data, f"--config.steps={steps}",
+                  "--config.lora.rank=8", "--config.optimizer.lr=1e-2", "--config.checkpoint_every=3")
+    assert result["stopped"] == "done" and result["step"] == steps
+    losses = [r["loss"] for r in _records(lora_run / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == steps and np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0], losses
+
+    # Step 1's loss is the base model's on the first batch: LoRA's B starts at 0 (same seed, same batch order).
+    full_run = tmp_path / "full"
+    _run("configs/finetune_eli5.py", full_run, *TINY, *data, "--config.steps=1")
+    full_first = [r["loss"] for r in _records(full_run / "metrics.jsonl") if "loss" in r][0]
+    assert losses[0] == pytest.approx(full_first, abs=1e-5), (losses[0], full_first)
+
+    # Only adapters (and their optimizer state) in every checkpoint.
+    manager = run_folders.reader(lora_run)
+    try:
+        for step in (3, steps):
+            saved = manager.item_metadata(step)
+            for item in ("params", "opt_state"):
+                tree = getattr(saved[item], "tree", saved[item])
+                names = {getattr(path[-1], "key", None) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                         if len(getattr(leaf, "shape", ())) >= 2}
+                assert names == {"lora_a", "lora_b"}, (step, item, names)
+    finally:
+        manager.close()
+    adapters, lora, base = run_adapters.load_run_adapter(lora_run)
+    assert lora.rank == 8 and lora.targets == ("c_attn",) and base["init_from"] == str(base_dir)
+
+    # The PEFT export loads back onto the base (the weights hash checked) as the run's model.
+    out = tmp_path / "adapter"
+    assert convert.main(["--model", str(lora_run), "--out", str(out), "--format", "peft", "--no_progress"]) == 0
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    model, base_params = flax_gpt2.from_pretrained(str(base_dir), progress=False)
+    _, exported = flax_gpt2.from_pretrained(str(base_dir), adapter=str(out), progress=False)
+    ids = (np.arange(20, dtype=np.int32)[None] * 37) % 50257
+    logits = lambda params: np.asarray(model.apply({"params": params}, ids).logits)  # noqa: E731
+    ours = logits(flax_gpt2.merge_adapter(base_params, adapters, lora))
+    np.testing.assert_allclose(logits(exported), ours, atol=1e-5)
+    assert np.abs(ours - logits(base_params)).max() > 1e-4  # the trained adapter changes the model

@@ -239,3 +239,33 @@ def test_finetune_commongen(tmp_path, shared_dir, tiny_model, monkeypatch):
     assert hf is not None and hf["same_token_ids"] and hf["same_greedy_tokens"], hf
     assert hf["max_abs_logit_diff"] < 1e-4, hf
     assert images(nb) >= 1  # the live loss curve
+
+
+def test_finetune_commongen_with_lora(tmp_path, shared_dir, tiny_model, monkeypatch):
+    """`lora_rank > 0`: the LoRA recipe trains adapters only, exports them as a PEFT folder, and both flax_gpt2
+    (`from_pretrained(base, adapter=DIR)`) and peft on transformers load it back with the run's logits."""
+    _require("peft")  # the notebook loads the adapter back with peft when it is installed
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    steps, rank = 20, 4
+    nb = run_notebook("finetune_commongen.ipynb", tmp_path, model_name=str(tiny_model),
+                      data_source=str(shared_dir / "data" / "commongen" / "commongen.dev.jsonl"),
+                      tokenizer=str(shared_dir / "gpt2-bpe"), workdir=str(tmp_path / "run"),
+                      export_dir=str(tmp_path / "adapter"), lora_rank=rank, steps=steps, batch_size=8, seq_len=64,
+                      learning_rate=1e-2, warmup_steps=2, log_every=2, eval_every=10, num_coverage_sets=2,
+                      plot_every_s=1.0)
+    s = summary(nb)
+    assert s["lora_rank"] == rank and s["result"]["stopped"] == "done" and s["result"]["step"] == steps
+    losses = s["losses"]
+    # The adapters alone lowered the loss (of a random base with frozen embeddings: by a few tenths here).
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert len(s["eval_losses"]) == 2 and s["eval_losses"][-1] < s["eval_losses"][0], s["eval_losses"]
+    # The tiny model (2 layers, width 64, MLP 256): r x (in + out) per adapted module, c_attn, both c_proj, c_fc.
+    assert s["adapter_weights"] == 2 * rank * ((64 + 3 * 64) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert set(s["export_files"]) == {"adapter_config.json", "adapter_model.safetensors"}, s["export_files"]
+    assert s["reload_max_abs_diff"] < 1e-5  # flax_gpt2.from_pretrained(base, adapter=export) is the run's model
+    hf = s["hf_check"]  # peft.PeftModel on transformers' GPT-2: same logits and greedy tokens
+    assert hf is not None and hf["same_token_ids"] and hf["same_greedy_tokens"], hf
+    assert hf["max_abs_logit_diff"] < 1e-4, hf
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == rank and config["lora_alpha"] == 2 * rank, config
+    assert sorted(config["target_modules"]) == ["c_attn", "c_fc", "c_proj"], config

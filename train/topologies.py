@@ -11,9 +11,10 @@ Names count what Google Cloud counts: TensorCores for v2, v3, v4, v5p and TPU7x 
 cores), chips for v5e and v6e (`v5litepod-8` = 8 chips). A JAX device is a chip on v4, v5p, v5e and v6e,
 and a TensorCore on v2, v3 and TPU7x; "per chip" in compile reports means per JAX device.
 
-GPU targets (`a100x8`, `h100x8`, `h100x16` = two 8-GPU hosts) go through jax-cuda12-plugin (no GPU or CUDA
-needed to compile) with XLA's description of the card, a `GpuTargetConfigProto` as in openxla's
-`xla/tools/hlo_opt/gpu_specs/`.
+GPU targets (`a100x8`, `h100x8`, `h100x16` = two 8-GPU hosts, `v100x1` = one 16 GB card) go through
+jax-cuda12-plugin (no GPU or CUDA needed to compile) with XLA's description of the card, a
+`GpuTargetConfigProto` as in openxla's `xla/tools/hlo_opt/gpu_specs/`. Volta (v100, sm_70) needs a CUDA 12
+`ptxas` (`pip install nvidia-cuda-nvcc-cu12`, first on PATH): CUDA 13's dropped Volta.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ TOPOLOGIES: dict[str, Topology] = _table()
 
 
 # XLA's descriptions of GPUs (`GpuTargetConfigProto`), from openxla's xla/tools/hlo_opt/gpu_specs/
-# (a100_sxm_80.txtpb, h100_sxm.txtpb): what the compiler needs to know of the card without one.
+# (a100_sxm_80.txtpb, h100_sxm.txtpb, v100.txtpb): what the compiler needs to know of the card without one.
+# v100 is the 16 GB card (Colab's other 16 GB GPU, the T4, has no spec file there).
 _GPU_DEVICE_INFO = {
     "a100": dict(shared_memory_per_core=167936, core_count=108, fpus_per_core=64, memory_bandwidth=2039040000000,
                  l2_cache_size=41943040, clock_rate_ghz=1.41, device_memory_size=85100068864,
@@ -139,11 +141,14 @@ _GPU_DEVICE_INFO = {
     "h100": dict(shared_memory_per_core=233472, core_count=132, fpus_per_core=128, memory_bandwidth=3352320000000,
                  l2_cache_size=52428800, clock_rate_ghz=1.98, device_memory_size=84978434048,
                  shared_memory_per_block_optin=232448, major=9, description="NVIDIA H100 80GB HBM3"),
+    "v100": dict(shared_memory_per_core=98304, core_count=80, fpus_per_core=64, memory_bandwidth=898048000000,
+                 l2_cache_size=6291456, clock_rate_ghz=1.53, device_memory_size=16935419904,
+                 shared_memory_per_block_optin=98304, major=7, description="Tesla V100-SXM2-16GB"),
 }
 
 
 def gpu_target_config(gpu: str) -> str:
-    """The `GpuTargetConfigProto` text of `gpu` ("a100" or "h100")."""
+    """The `GpuTargetConfigProto` text of `gpu` ("a100", "h100" or "v100")."""
     d = _GPU_DEVICE_INFO[gpu]
     return f"""gpu_device_info {{
   threads_per_block_limit: 1024
