@@ -235,3 +235,29 @@ def test_bad_adapter_flags_are_clear_errors(base_folder, adapter_folders, tmp_pa
         bad = _serve("--model", str(base_folder), "--adapter", f"bad={folder}")
         assert bad.returncode == 1 and f"--adapter bad={folder}" in bad.stderr and message in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def test_an_adapter_with_a_base_hash_serves_in_float16(base_folder, tmp_path):
+    """A flax_gpt2 adapter records its base's weight hash; `--dtype float16` must check it on the weights as
+    stored (the cast changes them), then serve float16 weights."""
+    import argparse
+
+    from flax_gpt2.checkpoints.peft_adapters import AdapterError, save_peft_adapter
+    from flax_gpt2.serve.__main__ import load_with_adapters
+
+    model, params = flax_gpt2.from_pretrained(base_folder, progress=False)
+    lora = LoRAConfig(rank=3, alpha=6.0, targets=("c_attn",))
+    folder = tmp_path / "hashed"
+    save_peft_adapter(folder, _random_adapter(params, model.config, lora, 5), lora,
+                      base_model_name_or_path=str(base_folder), base_params=params)
+    args = argparse.Namespace(model=str(base_folder), dtype="float16", cache_dir=str(tmp_path / "cache"),
+                              adapter=[("hashed", str(folder))])
+    served, served_params, _, adapters = load_with_adapters(args)
+    assert set(adapters) == {"hashed"} and served.config.param_dtype == jnp.float16
+    assert {x.dtype for x in jax.tree.leaves(served_params)} == {jnp.dtype(jnp.float16)}
+
+    other = jax.tree.map(lambda x: x + 0.01, params)  # another base of the same shapes
+    save_peft_adapter(folder, _random_adapter(params, model.config, lora, 5), lora,
+                      base_model_name_or_path=str(base_folder), base_params=other)
+    with pytest.raises(AdapterError, match="--adapter hashed=.*saved for other base weights"):
+        load_with_adapters(args)

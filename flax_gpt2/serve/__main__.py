@@ -26,7 +26,10 @@ import logging
 import os
 import socket
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.checkpoints.peft_adapters import AdapterError, adapter_for_base
@@ -137,6 +140,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(_main, argv, prog=PROG)
 
 
+def load_with_adapters(args: argparse.Namespace, log: Callable[[str], None] = lambda msg: None):
+    """`(model, params, tokenizer, adapters)` for `--model`, `--dtype` and every `--adapter NAME=DIR`, each
+    adapter checked against the base (shapes, and the base-weights hash a flax_gpt2 adapter records)."""
+    # The hash is of the weights as stored: with adapters, check it before the cast to --dtype (a float16
+    # cast would change what the hash rounds), then cast.
+    model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
+                                          log=log, param_dtype="float32" if args.adapter else None)
+    adapters = {}
+    for name, folder in args.adapter:  # checked against the base before anything compiles
+        try:
+            adapters[name] = adapter_for_base(folder, params, model.config)
+        except AdapterError as e:
+            raise AdapterError(f"--adapter {name}={folder}: {e}") from e
+        log(f"loaded the LoRA adapter {name!r} from {folder} (rank {adapters[name][1].rank} on "
+            f"{', '.join(adapters[name][1].modules)})")
+    dtype = DTYPES[args.dtype]
+    if adapters and model.config.param_dtype != dtype:
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        model = type(model)(model.config.replace(param_dtype=dtype))
+    return model, params, tokenizer, adapters
+
+
 def _main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,16 +186,7 @@ def _main(argv: Sequence[str]) -> None:
     max_connections = connection_cap(args.max_connections)
 
     enable_compilation_cache(args.cache_dir)
-    model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
-                                          log=log.info)
-    adapters = {}
-    for name, folder in args.adapter:  # checked against the base before anything compiles
-        try:
-            adapters[name] = adapter_for_base(folder, params, model.config)
-        except AdapterError as e:
-            raise AdapterError(f"--adapter {name}={folder}: {e}") from e
-        log.info("loaded the LoRA adapter %r from %s (rank %d on %s)", name, folder, adapters[name][1].rank,
-                 ", ".join(adapters[name][1].modules))
+    model, params, tokenizer, adapters = load_with_adapters(args, log.info)
     n_positions = model.config.n_positions
     if args.context_length is not None and args.context_length > n_positions:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
