@@ -16,6 +16,7 @@ CLASSES = {
     "progress_bar": HARMLESS, "cpu_peak_flops": HARMLESS, "coverage_sets": HARMLESS, "compile_only": HARMLESS,
     "allow_config_change": HARMLESS, "eval_hellaswag": HARMLESS, "eval_hellaswag_limit": HARMLESS,
     "profile_steps": HARMLESS,
+    "watchdog_seconds": HARMLESS, "watchdog_exit": HARMLESS, "compile_cache_dir": HARMLESS,
     "sample.max_new_tokens": HARMLESS, "sample.prompt": HARMLESS, "sample.temperature": HARMLESS,
     "sample.top_k": HARMLESS,
     # placement: orbax reshards on restore; accumulation gives the same gradient
