@@ -121,8 +121,8 @@ def _main(argv: Sequence[str]) -> None:
         speculative = dict(draft=(draft_model, draft_params), num_draft_tokens=args.num_draft_tokens)
     elif args.prompt_lookup_ngram is not None:
         speculative = dict(prompt_lookup_ngram=args.prompt_lookup_ngram, num_draft_tokens=args.num_draft_tokens)
-    # Speculative decoding runs as one compiled loop to the end (no token-by-token stream): printed at the end.
-    streaming = args.num_return_sequences == 1 and args.num_beams == 1 and not speculative
+    # Speculative decoding streams too: each verification round prints what it accepted.
+    streaming = args.num_return_sequences == 1 and args.num_beams == 1
 
     def write(text):
         sys.stdout.write(text)

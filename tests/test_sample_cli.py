@@ -67,10 +67,11 @@ def test_cli_prints_the_greedy_continuation(capsys, folder, loaded):
 
 def test_cli_speculative_greedy_prints_the_plain_greedy_text(capsys, tmp_path_factory, monkeypatch, folder, loaded):
     """`--prompt_lookup` and `--draft_model` (a shallower, narrower GPT-2 with the same tokenizer) change how
-    fast the tokens come, not which: greedy output equals plain greedy decoding (and the speculative loop ran)."""
+    fast the tokens come, not which: greedy output equals plain greedy decoding (and the speculative loop ran,
+    streamed: each round prints what it accepted)."""
     calls = []
-    real = speculative.speculative_generate
-    monkeypatch.setattr(speculative, "speculative_generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = speculative.speculative_stream
+    monkeypatch.setattr(speculative, "speculative_stream", lambda *a, **k: calls.append(k) or real(*a, **k))
     _, draft = make_hf_model(tmp_path_factory, "cli_draft", n_positions=128, n_layer=1, n_embd=32, n_head=2)
     prompt = "the cat sat on the mat and the cat sat on the"
     ids = loaded[2].encode(prompt)

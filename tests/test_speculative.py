@@ -10,8 +10,7 @@ from conftest import left_padded
 from scipy import stats as scipy_stats
 
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel, init_params
-from flax_gpt2.generation import generate
-from flax_gpt2.generation import speculative
+from flax_gpt2.generation import generate, generate_stream, speculative
 from flax_gpt2.generation.logits_processors import GenerationConfig
 from flax_gpt2.generation.speculative import lookup_proposals, speculative_generate
 
@@ -277,3 +276,38 @@ def test_generate_dispatches_to_speculative(models):
                         dict(num_return_sequences=2, do_sample=True)):
         with pytest.raises(ValueError, match="speculative decoding"):
             generate(model, params, ids, mask, max_new_tokens=4, prompt_lookup_ngram=2, **unsupported)
+
+
+@pytest.mark.parametrize("proposer", ["draft", "lookup"])
+def test_generate_stream_yields_accepted_tokens_that_add_up_to_generate(models, proposer):
+    """Streamed speculative decoding: chunks of varying length (what each round accepted for every row) that
+    concatenate to `generate`'s new tokens exactly, EOS and left padding included; the rounds compile once."""
+    (model, params), _ = models["per_layer"]
+    ids, mask = left_pad(PROMPTS)
+    # The target as its own draft accepts every proposal; lookup follows the loops random greedy text falls into.
+    spec = dict(draft=(model, params)) if proposer == "draft" else dict(prompt_lookup_ngram=1)
+    reference = generate(model, params, ids, mask, max_new_tokens=24)
+    eos = eos_mid_text(reference, ids.shape[1])
+    for eos_token_id in (None, eos):
+        reference = generate(model, params, ids, mask, max_new_tokens=24, eos_token_id=eos_token_id, pad_token_id=1)
+        chunks = list(generate_stream(model, params, ids, mask, max_new_tokens=24, eos_token_id=eos_token_id,
+                                      pad_token_id=1, num_draft_tokens=3, **spec))
+        np.testing.assert_array_equal(np.concatenate(chunks, axis=1), reference[:, ids.shape[1]:])
+        assert all(c.shape[1] >= 1 for c in chunks)
+        assert len(chunks) <= (7 if proposer == "draft" else 20)  # rounds accepted several tokens at once
+    compiles = []
+
+    def listener(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        list(generate_stream(model, params, ids, mask, max_new_tokens=20, num_draft_tokens=3, seed=1, **spec))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []  # another max_new_tokens in the same cache bucket: no new program per chunk
+    with pytest.raises(ValueError, match="tokens_per_chunk"):
+        next(generate_stream(model, params, ids, mask, max_new_tokens=4, tokens_per_chunk=0, **spec))
+    with pytest.raises(ValueError, match="does not support num_beams"):
+        next(generate_stream(model, params, ids, mask, max_new_tokens=4, num_beams=2, **spec))

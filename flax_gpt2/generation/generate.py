@@ -183,8 +183,7 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
     return np.asarray(tokens)[:, extra:end]
 
 
-def _speculative(model, params, input_ids, attention_mask, options: GenerateOptions, draft, num_draft_tokens,
-                 prompt_lookup_ngram):
+def _check_speculative(options: GenerateOptions) -> None:
     unsupported = dict(repetition_penalty=(options.repetition_penalty, 1.0),
                        no_repeat_ngram_size=(options.no_repeat_ngram_size, 0), num_beams=(options.num_beams, 1),
                        num_return_sequences=(options.num_return_sequences, 1))
@@ -194,6 +193,11 @@ def _speculative(model, params, input_ids, attention_mask, options: GenerateOpti
                              f"{value!r}; leave it at {default!r} or drop the draft")
     if options.max_new_tokens is None:
         raise TypeError("missing the required keyword argument max_new_tokens")
+
+
+def _speculative(model, params, input_ids, attention_mask, options: GenerateOptions, draft, num_draft_tokens,
+                 prompt_lookup_ngram):
+    _check_speculative(options)
     # Imported here: speculative.py builds on this module's prompt preparation (a top-level import would be
     # a circle).
     from flax_gpt2.generation.speculative import speculative_generate
@@ -207,16 +211,33 @@ def _speculative(model, params, input_ids, attention_mask, options: GenerateOpti
 
 def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *,
                     options: GenerateOptions | None = None, tokens_per_chunk: int = 1,
-                    **kwargs: Any) -> Iterator[np.ndarray]:
+                    draft: tuple[GPT2LMHeadModel, Any] | None = None, num_draft_tokens: int = 4,
+                    prompt_lookup_ngram: int | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
     """Like `generate` (greedy or sampling), but yields the new tokens as they are produced.
 
     Yields numpy int32 arrays `[batch * num_return_sequences, n]` of the next `n <= tokens_per_chunk` new
     tokens; together they are exactly the new tokens `generate` returns with the same arguments (stopping
     early when every row has produced EOS). Stop iterating to stop generating. The decode loop stays
     compiled; between chunks only the new tokens come back to the host.
+
+    With `draft` or `prompt_lookup_ngram` (speculative decoding, as in `generate`), each chunk is what one
+    verification round (`tokens_per_chunk` rounds) added to every row: between 1 and `num_draft_tokens + 1`
+    tokens per round, so `n` varies.
     """
     if not isinstance(tokens_per_chunk, int) or tokens_per_chunk < 1:
         raise ValueError(f"tokens_per_chunk must be a positive integer, got {tokens_per_chunk!r}")
+    if draft is not None or prompt_lookup_ngram is not None:
+        options = GenerateOptions.of(options, kwargs)
+        _check_speculative(options)
+        # Imported here, as in `_speculative`.
+        from flax_gpt2.generation.speculative import speculative_stream
+        yield from speculative_stream(
+            model, params, input_ids, attention_mask, max_new_tokens=options.max_new_tokens,
+            rounds_per_chunk=tokens_per_chunk, draft=draft, prompt_lookup_ngram=prompt_lookup_ngram,
+            num_draft_tokens=num_draft_tokens, do_sample=options.do_sample, temperature=options.temperature,
+            top_k=options.top_k, top_p=options.top_p, eos_token_id=options.eos_token_id,
+            pad_token_id=options.pad_token_id, seed=options.seed, vocab_limit=options.vocab_limit)
+        return
     options, args, _, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
     if options.num_beams != 1:
         raise ValueError(f"generate_stream does greedy search or sampling: num_beams must be 1, got "

@@ -40,7 +40,7 @@ invariants only hold together; split, each half would be unreadable without the 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import flax.struct
 import jax
@@ -299,7 +299,52 @@ def _round(model, params, head, draft_model, draft_params, draft_head, state: Sp
         active_rounds=state.active_rounds + running.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "draft_model", "buffer_len", "k", "ngram", "acceptance"))
+def _buffers(input_ids: Array, attention_mask: Array, pad_token_id: Array, buffer_len: int):
+    """`(tokens [B, M], real [B, M], lengths [B])`: the token buffer with the prompt in front, which of its
+    columns are real tokens, and the position id of each row's first new token."""
+    b, p = input_ids.shape
+    pad = pad_token_id.astype(jnp.int32)
+    tokens = jnp.concatenate([input_ids.astype(jnp.int32), jnp.broadcast_to(pad, (b, buffer_len - p))], axis=1)
+    real = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, buffer_len - p), bool)], axis=1)
+    return tokens, real, jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+
+
+def _start(model, params, draft_model, draft_params, input_ids, attention_mask, pad_token_id, *, buffer_len: int,
+           k: int) -> SpeculativeState:
+    b, p = input_ids.shape
+    slots = buffer_len + k + 1
+    tokens, real, _ = _buffers(input_ids, attention_mask, pad_token_id, buffer_len)
+    # The pending token of the first round is the prompt's last; the target caches what comes before it,
+    # the draft one column less (see the module docstring).
+    target_cache = _prefill(model, params, tokens[:, :p - 1], real[:, :p - 1], slots)
+    draft_cache = None
+    if draft_model is not None:
+        draft_cache = _prefill(draft_model, draft_params, tokens[:, :p - 2], real[:, :p - 2], slots)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return SpeculativeState(tokens=tokens, made=zeros, finished=jnp.zeros((b,), bool), target_cache=target_cache,
+                            draft_cache=draft_cache, rounds=jnp.int32(0), proposed=zeros, accepted=zeros,
+                            active_rounds=zeros)
+
+
+def _rounds(model, params, head, draft_model, draft_params, draft_head, state: SpeculativeState, input_ids,
+            attention_mask, strategy, eos_token_id, pad_token_id, seed, max_new_tokens, until_round, *,
+            k: int, ngram: int | None, acceptance: str) -> SpeculativeState:
+    """Rounds until every row is finished or `state.rounds == until_round`."""
+    _, real, lengths = _buffers(input_ids, attention_mask, pad_token_id, state.tokens.shape[1])
+    key = jax.random.PRNGKey(seed)
+
+    def body(state):
+        return _round(model, params, head, draft_model, draft_params, draft_head, state, strategy, real, lengths,
+                      key, eos_token_id.astype(jnp.int32), pad_token_id.astype(jnp.int32), max_new_tokens,
+                      prompt_len=input_ids.shape[1], k=k, ngram=ngram, acceptance=acceptance)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.finished) & (s.rounds < until_round), body, state)
+
+
+_STATIC = ("model", "draft_model", "buffer_len", "k", "ngram", "acceptance")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def speculative_tokens(model: GPT2LMHeadModel, params: Any, head: Array, draft_model: GPT2LMHeadModel | None,
                        draft_params: Any, draft_head: Array | None, input_ids: Array, attention_mask: Array,
                        strategy: GenerationConfig, eos_token_id: Array, pad_token_id: Array, seed: Array,
@@ -312,31 +357,17 @@ def speculative_tokens(model: GPT2LMHeadModel, params: Any, head: Array, draft_m
     and output projection `draft_head`) or `ngram` (prompt lookup) proposes. `head` and `draft_head` are
     `output_projection(...)` cut to the same vocabulary.
     """
-    b, p = input_ids.shape
-    m = buffer_len
-    slots = m + k + 1
-    pad = pad_token_id.astype(jnp.int32)
-    tokens = jnp.concatenate([input_ids.astype(jnp.int32), jnp.broadcast_to(pad, (b, m - p))], axis=1)
-    real = jnp.concatenate([attention_mask.astype(bool), jnp.ones((b, m - p), bool)], axis=1)
-    lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=1)  # position id of the first new token
-    # The pending token of the first round is the prompt's last; the target caches what comes before it,
-    # the draft one column less (see the module docstring).
-    target_cache = _prefill(model, params, tokens[:, :p - 1], real[:, :p - 1], slots)
-    draft_cache = None
-    if draft_model is not None:
-        draft_cache = _prefill(draft_model, draft_params, tokens[:, :p - 2], real[:, :p - 2], slots)
-    zeros = jnp.zeros((b,), jnp.int32)
-    state = SpeculativeState(tokens=tokens, made=zeros, finished=jnp.zeros((b,), bool), target_cache=target_cache,
-                             draft_cache=draft_cache, rounds=jnp.int32(0), proposed=zeros, accepted=zeros,
-                             active_rounds=zeros)
-    key = jax.random.PRNGKey(seed)
-    eos = eos_token_id.astype(jnp.int32)
+    state = _start(model, params, draft_model, draft_params, input_ids, attention_mask, pad_token_id,
+                   buffer_len=buffer_len, k=k)
+    return _rounds(model, params, head, draft_model, draft_params, draft_head, state, input_ids, attention_mask,
+                   strategy, eos_token_id, pad_token_id, seed, max_new_tokens, jnp.iinfo(jnp.int32).max, k=k,
+                   ngram=ngram, acceptance=acceptance)
 
-    def body(state):
-        return _round(model, params, head, draft_model, draft_params, draft_head, state, strategy, real, lengths,
-                      key, eos, pad, max_new_tokens, prompt_len=p, k=k, ngram=ngram, acceptance=acceptance)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.finished), body, state)
+# Streaming: the same computation cut between rounds (the prefill, then `rounds_per_chunk` rounds per call).
+start_tokens = jax.jit(_start, static_argnames=("model", "draft_model", "buffer_len", "k"))
+more_tokens = jax.jit(_rounds, static_argnames=("model", "draft_model", "k", "ngram", "acceptance"),
+                      donate_argnames=("state",))
 
 
 def _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab: int, needed_positions: int):
@@ -393,10 +424,11 @@ def speculative_generate(model: GPT2LMHeadModel, params: Any, input_ids, attenti
                      pad_token_id=pad_token_id, seed=seed, vocab_limit=vocab_limit, return_stats=return_stats)
 
 
-def _generate(model, params, input_ids, attention_mask=None, *, max_new_tokens, draft=None, prompt_lookup_ngram=None,
-              num_draft_tokens=4, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-              pad_token_id=None, seed=0, vocab_limit=None, return_stats=False, acceptance="rejection"):
-    """`speculative_generate` with a choice of acceptance rule (`_ACCEPTANCE_RULES`; tests only)."""
+def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, draft, prompt_lookup_ngram,
+             num_draft_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed, vocab_limit,
+             acceptance):
+    """The checked arguments of the speculative computation, as `speculative_tokens` takes them, and
+    `(extra, prompt columns)` to cut the output."""
     if acceptance not in _ACCEPTANCE_RULES:
         raise ValueError(f"acceptance must be one of {_ACCEPTANCE_RULES}, got {acceptance!r}")
     options = GenerateOptions(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -406,22 +438,70 @@ def _generate(model, params, input_ids, attention_mask=None, *, max_new_tokens, 
     draft_model, draft_params = _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab,
                                              args["input_ids"].shape[1] - extra + max_new_tokens)
     params = unwrap_params(params)
-    strategy = options.strategy()
     k = int(num_draft_tokens)
     # One padding column in front, so that the column before the first pending token always exists.
     ids = jnp.pad(args["input_ids"], ((0, 0), (1, 0)), constant_values=args["pad_token_id"])
     mask = jnp.pad(args["attention_mask"], ((0, 0), (1, 0)))
-    buffer_len = 1 + args["cache_len"] + k + 1
-    state = speculative_tokens(
-        model, params, output_head(model, params, vocab), draft_model, draft_params,
-        None if draft_model is None else output_head(draft_model, draft_params, vocab), ids, mask, strategy,
-        args["eos_token_id"], args["pad_token_id"], args["seed"], jnp.int32(max_new_tokens),
-        buffer_len=buffer_len, k=k, ngram=None if prompt_lookup_ngram is None else int(prompt_lookup_ngram),
-        acceptance=acceptance)
-    tokens = np.asarray(state.tokens)[:, 1 + extra:ids.shape[1] + max_new_tokens]
+    call = dict(model=model, params=params, head=output_head(model, params, vocab), draft_model=draft_model,
+                draft_params=draft_params,
+                draft_head=None if draft_model is None else output_head(draft_model, draft_params, vocab),
+                input_ids=ids, attention_mask=mask, strategy=options.strategy(), eos_token_id=args["eos_token_id"],
+                pad_token_id=args["pad_token_id"], seed=args["seed"], max_new_tokens=jnp.int32(max_new_tokens),
+                buffer_len=1 + args["cache_len"] + k + 1, k=k,
+                ngram=None if prompt_lookup_ngram is None else int(prompt_lookup_ngram), acceptance=acceptance)
+    return call, 1 + extra, ids.shape[1]
+
+
+def _generate(model, params, input_ids, attention_mask=None, *, max_new_tokens, draft=None, prompt_lookup_ngram=None,
+              num_draft_tokens=4, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+              pad_token_id=None, seed=0, vocab_limit=None, return_stats=False, acceptance="rejection"):
+    """`speculative_generate` with a choice of acceptance rule (`_ACCEPTANCE_RULES`; tests only)."""
+    call, first, prompt_cols = _prepare(
+        model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, draft=draft,
+        prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        seed=seed, vocab_limit=vocab_limit, acceptance=acceptance)
+    state = speculative_tokens(**call)
+    tokens = np.asarray(state.tokens)[:, first:prompt_cols + max_new_tokens]
     if not return_stats:
         return tokens
     proposed, accepted = np.asarray(state.proposed), np.asarray(state.accepted)
     stats = dict(proposed=proposed, accepted=accepted, rounds=np.asarray(state.active_rounds),
                  acceptance_rate=accepted / np.maximum(proposed, 1))
     return tokens, stats
+
+
+def speculative_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
+                       rounds_per_chunk: int = 1, draft=None, prompt_lookup_ngram=None, num_draft_tokens: int = 4,
+                       do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
+                       seed=0, vocab_limit=None) -> Iterator[np.ndarray]:
+    """`speculative_generate`, yielding new tokens as rounds accept them (`generate_stream` with a draft).
+
+    Each chunk is `[batch, n]`: the tokens every row has by then (a row accepts 1 to k + 1 tokens per round;
+    a finished row counts as complete), so the chunks together are exactly `speculative_generate`'s new
+    tokens. Between chunks the loop stops after `rounds_per_chunk` rounds and only the tokens come back; the
+    state stays on the device, and the rounds are the same computation as the unstreamed loop's.
+    """
+    if not is_int(rounds_per_chunk) or rounds_per_chunk < 1:
+        raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
+    call, first, prompt_cols = _prepare(
+        model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, draft=draft,
+        prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=do_sample,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        seed=seed, vocab_limit=vocab_limit, acceptance="rejection")
+    start_args = {n: call[n] for n in ("model", "params", "draft_model", "draft_params", "input_ids",
+                                       "attention_mask", "pad_token_id", "buffer_len", "k")}
+    state = start_tokens(**start_args)
+    rest = {n: v for n, v in call.items() if n != "buffer_len"}
+    done = 0
+    while True:
+        made, finished = np.asarray(state.made), np.asarray(state.finished)
+        ready = int(np.min(np.where(finished, max_new_tokens, made)))
+        if ready > done:
+            # A copy (np.array): the next call donates the state's buffers.
+            tokens = np.array(state.tokens[:, prompt_cols + done:prompt_cols + ready])
+            yield tokens
+            done = ready
+        if done >= max_new_tokens:
+            return
+        state = more_tokens(state=state, until_round=state.rounds + rounds_per_chunk, **rest)

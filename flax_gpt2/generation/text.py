@@ -31,20 +31,19 @@ def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | No
     `stop_token`, just before that string. With `stream` (one greedy or sampled sequence only), the prompt
     and then the continuation are passed to it piece by piece as they are produced (never half a character,
     never text that could still be the start of `stop_token`); generation stops once the stop string appears.
-    `draft` / `prompt_lookup_ngram` / `num_draft_tokens`: speculative decoding (`generate`'s), not streamed.
+    `draft` / `prompt_lookup_ngram` / `num_draft_tokens`: speculative decoding (`generate`'s); streamed, it
+    passes on what each verification round accepted.
     """
     ids = tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) or [tokenizer.eot_token]
     options = GenerateOptions.of(TEXT_DEFAULTS, generate_kwargs).replace(
         eos_token_id=tokenizer.eot_token, vocab_limit=tokenizer.vocab_size)
     speculative = dict(draft=draft, num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram)
-    if stream is not None and (draft is not None or prompt_lookup_ngram is not None):
-        raise ValueError("speculative decoding (draft / prompt_lookup_ngram) is not streamed: drop `stream`")
     if stream is not None:
         if options.num_return_sequences != 1 or options.num_beams != 1:
             raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")
         stream(prompt)
         text = Detokenizer((stop_token,) if stop_token else ())
-        for chunk in generate_stream(model, params, [ids], options=options):
+        for chunk in generate_stream(model, params, [ids], options=options, **speculative):
             if _add_tokens(text, tokenizer, chunk[0].tolist()):
                 break  # <|endoftext|> or the stop string: stop generating
             if piece := text.take(final=False):
