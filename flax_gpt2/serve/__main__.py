@@ -26,6 +26,7 @@ import sys
 from typing import Sequence
 
 from flax_gpt2.checkpoints.loading import load_model
+from flax_gpt2.modeling.quantize import QUANTIZE_MODES
 from flax_gpt2.serve.engine import Engine
 from flax_gpt2.serve.protocol import check_api_key
 from flax_gpt2.utils import cli
@@ -86,6 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                            "at most this long; then the server stops and exits 0 (default 30; a "
                                            "second signal stops at once)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                        help="int8: int8 weight-only quantization of the model on load")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
@@ -132,7 +135,7 @@ def _main(argv: Sequence[str]) -> None:
 
     enable_compilation_cache(args.cache_dir)
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
-                                          log=log.info)
+                                          quantize=args.quantize, log=log.info)
     n_positions = model.config.n_positions
     if args.context_length is not None and args.context_length > n_positions:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
