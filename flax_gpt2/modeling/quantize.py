@@ -85,14 +85,14 @@ class Int8Weight:
         """Basic indexing (ints, slices, `...`) of the weight; on the scale's size-1 axes a slice keeps the
         axis and an int takes its one entry."""
         index = index if isinstance(index, tuple) else (index,)
-        if sum(i is Ellipsis for i in index) > 1:
-            raise IndexError("an index can only have a single ellipsis ('...')")
-        if Ellipsis in index:
-            k = index.index(Ellipsis)
-            index = index[:k] + (slice(None),) * (self.ndim - len(index) + 1) + index[k + 1:]
-        if len(index) > self.ndim or not all(isinstance(i, (int, np.integer, slice)) for i in index):
-            raise IndexError(f"Int8Weight takes basic indexing only (ints, slices, ...) over its {self.ndim} "
+        ellipses = [k for k, i in enumerate(index) if i is Ellipsis]
+        basic = all(i is Ellipsis or isinstance(i, (int, np.integer, slice)) for i in index)
+        if not basic or len(ellipses) > 1 or len(index) - len(ellipses) > self.ndim:
+            raise IndexError(f"Int8Weight takes basic indexing only (ints, slices, one ...) over its {self.ndim} "
                              f"axes, got {index!r}")
+        if ellipses:
+            k = ellipses[0]
+            index = index[:k] + (slice(None),) * (self.ndim - len(index) + 1) + index[k + 1:]
         index = index + (slice(None),) * (self.ndim - len(index))
         scale_index = tuple(i if self.scale.shape[a] == self.q.shape[a] else (slice(None) if isinstance(i, slice)
                                                                                else 0)
@@ -114,9 +114,13 @@ def check_quantize(quantize: Any) -> None:
 @functools.partial(jax.jit, static_argnames="input_axes")
 def quantize_weight(w: Array, input_axes: tuple[int, ...]) -> Int8Weight:
     """`w` as an `Int8Weight` with one symmetric scale per slice over `input_axes`: `scale = max|w| / 127`
-    (float32), `q = round(w / scale)`. An all-zero channel gets scale 0 and q 0."""
+    (float32), `q = round(w / scale)`. An all-zero channel gets scale 0 and q 0; one holding inf or NaN a NaN
+    scale."""
     w = jnp.asarray(w, jnp.float32)
     scale = jnp.max(jnp.abs(w), axis=input_axes, keepdims=True) / _QMAX
+    # A channel holding inf or NaN gets a NaN scale (which `quantize_params` refuses): XLA's CPU max reduction
+    # does not always propagate NaN.
+    scale = jnp.where(jnp.all(jnp.isfinite(w), axis=input_axes, keepdims=True), scale, jnp.nan)
     q = jnp.clip(jnp.round(w / jnp.where(scale > 0, scale, 1.0)), -_QMAX, _QMAX).astype(jnp.int8)
     return Int8Weight(q, scale)
 
