@@ -2,6 +2,7 @@
 
     python benchmarks/quantize.py                     # gpt2-124M shape, random weights, prompt 32, 64 new tokens
     python benchmarks/quantize.py --preset gpt2-medium --new_tokens 32 --repeats 2
+    python benchmarks/quantize.py --perplexity_model RUN    # also: held-out perplexity of a trained model, fp32 vs int8
 
 Greedy decoding (`flax_gpt2.generate`, EOS disabled) of the same random GPT-2 with float32 weights and with
 `quantize_params` applied (the block matrices and `wte` int8, one float32 scale per output channel / vocabulary
@@ -15,6 +16,10 @@ memory (TPU: XLA folds the convert into the dot; see `flax_gpt2.modeling.quantiz
 converts the int8 weights to float32 in a pass of its own before its library dot (whatever int8 dot
 instructions the CPU has, e.g. AVX512-VNNI, go unused), so on a CPU int8 decodes no faster than float32 and
 may be slower: the table says how much. Takes about 2 minutes on a 2-core CPU.
+
+`--perplexity_model` (a training run or model folder) adds the perplexity of that model on Tiny Shakespeare's
+last 10% (the demo configs' held-out split with `data.val_fraction=0.1`), float32 vs int8, and the rate at
+which both choose the same next token.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from compile_time import cpu_name  # noqa: E402
 
+import flax_gpt2  # noqa: E402
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
+from flax_gpt2.assets import TINYSHAKESPEARE, path as asset_path  # noqa: E402
+from flax_gpt2.checkpoints.loading import model_tokenizer  # noqa: E402
+from flax_gpt2.checkpoints.pretrained import resolve  # noqa: E402
+from flax_gpt2.evaluation.perplexity import make_scorer, perplexity  # noqa: E402
 from flax_gpt2.modeling.model import init_params  # noqa: E402
 from flax_gpt2.modeling.quantize import parameter_bytes, quantize_params  # noqa: E402
 
@@ -68,13 +78,40 @@ def best_seconds(run, repeats: int) -> float:
     return best
 
 
+def held_out_perplexity(name: str) -> None:
+    """Prints float32 vs int8 perplexity on Tiny Shakespeare's last 10% and the greedy next-token agreement."""
+    model, params = flax_gpt2.from_pretrained(name, progress=False)
+    _, int8_params = flax_gpt2.from_pretrained(name, quantize="int8", progress=False)
+    with open(asset_path(TINYSHAKESPEARE), encoding="utf-8") as f:
+        text = f.read()
+    tokens = model_tokenizer(resolve(name)).encode(text[int(0.9 * len(text)):])
+    window = min(256, model.config.n_positions)
+    score = make_scorer(model)
+    result = {}
+    for label, p in (("float32", params), ("int8", int8_params)):
+        result[label] = perplexity(model, p, tokens, stride=window // 2, window_length=window, progress=False,
+                                   scorer=score)["perplexity"]
+    rows = len(tokens) // window
+    ids = np.asarray(tokens[:rows * window], np.int32).reshape(rows, window)
+    greedy = jax.jit(lambda p, x: model.apply({"params": p}, x).logits.argmax(-1))
+    agree = np.mean(np.concatenate([np.asarray(greedy(params, ids[i:i + 8]) == greedy(int8_params, ids[i:i + 8]))
+                                    .ravel() for i in range(0, rows, 8)]))
+    print(f"{name}: Tiny Shakespeare last 10% ({len(tokens):,} tokens, window {window}, stride {window // 2}): "
+          f"perplexity float32 {result['float32']:.3f}, int8 {result['int8']:.3f} "
+          f"({result['int8'] / result['float32'] - 1:+.2%}); greedy next token equal at {agree:.1%} of positions\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="gpt2", help="flax_gpt2 preset whose shape to use")
     parser.add_argument("--prompt_length", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--perplexity_model", default=None, help="a trained model (run or folder) to score on "
+                        "Tiny Shakespeare's last 10%%, float32 vs int8")
     args = parser.parse_args(argv)
+    if args.perplexity_model:
+        held_out_perplexity(args.perplexity_model)
 
     config = GPT2Config.from_preset(args.preset)
     model = GPT2LMHeadModel(config)
