@@ -12,6 +12,8 @@ Whatever accelerator JAX sees (one chip: the first device):
 - decode: greedy GPT-2 bf16, prompt 32, 128 new tokens, B=1 and B=64: tokens/s, ms per step, time to
   first token (prefill + first step); against transformers PyTorch `generate` on the same device when
   torch with CUDA is importable (otherwise that column is empty).
+- decode int8: the same at B=1 with int8 weights (`flax_gpt2.modeling.quantize`, bf16 compute): tokens/s
+  against the bf16 row, and the parameter bytes of both (a decode step at B=1 reads them all but `wpe`).
 Writes `device_check.json` (or `--out`) and prints a table.
 """
 
@@ -125,13 +127,16 @@ def train_case(preset: str, seq_len: int, attention: str, scan: bool, max_micro:
             "tokens_per_s": tokens_per_s, "mfu": mfu, "compile_s": compile_s}
 
 
-def decode_case(preset: str, batch: int, prompt: int, new: int) -> dict:
+def decode_case(preset: str, batch: int, prompt: int, new: int, int8: bool = False) -> dict:
     import flax_gpt2
     from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
+    from flax_gpt2.modeling.quantize import parameter_bytes, quantize_params
 
     config = flax_gpt2.GPT2Config.from_preset(preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     model = GPT2LMHeadModel(config)
     params = init_params(model, jax.random.key(0))
+    if int8:
+        params = quantize_params(params)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt), dtype=np.int32)
     start = _now()
     flax_gpt2.generate(model, params, ids, max_new_tokens=new, do_sample=False)  # compile + run
@@ -144,8 +149,9 @@ def decode_case(preset: str, batch: int, prompt: int, new: int) -> dict:
     flax_gpt2.generate(model, params, ids, max_new_tokens=new, do_sample=False)
     seconds = _now() - start
     row = {"batch": batch, "tokens_per_s": batch * new / seconds, "ms_per_step": 1000 * seconds / new,
-           "ttft_ms": 1000 * ttft, "first_call_s": compile_s}
-    row.update(_torch_decode(preset, batch, ids, new))
+           "ttft_ms": 1000 * ttft, "first_call_s": compile_s, "param_bytes": parameter_bytes(params)}
+    if not int8:
+        row.update(_torch_decode(preset, batch, ids, new))
     return row
 
 
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
         cases = [("xla", False), ("xla", True), ("dot_product", False)]
     report = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind, "platform": platform_name,
               "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
-              "preset": preset, "seq_len": seq_len, "train": [], "decode": []}
+              "preset": preset, "seq_len": seq_len, "train": [], "decode": [], "decode_int8": []}
     started = _now()
     for attention, scan in cases:
         row = train_case(preset, seq_len, attention, scan, max_micro, steps)
@@ -206,6 +212,13 @@ def main(argv=None) -> int:
         report["decode"].append(row)
         print(f"decode B={batch:<3d} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in row.items() if k != "batch"), flush=True)
+    row = decode_case(preset, 1, prompt, new, int8=True)
+    bf16 = report["decode"][0]
+    row.update(vs_bf16=row["tokens_per_s"] / bf16["tokens_per_s"],
+               bytes_vs_bf16=row["param_bytes"] / bf16["param_bytes"])
+    report["decode_int8"].append(row)
+    print("decode int8 B=1 " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items() if k != "batch"), flush=True)
     report["wall_s"] = _now() - started
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(_table(report))
@@ -228,6 +241,11 @@ def _table(report: dict) -> str:
         speed = f"{r['speedup_vs_torch']:.2f}x" if r.get("speedup_vs_torch") else "n/a"
         lines.append(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | {r['ttft_ms']:.1f} | "
                      f"{torch_tps} | {speed} |")
+    lines += ["", "| int8 weights, decode batch | tokens/s | ms/step | TTFT ms | vs bf16 | param MB (vs bf16) |",
+              "|---|---|---|---|---|---|"]
+    for r in report.get("decode_int8", []):
+        lines.append(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | {r['ttft_ms']:.1f} | "
+                     f"{r['vs_bf16']:.2f}x | {r['param_bytes'] / 1e6:,.1f} ({r['bytes_vs_bf16']:.2f}x) |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@
     python -m flax_gpt2.sample --model gpt2 --adapter my-lora --prompt "Hello"    # a PEFT LoRA adapter, merged
     python -m flax_gpt2.sample --model gpt2-large --draft_model distilgpt2 --num_draft_tokens 4 --greedy
     python -m flax_gpt2.sample --model gpt2 --prompt_lookup 3 --prompt "..." --greedy    # no draft model
+    python -m flax_gpt2.sample --model gpt2 --quantize int8 --prompt "Hello"    # int8 weights, ~0.26x the bytes
 
 `--model` is a hub id, a Hugging Face folder, or a flax_gpt2 training run. Sampling (top-k 50, as
 transformers' defaults) unless `--greedy`, or beam search with `--num_beams`; the same `--seed` gives the
@@ -28,6 +29,7 @@ from typing import Sequence
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.generation.options import MAX_SEED, MIN_TEMPERATURE
 from flax_gpt2.generation.text import generate_text
+from flax_gpt2.modeling.quantize import QUANTIZE_MODES
 from flax_gpt2.utils import cli
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache
 from flax_gpt2.utils.dtypes import DTYPES
@@ -75,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="compute dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
     parser.add_argument("--param_dtype", default=None, choices=sorted(DTYPES),
                         help="dtype the weights are kept in (default: the same as --dtype)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                        help="int8: int8 weight-only quantization of --model (and --draft_model) on load")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -107,13 +111,13 @@ def _main(argv: Sequence[str]) -> None:
     enable_compilation_cache(args.cache_dir)
     prompt = args.prompt if args.prompt is not None else _read_stdin()
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype,
-                                          cache_dir=args.cache_dir, adapter=args.adapter,
+                                          cache_dir=args.cache_dir, adapter=args.adapter, quantize=args.quantize,
                                           progress=args.progress, log=log)
     speculative = {}
     if args.draft_model is not None:
         draft_model, draft_params, draft_tokenizer = load_model(
             args.draft_model, dtype=args.dtype, param_dtype=args.param_dtype, cache_dir=args.cache_dir,
-            progress=args.progress, log=log)
+            quantize=args.quantize, progress=args.progress, log=log)
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"--draft_model {args.draft_model!r} has a tokenizer of {draft_tokenizer.vocab_size} "
                              f"ids, --model {args.model!r} one of {tokenizer.vocab_size}: a draft must share the "

@@ -23,3 +23,7 @@ def test_device_check_reduced_mode(tmp_path):
     assert [r["batch"] for r in report["decode"]] == [1, 4]
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["ttft_ms"] > 0 for r in report["decode"])
     assert "| attention | scan |" in proc.stdout and "| decode batch |" in proc.stdout
+    (int8,) = report["decode_int8"]
+    assert int8["batch"] == 1 and int8["tokens_per_s"] > 0 and int8["vs_bf16"] > 0
+    assert int8["bytes_vs_bf16"] <= 0.6  # int8 + per-channel scales vs bfloat16: 0.53x for the tiny preset
+    assert "| int8 weights, decode batch |" in proc.stdout

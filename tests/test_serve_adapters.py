@@ -223,7 +223,8 @@ def test_bad_adapter_flags_are_clear_errors(base_folder, adapter_folders, tmp_pa
              (["--model", "x", "--served_model_name", "m", "--adapter", f"m={first}"], "already the served model"),
              (["--model", "x", "--adapter", f"a={first}", "--adapter", f"a={second}"], "already the name of --adapter"),
              (["--model", "x", "--adapter", f"my adapter={first}"], "cannot name an adapter"),
-             (["--model", "x", "--adapter", f"é={first}"], "cannot name an adapter")]
+             (["--model", "x", "--adapter", f"é={first}"], "cannot name an adapter"),
+             (["--model", "x", "--adapter", f"a={first}", "--quantize", "int8"], "is not supported")]
     for args, message in usage:
         bad = _serve(*args)
         assert bad.returncode == 2 and "--adapter" in bad.stderr and message in bad.stderr, (args, bad.stderr)
@@ -251,7 +252,7 @@ def test_an_adapter_with_a_base_hash_serves_in_float16(base_folder, tmp_path):
     save_peft_adapter(folder, _random_adapter(params, model.config, lora, 5), lora,
                       base_model_name_or_path=str(base_folder), base_params=params)
     args = argparse.Namespace(model=str(base_folder), dtype="float16", cache_dir=str(tmp_path / "cache"),
-                              adapter=[("hashed", str(folder))])
+                              adapter=[("hashed", str(folder))], quantize=None)
     served, served_params, _, adapters = load_with_adapters(args)
     assert set(adapters) == {"hashed"} and served.config.param_dtype == jnp.float16
     assert {x.dtype for x in jax.tree.leaves(served_params)} == {jnp.dtype(jnp.float16)}

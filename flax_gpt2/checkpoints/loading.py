@@ -20,6 +20,7 @@ from typing import Callable
 from flax_gpt2.checkpoints import formats
 from flax_gpt2.checkpoints.peft_adapters import AdapterError
 from flax_gpt2.checkpoints.pretrained import from_pretrained, resolve, save_pretrained
+from flax_gpt2.modeling.quantize import check_quantize
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import cli, file_io
@@ -53,7 +54,7 @@ CACHE_MANIFEST = "flax_gpt2_cache.json"
 
 def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
                cache_dir: str | None = None, progress: bool = True, adapter: str | None = None,
-               log: Callable[[str], None] = lambda msg: None):
+               quantize: str | None = None, log: Callable[[str], None] = lambda msg: None):
     """`(model, params, tokenizer)` for a hub id, a Hugging Face folder or a training run.
 
     A model that needs converting (not safetensors) is converted once and cached as a safetensors folder
@@ -61,13 +62,16 @@ def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | 
     read the cached copy. An incomplete or unreadable cached copy is converted again; when the cache
     cannot be written (a full disk, a read-only folder), the converted model is used without caching.
     `adapter` (a PEFT LoRA folder) is merged on load (`from_pretrained(adapter=)`); the cache holds the base.
+    `quantize="int8"` quantizes the weights on load (`from_pretrained(quantize=)`); the cache holds float weights.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     param_dtype = param_dtype or dtype  # inference keeps the weights in the compute dtype unless told otherwise
     if param_dtype not in DTYPES:
         raise ValueError(f"param_dtype must be one of {sorted(DTYPES)}, got {param_dtype!r}")
-    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], progress=progress, adapter=adapter)
+    check_quantize(quantize)  # before any download or conversion
+    kwargs = dict(dtype=DTYPES[dtype], param_dtype=DTYPES[param_dtype], progress=progress, adapter=adapter,
+                  quantize=quantize)
     folder = resolve(name_or_path, progress=progress, pass_folder_as="--model DIR")
     tokenizer = model_tokenizer(folder, command_line=True)
     if _needs_conversion(folder):
@@ -77,6 +81,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", param_dtype: str | 
         model, params = from_pretrained(folder, **kwargs)
     if adapter is not None:
         log(f"Merged the LoRA adapter {adapter} into the weights")
+    if quantize is not None:
+        log(f"Quantized the weights to {quantize}")
     check_vocab(model.config, tokenizer, folder)
     return model, params, tokenizer
 

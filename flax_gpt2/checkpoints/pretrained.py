@@ -27,6 +27,7 @@ from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import RUNTIME_FIELDS, GPT2Config
 from flax_gpt2.modeling.lora import merge_adapter
 from flax_gpt2.modeling.model import GPT2DoubleHeadsModel, GPT2LMHeadModel, GPT2Model, unwrap_params
+from flax_gpt2.modeling.quantize import check_not_quantized, check_quantize, quantize_params
 from flax_gpt2.tokenizer import bpe_files
 from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io, hub
@@ -49,7 +50,8 @@ SAVE_FORMATS = ("safetensors", "msgpack")
 def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     model_class: type | str = GPT2LMHeadModel, revision: str | None = None, progress: bool = True,
                     seed: int = 0, pass_folder_as: str = "from_pretrained('DIR')",
-                    adapter: str | os.PathLike | None = None, **config_overrides) -> tuple[Any, dict[str, Any]]:
+                    adapter: str | os.PathLike | None = None, quantize: str | None = None,
+                    **config_overrides) -> tuple[Any, dict[str, Any]]:
     """Loads a GPT-2 model and its parameters.
 
     Args:
@@ -74,6 +76,10 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
         class and shape and everything downstream (generate, pipeline, evaluation, save_pretrained) uses
         it unchanged. A folder that is unreadable or made for another base raises
         `flax_gpt2.checkpoints.peft_adapters.AdapterError` (a ValueError naming the folder).
+      quantize: None (float weights) or "int8": int8 weight-only quantization for inference
+        (`flax_gpt2.modeling.quantize`): the block matrices and `wte` (the tied LM head) become int8 with one
+        float32 scale per output channel, after the cast to `param_dtype` and after merging `adapter`. The
+        model class and API are the same; the params take about 0.26x the bytes of float32.
       **config_overrides: how the model runs, as `GPT2Config` fields: `scan_layers=True` (params come
         stacked on a leading layers axis), `attention="dot_product"`, `remat=True`. Fields that change
         the weights' shapes cannot be overridden.
@@ -89,6 +95,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
     if not_runtime:
         raise TypeError(f"from_pretrained cannot override {', '.join(not_runtime)}: only how the model runs "
                         f"({', '.join(sorted(_OVERRIDABLE))}) can change; the checkpoint fixes the rest")
+    check_quantize(quantize)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     overrides.update(config_overrides)
     folder = resolve(name_or_path, revision=revision, progress=progress, pass_folder_as=pass_folder_as)
@@ -123,7 +130,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, dtype: Any = None, param
     _LOADED_FROM[id(model)] = folder  # save_pretrained(model, tokenizer=True) copies this folder's tokenizer
     weakref.finalize(model, _LOADED_FROM.pop, id(model), None)
     params = _to_device(params, config.param_dtype, progress)
-    return model, params if adapted is None else merge_adapter(params, *adapted)
+    if adapted is not None:
+        params = merge_adapter(params, *adapted)
+    return model, params if quantize is None else quantize_params(params)
 
 
 def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], tokenizer: Any = True, *,
@@ -161,6 +170,7 @@ def save_pretrained(path: str | os.PathLike, model, params: dict[str, Any], toke
         raise ValueError(f"model must be a GPT2Model, GPT2LMHeadModel or GPT2DoubleHeadsModel, got {model_class}")
     check_save_format(format, model_class)
     params = unwrap_params(params)
+    check_not_quantized(params, "save_pretrained")
     folder = os.fspath(path)
     check_output_folder(folder, overwrite)
     config: GPT2Config = model.config

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.model import unwrap_params
+from flax_gpt2.modeling.quantize import check_not_quantized
 
 # The GPT-2 modules LoRA can adapt, as PEFT names them under `transformer.h.{i}`.
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -227,6 +228,7 @@ def apply_lora(params: Mapping[str, Any], adapters: Mapping[str, Any], lora: LoR
     if set(params) == {"params"}:
         return {"params": apply_lora(params["params"], adapters, lora, dropout_rng=dropout_rng,
                                      deterministic=deterministic)}
+    check_not_quantized(params, "apply_lora (merging an adapter into the kernels)")
     use_dropout = not deterministic and lora.dropout > 0
     if use_dropout and dropout_rng is None:
         raise ValueError(f"apply_lora(deterministic=False) with lora.dropout={lora.dropout} needs a dropout_rng")

@@ -10,6 +10,10 @@ Parameter names mirror Hugging Face's (`wte`, `h_0/attn/c_attn`, `ln_f`, ...) so
 `flax_gpt2.checkpoints.hf_state_dict` stays a list of renames. Fused QKV is stored `[D, 3, H, K]` and the attention
 output projection `[H, K, D]` so that tensor parallelism splits whole heads.
 
+The block matmuls, `wte` and the output projection also take int8 weights (`modeling/quantize.py`'s
+`Int8Weight`, dequantized inside the matmul through the `promote_dtype` / `dot_general` hooks of `nn.Dense`);
+float weights run exactly as without the hooks.
+
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`); activations are
 constrained as (`batch`, `length`, `embed`). Mesh rules that map them to devices live in the training config.
 
@@ -32,6 +36,7 @@ from flax_gpt2.modeling.activations import ACTIVATIONS
 from flax_gpt2.modeling.config import GPT2Config
 from flax_gpt2.modeling.grad_barrier import grad_barrier
 from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.quantize import Embed, Int8Weight, dot_general, head_logits, promote_dtype
 
 Array = jax.Array
 
@@ -100,6 +105,7 @@ class Attention(nn.Module):
         h, k_dim = cfg.n_head, cfg.head_dim
         qkv = nn.DenseGeneral(
             features=(3, h, k_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_attn",
+            promote_dtype=promote_dtype, dot_general=dot_general,
             kernel_init=_normal(cfg.initializer_range, ("embed", None, "heads", "kv")),
             bias_init=_zeros((None, "heads", "kv")))(x)  # [B, T, 3, H, K]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -141,6 +147,7 @@ class Attention(nn.Module):
 
         out = nn.DenseGeneral(
             features=cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",
+            promote_dtype=promote_dtype, dot_general=dot_general,
             kernel_init=_normal(cfg.initializer_range / (2 * cfg.n_layer) ** 0.5, ("heads", "kv", "embed")),
             bias_init=_zeros(("embed",)))(out)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
@@ -154,11 +161,13 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.config
         x = nn.Dense(cfg.mlp_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_fc",
+                     promote_dtype=promote_dtype, dot_general=dot_general,
                      kernel_init=_normal(cfg.initializer_range, ("embed", "mlp")),
                      bias_init=_zeros(("mlp",)))(x)
         x = ACTIVATIONS[cfg.activation_function](x)
         x = nn.with_logical_constraint(x, ("batch", "length", "mlp"))
         x = nn.Dense(cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="c_proj",
+                     promote_dtype=promote_dtype, dot_general=dot_general,
                      kernel_init=_normal(cfg.initializer_range / (2 * cfg.n_layer) ** 0.5, ("mlp", "embed")),
                      bias_init=_zeros(("embed",)))(x)
         return nn.Dropout(cfg.resid_pdrop)(x, deterministic=deterministic)
@@ -224,8 +233,8 @@ class GPT2Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                            embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")))
+        self.wte = Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=_normal(cfg.initializer_range, ("vocab", "embed")))
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                             embedding_init=_normal(0.01, (None, "embed")))
         self.drop = nn.Dropout(cfg.embd_pdrop)
@@ -303,7 +312,10 @@ class GPT2Model(nn.Module):
 def output_logits(hidden: Array, head: Array, dtype: Any, *, vocab_major: bool = False) -> Array:
     """Logits `[..., V]` in float32 from hidden states `[..., D]`: the one output projection that the model
     and the decoding loop both use. `head` is `[D, V]` (an `lm_head` kernel), or `[V, D]` with
-    `vocab_major=True` (the tied `wte` embedding); both operands are cast to the compute `dtype`."""
+    `vocab_major=True` (the tied `wte` embedding); both operands are cast to the compute `dtype`. An int8 `head`
+    (`flax_gpt2.modeling.quantize.Int8Weight`) is dequantized inside the matmul."""
+    if isinstance(head, Int8Weight):
+        return head_logits(hidden, head, dtype, vocab_major=vocab_major)
     spec = "...D,VD->...V" if vocab_major else "...D,DV->...V"
     return jnp.einsum(spec, hidden.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32)
 

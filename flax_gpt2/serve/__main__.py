@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.checkpoints.peft_adapters import AdapterError, adapter_for_base
+from flax_gpt2.modeling.quantize import QUANTIZE_MODES
 from flax_gpt2.serve.engine import Engine
 from flax_gpt2.serve.protocol import check_adapter_name, check_api_key
 from flax_gpt2.utils import cli
@@ -112,10 +113,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                            "at most this long; then the server stops and exits 0 (default 30; a "
                                            "second signal stops at once)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
+                        help="int8: int8 weight-only quantization of the model on load")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
+    if args.quantize and args.adapter:
+        parser.error(f"--quantize {args.quantize} with --adapter is not supported: adapters are served on float "
+                     "base weights (drop one of them)")
     served = args.served_model_name or args.model
     seen = {served: "the served model name (--served_model_name, else --model)"}
     for name, folder in args.adapter:
@@ -146,7 +152,8 @@ def load_with_adapters(args: argparse.Namespace, log: Callable[[str], None] = la
     # The hash is of the weights as stored: with adapters, check it before the cast to --dtype (a float16
     # cast would change what the hash rounds), then cast.
     model, params, tokenizer = load_model(args.model, dtype=args.dtype, cache_dir=args.cache_dir, progress=False,
-                                          log=log, param_dtype="float32" if args.adapter else None)
+                                          log=log, param_dtype="float32" if args.adapter else None,
+                                          quantize=args.quantize)
     adapters = {}
     for name, folder in args.adapter:  # checked against the base before anything compiles
         try:
