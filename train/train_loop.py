@@ -184,7 +184,6 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     mesh, rules, micro, eval_batch = layout
     goodput = Goodput()
     stack.callback(goodput.close)
-    stack.enter_context(compile_cache.enabled_for_run(config.compile_cache_dir, workdir))
     lora = model_config_lib.lora_config(config)
     # A LoRA run's checkpoints hold only adapters: its base is always loaded from init_from again.
     resumed = run_folders.saved_model_config(workdir) if config.init_from and lora is None else None
@@ -222,6 +221,8 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     saved_config = run_guard.read_saved_config(workdir)
     restored = checkpointer.restore_latest(checkpointing.abstract_train_state(state_shapes, state_shardings),
                                            allow_config_change=config.allow_config_change)
+    # Only now that the workdir's run accepts this config: a refused resume leaves the workdir untouched.
+    stack.enter_context(compile_cache.enabled_for_run(config.compile_cache_dir, workdir))
     if restored is not None:
         state, data_state = restored
         state = state.replace(base=base)
