@@ -78,6 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 1024
     c.data.val_fraction = 0.0005  # the last fraction of the token stream is held out for eval
     c.data.num_threads = 0  # tokenizer threads; 0 = all cores
+    # Packed windows (train/packing.py): attention stays within each document (split at <|endoftext|>, which
+    # starts the document after it), and/or position ids restart at 0 at each document start. Both change the
+    # math of a step; the batches are the same.
+    c.data.document_mask = False
+    c.data.reset_positions = False
 
     # Batch: `batch_size` sequences per optimizer step, computed as `batch_size // micro_batch_size`
     # accumulated micro-batches (0 = no accumulation). Both are global, across all devices and hosts.

@@ -34,7 +34,7 @@ CLASSES = {
     "model.dropout": TRAINING, "model.dtype": TRAINING,
     "data.source": TRAINING, "data.seq_len": TRAINING, "data.tokenizer": TRAINING, "data.recipe": TRAINING,
     "data.dataset_config": TRAINING, "data.split": TRAINING, "data.text_field": TRAINING,
-    "data.val_fraction": TRAINING,
+    "data.val_fraction": TRAINING, "data.document_mask": TRAINING, "data.reset_positions": TRAINING,
     "optimizer.lr": TRAINING, "optimizer.b1": TRAINING, "optimizer.b2": TRAINING, "optimizer.eps": TRAINING,
     "optimizer.weight_decay": TRAINING, "optimizer.grad_clip": TRAINING, "optimizer.warmup_steps": TRAINING,
     "optimizer.min_lr_ratio": TRAINING, "optimizer.schedule": TRAINING,
@@ -126,3 +126,14 @@ def test_a_key_only_one_side_has_counts_as_changed():
     older = {k: v for k, v in saved.items() if k != "log_every"}
     assert run_guard.check_resume_config(older, saved, allow_change=False, workdir="w") == {
         "log_every": ("<absent>", saved["log_every"])}
+
+
+def test_a_key_added_later_is_no_change_while_it_keeps_the_old_behaviour():
+    """A run from before `data.document_mask` existed trained without it: resuming it with the default is no
+    change, turning it on is one (a training key)."""
+    current = _saved()
+    older = {k: v for k, v in current.items() if k not in run_guard.ADDED_LATER}
+    assert run_guard.check_resume_config(older, current, allow_change=False, workdir="w") == {}
+    with pytest.raises(run_guard.ConfigChangedError, match=r"data\.document_mask: '<absent>' -> True"):
+        run_guard.check_resume_config(older, dict(current, **{"data.document_mask": True}), allow_change=False,
+                                      workdir="w")

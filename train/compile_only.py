@@ -52,7 +52,7 @@ from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.utils import file_io
 
 from . import (compile_report, config_checks, mesh as mesh_lib, metrics as metrics_lib,
-               model_config as model_config_lib, step as step_lib, topologies)
+               model_config as model_config_lib, packing as packing_lib, step as step_lib, topologies)
 from .compile_report import GiB
 
 MFU = 0.5  # the utilization the step-time prediction assumes
@@ -170,8 +170,10 @@ def _plan(config, devices) -> _Plan:
     state_shardings, state_shapes = mesh_lib.train_state_shardings(model, tx, mesh, rules, seq_len, lora,
                                                                    model_config_lib.base_dtype(config))
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora)
-    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base)
+    packing = packing_lib.Packing.from_config(config.data)  # the separator's id is a constant: any corpus's compiles
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing)
+    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base,
+                                       packing)
 
     def abstract(shape, sharding):
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)

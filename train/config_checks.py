@@ -51,6 +51,9 @@ def check_config(config) -> None:
     _require(is_real(config.watchdog_seconds) and config.watchdog_seconds > 0, "watchdog_seconds",
              config.watchdog_seconds, "must be a number of seconds > 0 (the minimum time without a finished step "
              "before every host dumps its stacks; it is raised to 10x the median step time)")
+    for key in ("data.document_mask", "data.reset_positions"):
+        value = _get(config, key)
+        _require(isinstance(value, bool), key, value, "must be True or False")
     _check_axis_rules(config.logical_axis_rules)
     check_lora(config)
 

@@ -48,6 +48,9 @@ CORPUS = "corpus."
 # training keys: refused unless allow_config_change).
 ARCHITECTURE = ("model.preset", "model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
                 "model.param_dtype", "lora.rank", "lora.targets")
+# Keys added after runs existed, with the value that does what a run from before them did: a saved config without
+# one is not a change while the current run keeps that value (the run goes on as it trained).
+ADDED_LATER = {"data.document_mask": False, "data.reset_positions": False}
 # Not config keys: what identifies the frozen base of a LoRA run (`run_folders.LORA_BASE_SHA256`), stored with the
 # config. Checkpoints hold only the adapters, which mean nothing on other base weights: never accepted changed.
 BASE = "lora_base."
@@ -89,8 +92,10 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """`{key: (saved, current)}` for every flattened key whose value differs (or exists in one only); a
-    `corpus.*` value unknown on either side (absent or None) is not a difference."""
+    `corpus.*` value unknown on either side (absent or None) is not a difference, nor is an `ADDED_LATER` key
+    the saved config lacks while the current one holds the value runs had before it."""
     absent = "<absent>"
+    saved = {**{k: v for k, v in ADDED_LATER.items() if k not in saved and current.get(k) == v}, **saved}
     diff = {k: (saved.get(k, absent), current.get(k, absent)) for k in sorted(set(saved) | set(current))
             if saved.get(k, absent) != current.get(k, absent)}
     return {k: (a, b) for k, (a, b) in diff.items()

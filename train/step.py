@@ -28,6 +28,8 @@ from flax_gpt2.modeling import layer_stacking, lora as lora_lib
 from flax_gpt2.modeling.attention import target_platform
 from flax_gpt2.modeling.lora import LoRAConfig
 
+from .packing import Packing
+
 Array = jax.Array
 
 # `optax.apply_if_finite` skips a non-finite update; the train loop stops at the first one, so this
@@ -95,31 +97,36 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
 
 
-def make_loss_fn(model: nn.Module) -> Callable[[Any, Array, Array], Array]:
-    """`loss_fn(params, tokens [B, T+1], dropout_rng) -> mean loss` of predicting tokens[:, 1:]."""
+def make_loss_fn(model: nn.Module, packing: Packing | None = None) -> Callable[[Any, Array, Array], Array]:
+    """`loss_fn(params, tokens [B, T+1], dropout_rng) -> mean loss` of predicting tokens[:, 1:]; `packing`
+    masks attention at document boundaries and/or restarts positions (train/packing.py)."""
+    packing = packing or Packing()
 
     def loss_fn(params, tokens, rng):
         # On CPU each block's output cotangent is stored rather than recomputed by every consumer
         # (flax_gpt2/modeling/grad_barrier.py: ~1.5x faster backward); GPU/TPU fusion has no such problem.
         barrier = target_platform(tokens) == "cpu"
         step_model = model.clone(config=model.config.replace(block_grad_barrier=True)) if barrier else model
-        logits = step_model.apply({"params": params}, tokens[:, :-1], deterministic=False,
-                                  rngs={"dropout": rng}).logits
+        inputs = tokens[:, :-1]
+        logits = step_model.apply({"params": params}, inputs, deterministic=False, rngs={"dropout": rng},
+                                  **packing.model_inputs(inputs)).logits
         return cross_entropy(logits, tokens[:, 1:])
 
     return loss_fn
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    lora: LoRAConfig | None = None) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
+                    lora: LoRAConfig | None = None,
+                    packing: Packing | None = None) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
     """`train_step(state, tokens [A, B, T+1], rng) -> (state, metrics)`.
 
     The gradient of the A micro-batches of B sequences is accumulated in a `lax.scan` and averaged, which
     equals the gradient of the whole A*B batch (every row has T target tokens). Dropout keys depend
     only on `rng`, the step and the micro-batch index, so a resumed run draws the same masks. With `lora`,
-    `state.params` are the adapters over the frozen `state.base` (module docstring).
+    `state.params` are the adapters over the frozen `state.base` (module docstring). `packing`: as in
+    `make_loss_fn`.
     """
-    loss_fn = make_loss_fn(model)
+    loss_fn = make_loss_fn(model, packing)
     if lora is None:
         grad_fn = jax.value_and_grad(loss_fn)
     else:
@@ -158,15 +165,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None) -> Callable[..., Array]:
+def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None,
+                   packing: Packing | None = None) -> Callable[..., Array]:
     """`eval_step(params, tokens [1, B, T+1]) -> mean loss` without dropout; with `lora`,
-    `eval_step(adapters, tokens, base)`."""
+    `eval_step(adapters, tokens, base)`. `packing`: as in `make_loss_fn` (held-out windows are packed alike)."""
+    packing = packing or Packing()
 
     def eval_step(params, tokens, base=None):
         tokens = tokens[0]
         if lora is not None:
             params = lora_lib.apply_lora(base, params, lora)
-        logits = model.apply({"params": params}, tokens[:, :-1], deterministic=True).logits
+        inputs = tokens[:, :-1]
+        logits = model.apply({"params": params}, inputs, deterministic=True, **packing.model_inputs(inputs)).logits
         return cross_entropy(logits, tokens[:, 1:])
 
     return eval_step
@@ -174,21 +184,21 @@ def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None) -> Callable
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_shardings: TrainState, batch_sharding: jax.sharding.NamedSharding,
-                   lora: LoRAConfig | None = None):
+                   lora: LoRAConfig | None = None, packing: Packing | None = None):
     """The train step jitted with explicit in/out shardings; the input state's buffers are donated (a LoRA
     run's base is passed through: its output aliases its input)."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(make_train_step(model, tx, schedule, lora), in_shardings=(state_shardings, batch_sharding,
+    return jax.jit(make_train_step(model, tx, schedule, lora, packing), in_shardings=(state_shardings, batch_sharding,
                                                                               replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def jit_eval_step(model: nn.Module, params_shardings, batch_sharding: jax.sharding.NamedSharding,
-                  lora: LoRAConfig | None = None, base_shardings=None):
+                  lora: LoRAConfig | None = None, base_shardings=None, packing: Packing | None = None):
     """The eval step jitted; with `lora`, it takes `(adapters, tokens, base)` and `base_shardings` places the base."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     in_shardings = (params_shardings, batch_sharding) + (() if lora is None else (base_shardings,))
-    return jax.jit(make_eval_step(model, lora), in_shardings=in_shardings, out_shardings=replicated)
+    return jax.jit(make_eval_step(model, lora, packing), in_shardings=in_shardings, out_shardings=replicated)
 
 
 def full_params(state: TrainState, lora: LoRAConfig | None, base_shardings=None) -> Any:

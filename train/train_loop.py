@@ -27,8 +27,8 @@ from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io
 
 from . import (checkpointing, compile_cache, compile_only as compile_only_lib, config_checks, data, evals, lora_run,
-               mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib, profiling, recipes,
-               run_guard, signals as signals_lib, step as step_lib, step_loop)
+               mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib, packing as packing_lib,
+               profiling, recipes, run_guard, signals as signals_lib, step as step_lib, step_loop)
 from .config_checks import ConfigValueError
 from .goodput import Goodput
 from .watchdog import Watchdog
@@ -250,8 +250,10 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     start_step = int(state.step)
     hf_model_config = gpt2_config.to_hf_config()
 
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora)
-    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base)
+    packing = packing_lib.Packing.from_config(config.data, store.meta.get("eot_token"))
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing)
+    eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base,
+                                       packing)
     # Evaluations that take the model's plain params get a LoRA run's base with the adapters merged, placed so.
     model_shardings = state_shardings.params if lora is None else state_shardings.base
     model_params = functools.partial(step_lib.full_params, lora=lora, base_shardings=model_shardings)

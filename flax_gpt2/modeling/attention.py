@@ -5,7 +5,8 @@
 - "dot_product": `jax.nn.dot_product_attention`. On NVIDIA GPUs with bf16/fp16 inputs it runs cuDNN's
   flash attention (`implementation="cudnn"`); elsewhere XLA's own fused path.
 - "splash": the Pallas splash-attention kernel for TPU (`jax.experimental.pallas.ops.tpu`), causal with
-  padding expressed as segment ids; on other platforms it runs in Pallas interpret mode (tests only).
+  padding (and documents, when the model is given `segment_ids`) expressed as segment ids; on other
+  platforms it runs in Pallas interpret mode (tests only).
 - "auto": "splash" on TPU v4 and later when the sequence tiles into 128-token blocks, "dot_product" on GPU, else
   "xla" — chosen from the platform the program is compiled for (the mesh's devices), never from the host.
 
@@ -17,8 +18,6 @@ visible); the output is `[B, T, H, K]`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.linen as nn
 import jax
@@ -83,13 +82,14 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, scale) -> A
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
 
 
-def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale, *,
+def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, scale, *,
                      interpret: bool | None = None) -> Array:
     """Causal self-attention through the Pallas splash kernel (T = S, a multiple of 128).
 
-    `padding` is the `[B, T]` attention mask (1 = token): padding and tokens become different segments,
-    so a token never sees padding. (A padding query sees other padding where "xla" would give it a uniform
-    row: its output differs, and nothing reads it.)
+    `segment_ids` `[B, T]` (ints): a token sees only earlier tokens with its own id. The model passes the
+    attention mask (1 = token, 0 = padding), so a token never sees padding, or, for document masking, the
+    documents' ids with padding given an id of its own. (A padding query sees other padding where "xla"
+    would give it a uniform row: its output differs, and nothing reads it.)
     """
     # Pallas' TPU kernels are imported only when this backend runs: most models (and every CPU run but the
     # interpret-mode tests) never need them, and the import costs ~0.1 s (measured on this 2-core CPU).
@@ -100,7 +100,7 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
         raise ValueError(f"attention='splash' needs the sequence length to be a multiple of {SPLASH_BLOCK}, got {t}")
     if interpret is None:
         interpret = target_platform(q) != "tpu"
-    segments = (jnp.ones((b, t), jnp.int32) if padding is None else padding.astype(jnp.int32))
+    segments = (jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32))
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel does not scale
     v = v.astype(q.dtype)
 
@@ -122,8 +122,10 @@ def splash_attention(q: Array, k: Array, v: Array, padding: Array | None, scale,
                          check_vma=False)(q, k, v, segments)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, h: int, interpret: bool):
+    # Made anew for each trace, never cached here: the kernel holds its mask's block tables as arrays made in the
+    # trace that builds it, and a kernel kept across traces leaked them into the next (nn.scan over layers traces
+    # the block more than once). The costly part, the mask's processing in numpy, is cached by Pallas itself.
     # imported here for the reason given in `splash_attention`
     from jax.experimental.pallas.ops.tpu.splash_attention import (splash_attention_kernel as sk,
                                                                   splash_attention_mask as sm)

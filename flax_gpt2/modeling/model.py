@@ -94,13 +94,18 @@ def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with an optional KV cache (`config.attention` picks the kernel)."""
+    """Causal multi-head self-attention with an optional KV cache (`config.attention` picks the kernel).
+
+    `mask` `[B, 1, T, S]` is what every backend but splash reads; splash reads `segments` `[B, T]` (the
+    documents' ids, padding its own: `GPT2Model`), or, when there are none, the mask's last query row.
+    """
 
     config: GPT2Config
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array, layer_cache: tuple[Array, Array] | None, cache_index: Array | None,
-                 deterministic: bool, layer_idx) -> tuple[Array, tuple[Array, Array] | None]:
+    def __call__(self, x: Array, mask: Array, segments: Array | None, layer_cache: tuple[Array, Array] | None,
+                 cache_index: Array | None, deterministic: bool,
+                 layer_idx) -> tuple[Array, tuple[Array, Array] | None]:
         cfg = self.config
         h, k_dim = cfg.n_head, cfg.head_dim
         qkv = nn.DenseGeneral(
@@ -141,8 +146,9 @@ class Attention(nn.Module):
                 dropout=(lambda p: drop(p, deterministic=deterministic)) if dropout else None)
         elif backend == "dot_product":
             out = attention_lib.dot_product_attention(q, k, v, mask, scale)
-        else:  # splash: causal + padding (the last query row of the mask is the padding mask when S = T)
-            out = attention_lib.splash_attention(q, k, v, mask[:, 0, -1, :], scale)
+        else:  # splash: causal + segments (without documents, the last query row of the mask is the padding mask
+            # when S = T: padding and tokens are the two segments)
+            out = attention_lib.splash_attention(q, k, v, mask[:, 0, -1, :] if segments is None else segments, scale)
         out = out.astype(cfg.dtype)
 
         out = nn.DenseGeneral(
@@ -184,10 +190,10 @@ class Block(nn.Module):
     layer_idx: int | None = None
 
     @nn.compact
-    def __call__(self, x, mask, layer_cache, cache_index, deterministic: bool, layer_idx=None):
+    def __call__(self, x, mask, segments, layer_cache, cache_index, deterministic: bool, layer_idx=None):
         layer_idx = self.layer_idx if layer_idx is None else layer_idx
         attn_out, new_kv = Attention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), mask, layer_cache, cache_index, deterministic, layer_idx)
+            _layer_norm(self.config, "ln_1")(x), mask, segments, layer_cache, cache_index, deterministic, layer_idx)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x), deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -197,27 +203,39 @@ class Block(nn.Module):
 
 
 def _block_class(config: GPT2Config):
-    # static_argnums counts `self`: (self, x, mask, layer_cache, cache_index, deterministic, layer_idx).
-    return nn.remat(Block, static_argnums=(5,)) if config.remat else Block
+    # static_argnums counts `self`: (self, x, mask, segments, layer_cache, cache_index, deterministic, layer_idx).
+    return nn.remat(Block, static_argnums=(6,)) if config.remat else Block
 
 
-def _scanned_block(block: Block, x: Array, per_layer: tuple, mask: Array, cache_index, deterministic: bool,
-                   output_hidden_states: bool):
+def _scanned_block(block: Block, x: Array, per_layer: tuple, mask: Array, segments: Array | None, cache_index,
+                   deterministic: bool, output_hidden_states: bool):
     """The body of `nn.scan` over layers: carry the hidden state; per layer, its index and cache rows."""
     layer_idx, layer_cache = per_layer
-    y, new_kv = block(x, mask, layer_cache, cache_index, deterministic, layer_idx)
+    y, new_kv = block(x, mask, segments, layer_cache, cache_index, deterministic, layer_idx)
     return y, (new_kv, x if output_hidden_states else None)
 
 
 def attention_mask_4d(attention_mask: Array | None, batch: int, length: int, key_length: int,
-                      offset: Array | int) -> Array:
-    """Boolean `[B, 1, T, S]` mask: key s is visible to query t iff s <= offset + t and the key is not padding."""
+                      offset: Array | int, segment_ids: Array | None = None) -> Array:
+    """Boolean `[B, 1, T, S]` mask: key s is visible to query t iff s <= offset + t, the key is not padding
+    and (with `segment_ids [B, T]`, T = S) both are in the same segment."""
     q_pos = offset + jnp.arange(length)[:, None]
     visible = jnp.arange(key_length)[None, :] <= q_pos  # [T, S]
     visible = jnp.broadcast_to(visible[None, None], (batch, 1, length, key_length))
     if attention_mask is not None:
         visible = visible & attention_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return visible
+
+
+def splash_segment_ids(segment_ids: Array, attention_mask: Array | None) -> Array:
+    """`[B, T]` ids for the splash kernel, which knows segments, not padding: the documents' ids, with padding
+    given an id no document of its row has (one below the row's smallest), so no token sees padding."""
+    if attention_mask is None:
+        return segment_ids
+    padding_id = jnp.min(segment_ids, axis=1, keepdims=True) - 1
+    return jnp.where(attention_mask.astype(bool), segment_ids, padding_id)
 
 
 class GPT2Model(nn.Module):
@@ -227,6 +245,10 @@ class GPT2Model(nn.Module):
     `[B, S]` covering every cache slot when a cache is given), `position_ids [B, T]` (default:
     consecutive from the cache index), `token_type_ids [B, T]` (embedded with `wte`, as HF does) and a
     `KVCache`. Returns `GPT2ModelOutput` (with the updated cache when one was given).
+
+    `segment_ids [B, T]` (ints, keyword; not with a cache) packs several documents in a row: a token attends
+    only to earlier tokens with its own id, so each document is computed as if alone, when its
+    `position_ids` also restart at 0 where it starts. Every attention backend honours them.
     """
 
     config: GPT2Config
@@ -249,11 +271,18 @@ class GPT2Model(nn.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None, position_ids: Array | None = None,
                  token_type_ids: Array | None = None, cache: KVCache | None = None, *,
-                 deterministic: bool = True, output_hidden_states: bool = False) -> GPT2ModelOutput:
+                 segment_ids: Array | None = None, deterministic: bool = True,
+                 output_hidden_states: bool = False) -> GPT2ModelOutput:
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         b, t = input_ids.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (document masking) cannot be combined with a KV cache: decoding "
+                                 "continues one document; pass segment_ids=None when decoding")
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected {(b, t)} to match input_ids")
         offset = cache.index if cache is not None else 0
         s = cache.cache_length if cache is not None else t
         if attention_mask is not None and attention_mask.shape != (b, s):
@@ -266,17 +295,19 @@ class GPT2Model(nn.Module):
             x = x + self.wte(token_type_ids)
         x = self.drop(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        mask = attention_mask_4d(attention_mask, b, t, s, offset)
+        mask = attention_mask_4d(attention_mask, b, t, s, offset, segment_ids)
+        segments = None if segment_ids is None else splash_segment_ids(segment_ids, attention_mask)
 
         if cfg.scan_layers:
-            x, all_hidden, new_keys, new_values = self._scan_blocks(x, mask, cache, deterministic, output_hidden_states)
+            x, all_hidden, new_keys, new_values = self._scan_blocks(x, mask, segments, cache, deterministic,
+                                                                    output_hidden_states)
         else:
             all_hidden, new_keys, new_values = [], [], []
             for i, block in enumerate(self.h):
                 if output_hidden_states:
                     all_hidden.append(x)
                 layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-                x, kv = block(x, mask, layer_cache, offset, deterministic)
+                x, kv = block(x, mask, segments, layer_cache, offset, deterministic)
                 if kv is not None:
                     new_keys.append(kv[0])
                     new_values.append(kv[1])
@@ -289,15 +320,15 @@ class GPT2Model(nn.Module):
         return GPT2ModelOutput(last_hidden_state=x, hidden_states=tuple(all_hidden) if output_hidden_states else None,
                                cache=new_cache)
 
-    def _scan_blocks(self, x, mask, cache, deterministic, output_hidden_states):
+    def _scan_blocks(self, x, mask, segments, cache, deterministic, output_hidden_states):
         """The blocks under `nn.scan`. The KV cache keeps its per-layer layout outside the model (decoding
         code reorders its rows), so it is stacked on the way in and split on the way out."""
         n = self.config.n_layer
         layer_cache = (jnp.stack(cache.keys), jnp.stack(cache.values)) if cache is not None else None
         scan = nn.scan(_scanned_block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
+                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-        x, (new_kv, hidden) = scan(self.h, x, (jnp.arange(n), layer_cache), mask,
+        x, (new_kv, hidden) = scan(self.h, x, (jnp.arange(n), layer_cache), mask, segments,
                                    cache.index if cache is not None else 0, deterministic, output_hidden_states)
         all_hidden = [hidden[i] for i in range(n)] if output_hidden_states else []
         keys = [new_kv[0][i] for i in range(n)] if cache is not None else []
@@ -358,9 +389,10 @@ class GPT2LMHeadModel(_WithLMHead):
     whose `.logits` are `[B, T, V]` float32 (and `.cache` the updated KV cache when one was given)."""
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None, cache=None, *,
-                 deterministic: bool = True, output_hidden_states: bool = False) -> GPT2LMOutput:
+                 segment_ids=None, deterministic: bool = True, output_hidden_states: bool = False) -> GPT2LMOutput:
         out = self.transformer(input_ids, attention_mask, position_ids, token_type_ids, cache,
-                               deterministic=deterministic, output_hidden_states=output_hidden_states)
+                               segment_ids=segment_ids, deterministic=deterministic,
+                               output_hidden_states=output_hidden_states)
         return GPT2LMOutput(logits=self.logits(out.last_hidden_state), hidden_states=out.hidden_states,
                             cache=out.cache)
 
