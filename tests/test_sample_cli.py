@@ -71,7 +71,9 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(capsys, tmp_path_fa
     streamed: each round prints what it accepted)."""
     calls = []
     real = speculative.speculative_stream
-    monkeypatch.setattr(speculative, "speculative_stream", lambda *a, **k: calls.append(k) or real(*a, **k))
+    # generate_stream calls it by the name its module imported (the package's `generate` is the function).
+    generate_module = sys.modules["flax_gpt2.generation.generate"]
+    monkeypatch.setattr(generate_module, "speculative_stream", lambda *a, **k: calls.append(k) or real(*a, **k))
     _, draft = make_hf_model(tmp_path_factory, "cli_draft", n_positions=128, n_layer=1, n_embd=32, n_head=2)
     prompt = "the cat sat on the mat and the cat sat on the"
     ids = loaded[2].encode(prompt)

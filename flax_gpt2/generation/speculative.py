@@ -47,9 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_gpt2.generation.generate import output_head, prepare_prompts
 from flax_gpt2.generation.logits_processors import GenerationConfig, argmax, draw_tokens
 from flax_gpt2.generation.options import GenerateOptions
+from flax_gpt2.generation.prompts import output_head, prepare_prompts
 from flax_gpt2.modeling.kv_cache import KVCache
 from flax_gpt2.modeling.model import GPT2LMHeadModel, output_logits, unwrap_params
 from flax_gpt2.utils.validation import is_int
