@@ -554,6 +554,71 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert after["tokens"] - before["tokens"] < 120  # stopped early: the slot was freed, not run to the end
 
 
+def _hang_up_after_first_token(port, body) -> bool:
+    """Streams `body` over a raw socket and closes it after the first event; False if the server said 503."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: " + str(len(data)).encode()
+                 + b"\r\n\r\n" + data)
+    received = b""
+    try:
+        while b"data: " not in received and b" 503 " not in received.split(b"\r\n", 1)[0]:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    finally:
+        sock.close()
+    return b" 503 " not in received.split(b"\r\n", 1)[0]
+
+
+def test_32_concurrent_mixed_clients_with_disconnects_stay_exact(client, server, reference):
+    """32 clients at once on 4 slots and a queue of 24 (any told 503 retries, as the Retry-After says):
+    greedy streamed and not, sampled, and 8 that hang up after their first streamed token. Every answer equals
+    generate (greedy) or the same request alone (sampled), the hung-up streams free their slots, and nothing is
+    left running or waiting."""
+
+    def retrying(call):
+        for _ in range(600):
+            try:
+                return call()
+            except openai.APIStatusError as e:
+                assert e.status_code == 503 and e.response.headers["retry-after"] == "1", e
+                time.sleep(0.1)
+        raise AssertionError("never admitted")
+
+    def one(i):
+        kwargs = dict(model="tiny", prompt=_prompt(2 + 3 * (i % 12), seed=300 + i), max_tokens=6 + 3 * (i % 6))
+        kind = ("stream", "plain", "sampled", "hang_up")[i % 4]
+        if kind == "hang_up":
+            body = {**kwargs, "max_tokens": 80, "stream": True, "temperature": 0}  # long: it hangs up first
+            for _ in range(600):
+                if _hang_up_after_first_token(server, body):
+                    return kind, kwargs, None
+                time.sleep(0.1)
+            raise AssertionError("never admitted")
+        if kind == "stream":
+            chunks = retrying(lambda: list(client.completions.create(**kwargs, temperature=0, stream=True)))
+            return kind, kwargs, "".join(c.choices[0].text for c in chunks)
+        if kind == "plain":
+            return kind, kwargs, retrying(lambda: client.completions.create(**kwargs, temperature=0)).choices[0].text
+        kwargs.update(temperature=0.9, top_p=0.9, seed=i)
+        return kind, kwargs, retrying(lambda: client.completions.create(**kwargs)).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    for kind, kwargs, text in results:
+        if kind in ("stream", "plain"):
+            assert text == _generate_text(reference, kwargs["prompt"], kwargs["max_tokens"]), (kind, kwargs)
+        elif kind == "sampled":
+            assert text == client.completions.create(**kwargs).choices[0].text, kwargs
+    deadline = time.time() + 60
+    while (_health(server)["busy_slots"] or _health(server)["queued"]) and time.time() < deadline:
+        time.sleep(0.05)
+    health = _health(server)
+    assert health["busy_slots"] == 0 and health["queued"] == 0, health
+
+
 def test_no_compiles_after_warm_up(server):
     """Runs last: every request above reused the start-up compiles."""
     assert _health(server)["compiles_after_warmup"] == 0
