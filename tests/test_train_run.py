@@ -225,6 +225,12 @@ def test_profile_window_writes_a_trace(reference):
     traces = glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     assert len(traces) == 1 and os.path.getsize(traces[0]) > 1000, traces
     assert "profile of steps 3..4 written to" in console
+    # The same trace as Perfetto JSON, and its top ops in the log: XLA's fusions, not Python or runtime spans.
+    assert len(glob.glob(str(workdir / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))) >= 1
+    table = console.split("top ops of steps 3..4 (total ms, calls, share of op time):\n", 1)[1].splitlines()
+    assert table[0] == "| op | total ms | calls | share |" and len(table) >= 7
+    ops = [row.split(" | ")[0].lstrip("| ") for row in table[2:7]]
+    assert any("fusion" in op for op in ops) and not any(op.startswith("$") or "::" in op for op in ops), ops
 
 
 def test_model_flops_both_conventions_by_hand():

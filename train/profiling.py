@@ -2,6 +2,10 @@
 `metrics.jsonl` numbers them), written under `WORKDIR/profile/` for TensorBoard's profile plugin or xprof
 (`tensorboard --logdir WORKDIR/profile`, or `xprof WORKDIR/profile`).
 
+Besides the `.xplane.pb` (TensorBoard / xprof), the trace is also written as Perfetto JSON (`perfetto_trace.json.gz`,
+ui.perfetto.dev opens it), and the run logs the window's top device ops by total time (`top_ops`): where the
+steps spend their time, readable without any profiler UI.
+
 Why a window and not the whole run: a trace holds every op of every step (megabytes per step of a small
 model, far more on a pod), and the first steps include compilation; a few steady steps say where the time
 goes. Each process writes its own trace (hosts of a pod under their own hostnames, as jax names them).
@@ -9,6 +13,10 @@ goes. Each process writes its own trace (hosts of a pod under their own hostname
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import logging
 import os
 
@@ -54,7 +62,7 @@ class ProfileWindow:
     def before(self, step: int) -> None:
         """Called before optimizer step `step` (1-based) runs."""
         if self.window is not None and step == self.window[0]:
-            jax.profiler.start_trace(self.dir)
+            jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
             self.active = True
 
     def after(self, step: int, outputs) -> None:
@@ -64,6 +72,12 @@ class ProfileWindow:
             jax.profiler.stop_trace()
             self.active = False
             logging.info("profile of steps %d..%d written to %s", *self.window, self.dir)
+            try:
+                table = top_ops(self.dir)
+            except (OSError, ValueError) as e:  # a summary only: the trace itself is written
+                logging.warning("could not summarise the trace: %s", e)
+            else:
+                logging.info("top ops of steps %d..%d (total ms, calls, share of op time):\n%s", *self.window, table)
 
     def close(self) -> None:
         """Stops a trace still running (the run stopped inside the window), so what was traced is kept."""
@@ -76,3 +90,34 @@ class ProfileWindow:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def top_ops(profile_dir: str, n: int = 10) -> str:
+    """The `n` ops with the most total time in the newest Perfetto trace under `profile_dir`, as a Markdown table
+    (op name, total ms, calls, share of all op time). Ops are the trace's complete events ("ph": "X") other than
+    Python's frames and the runtime's wrapping spans: XLA's fusions, dots, copies and collectives."""
+    traces = sorted(glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True),
+                    key=os.path.getmtime)
+    if not traces:
+        raise OSError(f"no *.trace.json.gz under {profile_dir}")
+    with gzip.open(traces[-1], "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    python_thread = {(e.get("pid"), e.get("tid")) for e in events if e.get("ph") == "M"
+                     and e.get("name") == "thread_name" and e.get("args", {}).get("name") == "python"}
+    total, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Not ops: the Python thread's spans (waiting for results), "$file:line fn" Python frames, and "A::B" the
+        # runtime's spans around the ops (ThunkExecutor::Execute).
+        if (e.get("ph") == "X" and "dur" in e and (e.get("pid"), e.get("tid")) not in python_thread
+                and not name.startswith("$") and "::" not in name):
+            total[name] += float(e["dur"])
+            calls[name] += 1
+    if not total:
+        raise ValueError(f"{traces[-1]} holds no op events")
+    everything = sum(total.values())
+    rows = ["| op | total ms | calls | share |", "|---|---|---|---|"]
+    rows += [f"| {name} | {us / 1000:.2f} | {calls[name]} | {100 * us / everything:.1f}% |"
+             for name, us in total.most_common(n)]
+    return "\n".join(rows)
