@@ -97,7 +97,7 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/test_evaluate.py::test_perplexity_matches_transformers"),
         "sliding-window perplexity scores overlapping tokens twice"),
     Mutation(
-        "resume_replays_the_last_batch", "train/train_loop.py",
+        "resume_replays_the_last_batch", "train/step_loop.py",
         (("paused |= checkpointer.save(state, batches.state, hf_model_config",
           "paused |= checkpointer.save(state, data_before, hf_model_config"),),
         ("tests/test_train_run.py::test_sigterm_then_resume_reproduces_the_run",),

@@ -21,7 +21,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "attention='dot_product' with bfloat16 and reorder_and_upcast_attn raises 'value dtype should be float32'"),
     Mutation(
         "splash_ignores_the_padding_mask", "flax_gpt2/modeling/attention.py",
-        (("    segments = (jnp.ones((b, t), jnp.int32) if padding is None else padding.astype(jnp.int32))\n",
+        (("    segments = (jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32))\n",
           "    segments = jnp.ones((b, t), jnp.int32)\n"),),
         (f"{_BACKENDS}[splash-float32-plain-default]",),
         "with attention='splash' the tokens of a left-padded prompt attend to its padding"),
