@@ -14,6 +14,10 @@ Whatever accelerator JAX sees (one chip: the first device):
   torch with CUDA is importable (otherwise that column is empty).
 - decode int8: the same at B=1 with int8 weights (`flax_gpt2.modeling.quantize`, bf16 compute): tokens/s
   against the bf16 row, and the parameter bytes of both (a decode step at B=1 reads them all but `wpe`).
+- speculative: greedy B=1 with speculative decoding, k=4, against the plain bf16 row: prompt lookup (n=2), a
+  2-layer draft of the same width (random weights: it measures the mechanism's cost, acceptance ~0), and the
+  target drafting for itself (every proposal accepted: the upper bound the bookkeeping allows); tokens/s, the
+  ratio to plain greedy and the acceptance rate. Every output is asserted equal to plain greedy.
 Writes `device_check.json` (or `--out`) and prints a table.
 """
 
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -155,6 +158,35 @@ def decode_case(preset: str, batch: int, prompt: int, new: int, int8: bool = Fal
     return row
 
 
+def speculative_case(preset: str, prompt: int, new: int, proposer: str, k: int = 4) -> dict:
+    """Greedy B=1 decoding with speculative decoding (`proposer`: "lookup", "draft" or "self"), checked equal to
+    plain greedy; tokens/s of the second call and the acceptance rate."""
+    import flax_gpt2
+    from flax_gpt2.generation.speculative import speculative_generate
+    from flax_gpt2.modeling.model import GPT2LMHeadModel, init_params
+
+    config = flax_gpt2.GPT2Config.from_preset(preset, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = GPT2LMHeadModel(config)
+    params = init_params(model, jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt), dtype=np.int32)
+    if proposer == "lookup":
+        spec = dict(prompt_lookup_ngram=2)
+    elif proposer == "self":
+        spec = dict(draft=(model, params))
+    else:
+        draft = GPT2LMHeadModel(config.replace(n_layer=2))
+        spec = dict(draft=(draft, init_params(draft, jax.random.key(1))))
+    plain = flax_gpt2.generate(model, params, ids, max_new_tokens=new, do_sample=False)
+    ours, stats = speculative_generate(model, params, ids, max_new_tokens=new, num_draft_tokens=k, return_stats=True,
+                                       **spec)  # compile + run
+    assert (ours == plain).all(), f"speculative ({proposer}) greedy output differs from plain greedy"
+    start = _now()
+    speculative_generate(model, params, ids, max_new_tokens=new, num_draft_tokens=k, **spec)
+    seconds = _now() - start
+    return {"proposer": proposer, "k": k, "tokens_per_s": new / seconds,
+            "acceptance_rate": float(stats["acceptance_rate"][0])}
+
+
 def _torch_decode(preset: str, batch: int, ids: np.ndarray, new: int) -> dict:
     try:
         import torch
@@ -197,7 +229,8 @@ def main(argv=None) -> int:
         cases = [("xla", False), ("xla", True), ("dot_product", False)]
     report = {"date": time.strftime("%Y-%m-%d"), "device": device.device_kind, "platform": platform_name,
               "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
-              "preset": preset, "seq_len": seq_len, "train": [], "decode": [], "decode_int8": []}
+              "preset": preset, "seq_len": seq_len, "train": [], "decode": [], "decode_int8": [],
+              "speculative": []}
     started = _now()
     for attention, scan in cases:
         row = train_case(preset, seq_len, attention, scan, max_micro, steps)
@@ -219,6 +252,12 @@ def main(argv=None) -> int:
     report["decode_int8"].append(row)
     print("decode int8 B=1 " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in row.items() if k != "batch"), flush=True)
+    for proposer in ("lookup", "draft", "self"):
+        row = speculative_case(preset, prompt, new, proposer)
+        row["vs_plain"] = row["tokens_per_s"] / bf16["tokens_per_s"]
+        report["speculative"].append(row)
+        print(f"speculative {proposer} k={row['k']}: tokens/s={row['tokens_per_s']:.4g}, vs plain "
+              f"{row['vs_plain']:.2f}x, acceptance {row['acceptance_rate']:.2f}", flush=True)
     report["wall_s"] = _now() - started
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(_table(report))
@@ -246,6 +285,10 @@ def _table(report: dict) -> str:
     for r in report.get("decode_int8", []):
         lines.append(f"| {r['batch']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.2f} | {r['ttft_ms']:.1f} | "
                      f"{r['vs_bf16']:.2f}x | {r['param_bytes'] / 1e6:,.1f} ({r['bytes_vs_bf16']:.2f}x) |")
+    lines += ["", "| speculative greedy B=1 | k | tokens/s | vs plain | acceptance |", "|---|---|---|---|---|"]
+    for r in report.get("speculative", []):
+        lines.append(f"| {r['proposer']} | {r['k']} | {r['tokens_per_s']:,.0f} | {r['vs_plain']:.2f}x | "
+                     f"{r['acceptance_rate']:.2f} |")
     return "\n".join(lines)
 
 

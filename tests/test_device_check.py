@@ -27,3 +27,7 @@ def test_device_check_reduced_mode(tmp_path):
     assert int8["batch"] == 1 and int8["tokens_per_s"] > 0 and int8["vs_bf16"] > 0
     assert int8["bytes_vs_bf16"] <= 0.6  # int8 + per-channel scales vs bfloat16: 0.53x for the tiny preset
     assert "| int8 weights, decode batch |" in proc.stdout
+    assert [r["proposer"] for r in report["speculative"]] == ["lookup", "draft", "self"]
+    assert all(r["tokens_per_s"] > 0 and r["vs_plain"] > 0 for r in report["speculative"])
+    assert report["speculative"][2]["acceptance_rate"] == 1.0  # the target drafting for itself keeps everything
+    assert "| speculative greedy B=1 |" in proc.stdout
