@@ -22,23 +22,12 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
-
-
-def cpu_name() -> str:
-    """`lscpu`'s model name and family/model numbers: speeds differ 2x between CPUs, so every figure names its CPU."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    get = lambda k: fields.get(k, "?").strip()  # noqa: E731
-    return f"{get('Model name')} (family {get('CPU family')}, model {get('Model')}, {os.cpu_count()} cores)"
+from compile_time import cpu_name  # run as a script: benchmarks/ is on the path
 
 
 def _nbytes(tree) -> int:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from compile_time import cpu_name  # noqa: E402
+from speculative import best_seconds  # noqa: E402
 
 import flax_gpt2  # noqa: E402
 from flax_gpt2 import GPT2Config, GPT2LMHeadModel, generate  # noqa: E402
@@ -66,16 +66,6 @@ def step_bytes(params, config) -> int:
     """Parameter bytes one decode step reads: everything but `wpe`, of which it reads one row."""
     wpe = params["transformer"]["wpe"]["embedding"]
     return parameter_bytes(params) - parameter_bytes(wpe) + config.n_embd * wpe.dtype.itemsize
-
-
-def best_seconds(run, repeats: int) -> float:
-    run()  # compiles
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def held_out_perplexity(name: str) -> None:
