@@ -28,6 +28,7 @@ from typing import Sequence
 
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.generation.options import MAX_SEED, MIN_TEMPERATURE
+from flax_gpt2.generation.speculative import DRAFT_SCHEDULES
 from flax_gpt2.generation.text import generate_text
 from flax_gpt2.modeling.quantize import QUANTIZE_MODES
 from flax_gpt2.utils import cli
@@ -72,7 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         type=_positive_int, help="speculative decoding without a draft model: propose what "
                                                  "followed the last matching N-gram of the prompt and text")
     parser.add_argument("--num_draft_tokens", type=_positive_int, default=4,
-                        help="tokens proposed per target step with --draft_model or --prompt_lookup (default 4)")
+                        help="tokens proposed per target step with --draft_model or --prompt_lookup (default 4; "
+                             "the most, with --draft_schedule heuristic)")
+    parser.add_argument("--draft_schedule", default="constant", choices=DRAFT_SCHEDULES,
+                        help="with --draft_model: 'heuristic' adapts the proposals per step (1 to "
+                             "--num_draft_tokens) to how many the target kept; the output is the same")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="compute dtype (bfloat16 pays off on TPU/GPU, not on CPU)")
     parser.add_argument("--param_dtype", default=None, choices=sorted(DTYPES),
@@ -86,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--greedy gives one sequence; drop it to sample several, or use --num_beams")
     if args.draft_model is not None and args.prompt_lookup_ngram is not None:
         parser.error("--draft_model and --prompt_lookup are two ways to propose tokens: choose one")
+    if args.draft_schedule != "constant" and args.draft_model is None:
+        parser.error("--draft_schedule adapts a draft model's steps: it needs --draft_model")
     speculative = args.draft_model is not None or args.prompt_lookup_ngram is not None
     for flag, value, default in (("--num_beams", args.num_beams, 1),
                                  ("--num_return_sequences", args.num_return_sequences, 1),
@@ -122,7 +129,8 @@ def _main(argv: Sequence[str]) -> None:
             raise ValueError(f"--draft_model {args.draft_model!r} has a tokenizer of {draft_tokenizer.vocab_size} "
                              f"ids, --model {args.model!r} one of {tokenizer.vocab_size}: a draft must share the "
                              "target's tokenizer (any GPT-2 size does)")
-        speculative = dict(draft=(draft_model, draft_params), num_draft_tokens=args.num_draft_tokens)
+        speculative = dict(draft=(draft_model, draft_params), num_draft_tokens=args.num_draft_tokens,
+                           draft_schedule=args.draft_schedule)
     elif args.prompt_lookup_ngram is not None:
         speculative = dict(prompt_lookup_ngram=args.prompt_lookup_ngram, num_draft_tokens=args.num_draft_tokens)
     # Speculative decoding streams too: each verification round prints what it accepted.

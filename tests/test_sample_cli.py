@@ -82,8 +82,10 @@ def test_cli_speculative_greedy_prints_the_plain_greedy_text(capsys, tmp_path_fa
                    "--prompt_lookup", 2, "--num_draft_tokens", 3) == expected
     assert run_cli(capsys, "--model", folder, "--prompt", prompt, "--length", 24, "--greedy",
                    "--draft_model", draft) == expected
-    assert [(k["prompt_lookup_ngram"], k["num_draft_tokens"], k["draft"] is not None) for k in calls] == [
-        (2, 3, False), (None, 4, True)]
+    assert run_cli(capsys, "--model", folder, "--prompt", prompt, "--length", 24, "--greedy",
+                   "--draft_model", draft, "--draft_schedule", "heuristic") == expected
+    assert [(k["prompt_lookup_ngram"], k["num_draft_tokens"], k["draft"] is not None, k["draft_schedule"])
+            for k in calls] == [(2, 3, False, "constant"), (None, 4, True, "constant"), (None, 4, True, "heuristic")]
 
 
 def test_cli_samples_by_default_and_a_seed_reproduces_it(capsys, folder):
@@ -190,6 +192,8 @@ PARSER_ERRORS = [  # usage errors: exit 2, the flag named
     (["--prompt_lookup", "2", "--repetition_penalty", "1.2"], "--repetition_penalty does not go with speculative"),
     (["--prompt_lookup", "0"], "--prompt_lookup: must be a positive integer"),
     (["--num_draft_tokens", "0"], "--num_draft_tokens: must be a positive integer"),
+    (["--prompt_lookup", "2", "--draft_schedule", "heuristic"], "--draft_schedule adapts a draft model's steps"),
+    (["--draft_model", "x", "--draft_schedule", "fast"], "invalid choice"),
 ]
 
 

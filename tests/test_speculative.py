@@ -121,6 +121,44 @@ def test_draft_equal_to_target_keeps_every_proposal(models):
     np.testing.assert_array_equal(stats["accepted"], stats["proposed"])
     np.testing.assert_array_equal(stats["rounds"], 5)  # 20 tokens, 4 per round
     np.testing.assert_array_equal(stats["acceptance_rate"], 1.0)
+    np.testing.assert_array_equal(stats["kept_counts"], [[0, 0, 0, 5]] * len(PROMPTS))
+
+
+@pytest.mark.parametrize("layout,k", [("per_layer", 4), ("scan", 6)])
+def test_heuristic_schedule_greedy_equals_generate(models, layout, k):
+    """`draft_schedule="heuristic"`: a draft that keeps failing is asked for fewer tokens (k, k-1, ... 1), one
+    that always succeeds stays at k; the output is the target's greedy decoding either way (EOS included),
+    also streamed."""
+    (model, params), (draft, draft_params) = models[layout]
+    ids, mask = left_pad(PROMPTS)
+    reference = generate(model, params, ids, mask, max_new_tokens=24)
+    eos = eos_mid_text(reference, ids.shape[1])
+    for eos_token_id in (None, eos):
+        reference = generate(model, params, ids, mask, max_new_tokens=24, eos_token_id=eos_token_id, pad_token_id=1)
+        spec = dict(max_new_tokens=24, eos_token_id=eos_token_id, pad_token_id=1, num_draft_tokens=k,
+                    return_stats=True)
+        constant, c_stats = speculative_generate(model, params, ids, mask, draft=(draft, draft_params), **spec)
+        ours, stats = speculative_generate(model, params, ids, mask, draft=(draft, draft_params),
+                                           draft_schedule="heuristic", **spec)
+        np.testing.assert_array_equal(ours, reference)
+        np.testing.assert_array_equal(constant, reference)
+        # A random draft is rarely right: the constant schedule proposes k every round, the heuristic one
+        # quickly drops to 1 per round.
+        np.testing.assert_array_equal(c_stats["proposed"], k * c_stats["rounds"])
+        np.testing.assert_array_equal(c_stats["kept_counts"].sum(1), c_stats["rounds"])
+        np.testing.assert_array_equal(c_stats["kept_counts"] @ np.arange(k + 1), c_stats["accepted"])
+        assert stats["proposed"].sum() < 0.6 * c_stats["proposed"].sum()
+        assert (stats["proposed"] >= stats["rounds"]).all()
+        chunks = list(generate_stream(model, params, ids, mask, max_new_tokens=24, eos_token_id=eos_token_id,
+                                      pad_token_id=1, num_draft_tokens=k, draft=(draft, draft_params),
+                                      draft_schedule="heuristic"))
+        np.testing.assert_array_equal(np.concatenate(chunks, axis=1), reference[:, ids.shape[1]:])
+    # The target drafting for itself keeps everything: the schedule stays at k.
+    ours, stats = speculative_generate(model, params, ids, mask, max_new_tokens=20, draft=(model, params),
+                                       num_draft_tokens=3, draft_schedule="heuristic", return_stats=True)
+    np.testing.assert_array_equal(ours, generate(model, params, ids, mask, max_new_tokens=20))
+    np.testing.assert_array_equal(stats["rounds"], 5)
+    np.testing.assert_array_equal(stats["proposed"], 15)
 
 
 # --- sampling: the output distribution is the target's -----------------------------------------------
@@ -260,6 +298,12 @@ def test_argument_errors(models):
     short, short_params = make(3, n_layer=1, n_embd=32, n_head=2, n_positions=16)
     with pytest.raises(ValueError, match="n_positions"):
         speculative_generate(model, params, ids, mask, max_new_tokens=20, draft=(short, short_params))
+    with pytest.raises(ValueError, match="draft_schedule must be one of"):
+        speculative_generate(model, params, ids, mask, max_new_tokens=4, draft=(draft, draft_params),
+                             draft_schedule="adaptive")
+    with pytest.raises(ValueError, match="prompt lookup's proposals cost nothing"):
+        speculative_generate(model, params, ids, mask, max_new_tokens=4, prompt_lookup_ngram=2,
+                             draft_schedule="heuristic")
     with pytest.raises(ValueError, match="max_new_tokens"):  # generate's own checks apply
         speculative_generate(model, params, ids, mask, max_new_tokens=0, prompt_lookup_ngram=2)
 

@@ -35,7 +35,8 @@ def _setup(model, params, input_ids, attention_mask, options: GenerateOptions | 
 
 def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *,
              options: GenerateOptions | None = None, draft: tuple[GPT2LMHeadModel, Any] | None = None,
-             num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None, **kwargs: Any) -> np.ndarray:
+             num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None, draft_schedule: str = "constant",
+             **kwargs: Any) -> np.ndarray:
     """Generates continuations of a batch of prompts, like transformers' `generate`.
 
     Prefill and every decoding step run in one compiled computation over a preallocated KV cache.
@@ -56,6 +57,8 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
         penalties, beams or several sequences per prompt): `draft=(draft_model, draft_params)` or
         `prompt_lookup_ngram=n` proposes `num_draft_tokens` tokens per target call; the output is the
         target's own (see `flax_gpt2.generation.speculative`).
+      draft_schedule: "constant", or "heuristic" to adapt a draft model's proposals per round (1 to
+        `num_draft_tokens`) to how many were kept.
     Raises:
       ValueError: an argument is out of range or not finite (NaN, inf); the message names it.
     Returns:
@@ -64,7 +67,7 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None
     """
     if draft is not None or prompt_lookup_ngram is not None:
         return _speculative(model, params, input_ids, attention_mask, GenerateOptions.of(options, kwargs), draft,
-                            num_draft_tokens, prompt_lookup_ngram)
+                            num_draft_tokens, prompt_lookup_ngram, draft_schedule)
     options, args, extra, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
     max_new_tokens, num_beams, num_return_sequences = (options.max_new_tokens, options.num_beams,
                                                        options.num_return_sequences)
@@ -96,20 +99,21 @@ def _check_speculative(options: GenerateOptions) -> None:
 
 
 def _speculative(model, params, input_ids, attention_mask, options: GenerateOptions, draft, num_draft_tokens,
-                 prompt_lookup_ngram):
+                 prompt_lookup_ngram, draft_schedule="constant"):
     _check_speculative(options)
     return speculative_generate(
         model, params, input_ids, attention_mask, max_new_tokens=options.max_new_tokens, draft=draft,
         prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=options.do_sample,
         temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
         eos_token_id=options.eos_token_id, pad_token_id=options.pad_token_id, seed=options.seed,
-        vocab_limit=options.vocab_limit)
+        vocab_limit=options.vocab_limit, draft_schedule=draft_schedule)
 
 
 def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *,
                     options: GenerateOptions | None = None, tokens_per_chunk: int = 1,
                     draft: tuple[GPT2LMHeadModel, Any] | None = None, num_draft_tokens: int = 4,
-                    prompt_lookup_ngram: int | None = None, **kwargs: Any) -> Iterator[np.ndarray]:
+                    prompt_lookup_ngram: int | None = None, draft_schedule: str = "constant",
+                    **kwargs: Any) -> Iterator[np.ndarray]:
     """Like `generate` (greedy or sampling), but yields the new tokens as they are produced.
 
     Yields numpy int32 arrays `[batch * num_return_sequences, n]` of the next `n <= tokens_per_chunk` new
@@ -131,7 +135,8 @@ def generate_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_ma
             rounds_per_chunk=tokens_per_chunk, draft=draft, prompt_lookup_ngram=prompt_lookup_ngram,
             num_draft_tokens=num_draft_tokens, do_sample=options.do_sample, temperature=options.temperature,
             top_k=options.top_k, top_p=options.top_p, eos_token_id=options.eos_token_id,
-            pad_token_id=options.pad_token_id, seed=options.seed, vocab_limit=options.vocab_limit)
+            pad_token_id=options.pad_token_id, seed=options.seed, vocab_limit=options.vocab_limit,
+            draft_schedule=draft_schedule)
         return
     options, args, _, params, strategy, head = _setup(model, params, input_ids, attention_mask, options, kwargs)
     if options.num_beams != 1:

@@ -16,10 +16,16 @@ Exactness:
     `generate` samples from. Prompt lookup proposes deterministically (q is a point mass), where the same
     rule keeps x with probability p(x).
 
-`num_draft_tokens` (k) is fixed for a call: every round drafts k tokens and verifies k + 1 positions. It
-fixes the shapes, so one compiled loop serves every acceptance length; k around 3-5 suits a draft ~10x
-cheaper than the target, and more pays only when the acceptance rate is high (a round costs about one
-target step plus k draft steps and yields 1 + the number of accepted tokens).
+`num_draft_tokens` (k) fixes the shapes: every round verifies k + 1 positions, so one compiled loop serves
+every acceptance length; k around 3-5 suits a draft ~10x cheaper than the target, and more pays only when
+the acceptance rate is high (a round costs about one target step plus k draft steps and yields 1 + the
+number of accepted tokens). With `draft_schedule="constant"` every round drafts k tokens. With
+`draft_schedule="heuristic"` (transformers' assisted-generation rule, capped at k because k fixes the
+shapes) the first round drafts k, and each next round drafts n + 2 (at most k) when every running row kept
+all n proposals of this round, else max(1, n - 1): a draft that keeps failing costs fewer wasted draft steps,
+one that keeps succeeding is asked for more. The schedule changes only how many tokens are proposed, never
+which are kept, so the output is the same under either. It applies to a draft model only (prompt lookup's
+proposals cost nothing to make).
 
 Layout (one jitted `lax.while_loop`, nothing recompiled per step or per acceptance length):
   * the token buffer `[B, M]` holds the left-padded prompt in columns `< P`, then the new tokens; row b has
@@ -60,6 +66,7 @@ Array = jax.Array
 # the distribution test can show it detects a wrong rule: "always" keeps every proposal; "resample_target"
 # applies the right test but draws a rejected token from p instead of norm(max(0, p - q)) (a classic bug).
 _ACCEPTANCE_RULES = ("rejection", "always", "resample_target")
+DRAFT_SCHEDULES = ("constant", "heuristic")
 
 
 @flax.struct.dataclass
@@ -75,6 +82,8 @@ class SpeculativeState:
     proposed: Array  # [B] int32: valid proposals checked while the row was running
     accepted: Array  # [B] int32: proposals kept while the row was running
     active_rounds: Array  # [B] int32: rounds in which the row was running
+    draft_tokens: Array  # int32 scalar: proposals the next round drafts (k, or as the schedule adapts it)
+    kept_counts: Array  # [B, k + 1] int32: running rounds that kept 0, 1, ..., k proposals
 
 
 def _cache(config, batch: int, slots: int) -> KVCache:
@@ -160,8 +169,9 @@ def lookup_proposals(tokens: Array, real: Array, last: Array, ngram: int, k: int
 
 def _draft_proposals(draft_model, draft_params, draft_head, state: SpeculativeState, strategy: GenerationConfig,
                      real: Array, lengths: Array, key: Array, *, prompt_len: int, k: int):
-    """k tokens from the draft model (argmax, or samples of its warped distribution), with their warped
-    logits `[B, k, V]` when sampling, and the draft cache holding the round's k + 1 keys/values in scratch."""
+    """`state.draft_tokens` (n <= k) tokens from the draft model (argmax, or samples of its warped
+    distribution) in `[B, k]` (columns >= n unused), with their warped logits `[B, k, V]` when sampling,
+    and the draft cache holding the round's n + 1 keys/values in scratch."""
     m = state.tokens.shape[1]
     last = prompt_len + state.made - 1  # the pending column
     before = last - 1  # the column before it (a padding column on the first round of a 1-token prompt)
@@ -197,7 +207,7 @@ def _draft_proposals(draft_model, draft_params, draft_head, state: SpeculativeSt
             q_logits = jax.lax.dynamic_update_slice_in_dim(q_logits, warped[:, None], j, axis=1)
         return proposals, q_logits, cache
 
-    proposals, q_logits, cache = jax.lax.fori_loop(1, k, step, (proposals, q_logits, cache))
+    proposals, q_logits, cache = jax.lax.fori_loop(1, state.draft_tokens, step, (proposals, q_logits, cache))
     return proposals, q_logits, cache
 
 
@@ -251,7 +261,8 @@ def _accept(p_logits: Array, proposals: Array, q_logits: Array | None, count: Ar
 
 def _round(model, params, head, draft_model, draft_params, draft_head, state: SpeculativeState,
            strategy: GenerationConfig, real: Array, lengths: Array, key: Array, eos: Array, pad: Array,
-           max_new_tokens: Array, *, prompt_len: int, k: int, ngram: int | None, acceptance: str):
+           max_new_tokens: Array, *, prompt_len: int, k: int, ngram: int | None, acceptance: str,
+           schedule: str = "constant"):
     """One round: propose k tokens, verify them with one target call, keep the accepted prefix plus one."""
     b, m = state.tokens.shape
     last = prompt_len + state.made - 1
@@ -263,7 +274,7 @@ def _round(model, params, head, draft_model, draft_params, draft_head, state: Sp
         proposals, q_logits, draft_cache = _draft_proposals(
             draft_model, draft_params, draft_head, state, strategy, real, lengths, draft_key,
             prompt_len=prompt_len, k=k)
-        count = jnp.full((b,), k, jnp.int32)
+        count = jnp.full((b,), state.draft_tokens, jnp.int32)
     else:
         proposals, count = lookup_proposals(state.tokens, real, last, ngram, k)
         q_logits, draft_cache = None, None
@@ -287,6 +298,10 @@ def _round(model, params, head, draft_model, draft_params, draft_head, state: Sp
     tokens = jax.vmap(lambda row, u, c: jax.lax.dynamic_update_slice(row, u, (c,)))(state.tokens, new, last + 1)
 
     running = ~state.finished
+    draft_tokens = state.draft_tokens
+    if schedule == "heuristic":
+        all_kept = jnp.all(jnp.where(running, kept >= count, True))
+        draft_tokens = jnp.where(all_kept, jnp.minimum(k, draft_tokens + 2), jnp.maximum(1, draft_tokens - 1))
     made = jnp.minimum(state.made + n_new, max_new_tokens)
     finished = state.finished | (running & (first_eos <= kept)) | (made >= max_new_tokens)
     return state.replace(
@@ -296,7 +311,8 @@ def _round(model, params, head, draft_model, draft_params, draft_head, state: Sp
         rounds=state.rounds + 1,
         proposed=state.proposed + jnp.where(running, count, 0),
         accepted=state.accepted + jnp.where(running, kept, 0),
-        active_rounds=state.active_rounds + running.astype(jnp.int32))
+        active_rounds=state.active_rounds + running.astype(jnp.int32), draft_tokens=draft_tokens,
+        kept_counts=state.kept_counts + (running[:, None] & (kept[:, None] == jnp.arange(k + 1))).astype(jnp.int32))
 
 
 def _buffers(input_ids: Array, attention_mask: Array, pad_token_id: Array, buffer_len: int):
@@ -323,12 +339,13 @@ def _start(model, params, draft_model, draft_params, input_ids, attention_mask, 
     zeros = jnp.zeros((b,), jnp.int32)
     return SpeculativeState(tokens=tokens, made=zeros, finished=jnp.zeros((b,), bool), target_cache=target_cache,
                             draft_cache=draft_cache, rounds=jnp.int32(0), proposed=zeros, accepted=zeros,
-                            active_rounds=zeros)
+                            active_rounds=zeros, draft_tokens=jnp.int32(k),
+                            kept_counts=jnp.zeros((b, k + 1), jnp.int32))
 
 
 def _rounds(model, params, head, draft_model, draft_params, draft_head, state: SpeculativeState, input_ids,
             attention_mask, strategy, eos_token_id, pad_token_id, seed, max_new_tokens, until_round, *,
-            k: int, ngram: int | None, acceptance: str) -> SpeculativeState:
+            k: int, ngram: int | None, acceptance: str, schedule: str = "constant") -> SpeculativeState:
     """Rounds until every row is finished or `state.rounds == until_round`."""
     _, real, lengths = _buffers(input_ids, attention_mask, pad_token_id, state.tokens.shape[1])
     key = jax.random.PRNGKey(seed)
@@ -336,12 +353,12 @@ def _rounds(model, params, head, draft_model, draft_params, draft_head, state: S
     def body(state):
         return _round(model, params, head, draft_model, draft_params, draft_head, state, strategy, real, lengths,
                       key, eos_token_id.astype(jnp.int32), pad_token_id.astype(jnp.int32), max_new_tokens,
-                      prompt_len=input_ids.shape[1], k=k, ngram=ngram, acceptance=acceptance)
+                      prompt_len=input_ids.shape[1], k=k, ngram=ngram, acceptance=acceptance, schedule=schedule)
 
     return jax.lax.while_loop(lambda s: ~jnp.all(s.finished) & (s.rounds < until_round), body, state)
 
 
-_STATIC = ("model", "draft_model", "buffer_len", "k", "ngram", "acceptance")
+_STATIC = ("model", "draft_model", "buffer_len", "k", "ngram", "acceptance", "schedule")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -349,7 +366,7 @@ def speculative_tokens(model: GPT2LMHeadModel, params: Any, head: Array, draft_m
                        draft_params: Any, draft_head: Array | None, input_ids: Array, attention_mask: Array,
                        strategy: GenerationConfig, eos_token_id: Array, pad_token_id: Array, seed: Array,
                        max_new_tokens: Array, *, buffer_len: int, k: int, ngram: int | None,
-                       acceptance: str = "rejection") -> SpeculativeState:
+                       acceptance: str = "rejection", schedule: str = "constant") -> SpeculativeState:
     """Prefill and the whole speculative loop as one computation; returns the final state.
 
     `input_ids`/`attention_mask` `[B, P]` hold the left-padded prompt, at least one padding column first
@@ -361,18 +378,24 @@ def speculative_tokens(model: GPT2LMHeadModel, params: Any, head: Array, draft_m
                    buffer_len=buffer_len, k=k)
     return _rounds(model, params, head, draft_model, draft_params, draft_head, state, input_ids, attention_mask,
                    strategy, eos_token_id, pad_token_id, seed, max_new_tokens, jnp.iinfo(jnp.int32).max, k=k,
-                   ngram=ngram, acceptance=acceptance)
+                   ngram=ngram, acceptance=acceptance, schedule=schedule)
 
 
 # Streaming: the same computation cut between rounds (the prefill, then `rounds_per_chunk` rounds per call).
 start_tokens = jax.jit(_start, static_argnames=("model", "draft_model", "buffer_len", "k"))
-more_tokens = jax.jit(_rounds, static_argnames=("model", "draft_model", "k", "ngram", "acceptance"),
+more_tokens = jax.jit(_rounds, static_argnames=("model", "draft_model", "k", "ngram", "acceptance", "schedule"),
                       donate_argnames=("state",))
 
 
-def _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab: int, needed_positions: int):
+def _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab: int, needed_positions: int,
+                 draft_schedule: str = "constant"):
     if not is_int(num_draft_tokens) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
+    if draft_schedule not in DRAFT_SCHEDULES:
+        raise ValueError(f"draft_schedule must be one of {DRAFT_SCHEDULES}, got {draft_schedule!r}")
+    if draft_schedule != "constant" and draft is None:
+        raise ValueError(f"draft_schedule={draft_schedule!r} adapts a draft model's steps; prompt lookup's "
+                         "proposals cost nothing to make: use draft_schedule='constant' with prompt_lookup_ngram")
     if (draft is None) == (prompt_lookup_ngram is None):
         raise ValueError("speculative decoding needs exactly one proposer: draft=(draft_model, draft_params) or "
                          f"prompt_lookup_ngram=n; got draft={'set' if draft is not None else None} and "
@@ -400,7 +423,8 @@ def speculative_generate(model: GPT2LMHeadModel, params: Any, input_ids, attenti
                          prompt_lookup_ngram: int | None = None, num_draft_tokens: int = 4,
                          do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                          eos_token_id: int | None = None, pad_token_id: int | None = None, seed: int = 0,
-                         vocab_limit: int | None = None, return_stats: bool = False):
+                         vocab_limit: int | None = None, return_stats: bool = False,
+                         draft_schedule: str = "constant"):
     """`generate` (greedy or sampling) sped up by speculative decoding; the output is the target's own.
 
     Args:
@@ -411,9 +435,12 @@ def speculative_generate(model: GPT2LMHeadModel, params: Any, input_ids, attenti
       draft: `(draft_model, draft_params)`, a smaller GPT-2 with the target's vocabulary (any depth/width).
       prompt_lookup_ngram: instead of a draft model, propose the tokens that followed the most recent earlier
         occurrence of the last `n` tokens (prompt and text so far); no proposal without a match.
-      num_draft_tokens: k, the proposals checked per target call (fixed; see the module docstring).
+      num_draft_tokens: k, the most proposals checked per target call (it fixes the shapes).
+      draft_schedule: "constant" (every round drafts k) or "heuristic" (a draft model's proposals per round
+        adapt between 1 and k to how many were kept; see the module docstring). The output is the same.
       return_stats: also return a dict of numpy arrays per row: `proposed` and `accepted` proposals and
-        `rounds` (target calls) while the row was running, and `acceptance_rate` (accepted / proposed).
+        `rounds` (target calls) while the row was running, `acceptance_rate` (accepted / proposed) and
+        `kept_counts [B, k + 1]` (rounds that kept 0, 1, ..., k proposals).
     Returns:
       `[batch, prompt_length + max_new_tokens]` int32, like `generate`: the prompt, then the new tokens
       (`pad_token_id` after EOS); with `return_stats`, `(tokens, stats)`.
@@ -421,12 +448,13 @@ def speculative_generate(model: GPT2LMHeadModel, params: Any, input_ids, attenti
     return _generate(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, draft=draft,
                      prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=do_sample,
                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                     pad_token_id=pad_token_id, seed=seed, vocab_limit=vocab_limit, return_stats=return_stats)
+                     pad_token_id=pad_token_id, seed=seed, vocab_limit=vocab_limit, return_stats=return_stats,
+                     draft_schedule=draft_schedule)
 
 
 def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, draft, prompt_lookup_ngram,
              num_draft_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed, vocab_limit,
-             acceptance):
+             acceptance, draft_schedule="constant"):
     """The checked arguments of the speculative computation, as `speculative_tokens` takes them, and
     `(extra, prompt columns)` to cut the output."""
     if acceptance not in _ACCEPTANCE_RULES:
@@ -436,7 +464,7 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, draft,
                               seed=seed, vocab_limit=vocab_limit)
     args, extra, vocab = prepare_prompts(model, input_ids, attention_mask, options)
     draft_model, draft_params = _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab,
-                                             args["input_ids"].shape[1] - extra + max_new_tokens)
+                                             args["input_ids"].shape[1] - extra + max_new_tokens, draft_schedule)
     params = unwrap_params(params)
     k = int(num_draft_tokens)
     # One padding column in front, so that the column before the first pending token always exists.
@@ -448,33 +476,35 @@ def _prepare(model, params, input_ids, attention_mask, *, max_new_tokens, draft,
                 input_ids=ids, attention_mask=mask, strategy=options.strategy(), eos_token_id=args["eos_token_id"],
                 pad_token_id=args["pad_token_id"], seed=args["seed"], max_new_tokens=jnp.int32(max_new_tokens),
                 buffer_len=1 + args["cache_len"] + k + 1, k=k,
-                ngram=None if prompt_lookup_ngram is None else int(prompt_lookup_ngram), acceptance=acceptance)
+                ngram=None if prompt_lookup_ngram is None else int(prompt_lookup_ngram), acceptance=acceptance,
+                schedule=draft_schedule)
     return call, 1 + extra, ids.shape[1]
 
 
 def _generate(model, params, input_ids, attention_mask=None, *, max_new_tokens, draft=None, prompt_lookup_ngram=None,
               num_draft_tokens=4, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-              pad_token_id=None, seed=0, vocab_limit=None, return_stats=False, acceptance="rejection"):
+              pad_token_id=None, seed=0, vocab_limit=None, return_stats=False, acceptance="rejection",
+              draft_schedule="constant"):
     """`speculative_generate` with a choice of acceptance rule (`_ACCEPTANCE_RULES`; tests only)."""
     call, first, prompt_cols = _prepare(
         model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, draft=draft,
         prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        seed=seed, vocab_limit=vocab_limit, acceptance=acceptance)
+        seed=seed, vocab_limit=vocab_limit, acceptance=acceptance, draft_schedule=draft_schedule)
     state = speculative_tokens(**call)
     tokens = np.asarray(state.tokens)[:, first:prompt_cols + max_new_tokens]
     if not return_stats:
         return tokens
     proposed, accepted = np.asarray(state.proposed), np.asarray(state.accepted)
     stats = dict(proposed=proposed, accepted=accepted, rounds=np.asarray(state.active_rounds),
-                 acceptance_rate=accepted / np.maximum(proposed, 1))
+                 acceptance_rate=accepted / np.maximum(proposed, 1), kept_counts=np.asarray(state.kept_counts))
     return tokens, stats
 
 
 def speculative_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
                        rounds_per_chunk: int = 1, draft=None, prompt_lookup_ngram=None, num_draft_tokens: int = 4,
                        do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None,
-                       seed=0, vocab_limit=None) -> Iterator[np.ndarray]:
+                       seed=0, vocab_limit=None, draft_schedule: str = "constant") -> Iterator[np.ndarray]:
     """`speculative_generate`, yielding new tokens as rounds accept them (`generate_stream` with a draft).
 
     Each chunk is `[batch, n]`: the tokens every row has by then (a row accepts 1 to k + 1 tokens per round;
@@ -488,7 +518,7 @@ def speculative_stream(model: GPT2LMHeadModel, params: Any, input_ids, attention
         model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens, draft=draft,
         prompt_lookup_ngram=prompt_lookup_ngram, num_draft_tokens=num_draft_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        seed=seed, vocab_limit=vocab_limit, acceptance="rejection")
+        seed=seed, vocab_limit=vocab_limit, acceptance="rejection", draft_schedule=draft_schedule)
     start_args = {n: call[n] for n in ("model", "params", "draft_model", "draft_params", "input_ids",
                                        "attention_mask", "pad_token_id", "buffer_len", "k")}
     state = start_tokens(**start_args)

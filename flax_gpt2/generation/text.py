@@ -18,7 +18,7 @@ TEXT_DEFAULTS = GenerateOptions(max_new_tokens=20, do_sample=True, top_k=50)
 def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | None = None,
                   stream: Callable[[str], None] | None = None, draft: tuple[Any, Any] | None = None,
                   num_draft_tokens: int = 4, prompt_lookup_ngram: int | None = None,
-                  **generate_kwargs: Any) -> list[str]:
+                  draft_schedule: str = "constant", **generate_kwargs: Any) -> list[str]:
     """Continues `prompt` (text in, text out); returns each sequence's text (prompt + continuation).
 
     Greedy, sampled (the default: `TEXT_DEFAULTS`) or beam search, as `generate_kwargs` (`GenerateOptions`
@@ -31,13 +31,14 @@ def generate_text(model, params, tokenizer, prompt: str, *, stop_token: str | No
     `stop_token`, just before that string. With `stream` (one greedy or sampled sequence only), the prompt
     and then the continuation are passed to it piece by piece as they are produced (never half a character,
     never text that could still be the start of `stop_token`); generation stops once the stop string appears.
-    `draft` / `prompt_lookup_ngram` / `num_draft_tokens`: speculative decoding (`generate`'s); streamed, it
-    passes on what each verification round accepted.
+    `draft` / `prompt_lookup_ngram` / `num_draft_tokens` / `draft_schedule`: speculative decoding
+    (`generate`'s); streamed, it passes on what each verification round accepted.
     """
     ids = tokenizer.encode(prompt, allowed_special=USER_TEXT_SPECIAL) or [tokenizer.eot_token]
     options = GenerateOptions.of(TEXT_DEFAULTS, generate_kwargs).replace(
         eos_token_id=tokenizer.eot_token, vocab_limit=tokenizer.vocab_size)
-    speculative = dict(draft=draft, num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram)
+    speculative = dict(draft=draft, num_draft_tokens=num_draft_tokens, prompt_lookup_ngram=prompt_lookup_ngram,
+                       draft_schedule=draft_schedule)
     if stream is not None:
         if options.num_return_sequences != 1 or options.num_beams != 1:
             raise ValueError("streaming prints one sequence: it needs num_return_sequences=1 and num_beams=1")
