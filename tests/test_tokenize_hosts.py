@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gcs_emulator  # tests/ is on sys.path
 import numpy as np
 import pytest
-from gcs_emulator import gcs_bucket, gcs_workdir  # noqa: F401  (fixtures)
 
+gcs_bucket, gcs_workdir = gcs_emulator.gcs_bucket, gcs_emulator.gcs_workdir  # the fixtures, used by name
 REPO = Path(__file__).resolve().parents[1]
 NUM_DOCS = 300
 SHARE = r"process (\d) of 2: tokenized ([\d,]+) documents, ([\d,]+) tokens in (\d+) parts \((\d+) already done\)"
@@ -139,7 +140,7 @@ def test_local_output_on_two_hosts_is_an_error_unless_shared_or_done(tmp_path):
     assert all(r.returncode == 0 and "already holds this corpus" in r.stdout for r in _pair(env, source, out))
 
 
-def test_two_hosts_on_gcs_equal_one_host(tmp_path, gcs_bucket, gcs_workdir):  # noqa: F811
+def test_two_hosts_on_gcs_equal_one_host(tmp_path, gcs_bucket, gcs_workdir):
     from flax_gpt2.train import data
     from flax_gpt2.utils import file_io
 
@@ -187,7 +188,8 @@ def test_two_hosts_tokenize_then_train_like_one(tmp_path):
     assert not list((tmp_path / "local-cache").glob("*/part_*"))
 
     shared = tmp_path / "shared-cache"
-    for proc, _, err in pair(tmp_path / "multi", f"--config.data.cache_dir={shared}", "--config.data.cache_shared=True"):
+    for proc, _, err in pair(tmp_path / "multi", f"--config.data.cache_dir={shared}",
+                             "--config.data.cache_shared=True"):
         assert proc.returncode == 0, err[-4000:]
         assert "tokenized" in err and "already done" in err, err[-4000:]
     (corpus,) = shared.iterdir()
