@@ -102,8 +102,13 @@ def test_two_hosts_into_a_shared_folder_equal_one_host(tmp_path):
     _check_halves(shares, meta)
     assert all(s[3] == 0 for s in shares)
 
-    again = _pair(env, source, out, "--shared_out", "--block_chars", 1500)  # complete: nothing to do
-    assert all(r.returncode == 0 and "already holds this corpus" in r.stdout for r in again), again[0].stderr
+
+def test_rerun_skips_finished_parts_and_names_a_damaged_one(tmp_path):
+    env = _env(tmp_path)
+    source = _write_source(tmp_path / "src")
+    out = tmp_path / "two"
+    shares = _shares(_pair(env, source, out, "--shared_out", "--block_chars", 1500))
+    want, _ = _stream(out)
 
     # An interrupted run (no meta.json) resumes: every finished part is kept, none encoded again.
     parts = {p.name: p.stat().st_mtime_ns for p in out.glob("part_*")}
@@ -111,7 +116,7 @@ def test_two_hosts_into_a_shared_folder_equal_one_host(tmp_path):
     resumed = _shares(_pair(env, source, out, "--shared_out", "--block_chars", 1500))
     assert [(s[2], s[3]) for s in resumed] == [(s[2], s[2]) for s in shares]
     assert parts == {p.name: p.stat().st_mtime_ns for p in out.glob("part_*")}
-    assert _stream(out)[0].tobytes() == want.tobytes()
+    assert _stream(out)[0].tobytes() == want.tobytes()  # and the first run's stream equals one host's (above)
 
     # A damaged part (shorter than its sidecar says) is named, with the fix; --overwrite tokenizes again.
     (out / "meta.json").unlink()
