@@ -211,3 +211,35 @@ def test_two_hosts_tokenize_then_train_like_one(tmp_path):
     assert sorted(two) == sorted(one) == list(range(1, 11))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-6)
     assert _stream(corpus)[0].tobytes() == _stream(next((tmp_path / "single-cache").iterdir()))[0].tobytes()
+
+
+@pytest.mark.slow
+def test_two_hosts_tokenize_into_a_gcs_cache_on_first_use(tmp_path, gcs_bucket, gcs_workdir):
+    """Training on two processes with an empty gs:// token cache: the hosts fill it together, each its share,
+    then train on a local copy; the cache holds the stream a single host writes."""
+    from flax_gpt2.train import data
+    from flax_gpt2.utils import file_io
+
+    _, gcs_env = gcs_bucket
+    source = _write_source(tmp_path / "src")
+    cache = f"{gcs_workdir}/tokens"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "train", "--workdir", str(tmp_path / "run"), "--config",
+                               "configs/tiny.py", "--config.steps=2", "--config.eval_every=100",
+                               "--config.checkpoint_every=100", f"--config.data.source={source}",
+                               f"--config.data.cache_dir={cache}", "--config.progress_bar=False",
+                               "--config.distributed.enabled=True",
+                               f"--config.distributed.coordinator_address=localhost:{port}",
+                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+                              cwd=REPO, env=_env(tmp_path, **gcs_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+        assert "tokenized" in err and "already done" in err, err[-4000:]
+    (corpus,) = [str(p) for p in file_io.epath(cache).iterdir()]
+    one = _tokenize(_env(tmp_path), source, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    mirrored = data._mirror(corpus, str(tmp_path / "mirror"))
+    assert _stream(mirrored)[0].tobytes() == _stream(tmp_path / "one")[0].tobytes()
+    assert not [p for p in tmp_path.rglob("gs:*")] and not [p for p in REPO.rglob("gs:*")]
