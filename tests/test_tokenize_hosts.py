@@ -110,12 +110,16 @@ def test_rerun_skips_finished_parts_and_names_a_damaged_one(tmp_path):
     shares = _shares(_pair(env, source, out, "--shared_out", "--block_chars", 1500))
     want, _ = _stream(out)
 
-    # An interrupted run (no meta.json) resumes: every finished part is kept, none encoded again.
-    parts = {p.name: p.stat().st_mtime_ns for p in out.glob("part_*")}
+    # An interrupted run resumes: no meta.json, process 1 died before finishing block 1 (a part without its
+    # sidecar) and block 5: only those two are encoded again, every finished part is kept.
     (out / "meta.json").unlink()
+    for name in ("part_00001.json", "part_00005.bin", "part_00005.json"):
+        (out / name).unlink()
+    redone = ("part_00001", "part_00005")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part_*") if not p.name.startswith(redone)}
     resumed = _shares(_pair(env, source, out, "--shared_out", "--block_chars", 1500))
-    assert [(s[2], s[3]) for s in resumed] == [(s[2], s[2]) for s in shares]
-    assert parts == {p.name: p.stat().st_mtime_ns for p in out.glob("part_*")}
+    assert [(s[2], s[3]) for s in resumed] == [(shares[0][2], shares[0][2]), (shares[1][2], shares[1][2] - 2)]
+    assert kept == {p.name: p.stat().st_mtime_ns for p in out.glob("part_*") if not p.name.startswith(redone)}
     assert _stream(out)[0].tobytes() == want.tobytes()  # and the first run's stream equals one host's (above)
 
     # A damaged part (shorter than its sidecar says) is named, with the fix; --overwrite tokenizes again.
