@@ -173,6 +173,10 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     be `gs://` URLs: shards are memory-mapped, so remote corpora are mirrored into the local cache
     (`$FLAX_GPT2_CACHE/remote/`) first, and a corpus tokenized for a remote cache is uploaded there by
     process 0 (its `meta.json` last, so that a partial upload is never taken for a corpus).
+
+    On several processes, a corpus not yet in the cache is tokenized by all of them together, each its share
+    (`tokenize_hosts`), straight into the cache, which must then be shared: `gs://`, or a local folder every
+    host mounts (`data.cache_shared`); a local cache is otherwise an error naming `data.cache_dir`.
     """
     source = data_config.source
     if not source:
@@ -214,9 +218,9 @@ def _tokenize_on_hosts(data_config, target: str, mirror: str) -> TokenStore:
     """First use on several hosts: each tokenizes its share into the shared cache `target` (`tokenize_hosts`);
     a `gs://` one is then mirrored into the local `mirror`."""
     n = jax.process_count()
-    not_shared = (f"config.data.cache_dir={data_config.cache_dir!r} is a folder local to each of the {n} hosts (it "
-                  f"holds no tokenized corpus of {data_config.source!r} yet): set data.cache_dir to a gs:// path, or "
-                  "set data.cache_shared=True if every host mounts it (NFS), or tokenize first "
+    not_shared = (f"config.data.cache_dir={data_config.cache_dir!r} ({target}) is a folder local to each of the {n} "
+                  f"hosts (it holds no tokenized corpus of {data_config.source!r} yet): set data.cache_dir to a "
+                  "gs:// path, or set data.cache_shared=True if every host mounts it (NFS), or tokenize first "
                   "(python -m flax_gpt2.train.tokenize_corpus SOURCE OUT) and set data.source=OUT")
     remote = file_io.is_url(target)
     logging.info("tokenizing %s into %s on %d hosts, each its share", data_config.source, target, n)
