@@ -266,7 +266,8 @@ def _main(argv) -> None:
     hosts = parser.add_argument_group("several hosts, each tokenizing its share (jax.distributed)")
     hosts.add_argument("--distributed", action="store_true", help="join a jax.distributed run JAX detects (TPU pod)")
     hosts.add_argument("--coordinator_address", default="", help="HOST:PORT of process 0")
-    hosts.add_argument("--num_processes", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0)
+    hosts.add_argument("--num_processes", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
+                       help="how many hosts run this command")
     hosts.add_argument("--process_id", type=int, default=-1, help="this host's index (default: detected)")
     hosts.add_argument("--shared_out", action="store_true", help="the local OUT_DIR is one folder all hosts mount")
     hosts.add_argument("--block_chars", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
@@ -274,6 +275,9 @@ def _main(argv) -> None:
     args = parser.parse_args(argv)
     settings = dict(text_field=args.text_field, recipe=args.recipe, split=args.split,
                     dataset_config=args.dataset_config, tokenizer=args.tokenizer)
+    if args.process_id >= 0 and not (args.coordinator_address and args.num_processes):
+        raise cli.UsageError("--process_id needs --coordinator_address and --num_processes (or use --distributed "
+                             "alone where JAX detects the hosts, as on a TPU pod)")
     if args.distributed or args.coordinator_address or args.num_processes:
         from . import tokenize_hosts  # imports tokenize_corpus itself; jax only here
         try:
