@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.split = "train"  # the `datasets` split that is tokenized (the held-out split is cut from it)
     c.data.tokenizer = ""  # a folder with BPE files; empty is the standard GPT-2 tokenizer (shipped, offline)
     c.data.cache_dir = ""  # where tokenized corpora are kept; empty: $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2
+    # A local cache_dir that every host mounts (NFS): several hosts may tokenize into it, each its share
+    # (train/tokenize_hosts.py). gs:// is always shared; a local one is taken as each host's own.
+    c.data.cache_shared = False
     c.data.seq_len = 1024
     c.data.val_fraction = 0.0005  # the last fraction of the token stream is held out for eval
     c.data.num_threads = 0  # tokenizer threads; 0 = all cores

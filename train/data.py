@@ -27,7 +27,7 @@ import numpy as np
 from flax_gpt2.utils import file_io
 from flax_gpt2.utils.cache_root import cache_root
 
-from . import documents, tokenize_corpus as tc
+from . import remote_source, tokenize_corpus as tc, tokenize_hosts as th
 from .config_checks import ConfigValueError
 
 # How an error that cannot load the tokenizer offline tells a training user to pass a folder.
@@ -155,18 +155,10 @@ def _cache_root(cache_dir: str) -> str:
     return cache_dir or os.path.join(cache_root(), "tokens")
 
 
-def _file_stamp(path: str) -> list:
-    """What identifies a source file's version: its path, size and modification time (local or remote)."""
-    if file_io.is_url(path):
-        stat = file_io.epath(path).stat()
-        return [path, int(stat.length), float(stat.mtime)]
-    return tc.file_stamp(path)
-
-
 def _corpus_key(data_config) -> str:
     """Names a tokenized corpus by what went into it (`tokenize_corpus.corpus_inputs`): the files (size,
     mtime) or the dataset, the fields read, and the tokenizer. A changed file gets a fresh cache entry."""
-    stamps = [_file_stamp(f) for f in _remote_files(data_config.source)] if file_io.is_url(data_config.source) else None
+    stamps = remote_source.remote_stamps(data_config.source)
     inputs = tc.corpus_inputs(data_config.source, text_field=data_config.text_field, recipe=data_config.recipe,
                               split=data_config.split, dataset_config=data_config.dataset_config,
                               tokenizer=data_config.tokenizer, stamps=stamps)
@@ -181,6 +173,10 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     be `gs://` URLs: shards are memory-mapped, so remote corpora are mirrored into the local cache
     (`$FLAX_GPT2_CACHE/remote/`) first, and a corpus tokenized for a remote cache is uploaded there by
     process 0 (its `meta.json` last, so that a partial upload is never taken for a corpus).
+
+    On several processes, a corpus not yet in the cache is tokenized by all of them together, each its share
+    (`tokenize_hosts`), straight into the cache, which must then be shared: `gs://`, or a local folder every
+    host mounts (`data.cache_shared`); a local cache is otherwise an error naming `data.cache_dir`.
     """
     source = data_config.source
     if not source:
@@ -199,12 +195,14 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     if remote and file_io.exists(file_io.join(cache, key, "meta.json")):
         url = file_io.join(cache, key)
         return TokenStore(_mirror(url, folder), fix=FIX_MIRROR.format(url=url, folder="{folder}"))
+    if jax.process_count() > 1 and not os.path.exists(os.path.join(folder, "meta.json")):
+        return _tokenize_on_hosts(data_config, file_io.join(cache, key), folder)
     if not os.path.exists(os.path.join(folder, "meta.json")):
         if os.path.isdir(folder) and os.listdir(folder):
             raise CorpusError(f"the token cache folder {folder} holds files but no meta.json (tokenize_corpus writes "
                               "a corpus elsewhere and moves it in whole, so something else left them): nothing in "
                               f"it was read or changed; delete it ({folder}) and rerun to tokenize the source again")
-        local_source = _download_source(source, key) if file_io.is_url(source) else source
+        local_source = remote_source.download_source(source, key) if file_io.is_url(source) else source
         logging.info("tokenizing %s into %s", source, folder)
         tc.tokenize_corpus(local_source, folder, text_field=data_config.text_field, recipe=data_config.recipe,
                            split=data_config.split,
@@ -216,27 +214,25 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     return TokenStore(folder, fix=FIX_CACHE)
 
 
-def _remote_files(source: str) -> list[str]:
-    """The files a `gs://` source names: the object itself, or every text/jsonl object under the prefix."""
-    path = file_io.epath(source)
-    if path.is_file():
-        return [source]
-    suffixes = documents.TEXT_SUFFIXES + documents.JSONL_SUFFIXES
-    files = sorted(str(p) for p in path.iterdir() if str(p).endswith(suffixes)) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"data source {source!r} has no .txt or .jsonl objects")
-    return files
-
-
-def _download_source(source: str, key: str) -> str:
-    """A local copy of a remote text/jsonl source (a file or a folder of them), for the tokenizer."""
-    target = os.path.join(cache_root(), "remote-sources", key)
-    os.makedirs(target, exist_ok=True)
-    for url in _remote_files(source):
-        local = os.path.join(target, os.path.basename(url))
-        if not os.path.exists(local):
-            file_io.atomic_write(local, file_io.read_bytes(url))
-    return target  # a folder of the source's files, read in name order as a local folder would be
+def _tokenize_on_hosts(data_config, target: str, mirror: str) -> TokenStore:
+    """First use on several hosts: each tokenizes its share into the shared cache `target` (`tokenize_hosts`);
+    a `gs://` one is then mirrored into the local `mirror`."""
+    n = jax.process_count()
+    not_shared = (f"config.data.cache_dir={data_config.cache_dir!r} ({target}) is a folder local to each of the {n} "
+                  f"hosts (it holds no tokenized corpus of {data_config.source!r} yet): set data.cache_dir to a "
+                  "gs:// path, or set data.cache_shared=True if every host mounts it (NFS), or tokenize first "
+                  "(python -m flax_gpt2.train.tokenize_corpus SOURCE OUT) and set data.source=OUT")
+    remote = file_io.is_url(target)
+    logging.info("tokenizing %s into %s on %d hosts, each its share", data_config.source, target, n)
+    fix = FIX_REMOTE.format(url=target) if remote else FIX_CACHE.format(folder=target)
+    th.tokenize_on_hosts(data_config.source, target, hosts=th.JaxHosts(), shared=data_config.cache_shared,
+                         not_shared=not_shared, text_field=data_config.text_field, recipe=data_config.recipe,
+                         split=data_config.split, dataset_config=data_config.dataset_config,
+                         tokenizer=data_config.tokenizer, num_threads=data_config.num_threads, fix=fix,
+                         pass_folder_as=TOKENIZER_FLAG)
+    if remote:
+        return TokenStore(_mirror(target, mirror), fix=FIX_MIRROR.format(url=target, folder="{folder}"))
+    return TokenStore(target, fix=FIX_CACHE)
 
 
 def _mirror(url: str, folder: str | None = None) -> str:

@@ -219,16 +219,17 @@ def _text_file_pieces(path: str) -> Iterator[str]:
         yield from _utf8(text_pieces(f), path)
 
 
-def batches(documents: Iterable[Iterable[str]]) -> Iterator[tuple[list[str], list[bool]]]:
-    """Groups document pieces into batches of about `BATCH_CHARS` for one parallel encode (a long document
-    spans several); marks the pieces that end a document."""
+def batches(documents: Iterable[Iterable[str]], chars_per_batch: int = BATCH_CHARS
+            ) -> Iterator[tuple[list[str], list[bool]]]:
+    """Groups document pieces into batches of about `chars_per_batch` characters for one parallel encode (a
+    long document spans several); marks the pieces that end a document."""
     texts, ends, chars = [], [], 0
     for pieces in documents:
         for piece, last in _with_last(pieces):
             texts.append(piece)
             ends.append(last)
             chars += len(piece)
-            if chars >= BATCH_CHARS:
+            if chars >= chars_per_batch:
                 yield texts, ends
                 texts, ends, chars = [], [], 0
     if texts:

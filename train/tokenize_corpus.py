@@ -2,7 +2,8 @@
 
     python -m flax_gpt2.train.tokenize_corpus SOURCE OUT_DIR [--text_field text] [--recipe text|commongen|eli5]
         [--split train] [--dataset_config NAME] [--tokenizer DIR] [--num_threads N] [--overwrite] [--no_progress]
-        [--debug]
+        [--debug] [--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]
+        [--shared_out] [--block_chars N]
 
 SOURCE is a text file, a jsonl file (one JSON object per line, the text under `text_field`), a folder
 or glob of such files, local parquet/csv/arrow files, or a `datasets` hub name. Each document (a text
@@ -10,6 +11,11 @@ file, a jsonl line, a dataset row) is followed by `<|endoftext|>`. OUT_DIR recei
 (raw uint16) and `meta.json`, written last so that a folder with `meta.json` is complete. OUT_DIR must be
 new or empty; one that holds the same corpus (same files and settings) is left as it is; anything else
 needs `--overwrite`.
+
+On several hosts (the `jax.distributed` flags, as `config.distributed.*` in training; on a TPU pod
+`--distributed` alone lets JAX detect them), each host tokenizes only its share of the documents into
+`part_*.bin` files in the shared OUT_DIR (`gs://`, or a folder every host mounts: `--shared_out`) and process
+0 writes `meta.json` last; the token stream is the one a single host writes (`tokenize_hosts`).
 """
 
 from __future__ import annotations
@@ -257,9 +263,27 @@ def _main(argv) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the corpus already in OUT_DIR (its meta.json and shards; other files stay)")
     parser.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
+    hosts = parser.add_argument_group("several hosts, each tokenizing its share (jax.distributed)")
+    hosts.add_argument("--distributed", action="store_true", help="join a jax.distributed run JAX detects (TPU pod)")
+    hosts.add_argument("--coordinator_address", default="", help="HOST:PORT of process 0")
+    hosts.add_argument("--num_processes", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
+                       help="how many hosts run this command")
+    hosts.add_argument("--process_id", type=int, default=-1, help="this host's index (default: detected)")
+    hosts.add_argument("--shared_out", action="store_true", help="the local OUT_DIR is one folder all hosts mount")
+    hosts.add_argument("--block_chars", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
+                       help="characters per part; 0 = about 8 parts per host")
     args = parser.parse_args(argv)
     settings = dict(text_field=args.text_field, recipe=args.recipe, split=args.split,
                     dataset_config=args.dataset_config, tokenizer=args.tokenizer)
+    if args.process_id >= 0 and not (args.coordinator_address and args.num_processes):
+        raise cli.UsageError("--process_id needs --coordinator_address and --num_processes (or use --distributed "
+                             "alone where JAX detects the hosts, as on a TPU pod)")
+    if args.distributed or args.coordinator_address or args.num_processes:
+        from . import tokenize_hosts  # imports tokenize_corpus itself; jax only here
+        try:
+            return tokenize_hosts.run_command(args, settings)
+        except OutputNotEmptyError as e:
+            raise cli.UsageError(str(e)) from None
     try:
         same = existing_corpus(args.out_dir, corpus_inputs(args.source, **settings), overwrite=args.overwrite)
     except OutputNotEmptyError as e:
