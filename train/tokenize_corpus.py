@@ -247,8 +247,8 @@ def main(argv=None) -> int:
     return cli.run(_main, argv, prog=PROG)
 
 
-def _main(argv) -> None:
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (also used by the tests that check the docs' commands)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="text/jsonl file, folder or glob of them, parquet/csv/arrow, or a datasets name")
     parser.add_argument("out_dir", help="the tokenized corpus folder (must not hold another corpus)")
@@ -272,7 +272,11 @@ def _main(argv) -> None:
     hosts.add_argument("--shared_out", action="store_true", help="the local OUT_DIR is one folder all hosts mount")
     hosts.add_argument("--block_chars", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
                        help="characters per part; 0 = about 8 parts per host")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv) -> None:
+    args = build_parser().parse_args(argv)
     settings = dict(text_field=args.text_field, recipe=args.recipe, split=args.split,
                     dataset_config=args.dataset_config, tokenizer=args.tokenizer)
     if args.process_id >= 0 and not (args.coordinator_address and args.num_processes):
