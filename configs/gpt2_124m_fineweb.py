@@ -18,7 +18,9 @@ own val loss is a different number (another text distribution); `--config.data.s
 trains on classic FineWeb's `sample-10BT` for the comparable one. docs/EVALUATION.md has the evaluation.
 
 The corpus is tokenized once into the cache (`data.cache_dir`) on first use: `datasets` downloads the
-sample's parquet files (tens of GB) and 10B uint16 tokens take 20 GB. Memory per chip of a v4-8 or a v5litepod-8
+sample's parquet files (tens of GB) and 10B uint16 tokens take 20 GB. On a pod, `data.cache_dir` must be a
+`gs://` path (every host tokenizes its share there), or tokenize beforehand on all hosts: docs/TPU_PODS.md,
+"End to end", walks this run through. Memory per chip of a v4-8 or a v5litepod-8
 without the hardware (compile only): `--config.compile_only=v4-8` (or `v5litepod-8`) writes
 compile_report.json; the model and batch are configs/gpt2_124m.py's, see benchmarks/TPU_MEMORY.md.
 """
