@@ -12,7 +12,9 @@ never saw them either.
 
 Why the pair is shaped as it is: on a CPU a decode step of a small model is dominated by reading the weights,
 and for GPT-2's 50,257-token vocabulary the tied embedding is most of them (50,257 x width). A draft only
-pays if it is much cheaper than the target, so the draft is narrow as well as shallow.
+pays if it is much cheaper than the target, so the draft is narrow as well as shallow. The "draft alone" row
+gives c, a draft step's cost in target steps: with acceptance rate a, k proposals cost k*c + (a (k+1)-token
+target call) and yield (1 - a^(k+1)) / (1 - a) tokens, so the speed-up needs c well under a.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ def main(argv=None) -> None:
         reference = generate(target, target_params, ids, max_new_tokens=n)
         plain = best_seconds(lambda: generate(target, target_params, ids, max_new_tokens=n), args.repeats)
         print(f"{batch:>5} {'plain greedy':<26} {batch * n / plain:9.1f} {1.0:6.2f}", flush=True)
+        # The cost model of Leviathan et al.: c = a draft step's time over a target step's (both decoding alone).
+        draft_alone = best_seconds(lambda: generate(draft, draft_params, ids, max_new_tokens=n), args.repeats)
+        print(f"{batch:>5} {'draft alone':<26} {batch * n / draft_alone:9.1f} {plain / draft_alone:6.2f}"
+              f"  (c = {draft_alone / plain:.2f} of a target step)", flush=True)
         rows = [(f"draft k={k}", dict(draft=(draft, draft_params), num_draft_tokens=k)) for k in args.ks]
         rows.append((f"draft k<={max(args.ks)} heuristic", dict(draft=(draft, draft_params),
                                                                num_draft_tokens=max(args.ks),
