@@ -91,6 +91,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode_steps", type=_positive_int, default=8,
                         help="decoding steps per device call while no request waits (default 8; 1 streams every "
                              "token as soon as it is made)")
+    parser.add_argument("--prefix_cache_bytes", type=cli.flag_type(int, lambda n: n >= 0, "a number of bytes >= 0"),
+                        default=None, help="device memory for the KV of prompt prefixes shared by requests, reused "
+                        "instead of prefilled again (least recently used out first; 0: off; default the KV of "
+                        "--max_batch full contexts, what the slots hold at most)")
+    parser.add_argument("--prefix_block", type=_positive_int, default=64,
+                        help="tokens per block of the prefix cache: prefixes are reused by whole blocks (default 64)")
     parser.add_argument("--max_queue", type=_positive_int, default=64,
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
@@ -199,7 +205,7 @@ def _main(argv: Sequence[str]) -> None:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
-                    adapters=adapters)
+                    adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()
