@@ -3,6 +3,7 @@ the official `openai` client; greedy completions of prompts that share long pref
 unrelated ones, are the same on all three and equal `generate`'s."""
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -38,11 +39,17 @@ def _start(folder, tmp_path_factory, *extra):
 
 @pytest.fixture(scope="module")
 def servers(folder, tmp_path_factory):
-    """Ports of three servers of one model: the cache on (default bound), off, and bounded to 4 blocks."""
-    with _start(folder, tmp_path_factory) as (on, _), \
-            _start(folder, tmp_path_factory, "--prefix_cache_bytes", "0") as (off, _), \
-            _start(folder, tmp_path_factory, "--prefix_cache_bytes", str(TINY_BOUND)) as (tiny, _):
-        yield {"on": on, "off": off, "tiny": tiny}
+    """Ports of three servers of one model: the cache on (default bound), off, and bounded to 4 blocks; started
+    side by side (their loading and warm-up overlap)."""
+    flags = {"on": (), "off": ("--prefix_cache_bytes", "0"), "tiny": ("--prefix_cache_bytes", str(TINY_BOUND))}
+    starts = {name: _start(folder, tmp_path_factory, *extra) for name, extra in flags.items()}
+    with contextlib.ExitStack() as stack:
+        with concurrent.futures.ThreadPoolExecutor(len(starts)) as pool:
+            entered = {name: pool.submit(start.__enter__) for name, start in starts.items()}
+        for name, future in entered.items():  # every started server is stopped, even when another failed
+            if future.exception() is None:
+                stack.push(starts[name].__exit__)
+        yield {name: future.result()[0] for name, future in entered.items()}
 
 
 def _get(port, path):

@@ -9,6 +9,7 @@ them all, so a hit or a miss never compiles while serving.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -18,8 +19,6 @@ from flax_gpt2.modeling.model import GPT2LMHeadModel
 from flax_gpt2.serve import slots as device
 from flax_gpt2.serve.prefix_cache import PrefixCache, out_of_memory, suffix_lengths
 from flax_gpt2.serve.requests import Stats
-
-import logging
 
 log = logging.getLogger("flax_gpt2.serve")
 
