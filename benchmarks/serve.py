@@ -234,8 +234,11 @@ def main(argv=None):
 
 
 def print_prefix_ttft(args, r: dict) -> None:
-    print(f"\n{args.preset} (random weights), --context_length 1024, one slot; prompt = {args.prefix_ttft}-token "
-          f"prefix + 20 tokens, median of {args.prefix_repeats}\n")
+    from compile_time import cpu_name  # run as a script: benchmarks/ is on the path
+
+    print(f"load average after: {os.getloadavg()}")
+    print(f"\n{args.preset} (random weights) on {cpu_name()}, --context_length 1024, one slot; prompt = "
+          f"{args.prefix_ttft}-token prefix + 20 tokens, median of {args.prefix_repeats}\n")
     print("| prefix | time to first token s |\n|---|---|")
     print(f"| not cached (full prefill, blocks cached) | {r['miss']:.3f} |")
     print(f"| cached ({r['health']['prefix_hit_tokens'] // max(1, r['health']['prefix_hits'])} tokens reused) | "

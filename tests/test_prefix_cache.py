@@ -144,3 +144,35 @@ def test_a_prefill_after_cached_blocks_equals_a_full_prefill(tiny, cached_from, 
     for g, w in zip(got[1] + got[2], want[1] + want[2]):
         np.testing.assert_allclose(np.asarray(g)[:, :, real], np.asarray(w)[:, :, real], atol=1e-5, rtol=1e-5)
     assert np.argmax(got[0]) == np.argmax(want[0])
+
+
+def test_out_of_device_memory_drops_the_cache_and_retries_once(tiny):
+    """A device program that fails for memory (XLA's RESOURCE_EXHAUSTED, injected once) runs again after the
+    cached blocks are dropped; another error, or one with nothing cached to free, is raised as it was."""
+    from flax_gpt2.serve.prefix_prefill import PrefixPrefill
+    from flax_gpt2.serve.requests import Stats
+
+    model, params, head = tiny
+    stats = Stats()
+    prefixes = PrefixPrefill(model, params, head, None, stats, 16, None, default_rows=2 * 128)
+    assert prefixes.cache.capacity == 2 * 128 * 2 * 2 * 64 * 4  # the KV of 2 rows of 128 tokens
+    ids = np.random.RandomState(3).randint(0, 512, 40).tolist()
+    prefixes.prefill(*_left_padded(ids, 64), ids, 0)
+    assert stats.prefix_cache_blocks == 2 and stats.prefix_cache_bytes == 2 * 16 * 2 * 2 * 64 * 4
+    failures = [RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")]
+
+    def program(x):
+        if failures:
+            raise failures.pop()
+        return x + 1
+
+    assert prefixes.with_memory(program, 1) == 2
+    assert prefixes.cache.bytes == 0 and stats.prefix_cache_bytes == 0 and stats.prefix_evictions == 2
+    failures.append(RuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # nothing left to free
+        prefixes.with_memory(program, 1)
+    prefixes.prefill(*_left_padded(ids, 64), ids, 0)
+    failures.append(ValueError("INVALID_ARGUMENT"))
+    with pytest.raises(ValueError):
+        prefixes.with_memory(program, 1)
+    assert prefixes.cache.bytes > 0
