@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flax_gpt2.modeling.model import GPT2LMHeadModel
@@ -26,7 +27,7 @@ log = logging.getLogger("flax_gpt2.serve")
 def kv_bytes_per_token(model: GPT2LMHeadModel) -> int:
     """Bytes of keys and values one token takes in the cache (all layers)."""
     c = model.config
-    return 2 * c.n_layer * c.n_head * c.head_dim * np.dtype(c.dtype).itemsize
+    return 2 * c.n_layer * c.n_head * c.head_dim * jnp.dtype(c.dtype).itemsize
 
 
 class PrefixPrefill:
