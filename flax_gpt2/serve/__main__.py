@@ -10,14 +10,14 @@ training run, loaded once at start-up (requests never name files or load models)
 `--served_model_name` (default: the `--model` text). Each `--adapter [NAME=]DIR` (a PEFT LoRA folder for that
 base; NAME defaults to the folder's name) is served beside it as the model NAME: requests for the base and for
 any adapters share one decoding batch (`serve.engine`). Prompts that share a prefix reuse its keys and values
-instead of prefilling it again (`serve.prefix_cache`; `--prefix_cache_bytes 0` turns it off). Binds
-127.0.0.1 unless `--host` says otherwise. Every computation is compiled before the port accepts requests
-(the compiled code is also kept in JAX's persistent cache under `$FLAX_GPT2_CACHE`, as
-`python -m flax_gpt2.sample` does). No client holds a connection without using it: a request head must arrive within `--header_timeout`, a body within
-`--body_timeout`, an idle kept-alive connection closes after `--timeout_keep_alive`, and connections past
-`--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
-send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag,
-1 otherwise); `--debug` shows the traceback.
+instead of prefilling it again (`serve.prefix_cache`; `--prefix_cache_bytes 0` turns it off). Binds 127.0.0.1
+unless `--host` says otherwise. Every computation is compiled before the port accepts requests (the compiled
+code is also kept in JAX's persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does).
+No client holds a connection without using it: a request head must arrive within `--header_timeout`, a body
+within `--body_timeout`, an idle kept-alive connection closes after `--timeout_keep_alive`, and connections
+past `--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
+send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag, 1
+otherwise); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
