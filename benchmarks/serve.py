@@ -13,6 +13,14 @@ the one-at-a-time throughput, the mean number of busy slots per decoding step an
 decoding step (the server's counters). For reference, `flax_gpt2.generate` alone at batch 1 on the same
 weights (in this process, while the server idles; its ms/step is per token, prefill included).
 The load average is printed before and after: other processes on the machine skew everything.
+
+    python benchmarks/serve.py --prefix_ttft 900               # time to first token, 900-token prefix cached or not
+
+With `--prefix_ttft N`, only the prefix cache is measured, on its own server (`--context_length 1024`, prompt
+buckets 64 and 1024, one slot): for each of `--prefix_repeats` fresh N-token prefixes, a streamed greedy
+request of that prefix and a 20-token tail (a miss: the whole prompt is prefilled, and its blocks cached), then
+one of the same prefix and another tail (a hit: only the tail is prefilled); the median time to the first
+streamed token of each kind.
 """
 
 from __future__ import annotations
@@ -98,6 +106,38 @@ def run_clients(port: int, clients: int, per_client: int, prompt_len: int, new_t
                 compiles=after["compiles_after_warmup"])
 
 
+def first_token_seconds(port: int, prompt: list[int], max_tokens: int = 4) -> float:
+    """Seconds from sending a streamed greedy completion to receiving its first token's chunk."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True})
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:500]}")
+    while not response.readline().startswith(b"data: {"):
+        pass
+    elapsed = time.perf_counter() - start
+    response.read()
+    conn.close()
+    return elapsed
+
+
+def prefix_ttft(port: int, prefix_len: int, repeats: int) -> dict:
+    """Median time to first token of a request whose `prefix_len`-token prefix is not cached, then cached."""
+    rng = np.random.RandomState(7)
+    miss, hit = [], []
+    for _ in range(repeats):
+        prefix = rng.randint(0, 50256, prefix_len).tolist()
+        before = get(port, "/health")["prefix_hits"]
+        miss.append(first_token_seconds(port, prefix + rng.randint(0, 50256, 20).tolist()))
+        hit.append(first_token_seconds(port, prefix + rng.randint(0, 50256, 20).tolist()))
+        if get(port, "/health")["prefix_hits"] != before + 1:
+            raise RuntimeError("the second request of a prefix did not hit the prefix cache")
+    return dict(miss=float(np.median(miss)), hit=float(np.median(hit)), health=get(port, "/health"))
+
+
 def generate_alone(folder: Path, prompt_len: int, new_tokens: int, repeats: int) -> float:
     """tokens/s of `flax_gpt2.generate` at batch 1, greedy, best of `repeats` warm calls."""
     from flax_gpt2 import from_pretrained, generate
@@ -127,7 +167,13 @@ def main(argv=None):
     parser.add_argument("--preset", default="gpt2", help="model size (random weights)")
     parser.add_argument("--model_dir", default=None, help="reuse (or create) the random model here")
     parser.add_argument("--generate_repeats", type=int, default=3)
+    parser.add_argument("--prefix_ttft", type=int, default=0, metavar="N",
+                        help="measure only the prefix cache: time to first token with an N-token prefix cached "
+                             "or not (e.g. 900)")
+    parser.add_argument("--prefix_repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.prefix_ttft:
+        args.context_length, args.max_batch, args.decode_steps = 1024, 1, 1
 
     tmp = tempfile.TemporaryDirectory()
     folder = Path(args.model_dir or Path(tmp.name) / "model")
@@ -141,6 +187,8 @@ def main(argv=None):
                "--port", str(port), "--max_batch", str(args.max_batch), "--context_length", str(args.context_length),
                "--decode_steps", str(args.decode_steps),
                "--max_queue", str(max(64, max(args.clients) * args.requests_per_client))]
+    if args.prefix_ttft:
+        command += ["--prompt_buckets", "64,1024"]
     print(" ".join(command[1:]), flush=True)
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     started = time.perf_counter()
@@ -156,6 +204,8 @@ def main(argv=None):
         print(f"server ready after {time.perf_counter() - started:.1f} s (load, warm-up compiles)", flush=True)
         print(f"load average before: {os.getloadavg()}", flush=True)
         Client(port).complete([1, 2, 3], 4)  # first request: nothing left to compile, but warms caches
+        if args.prefix_ttft:
+            return print_prefix_ttft(args, prefix_ttft(port, args.prefix_ttft, args.prefix_repeats))
         rows = [dict(run_clients(port, 1, args.baseline_requests, args.prompt_len, args.new_tokens, seed=1),
                      name="one at a time")]
         base = rows[0]["tok_s"]
@@ -181,6 +231,20 @@ def main(argv=None):
     print(f"| `generate` alone, batch 1 | | | | {alone:.1f} | {alone / base:.2f}× | | | | "
           f"{1000 / alone:.1f} |")
     print(f"\ncompiles after warm-up: {rows[-1]['compiles']}")
+
+
+def print_prefix_ttft(args, r: dict) -> None:
+    from compile_time import cpu_name  # run as a script: benchmarks/ is on the path
+
+    print(f"load average after: {os.getloadavg()}")
+    print(f"\n{args.preset} (random weights) on {cpu_name()}, --context_length 1024, one slot; prompt = "
+          f"{args.prefix_ttft}-token prefix + 20 tokens, median of {args.prefix_repeats}\n")
+    print("| prefix | time to first token s |\n|---|---|")
+    print(f"| not cached (full prefill, blocks cached) | {r['miss']:.3f} |")
+    print(f"| cached ({r['health']['prefix_hit_tokens'] // max(1, r['health']['prefix_hits'])} tokens reused) | "
+          f"{r['hit']:.3f} |")
+    print(f"| speed-up | {r['miss'] / r['hit']:.1f}x |")
+    print(f"\ncompiles after warm-up: {r['health']['compiles_after_warmup']}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def references(base_folder, adapter_folders):
 def server(base_folder, adapter_folders, tmp_path_factory):
     first, second = adapter_folders.values()
     args = ["--model", str(base_folder), "--served_model_name", BASE_NAME, "--max_batch", str(MAX_BATCH),
-            "--context_length", "64", "--prompt_buckets", "16", "--decode_steps", "4",
+            "--context_length", "64", "--prompt_buckets", "16", "--decode_steps", "4", "--prefix_block", "16",
             "--adapter", f"{FIRST}={first}", "--adapter", str(second)]
     with server_process(args, tmp_path_factory) as (port, _):
         yield port
@@ -192,6 +192,23 @@ def test_stream_with_an_adapter_equals_generate(client, references, adapter_fold
     for name, chunks in zip([FIRST, second], streams):
         assert {c.model for c in chunks} == {name}
         assert "".join(c.choices[0].text for c in chunks) == _generate_text(references, name, ids, 8)
+
+
+def test_prefix_cache_keeps_each_adapters_prefixes_apart(client, server, references, adapter_folders):
+    """A 40-token prefix under the base and both adapters, twice each with another tail: every text is
+    `generate`'s with its adapter, and each model's second request (only) reuses its own first's blocks (an
+    adapter changes the keys and values, so another model's cached prefix is never used)."""
+    names = [BASE_NAME, *adapter_folders]
+    prefix = _prompt(40, seed=50)
+    before = _health(server)
+    for tail in (3, 6):
+        for name in names:
+            ids = prefix + _prompt(tail, seed=51 + tail)
+            out = client.completions.create(model=name, prompt=ids, max_tokens=8, temperature=0)
+            assert out.choices[0].text == _generate_text(references, name, ids, 8), (name, tail)
+    after = _health(server)
+    assert after["prefix_hits"] - before["prefix_hits"] == 3
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 3 * 32
 
 
 def test_echo_logprobs_use_the_adapter(client, references):

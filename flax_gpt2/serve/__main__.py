@@ -9,14 +9,15 @@ model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging 
 training run, loaded once at start-up (requests never name files or load models); it is served under
 `--served_model_name` (default: the `--model` text). Each `--adapter [NAME=]DIR` (a PEFT LoRA folder for that
 base; NAME defaults to the folder's name) is served beside it as the model NAME: requests for the base and for
-any adapters share one decoding batch (`serve.engine`). Binds 127.0.0.1 unless `--host` says otherwise.
-Every computation is compiled before the port accepts requests (the compiled code is also kept in JAX's
-persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does). No client holds a
-connection without using it: a request head must arrive within `--header_timeout`, a body within
-`--body_timeout`, an idle kept-alive connection closes after `--timeout_keep_alive`, and connections past
-`--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
-send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag,
-1 otherwise); `--debug` shows the traceback.
+any adapters share one decoding batch (`serve.engine`). Prompts that share a prefix reuse its keys and values
+instead of prefilling it again (`serve.prefix_cache`; `--prefix_cache_bytes 0` turns it off). Binds 127.0.0.1
+unless `--host` says otherwise. Every computation is compiled before the port accepts requests (the compiled
+code is also kept in JAX's persistent cache under `$FLAX_GPT2_CACHE`, as `python -m flax_gpt2.sample` does).
+No client holds a connection without using it: a request head must arrive within `--header_timeout`, a body
+within `--body_timeout`, an idle kept-alive connection closes after `--timeout_keep_alive`, and connections
+past `--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
+send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag, 1
+otherwise); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--decode_steps", type=_positive_int, default=8,
                         help="decoding steps per device call while no request waits (default 8; 1 streams every "
                              "token as soon as it is made)")
+    parser.add_argument("--prefix_cache_bytes", type=cli.flag_type(int, lambda n: n >= 0, "a number of bytes >= 0"),
+                        default=None, help="device memory for the KV of prompt prefixes shared by requests, reused "
+                        "instead of prefilled again (least recently used out first; 0: off; default the KV of "
+                        "--max_batch full contexts, what the slots hold at most)")
+    parser.add_argument("--prefix_block", type=_positive_int, default=64,
+                        help="tokens per block of the prefix cache: prefixes are reused by whole blocks (default 64)")
     parser.add_argument("--max_queue", type=_positive_int, default=64,
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
@@ -199,7 +206,7 @@ def _main(argv: Sequence[str]) -> None:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
-                    adapters=adapters)
+                    adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()

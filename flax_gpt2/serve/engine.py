@@ -18,6 +18,10 @@ Compiles are bounded: the prefill and prompt scoring once per prompt bucket (pro
 the next bucket), the step once per cache size, the insertion once per (cache size, prompt bucket), the
 resize once per pair of sizes, all during `warm_up`.
 
+Prompts that start alike reuse the KV of their shared prefix (`prefix_cache`: whole blocks of
+`prefix_block` tokens, least recently used first out past `prefix_cache_bytes`), prefilling only the rest
+(`prefix_prefill`); that adds a compile per (prompt bucket, tail length) and one per bucket to cut blocks.
+
 LoRA adapters (`adapters`, PEFT folders loaded for this base) are served beside the base, unmerged: a request
 names one as its `model`, its slot's row takes that adapter's index (`RowSettings.adapter`), and every step
 reads the base weights once for all rows while each row adds its own low-rank branch (`lora_rows`), so
@@ -54,6 +58,7 @@ from flax_gpt2.modeling.lora import LoRAConfig
 from flax_gpt2.modeling.lora_rows import stack_adapters
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
 from flax_gpt2.serve import slots as device
+from flax_gpt2.serve.prefix_prefill import PrefixPrefill
 from flax_gpt2.serve.protocol import APIError
 from flax_gpt2.serve.requests import Completion, Event, QueueFull, Sequence, Stats, TokenLogprob
 from flax_gpt2.tokenizer.bpe_tokenizer import USER_TEXT_SPECIAL
@@ -84,11 +89,14 @@ class Engine:
     HTTP side (any thread); everything that touches the device runs on the engine's own thread (`start`).
     `adapters` maps names to LoRA adapters of this base (`(tree, LoRAConfig)`, as `load_peft_adapter` returns
     them); a `Completion`'s `adapter` is 1 + its position in `adapter_names`, 0 for the base.
+    `prefix_cache_bytes` bounds the prefix cache (0: off; None: the KV of `max_batch` full contexts, as much as
+    the slots hold at most, so caching at most doubles the server's KV memory); `prefix_block` is its block.
     """
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
-                 decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None):
+                 decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None,
+                 prefix_cache_bytes: int | None = None, prefix_block: int = 64):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         params = unwrap_params(params)
@@ -112,6 +120,8 @@ class Engine:
                                   if b < context_length) | {context_length})
         self.cache_sizes = cache_sizes(max_batch)
         self.stats = Stats()
+        self.prefixes = PrefixPrefill(model, self.params, self.head, self.adapters, self.stats, prefix_block,
+                                      prefix_cache_bytes, default_rows=max_batch * context_length)
         self._slots = device.init_slots(model, self.cache_sizes[0], context_length, self.vocab_limit)
         self._settings = device.RowSettings.empty(self.cache_sizes[0])
         self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
@@ -144,6 +154,7 @@ class Engine:
                                                          self.adapters, np.int32(0))))
             jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask, self.vocab_limit,
                                                       self.adapters, np.int32(0)))
+            self.prefixes.warm_up(ids, mask, prefilled[-1][1])
         for n in self.cache_sizes:
             slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
             for ids, (logits, keys, values) in prefilled:
@@ -272,7 +283,7 @@ class Engine:
     def _resize(self, keep: list[int], size: int) -> None:
         """Makes the cache `size` rows: row i becomes the old row `keep[i]`, the rest are idle."""
         rows = keep + [keep[0] if keep else 0] * (size - len(keep))
-        self._slots = device.resize(self._slots, np.asarray(rows, np.int32))
+        self._slots = self.prefixes.with_memory(device.resize, self._slots, np.asarray(rows, np.int32))
         settings = device.RowSettings.empty(size)
         for field in dataclasses.fields(settings):
             getattr(settings, field.name)[:len(keep)] = getattr(self._settings, field.name)[keep]
@@ -297,8 +308,7 @@ class Engine:
             mask[0, p - len(ids):] = 1
             out = None
             if completion.request.max_tokens > 0:
-                out = device.prefill_prompt(self.model, self.params, self.head, padded, mask, self.adapters,
-                                            np.int32(completion.adapter))
+                out = self.prefixes.prefill(padded, mask, ids, completion.adapter)
             completion.prefilled[prompt] = (padded, mask, out)
         completion.waiting_copies[prompt] -= 1
         if completion.waiting_copies[prompt] == 0:

@@ -3,9 +3,9 @@
 What an operator watches: requests by endpoint and HTTP status, prompt and completion tokens, queue depth,
 running slots, time to first token and the time between a request's deliveries (inter-token latency;
 one delivery holds one token, or several when the engine runs several steps per call), decode steps,
-rejections and compilations after warm-up. Counters and gauges the engine already keeps (`Stats`) are read
-when scraped, so the engine thread does no extra work per token; latencies are observed by the HTTP
-handlers, on the event loop.
+rejections, compilations after warm-up, and the prefix cache (hits, tokens reused, bytes held, evictions).
+Counters and gauges the engine already keeps (`Stats`) are read when scraped, so the engine thread does no
+extra work per token; latencies are observed by the HTTP handlers, on the event loop.
 
 Each app has its own registry (not prometheus-client's global one), so several servers in one process
 (tests, notebooks) do not share numbers.
@@ -38,11 +38,18 @@ class _EngineCollector:
                                    ("completion_tokens", s.tokens, "tokens generated"),
                                    ("rejected_requests", s.rejected, "requests refused with 503, queue full"),
                                    ("compiles_after_warmup", s.compiles_after_warmup,
-                                    "programs compiled after warm-up (each one stalls every stream)")):
+                                    "programs compiled after warm-up (each one stalls every stream)"),
+                                   ("prefix_cache_hits", s.prefix_hits, "prefills that reused a cached prompt prefix"),
+                                   ("prefix_cache_hit_tokens", s.prefix_hit_tokens,
+                                    "prompt tokens reused from the prefix cache instead of prefilled"),
+                                   ("prefix_cache_evictions", s.prefix_evictions,
+                                    "prefix cache blocks dropped (least recently used, or device memory short)")):
             yield CounterMetricFamily(f"flax_gpt2_{name}", help_, value=value)
         for name, value, help_ in (("queue_depth", s.queued, "sequences waiting for a slot"),
                                    ("running_slots", s.busy_slots, "slots holding a running sequence"),
-                                   ("peak_running_slots", s.peak_busy_slots, "most slots busy at once")):
+                                   ("peak_running_slots", s.peak_busy_slots, "most slots busy at once"),
+                                   ("prefix_cache_bytes", s.prefix_cache_bytes, "device memory the prefix cache holds"),
+                                   ("prefix_cache_blocks", s.prefix_cache_blocks, "blocks the prefix cache holds")):
             yield GaugeMetricFamily(f"flax_gpt2_{name}", help_, value=value)
 
 

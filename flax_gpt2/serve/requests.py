@@ -105,3 +105,8 @@ class Stats:
     step_seconds: float = 0.0  # wall time in decoding steps (device work and waiting for it)
     resizes: int = 0  # times the cache grew or was compacted
     compiles_after_warmup: int = 0
+    prefix_hits: int = 0  # prefills that started from a cached prompt prefix (`prefix_cache`)
+    prefix_hit_tokens: int = 0  # prompt tokens those hits did not prefill again
+    prefix_cache_bytes: int = 0  # device memory the prefix cache holds now
+    prefix_cache_blocks: int = 0
+    prefix_evictions: int = 0  # blocks dropped for room (least recently used) or for device memory
