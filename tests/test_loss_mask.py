@@ -16,7 +16,8 @@ from flax_gpt2.train import config_checks, data, loss_mask, run_guard, step as s
 
 
 def _model():
-    config = flax_gpt2.GPT2Config.from_preset("tiny", n_embd=32, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    config = flax_gpt2.GPT2Config.from_preset("tiny", n_embd=32, vocab_size=1024, attn_pdrop=0.0, resid_pdrop=0.0,
+                                              embd_pdrop=0.0)
     model = GPT2LMHeadModel(config)
     return model, init_params(model, jax.random.key(0))
 
@@ -164,7 +165,7 @@ def test_a_damaged_mask_is_named(tmp_path):
     source.write_text(json.dumps({"prompt": "Hi", "completion": " there"}) + "\n")
     tc.tokenize_corpus(str(source), str(tmp_path / "corpus"), recipe="prompt_completion", progress=False)
     (tmp_path / "corpus" / "mask_00000.bin").write_bytes(b"\x00\x02\x01")
-    with pytest.raises(data.CorpusError, match=r"mask_00000\.bin holds token id 2 at position 1"):
+    with pytest.raises(data.CorpusError, match=r"mask_00000\.bin holds 2 at position 1; a loss mask holds only 0"):
         data.TokenStore(str(tmp_path / "corpus"))
     (tmp_path / "corpus" / "mask_00000.bin").write_bytes(b"\x00")
     with pytest.raises(data.CorpusError, match=r"mask_00000\.bin is 1 bytes but the loss mask needs one byte"):
@@ -178,3 +179,29 @@ def test_old_runs_resume_with_loss_on_all():
     with pytest.raises(run_guard.ConfigChangedError, match=r"data\.loss_on: '<absent>' -> 'completion'"):
         run_guard.check_resume_config(older, dict(current, **{"data.loss_on": "completion"}), allow_change=False,
                                       workdir="w")
+
+
+def test_a_tiny_completion_run_trains_and_a_corpus_without_prompts_is_refused(tmp_path):
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    rng = np.random.default_rng(0)
+    words = "the a king queen sword crown river night day speaks runs falls rises".split()
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(words, 6)) + ":",
+                                          "completion": " " + " ".join(rng.choice(words, rng.integers(2, 12)))}) + "\n"
+                              for _ in range(300)))
+    settings = dict(steps=2, eval_every=2, checkpoint_every=2, eval_batch_size=4, micro_batch_size=4)
+    config = tiny_train_config(tmp_path / "cache", **settings, **{
+        "data.source": str(source), "data.recipe": "prompt_completion", "data.loss_on": "completion",
+        "data.val_fraction": 0.2})
+    result = train_and_evaluate(config, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert result["step"] == 2 and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert [r["step"] for r in records if "eval_loss" in r] == [2]
+    text = tmp_path / "plain.txt"
+    text.write_text(" ".join(rng.choice(words, 3000)))
+    config = tiny_train_config(tmp_path / "cache", **settings, **{"data.source": str(text),
+                                                                 "data.loss_on": "completion"})
+    with pytest.raises(ValueError, match=r"data\.loss_on='completion' needs a corpus"):
+        train_and_evaluate(config, str(tmp_path / "run2"))
