@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     # math of a step; the batches are the same.
     c.data.document_mask = False
     c.data.reset_positions = False
+    # Which predicted tokens the loss (and eval loss) scores (train/loss_mask.py): "all", or "completion": only
+    # the tokens after a recipe's prompt (data.recipe "commongen" or "prompt_completion") and its <|endoftext|>.
+    c.data.loss_on = "all"
 
     # Batch: `batch_size` sequences per optimizer step, computed as `batch_size // micro_batch_size`
     # accumulated micro-batches (0 = no accumulation). Both are global, across all devices and hosts.

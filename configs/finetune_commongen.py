@@ -10,6 +10,9 @@ suffixes stripped; see train/recipes.py). Sources: the `allenai/common_gen` data
 files: the CommonGen release's jsonl (`concept_set` + `scene`) or its `X.src_alpha.txt` + `X.tgt.txt` pair.
 After training, the run generates a sentence for held-out concept sets and reports their coverage (the
 share of concepts that appear) next to the eval loss.
+
+The card scores every token (`data.loss_on="all"`, kept here); `--config.data.loss_on=completion` trains and
+evaluates on the sentences only (after `concepts:`). What each changes, measured: docs/FINETUNING.md.
 """
 
 from flax_gpt2.configs import base

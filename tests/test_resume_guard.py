@@ -36,6 +36,7 @@ CLASSES = {
     "data.source": TRAINING, "data.seq_len": TRAINING, "data.tokenizer": TRAINING, "data.recipe": TRAINING,
     "data.dataset_config": TRAINING, "data.split": TRAINING, "data.text_field": TRAINING,
     "data.val_fraction": TRAINING, "data.document_mask": TRAINING, "data.reset_positions": TRAINING,
+    "data.loss_on": TRAINING,
     "optimizer.lr": TRAINING, "optimizer.b1": TRAINING, "optimizer.b2": TRAINING, "optimizer.eps": TRAINING,
     "optimizer.weight_decay": TRAINING, "optimizer.grad_clip": TRAINING, "optimizer.warmup_steps": TRAINING,
     "optimizer.min_lr_ratio": TRAINING, "optimizer.schedule": TRAINING,

@@ -247,3 +247,26 @@ def test_two_hosts_tokenize_into_a_gcs_cache_on_first_use(tmp_path, gcs_bucket, 
     mirrored = data._mirror(corpus, str(tmp_path / "mirror"))
     assert _stream(mirrored)[0].tobytes() == _stream(tmp_path / "one")[0].tobytes()
     assert not [p for p in tmp_path.rglob("gs:*")] and not [p for p in REPO.rglob("gs:*")]
+
+
+def test_two_hosts_write_the_loss_mask_of_a_recipe_with_prompts(tmp_path):
+    """The prompt_completion recipe on two hosts: tokens and loss mask (data.loss_on="completion") equal one
+    host's, byte for byte."""
+    env = _env(tmp_path)
+    rng = random.Random(1)
+    source = tmp_path / "pc.jsonl"
+    with open(source, "w") as f:
+        for i in range(120):
+            f.write(json.dumps({"prompt": f"question {i}: " + "why " * rng.randint(0, 9),
+                                "completion": "because " * rng.randint(1, 12)}) + "\n")
+    one = _tokenize(env, source, tmp_path / "one", "--recipe", "prompt_completion")
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = _pair(env, source, tmp_path / "two", "--recipe", "prompt_completion", "--shared_out", "--block_chars", 800)
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    from flax_gpt2.train.data import TokenStore
+
+    want, got = TokenStore(str(tmp_path / "one")), TokenStore(str(tmp_path / "two"))
+    assert len(got.shards) > 2 and got.meta["loss_mask"] == want.meta["loss_mask"]
+    assert got.read(0, len(got)).tobytes() == want.read(0, len(want)).tobytes()
+    got_mask, want_mask = got.read(0, len(got), got.masks), want.read(0, len(want), want.masks)
+    assert got_mask.tobytes() == want_mask.tobytes() and 0 < want_mask.sum() < len(want)

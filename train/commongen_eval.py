@@ -22,8 +22,8 @@ def held_out_concept_sets(data_config, cut: int, limit: int) -> list[list[str]]:
     gives each document's start; a set is held out when its first example starts at or after `cut`.
     """
     encoding = tc.gpt2_encoding(data_config.tokenizer, pass_folder_as=TOKENIZER_FLAG)
-    docs = [d[0] for d in documents.iter_documents(data_config.source, split=data_config.split,
-                                              dataset_config=data_config.dataset_config, recipe="commongen")]
+    docs = ["".join(d) for d in documents.iter_documents(data_config.source, split=data_config.split,
+                                                       dataset_config=data_config.dataset_config, recipe="commongen")]
     lengths = [len(ids) + 1 for ids in encoding.encode_ordinary_batch(docs)]
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     first_start: dict[tuple[str, ...], int] = {}

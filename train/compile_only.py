@@ -171,9 +171,10 @@ def _plan(config, devices) -> _Plan:
                                                                    model_config_lib.base_dtype(config))
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     packing = packing_lib.Packing.from_config(config.data)  # the separator's id is a constant: any corpus's compiles
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing)
+    loss_on = config.data.loss_on  # the loss mask rides in the int32 ids: the inputs' shapes are the same
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing, loss_on)
     eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base,
-                                       packing)
+                                       packing, loss_on)
 
     def abstract(shape, sharding):
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)

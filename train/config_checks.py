@@ -8,6 +8,7 @@ from flax_gpt2.utils import dtypes
 from flax_gpt2.utils.cli import UsageError
 from flax_gpt2.utils.validation import is_int, is_real
 
+from . import loss_mask
 from .mesh import MESH_AXES
 
 
@@ -54,6 +55,8 @@ def check_config(config) -> None:
     for key in ("data.document_mask", "data.reset_positions"):
         value = _get(config, key)
         _require(isinstance(value, bool), key, value, "must be True or False")
+    _require(config.data.loss_on in loss_mask.LOSS_ON, "data.loss_on", config.data.loss_on,
+             f"must be one of {loss_mask.LOSS_ON} ('completion' scores only the tokens after a recipe's prompt)")
     _check_axis_rules(config.logical_axis_rules)
     check_lora(config)
 

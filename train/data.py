@@ -27,7 +27,7 @@ import numpy as np
 from flax_gpt2.utils import file_io
 from flax_gpt2.utils.cache_root import cache_root
 
-from . import remote_source, tokenize_corpus as tc, tokenize_hosts as th
+from . import loss_mask, remote_source, tokenize_corpus as tc, tokenize_hosts as th
 from .config_checks import ConfigValueError
 
 # How an error that cannot load the tokenizer offline tells a training user to pass a folder.
@@ -55,7 +55,8 @@ class TokenStore:
     stay inside the folder (`file_io.manifest_member`), each shard's size is the token count meta.json
     gives it, the counts add up, and every token id is below the vocabulary size (an id past it would turn
     the loss into NaN many steps later). `fix` says how to repair a damaged corpus in the errors
-    (`{folder}` is filled in).
+    (`{folder}` is filled in). A corpus with a loss mask (`meta["loss_mask"]`, train/loss_mask.py) has its
+    `mask_NNNNN.bin` checked the same way (one uint8 0/1 per token) in `masks`; otherwise `masks` is None.
     """
 
     def __init__(self, folder: str, fix: str = FIX_TOKENIZED):
@@ -76,7 +77,23 @@ class TokenStore:
             tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(shard["num_tokens"],))
             _check_ids(tokens, self.meta["vocab_size"], path, fix)
             self.shards.append(tokens)
+        self.masks = [self._mask(i, fix) for i in range(len(self.shards))] if "loss_mask" in self.meta else None
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def _mask(self, i: int, fix: str) -> np.ndarray:
+        path, count = shard_path(self.folder, self.meta, i, "mask_file"), self.meta["shards"][i]["num_tokens"]
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != count:
+            held = "is missing" if size is None else f"is {size} bytes"
+            raise CorpusError(f"{path} {held} but the loss mask needs one byte for each of the shard's {count} "
+                              f"tokens: the corpus is damaged; {fix}")
+        mask = np.memmap(path, dtype=np.uint8, mode="r", shape=(count,))
+        for start in range(0, count, _SCAN_TOKENS):
+            if int(mask[start:start + _SCAN_TOKENS].max()) > 1:
+                at = start + int(np.argmax(mask[start:start + _SCAN_TOKENS] > 1))
+                raise CorpusError(f"{path} holds {int(mask[at])} at position {at}; a loss mask holds only 0 (not "
+                                  f"scored) and 1 (scored): the corpus is damaged; {fix}")
+        return mask
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -86,12 +103,14 @@ class TokenStore:
         tokenize_corpus recorded one). A resumed run compares it with its checkpoints' (`run_guard`)."""
         return {"num_tokens": len(self), "sha256": self.meta.get("sha256")}
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens `[start, stop)` of the stream as int32 (a span may cross shard boundaries)."""
+    def read(self, start: int, stop: int, arrays: list | None = None) -> np.ndarray:
+        """Tokens `[start, stop)` of the stream (or of `arrays`, shards of the same lengths: `masks`) as int32
+        (a span may cross shard boundaries)."""
+        arrays = self.shards if arrays is None else arrays
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         parts = []
         while start < stop:
-            shard, base = self.shards[first], int(self.offsets[first])
+            shard, base = arrays[first], int(self.offsets[first])
             take = min(stop, base + len(shard)) - start
             parts.append(shard[start - base:start - base + take])
             start += take
@@ -118,8 +137,9 @@ def read_meta(meta_path: str, fix: str, text: str | None = None) -> dict:
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict) or not _count(shard.get("num_tokens"), 1):
             raise bad(f"has shards[{i}] = {shard!r}, not {{\"file\": NAME, \"num_tokens\": COUNT > 0}}")
-        file_io.manifest_member(os.path.dirname(meta_path), shard.get("file"), manifest=meta_path,
-                                key=f"shards[{i}].file")
+        for key in ("file", "mask_file") if "loss_mask" in meta else ("file",):
+            file_io.manifest_member(os.path.dirname(meta_path), shard.get(key), manifest=meta_path,
+                                    key=f"shards[{i}].{key}")
     total = sum(s["num_tokens"] for s in shards)
     if meta.get("num_tokens") != total:
         raise bad(f"says num_tokens={meta.get('num_tokens')!r} but its shards hold {total} tokens")
@@ -130,10 +150,15 @@ def read_meta(meta_path: str, fix: str, text: str | None = None) -> dict:
     return meta
 
 
-def shard_path(folder: str, meta: dict, i: int) -> str:
-    """Where shard `i` of a checked `meta` is (local folder or URL)."""
-    return file_io.manifest_member(folder, meta["shards"][i]["file"], manifest=file_io.join(folder, "meta.json"),
-                                   key=f"shards[{i}].file")
+def shard_path(folder: str, meta: dict, i: int, key: str = "file") -> str:
+    """Where shard `i` of a checked `meta` is (local folder or URL); `key="mask_file"`: its loss mask."""
+    return file_io.manifest_member(folder, meta["shards"][i][key], manifest=file_io.join(folder, "meta.json"),
+                                   key=f"shards[{i}].{key}")
+
+
+def shard_files(meta: dict, i: int) -> list[tuple[str, int]]:
+    """`(key, bytes per token)` of the files of shard `i`: its tokens, and its loss mask if the corpus has one."""
+    return [("file", 2)] + ([("mask_file", 1)] if "loss_mask" in meta else [])
 
 
 def _count(value, least: int) -> bool:
@@ -246,11 +271,12 @@ def _mirror(url: str, folder: str | None = None) -> str:
     text = file_io.read_text(file_io.join(url, "meta.json"))
     meta = read_meta(file_io.join(url, "meta.json"), FIX_REMOTE.format(url=url), text=text)
     for i, shard in enumerate(meta["shards"]):
-        raw = file_io.read_bytes(shard_path(url, meta, i))
-        if len(raw) != 2 * shard["num_tokens"]:
-            raise CorpusError(f"{shard_path(url, meta, i)} is {len(raw)} bytes but {url}/meta.json gives it "
-                              f"{shard['num_tokens']} tokens; nothing was copied; {FIX_REMOTE.format(url=url)}")
-        file_io.atomic_write(shard_path(folder, meta, i), raw)
+        for key, width in shard_files(meta, i):
+            raw = file_io.read_bytes(shard_path(url, meta, i, key))
+            if len(raw) != width * shard["num_tokens"]:
+                raise CorpusError(f"{shard_path(url, meta, i, key)} is {len(raw)} bytes but {url}/meta.json gives "
+                                  f"it {shard['num_tokens']} tokens; nothing was copied; {FIX_REMOTE.format(url=url)}")
+            file_io.atomic_write(shard_path(folder, meta, i, key), raw)
     file_io.atomic_write(os.path.join(folder, "meta.json"), text)
     return folder
 
@@ -262,8 +288,9 @@ def _upload(folder: str, url: str) -> None:
     text = file_io.read_text(os.path.join(folder, "meta.json"))
     meta = read_meta(os.path.join(folder, "meta.json"), FIX_CACHE.format(folder=folder), text=text)
     for i in range(len(meta["shards"])):
-        with open(shard_path(folder, meta, i), "rb") as f:
-            file_io.atomic_write(shard_path(url, meta, i), f.read())
+        for key, _ in shard_files(meta, i):
+            with open(shard_path(folder, meta, i, key), "rb") as f:
+                file_io.atomic_write(shard_path(url, meta, i, key), f.read())
     file_io.atomic_write(file_io.join(url, "meta.json"), text)
 
 
@@ -286,16 +313,21 @@ class DataState:
 
 
 class Windows:
-    """The fixed windows of `seq_len + 1` tokens in `[start, stop)` of a token store."""
+    """The fixed windows of `seq_len + 1` tokens in `[start, stop)` of a token store; `scored`: with the
+    store's loss mask packed into the ids (train/loss_mask.py)."""
 
-    def __init__(self, store: TokenStore, start: int, stop: int, seq_len: int):
-        self.store, self.start, self.seq_len = store, start, seq_len
+    def __init__(self, store: TokenStore, start: int, stop: int, seq_len: int, scored: bool = False):
+        self.store, self.start, self.seq_len, self.scored = store, start, seq_len, scored
         self.count = max(stop - start - 1, 0) // seq_len
+
+    def _span(self, w: int) -> np.ndarray:
+        start, stop = self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1
+        tokens = self.store.read(start, stop)
+        return loss_mask.pack(tokens, self.store.read(start, stop, self.store.masks)) if self.scored else tokens
 
     def read(self, window_ids: np.ndarray) -> np.ndarray:
         """`[..., seq_len + 1]` int32 tokens of the given windows."""
-        flat = [self.store.read(self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1)
-                for w in window_ids.reshape(-1)]
+        flat = [self._span(w) for w in window_ids.reshape(-1)]
         out = np.stack(flat) if flat else np.zeros((0, self.seq_len + 1), np.int32)
         return out.reshape(*window_ids.shape, self.seq_len + 1)
 

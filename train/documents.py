@@ -155,8 +155,8 @@ def iter_documents(source: str, *, text_field: str = "text", split: str = "train
     a stream of pieces read as they are encoded: see `text_pieces`).
 
     With a `recipe` other than "text", each record (jsonl line, dataset row, or CommonGen line pair) is
-    formatted by `train.recipes` into its documents. The source is found (or the dataset loaded) right
-    away, so a missing one fails here, not on first use.
+    formatted by `train.recipes` into its documents (a recipe with prompts: `[Prompt(prompt), completion]`).
+    The source is found (or the dataset loaded) right away, so a missing one fails here, not on first use.
     """
     if recipe != "text":
         return _recipe_documents(source, recipe, split, dataset_config)
@@ -183,20 +183,25 @@ def _recipe_documents(source: str, recipe: str, split: str, dataset_config: str)
     files = resolve_files(source)
     if files is None:
         dataset = _load_dataset(source, dataset_config, split)
-        streams = [(f"dataset {source!r}", iter(dataset))]
+        streams = [_numbered(f"dataset {source!r}", iter(dataset))]
     else:
         streams = []
         for path in files:
             if path.endswith(".src_alpha.txt") and recipe == "commongen":
-                streams.append((path, recipes.commongen_line_pairs(path)))
+                streams.append(_numbered(path, recipes.commongen_line_pairs(path)))
             elif path.endswith(".tgt.txt") and recipe == "commongen":
                 continue  # read with its .src_alpha.txt
             elif os.path.splitext(path)[1] in JSONL_SUFFIXES:
-                streams.append((path, (record for _, record in _jsonl_records(path))))
+                streams.append(((f"{path}:{line}", record) for line, record in _jsonl_records(path)))
             else:
                 raise ValueError(f"{path}: data.recipe={recipe!r} reads jsonl records"
                                  + (" or X.src_alpha.txt + X.tgt.txt pairs" if recipe == "commongen" else ""))
-    return ([doc] for where, records in streams for doc in recipes.format_records(recipe, records, where))
+    return (pieces for stream in streams for where, record in stream
+            for pieces in recipes.record_pieces(recipe, record, where))
+
+
+def _numbered(where: str, records: Iterator[dict]) -> Iterator[tuple[str, dict]]:
+    return ((f"{where} record {i}", record) for i, record in enumerate(records))
 
 
 def _file_documents(files: list[str], text_field: str) -> Iterator[Iterable[str]]:
@@ -220,20 +225,22 @@ def _text_file_pieces(path: str) -> Iterator[str]:
 
 
 def batches(documents: Iterable[Iterable[str]], chars_per_batch: int = BATCH_CHARS
-            ) -> Iterator[tuple[list[str], list[bool]]]:
+            ) -> Iterator[tuple[list[str], list[bool], list[bool]]]:
     """Groups document pieces into batches of about `chars_per_batch` characters for one parallel encode (a
-    long document spans several); marks the pieces that end a document."""
-    texts, ends, chars = [], [], 0
+    long document spans several); marks the pieces that end a document, and the ones scored under
+    `data.loss_on="completion"` (all but a recipe's `recipes.Prompt`)."""
+    texts, ends, scored, chars = [], [], [], 0
     for pieces in documents:
         for piece, last in _with_last(pieces):
             texts.append(piece)
             ends.append(last)
+            scored.append(not isinstance(piece, recipes.Prompt))
             chars += len(piece)
             if chars >= chars_per_batch:
-                yield texts, ends
-                texts, ends, chars = [], [], 0
+                yield texts, ends, scored
+                texts, ends, scored, chars = [], [], [], 0
     if texts:
-        yield texts, ends
+        yield texts, ends, scored
 
 
 def _with_last(items: Iterable[str]) -> Iterator[tuple[str, bool]]:

@@ -10,6 +10,12 @@ encodes each and ends it with `<|endoftext|>`, so consecutive documents read
 - `eli5`: records of `eli5_category` (`{"answers": {"text": [...]}}`) or local `{"question", "answer"}`
   json/jsonl; the document is the answers joined by spaces, as Hugging Face's causal-LM fine-tuning
   tutorial (which trained the distilgpt2 ELI5 card) does.
+- `prompt_completion`: users' own jsonl records `{"prompt": "...", "completion": "..."}`; the document is the
+  prompt followed by the completion.
+
+Recipes with a prompt (`PROMPT_RECIPES`) give each document as two pieces, `[Prompt(prompt), completion]`,
+so the corpus can record which tokens are the completion: `data.loss_on="completion"` scores only those
+(train/loss_mask.py).
 """
 
 from __future__ import annotations
@@ -19,9 +25,16 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
-RECIPES = ("text", "commongen", "eli5")
+RECIPES = ("text", "commongen", "eli5", "prompt_completion")
+# Recipes whose documents have a prompt: their corpora record a per-token loss mask (tokenize_corpus).
+PROMPT_RECIPES = ("commongen", "prompt_completion")
 
 _POS_SUFFIX = re.compile(r"_[A-Z]+$")
+
+
+class Prompt(str):
+    """A document piece the model reads but is not scored on under `data.loss_on="completion"`: the pieces of
+    a document are encoded separately and concatenated, so the prompt's last token is exactly where it ends."""
 
 
 def concepts_of(record: Mapping[str, Any], where: str = "record") -> list[str]:
@@ -45,12 +58,43 @@ def commongen_prompt(concepts: Sequence[str]) -> str:
 
 
 def commongen_documents(record: Mapping[str, Any], where: str = "record") -> list[str]:
+    """The card's documents of a CommonGen record: `" kid, room, dance: A kid dances in the room."`."""
+    return ["".join(pieces) for pieces in commongen_pieces(record, where)]
+
+
+def commongen_pieces(record: Mapping[str, Any], where: str = "record") -> list[list[str]]:
+    """`[Prompt(" kid, room, dance:"), " A kid dances in the room."]` for each scene of a CommonGen record.
+
+    The sentence piece starts with one space before a non-space character, a safe cut for GPT-2's
+    pre-tokenizer (`documents._SAFE_CUT`): the two encodings concatenate to the whole document's encoding,
+    so the tokens are the same as before the recipe recorded its prompts.
+    """
     concepts = concepts_of(record, where)
     scenes = record.get("scene", record.get("target", record.get("scenes")))
     if scenes is None:
         raise KeyError(f"{where}: a CommonGen record needs 'scene' or 'target'; fields: {sorted(record)}")
     scenes = _strings(scenes, where, "scene")
-    return [f"{commongen_prompt(concepts)} {s.strip()}" for s in scenes if s.strip()]
+    return [[Prompt(commongen_prompt(concepts)), f" {s.strip()}"] for s in scenes if s.strip()]
+
+
+def prompt_completion_pieces(record: Mapping[str, Any], where: str = "record") -> list[list[str]]:
+    """`[Prompt(prompt), completion]` of a `{"prompt": ..., "completion": ...}` record.
+
+    The two are encoded separately (the token boundary is the prompt's end even where a joint encoding
+    would merge across it, e.g. a prompt ending in a space), as instruction-tuning collators do.
+    """
+    missing = [k for k in ("prompt", "completion") if k not in record]
+    if missing:
+        raise KeyError(f"{where}: a prompt_completion record needs string fields 'prompt' and 'completion'; "
+                       f"missing {missing}; fields: {sorted(record)}")
+    prompt, completion = (_string(record[k], where, k) for k in ("prompt", "completion"))
+    return [[Prompt(prompt), completion]]
+
+
+def _string(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {value!r:.80}")
+    return value
 
 
 def eli5_documents(record: Mapping[str, Any], where: str = "record") -> list[str]:
@@ -76,15 +120,22 @@ def _strings(value: Any, where: str, field: str) -> list[str]:
     return items
 
 
-FORMATTERS = {"commongen": commongen_documents, "eli5": eli5_documents}
+FORMATTERS = {"commongen": commongen_pieces, "eli5": lambda record, where: [[d] for d in eli5_documents(record, where)],
+              "prompt_completion": prompt_completion_pieces}
+
+
+def record_pieces(recipe: str, record: Mapping[str, Any], where: str) -> list[list[str]]:
+    """Each document of `record` under `recipe` (one of RECIPES other than "text") as its pieces (a `Prompt`
+    first for `PROMPT_RECIPES`); `where` names the record in errors (a file and line number)."""
+    if recipe not in FORMATTERS:
+        raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {RECIPES}")
+    return FORMATTERS[recipe](record, where)
 
 
 def format_records(recipe: str, records: Iterator[Mapping[str, Any]], where: str) -> Iterator[str]:
-    """Documents of `records` under `recipe` (one of RECIPES other than "text")."""
-    if recipe not in FORMATTERS:
-        raise ValueError(f"unknown data.recipe {recipe!r}; choose one of {RECIPES}")
+    """Documents of `records` under `recipe` (one of RECIPES other than "text"), as whole strings."""
     for i, record in enumerate(records):
-        yield from FORMATTERS[recipe](record, f"{where} record {i}")
+        yield from ("".join(pieces) for pieces in record_pieces(recipe, record, f"{where} record {i}"))
 
 
 def commongen_line_pairs(src_path: str) -> Iterator[dict]:

@@ -51,7 +51,7 @@ ARCHITECTURE = ("model.preset", "model.n_layer", "model.n_embd", "model.n_head",
                 "model.param_dtype", "lora.rank", "lora.targets")
 # Keys added after runs existed, with the value that does what a run from before them did: a saved config without
 # one is not a change while the current run keeps that value (the run goes on as it trained).
-ADDED_LATER = {"data.document_mask": False, "data.reset_positions": False}
+ADDED_LATER = {"data.document_mask": False, "data.reset_positions": False, "data.loss_on": "all"}
 # Not config keys: what identifies the frozen base of a LoRA run (`run_folders.LORA_BASE_SHA256`), stored with the
 # config. Checkpoints hold only the adapters, which mean nothing on other base weights: never accepted changed.
 BASE = "lora_base."

@@ -28,6 +28,7 @@ from flax_gpt2.modeling import layer_stacking, lora as lora_lib
 from flax_gpt2.modeling.attention import target_platform
 from flax_gpt2.modeling.lora import LoRAConfig
 
+from . import loss_mask
 from .packing import Packing
 
 Array = jax.Array
@@ -92,17 +93,34 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
     loss), whose gradient is a scatter into the `[B, T, V]` logits: ~2x slower on CPU. The value is
     the same (one nonzero term in the sum).
     """
+    return jnp.mean(token_nll(logits, targets))
+
+
+def token_nll(logits: Array, targets: Array) -> Array:
+    """Each position's next-token cross-entropy `[B, T]` in float32 (see `cross_entropy`)."""
     logits = logits.astype(jnp.float32)
     picked = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
-def make_loss_fn(model: nn.Module, packing: Packing | None = None) -> Callable[[Any, Array, Array], Array]:
+def masked_nll(logits: Array, targets: Array, scored: Array) -> tuple[Array, Array]:
+    """`(sum of scored positions' nll, their count)`; `scored` is the targets' 0/1 mask (train/loss_mask.py)."""
+    return jnp.sum(token_nll(logits, targets) * scored), jnp.sum(scored)
+
+
+def make_loss_fn(model: nn.Module, packing: Packing | None = None,
+                 loss_on: str = "all") -> Callable[[Any, Array, Array], Any]:
     """`loss_fn(params, tokens [B, T+1], dropout_rng) -> mean loss` of predicting tokens[:, 1:]; `packing`
-    masks attention at document boundaries and/or restarts positions (train/packing.py)."""
+    masks attention at document boundaries and/or restarts positions (train/packing.py). With
+    `loss_on="completion"` the tokens carry the loss mask (train/loss_mask.py) and `loss_fn` returns
+    `(sum of the scored nll, (that sum, the scored count))`, for `value_and_grad(..., has_aux=True)`."""
     packing = packing or Packing()
+    loss_mask.check_loss_on(loss_on)
 
     def loss_fn(params, tokens, rng):
+        scored = None
+        if loss_on == "completion":
+            tokens, scored = loss_mask.split(tokens)
         # On CPU each block's output cotangent is stored rather than recomputed by every consumer
         # (flax_gpt2/modeling/grad_barrier.py: ~1.5x faster backward); GPU/TPU fusion has no such problem.
         barrier = target_platform(tokens) == "cpu"
@@ -110,27 +128,32 @@ def make_loss_fn(model: nn.Module, packing: Packing | None = None) -> Callable[[
         inputs = tokens[:, :-1]
         logits = step_model.apply({"params": params}, inputs, deterministic=False, rngs={"dropout": rng},
                                   **packing.model_inputs(inputs)).logits
-        return cross_entropy(logits, tokens[:, 1:])
+        if scored is None:
+            return cross_entropy(logits, tokens[:, 1:])
+        total, count = masked_nll(logits, tokens[:, 1:], scored[:, 1:])
+        return total, (total, count)
 
     return loss_fn
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    lora: LoRAConfig | None = None,
-                    packing: Packing | None = None) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
+                    lora: LoRAConfig | None = None, packing: Packing | None = None,
+                    loss_on: str = "all") -> Callable[[TrainState, Array, Array], tuple[TrainState, dict]]:
     """`train_step(state, tokens [A, B, T+1], rng) -> (state, metrics)`.
 
     The gradient of the A micro-batches of B sequences is accumulated in a `lax.scan` and averaged, which
     equals the gradient of the whole A*B batch (every row has T target tokens). Dropout keys depend
     only on `rng`, the step and the micro-batch index, so a resumed run draws the same masks. With `lora`,
     `state.params` are the adapters over the frozen `state.base` (module docstring). `packing`: as in
-    `make_loss_fn`.
+    `make_loss_fn`. With `loss_on="completion"` the micro-batches' scored sums and counts are added up and
+    the loss and gradient divided by the batch's count: the full batch's masked mean (train/loss_mask.py).
     """
-    loss_fn = make_loss_fn(model, packing)
+    loss_fn = make_loss_fn(model, packing, loss_on)
+    masked = loss_on == "completion"
     if lora is None:
-        grad_fn = jax.value_and_grad(loss_fn)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=masked)
     else:
-        adapted = jax.value_and_grad(lora_lib.frozen_base_loss(loss_fn, lora))
+        adapted = jax.value_and_grad(lora_lib.frozen_base_loss(loss_fn, lora), has_aux=masked)
 
         def grad_fn(adapters, tokens, rng, base):
             # The model's dropout and the adapters' draw from independent keys of the micro-batch's key.
@@ -142,15 +165,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         extra = () if lora is None else (state.base,)
 
         def accumulate(carry, xs):
-            loss_sum, grad_sum = carry
+            loss_sum, count, grad_sum = carry
             index, micro_tokens = xs
-            loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+            value, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)
+            loss, micro_count = value[1] if masked else (value, 1.0)
+            return (loss_sum + loss, count + micro_count, jax.tree.map(jnp.add, grad_sum, grads)), None
 
-        n_micro = tokens.shape[0]
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(n_micro), tokens))
-        loss, grads = loss / n_micro, jax.tree.map(lambda g: g / n_micro, grads)
+        zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, count, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(tokens.shape[0]), tokens))
+        # "all": the mean of the micro-batches' means (count = their number); "completion": scored sum / count (a
+        # batch with no scored token gives 0 and a zero gradient rather than NaN).
+        count = jnp.maximum(count, 1.0) if masked else tokens.shape[0]
+        loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -165,18 +191,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None,
-                   packing: Packing | None = None) -> Callable[..., Array]:
+def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None, packing: Packing | None = None,
+                   loss_on: str = "all") -> Callable[..., Array]:
     """`eval_step(params, tokens [1, B, T+1]) -> mean loss` without dropout; with `lora`,
-    `eval_step(adapters, tokens, base)`. `packing`: as in `make_loss_fn` (held-out windows are packed alike)."""
+    `eval_step(adapters, tokens, base)`. `packing`: as in `make_loss_fn` (held-out windows are packed alike).
+    With `loss_on="completion"` it returns `[scored nll sum, scored count]` (`loss_mask.combine_eval` adds
+    the batches up)."""
     packing = packing or Packing()
+    loss_mask.check_loss_on(loss_on)
 
     def eval_step(params, tokens, base=None):
         tokens = tokens[0]
+        if loss_on == "completion":
+            tokens, scored = loss_mask.split(tokens)
         if lora is not None:
             params = lora_lib.apply_lora(base, params, lora)
         inputs = tokens[:, :-1]
         logits = model.apply({"params": params}, inputs, deterministic=True, **packing.model_inputs(inputs)).logits
+        if loss_on == "completion":
+            return jnp.stack(masked_nll(logits, tokens[:, 1:], scored[:, 1:]))
         return cross_entropy(logits, tokens[:, 1:])
 
     return eval_step
@@ -184,21 +217,22 @@ def make_eval_step(model: nn.Module, lora: LoRAConfig | None = None,
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    state_shardings: TrainState, batch_sharding: jax.sharding.NamedSharding,
-                   lora: LoRAConfig | None = None, packing: Packing | None = None):
+                   lora: LoRAConfig | None = None, packing: Packing | None = None, loss_on: str = "all"):
     """The train step jitted with explicit in/out shardings; the input state's buffers are donated (a LoRA
     run's base is passed through: its output aliases its input)."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(make_train_step(model, tx, schedule, lora, packing), in_shardings=(state_shardings, batch_sharding,
-                                                                              replicated),
+    return jax.jit(make_train_step(model, tx, schedule, lora, packing, loss_on),
+                   in_shardings=(state_shardings, batch_sharding, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def jit_eval_step(model: nn.Module, params_shardings, batch_sharding: jax.sharding.NamedSharding,
-                  lora: LoRAConfig | None = None, base_shardings=None, packing: Packing | None = None):
+                  lora: LoRAConfig | None = None, base_shardings=None, packing: Packing | None = None,
+                  loss_on: str = "all"):
     """The eval step jitted; with `lora`, it takes `(adapters, tokens, base)` and `base_shardings` places the base."""
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     in_shardings = (params_shardings, batch_sharding) + (() if lora is None else (base_shardings,))
-    return jax.jit(make_eval_step(model, lora, packing), in_shardings=in_shardings, out_shardings=replicated)
+    return jax.jit(make_eval_step(model, lora, packing, loss_on), in_shardings=in_shardings, out_shardings=replicated)
 
 
 def full_params(state: TrainState, lora: LoRAConfig | None, base_shardings=None) -> Any:

@@ -1,16 +1,18 @@
 """Tokenize a corpus once into memory-mapped uint16 shards that later runs reuse.
 
-    python -m flax_gpt2.train.tokenize_corpus SOURCE OUT_DIR [--text_field text] [--recipe text|commongen|eli5]
-        [--split train] [--dataset_config NAME] [--tokenizer DIR] [--num_threads N] [--overwrite] [--no_progress]
-        [--debug] [--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]
+    python -m flax_gpt2.train.tokenize_corpus SOURCE OUT_DIR [--text_field text]
+        [--recipe text|commongen|eli5|prompt_completion] [--split train] [--dataset_config NAME]
+        [--tokenizer DIR] [--num_threads N] [--overwrite] [--no_progress] [--debug]
+        [--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]
         [--shared_out] [--block_chars N]
 
 SOURCE is a text file, a jsonl file (one JSON object per line, the text under `text_field`), a folder
 or glob of such files, local parquet/csv/arrow files, or a `datasets` hub name. Each document (a text
 file, a jsonl line, a dataset row) is followed by `<|endoftext|>`. OUT_DIR receives `tokens_NNNNN.bin`
-(raw uint16) and `meta.json`, written last so that a folder with `meta.json` is complete. OUT_DIR must be
-new or empty; one that holds the same corpus (same files and settings) is left as it is; anything else
-needs `--overwrite`.
+(raw uint16), for a recipe with prompts (`recipes.PROMPT_RECIPES`) `mask_NNNNN.bin` (uint8 per token, 1 =
+scored under `data.loss_on="completion"`), and `meta.json`, written last so that a folder with `meta.json` is
+complete. OUT_DIR must be new or empty; one that holds the same corpus (same files and settings) is left as it
+is; anything else needs `--overwrite`.
 
 On several hosts (the `jax.distributed` flags, as `config.distributed.*` in training; on a TPU pod
 `--distributed` alone lets JAX detect them), each host tokenizes only its share of the documents into
@@ -34,7 +36,7 @@ from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import cli, file_io
 
 from . import documents
-from .recipes import RECIPES
+from .recipes import PROMPT_RECIPES, RECIPES
 
 SHARD_TOKENS = 1 << 28  # 512 MiB per shard
 FORMAT_VERSION = 1
@@ -69,7 +71,10 @@ def corpus_inputs(source: str, *, text_field: str = "text", recipe: str = "text"
         stamps = None if files is None else [file_stamp(f) for f in files]
     what = ["datasets", source, dataset_config, split] if stamps is None else stamps
     tokenizer = os.path.abspath(tokenizer) if tokenizer else "gpt2"
-    blob = json.dumps([FORMAT_VERSION, what, text_field, tokenizer, recipe])
+    # A recipe with prompts writes a loss mask too: its corpora (and cache keys) differ from ones made before
+    # it did, so such a corpus is never taken for one that lacks the mask. Other corpora keep their keys.
+    mask = ["loss_mask"] if recipe in PROMPT_RECIPES else []
+    blob = json.dumps([FORMAT_VERSION, what, text_field, tokenizer, recipe] + mask)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -107,13 +112,15 @@ def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", reci
     try:
         w = _write_shards(documents.batches(docs), encoding, tmp, shard_tokens=shard_tokens,
                           num_threads=num_threads or os.cpu_count() or 1, desc=f"tokenizing {source}",
-                          progress=progress)
+                          progress=progress, with_mask=recipe in PROMPT_RECIPES)
         if w["num_text_tokens"] == 0:
             raise ValueError(f"data source {source!r} has no text ({w['num_documents']} empty documents): "
                              "nothing to train on; check the path, data.text_field (--text_field) or the recipe")
         meta = {"format": FORMAT_VERSION, "dtype": "uint16", "num_tokens": w["num_tokens"],
                 "num_documents": w["num_documents"], "eot_token": encoding.eot_token, "vocab_size": encoding.n_vocab,
                 "source": source, "inputs": inputs, "sha256": w["sha256"], "shards": w["shards"]}
+        if "loss_mask" in w:
+            meta["loss_mask"] = w["loss_mask"]
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         _move_in(tmp, out_dir)
@@ -152,52 +159,68 @@ def _read_meta_quietly(folder: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _write_shards(batches: Iterable[tuple[list[str], list[bool]]], encoding, folder: str, *, shard_tokens: int,
-                  num_threads: int, desc: str, progress: bool) -> dict:
-    """Encodes `batches` into `folder/tokens_NNNNN.bin`; returns their `shards`, `num_tokens`, `sha256`,
-    `num_documents`, and `num_text_tokens` (the tokens that are not a document's `<|endoftext|>`)."""
+def _write_shards(batches: Iterable[tuple[list[str], list[bool], list[bool]]], encoding, folder: str, *,
+                  shard_tokens: int, num_threads: int, desc: str, progress: bool, with_mask: bool = False) -> dict:
+    """Encodes `batches` (`documents.batches`) into `folder/tokens_NNNNN.bin`; returns their `shards`,
+    `num_tokens`, `sha256`, `num_documents`, and `num_text_tokens` (the tokens that are not a document's
+    `<|endoftext|>`). `with_mask`: also `mask_NNNNN.bin` beside each shard (uint8, 1 where the token is in a
+    scored piece or is the `<|endoftext|>` that closes a document, which the completion predicts) and
+    `loss_mask` (`{"sha256", "num_scored"}`)."""
     eot = encoding.eot_token
-    shards, n_docs, n_text, total = [], 0, 0, 0
-    digest = hashlib.sha256()
-    current = None
+    shards, n_docs, n_text, total, n_scored = [], 0, 0, 0, 0
+    digest, mask_digest = hashlib.sha256(), hashlib.sha256()
+    current = None  # the open (tokens, mask or None) files of the last shard
     bar = None
     if progress:
         import tqdm
         bar = tqdm.tqdm(desc=desc, unit=" tokens", unit_scale=True)
     try:
-        for texts, ends in batches:
-            pieces = []
-            for ids, end in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends):
+        for texts, ends, scored in batches:
+            pieces, flags = [], []
+            for ids, end, score in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends, scored):
                 pieces.append(np.asarray(ids, np.uint16))
+                flags.append(np.full(len(ids), score, np.uint8))
                 n_text += len(ids)
                 if end:
                     pieces.append(np.array([eot], np.uint16))
+                    flags.append(np.ones(1, np.uint8))
                     n_docs += 1
-            tokens = np.concatenate(pieces)
+            tokens, mask = np.concatenate(pieces), np.concatenate(flags)
+            n_scored += int(mask.sum())
             while len(tokens):
                 if current is None:
                     name = f"tokens_{len(shards):05d}.bin"
-                    current = open(os.path.join(folder, name), "wb")
                     shards.append({"file": name, "num_tokens": 0})
-                take = tokens[:shard_tokens - shards[-1]["num_tokens"]]
-                raw = take.tobytes()
-                current.write(raw)
+                    if with_mask:
+                        shards[-1]["mask_file"] = f"mask_{len(shards) - 1:05d}.bin"
+                    current = [open(os.path.join(folder, shards[-1][k]), "wb") for k in ("file", "mask_file")
+                               if k in shards[-1]]
+                n = min(len(tokens), shard_tokens - shards[-1]["num_tokens"])
+                raw = tokens[:n].tobytes()
+                current[0].write(raw)
                 digest.update(raw)
-                shards[-1]["num_tokens"] += len(take)
-                total += len(take)
-                tokens = tokens[len(take):]
+                if with_mask:
+                    current[1].write(mask[:n].tobytes())
+                    mask_digest.update(mask[:n].tobytes())
+                shards[-1]["num_tokens"] += n
+                total += n
+                tokens, mask = tokens[n:], mask[n:]
                 if shards[-1]["num_tokens"] == shard_tokens:
-                    current.close()
+                    for f in current:
+                        f.close()
                     current = None
             if bar is not None:
                 bar.update(total - bar.n)
     finally:
-        if current is not None:
-            current.close()
+        for f in current or ():
+            f.close()
         if bar is not None:
             bar.close()
-    return {"shards": shards, "num_tokens": total, "sha256": digest.hexdigest(), "num_documents": n_docs,
-            "num_text_tokens": n_text}
+    out = {"shards": shards, "num_tokens": total, "sha256": digest.hexdigest(), "num_documents": n_docs,
+           "num_text_tokens": n_text}
+    if with_mask:
+        out["loss_mask"] = {"sha256": mask_digest.hexdigest(), "num_scored": n_scored}
+    return out
 
 
 def _move_in(tmp: str, out_dir: str) -> None:
@@ -220,12 +243,13 @@ def _move_in(tmp: str, out_dir: str) -> None:
     old = _read_meta_quietly(out_dir) or {}
     old_files = set()
     for i, shard in enumerate(old.get("shards") or []):
-        try:
-            name = shard["file"] if isinstance(shard, dict) else None
-            old_files.add(file_io.manifest_member(out_dir, name, manifest=os.path.join(out_dir, "meta.json"),
-                                                  key=f"shards[{i}].file"))
-        except ValueError:
-            continue  # a name outside the folder: never removed
+        for key in ("file", "mask_file") if isinstance(shard, dict) else ():
+            try:
+                if key == "file" or key in shard:
+                    old_files.add(file_io.manifest_member(out_dir, shard.get(key), key=f"shards[{i}].{key}",
+                                                          manifest=os.path.join(out_dir, "meta.json")))
+            except ValueError:
+                continue  # a name outside the folder: never removed
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)

@@ -8,8 +8,8 @@ expensive part); round-robin keeps the shares balanced whatever the documents' s
 
 Layout (order-preserving): block b becomes `part_BBBBB.bin` (raw uint16) and then its sidecar
 `part_BBBBB.json` (its token and document counts, sha256 and the corpus inputs), each written whole under
-its final name, in the shared output folder (a `gs://` prefix, or a folder every host mounts). After a
-barrier, process 0 checks every part against its sidecar and writes `meta.json` LAST, listing the parts in
+its final name (for a recipe with prompts, its loss mask `mask_BBBBB.bin` first), in the shared output
+folder (a `gs://` prefix, or a folder every host mounts). After a barrier, process 0 checks every part against its sidecar and writes `meta.json` LAST, listing the parts in
 block order with their (different) token counts. The concatenated stream is byte for byte the one a
 1-process tokenization writes, with the same sha256 (pieces encode independently, `<|endoftext|>` after
 each document); only the shard boundaries differ, and `TokenStore` reads shards of any length, so both
@@ -34,12 +34,13 @@ import numpy as np
 from flax_gpt2.utils import file_io
 
 from . import documents, remote_source, tokenize_corpus as tc
+from .recipes import PROMPT_RECIPES
 
 BLOCK_CHARS = 64 << 20  # the most text in one part (about 16M tokens, 32 MiB)
 MIN_BLOCK_CHARS = 4 << 10  # a small corpus still gets a few blocks per host
 BLOCKS_PER_HOST = 8  # when the source's size is known: about this many parts per host
 BARRIER_TIMEOUT_S = 24 * 3600  # hosts wait for the slowest share: hours on a large corpus
-_PART = re.compile(r"part_\d{5,}\.(bin|json)$")
+_PART = re.compile(r"(part_\d{5,}\.(bin|json)|mask_\d{5,}\.bin)$")
 _barriers = itertools.count()  # barrier names: the same sequence on every process
 
 
@@ -111,14 +112,15 @@ def tokenize_on_hosts(source: str, out_dir: str, *, hosts, shared: bool, not_sha
     def my_share():
         docs = documents.iter_documents(local, text_field=text_field, split=split, dataset_config=dataset_config,
                                         recipe=recipe)
-        for block, (texts, ends) in enumerate(documents.batches(docs, block_chars)):
+        for block, (texts, ends, scored) in enumerate(documents.batches(docs, block_chars)):
             num_blocks[0] = block + 1
             if block % hosts.num_processes != hosts.process_id:
                 continue
             side = _finished_part(out_dir, block, inputs, fix)
             share["skipped"] += side is not None
             if side is None:
-                side = _write_part(out_dir, block, texts, ends, encoding, inputs, num_threads or os.cpu_count() or 1)
+                side = _write_part(out_dir, block, texts, ends, encoding, inputs, num_threads or os.cpu_count() or 1,
+                                   scored if recipe in PROMPT_RECIPES else None)
             share["documents"] += side["num_documents"]
             share["tokens"] += side["num_tokens"]
             share["parts"] += 1
@@ -129,7 +131,8 @@ def tokenize_on_hosts(source: str, out_dir: str, *, hosts, shared: bool, not_sha
     if hosts.process_id == 0:
         try:
             meta = _write_meta(out_dir, num_blocks[0], hosts.num_processes, source=source, inputs=inputs,
-                               encoding=encoding, block_chars=block_chars, fix=fix)
+                               encoding=encoding, block_chars=block_chars, fix=fix,
+                               with_mask=recipe in PROMPT_RECIPES)
         except Exception as e:  # reported to every process at the barrier
             error = e
     hosts.agree("meta", error)
@@ -235,28 +238,38 @@ def _check_size(part: str, side: dict, side_path: str, fix: str) -> None:
 
 
 def _write_part(out_dir: str, block: int, texts: list[str], ends: list[bool], encoding, inputs: str,
-                num_threads: int) -> dict:
-    """Encodes one block into `part_BBBBB.bin`, then its sidecar (so a sidecar means a complete part)."""
-    pieces, n_docs, n_text = [], 0, 0
+                num_threads: int, scored: list[bool] | None = None) -> dict:
+    """Encodes one block into `part_BBBBB.bin` (with `scored`, a recipe with prompts: its loss mask
+    `mask_BBBBB.bin` too, as `tokenize_corpus` writes it), then its sidecar (so a sidecar means a complete
+    part)."""
+    pieces, flags, n_docs, n_text = [], [], 0, 0
     eot = np.array([encoding.eot_token], np.uint16)
-    for ids, end in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends):
+    for ids, end, score in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends,
+                               scored or [True] * len(texts)):
         pieces.append(np.asarray(ids, np.uint16))
+        flags.append(np.full(len(ids), score, np.uint8))
         n_text += len(ids)
         if end:
             pieces.append(eot)
+            flags.append(np.ones(1, np.uint8))  # the completion predicts the <|endoftext|> that closes it
             n_docs += 1
     raw = np.concatenate(pieces).tobytes() if pieces else b""
-    file_io.atomic_write(file_io.join(out_dir, f"part_{block:05d}.bin"), raw)
     side = {"num_tokens": len(raw) // 2, "num_documents": n_docs, "num_text_tokens": n_text,
             "sha256": hashlib.sha256(raw).hexdigest(), "inputs": inputs}
+    if scored is not None:
+        mask = np.concatenate(flags).tobytes() if flags else b""
+        file_io.atomic_write(file_io.join(out_dir, f"mask_{block:05d}.bin"), mask)
+        side["mask_sha256"], side["num_scored"] = hashlib.sha256(mask).hexdigest(), sum(mask)
+    file_io.atomic_write(file_io.join(out_dir, f"part_{block:05d}.bin"), raw)
     file_io.atomic_write(file_io.join(out_dir, f"part_{block:05d}.json"), json.dumps(side))
     return side
 
 
 def _write_meta(out_dir: str, num_blocks: int, num_processes: int, *, source: str, inputs: str, encoding,
-                block_chars: int, fix: str) -> dict:
+                block_chars: int, fix: str, with_mask: bool = False) -> dict:
     """Checks every part against its sidecar, then writes meta.json (last) listing them in block order."""
     shards, digest, n_docs, n_text = [], hashlib.sha256(), 0, 0
+    mask_digest, n_scored = hashlib.sha256(), 0
     for block in range(num_blocks):
         part, side_path = (file_io.join(out_dir, f"part_{block:05d}.{ext}") for ext in ("bin", "json"))
         side = _read_json(side_path)
@@ -269,8 +282,18 @@ def _write_meta(out_dir: str, num_blocks: int, num_processes: int, *, source: st
             raise PartError(f"{part} does not match the sha256 in {side_path}: a damaged part; {fix}")
         digest.update(raw)
         n_docs, n_text = n_docs + side["num_documents"], n_text + side["num_text_tokens"]
+        if with_mask:
+            mask_path = file_io.join(out_dir, f"mask_{block:05d}.bin")
+            mask = file_io.read_bytes(mask_path) if file_io.exists(mask_path) else None
+            if mask is None or hashlib.sha256(mask).hexdigest() != side.get("mask_sha256"):
+                raise PartError(f"{mask_path} is missing or does not match the sha256 in {side_path}: a damaged "
+                                f"loss mask; {fix}")
+            mask_digest.update(mask)
+            n_scored += side["num_scored"]
         if side["num_tokens"]:
             shards.append({"file": f"part_{block:05d}.bin", "num_tokens": side["num_tokens"]})
+            if with_mask:
+                shards[-1]["mask_file"] = f"mask_{block:05d}.bin"
     if n_text == 0:
         raise ValueError(f"data source {source!r} has no text ({n_docs} empty documents): nothing to train on; "
                          "check the path, data.text_field (--text_field) or the recipe")
@@ -278,6 +301,8 @@ def _write_meta(out_dir: str, num_blocks: int, num_processes: int, *, source: st
             "num_documents": n_docs, "eot_token": encoding.eot_token, "vocab_size": encoding.n_vocab,
             "source": source, "inputs": inputs, "sha256": digest.hexdigest(), "shards": shards,
             "layout": {"parts": num_blocks, "block_chars": block_chars, "num_processes": num_processes}}
+    if with_mask:
+        meta["loss_mask"] = {"sha256": mask_digest.hexdigest(), "num_scored": n_scored}
     file_io.atomic_write(file_io.join(out_dir, "meta.json"), json.dumps(meta, indent=1))
     return meta
 

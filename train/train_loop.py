@@ -27,8 +27,9 @@ from flax_gpt2.tokenizer.bpe_tokenizer import get_tokenizer
 from flax_gpt2.utils import file_io
 
 from . import (checkpointing, compile_cache, compile_only as compile_only_lib, config_checks, data, evals, lora_run,
-               mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib, packing as packing_lib,
-               profiling, recipes, run_guard, signals as signals_lib, step as step_lib, step_loop)
+               loss_mask, mesh as mesh_lib, metrics as metrics_lib, model_config as model_config_lib,
+               packing as packing_lib, profiling, recipes, run_guard, signals as signals_lib, step as step_lib,
+               step_loop)
 from .config_checks import ConfigValueError
 from .goodput import Goodput
 from .watchdog import Watchdog
@@ -198,7 +199,9 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
         raise ValueError(f"the tokenizer has {store.meta['vocab_size']} tokens but the model only "
                          f"{gpt2_config.vocab_size}")
     cut = data.split_point(store, config.data.val_fraction, seq_len)
-    train_windows, val_windows = data.Windows(store, 0, cut, seq_len), data.Windows(store, cut, len(store), seq_len)
+    scored = loss_mask.check_corpus(config.data.loss_on, store.meta, store.folder)  # the mask rides in the ids
+    train_windows = data.Windows(store, 0, cut, seq_len, scored)
+    val_windows = data.Windows(store, cut, len(store), seq_len, scored)
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     config = _resolve_epochs(config, train_windows.count // config.batch_size)
 
@@ -251,9 +254,10 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
     hf_model_config = gpt2_config.to_hf_config()
 
     packing = packing_lib.Packing.from_config(config.data, store.meta.get("eot_token"))
-    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing)
+    loss_on = config.data.loss_on
+    train_step = step_lib.jit_train_step(model, tx, schedule, state_shardings, batch_sharding, lora, packing, loss_on)
     eval_step = step_lib.jit_eval_step(model, state_shardings.params, batch_sharding, lora, state_shardings.base,
-                                       packing)
+                                       packing, loss_on)
     # Evaluations that take the model's plain params get a LoRA run's base with the adapters merged, placed so.
     model_shardings = state_shardings.params if lora is None else state_shardings.base
     model_params = functools.partial(step_lib.full_params, lora=lora, base_shardings=model_shardings)
@@ -268,7 +272,8 @@ def _train(config, workdir: str, stack: contextlib.ExitStack, layout) -> dict[st
         out = {}
         if eval_set:
             base_arg = () if lora is None else (state.base,)
-            out["eval_loss"] = float(np.mean([float(eval_step(state.params, b, *base_arg)) for b in eval_set]))
+            out["eval_loss"] = loss_mask.combine_eval([eval_step(state.params, b, *base_arg) for b in eval_set],
+                                                      loss_on)
             out["eval_perplexity"] = _exp(out["eval_loss"])
         if hellaswag_eval is not None:
             out.update(hellaswag_eval(model_params(state)))
