@@ -224,11 +224,13 @@ def _text_file_pieces(path: str) -> Iterator[str]:
         yield from _utf8(text_pieces(f), path)
 
 
-def batches(documents: Iterable[Iterable[str]], chars_per_batch: int = BATCH_CHARS
+def batches(documents: Iterable[Iterable[str]], chars_per_batch: int | None = None
             ) -> Iterator[tuple[list[str], list[bool], list[bool]]]:
     """Groups document pieces into batches of about `chars_per_batch` characters for one parallel encode (a
     long document spans several); marks the pieces that end a document, and the ones scored under
-    `data.loss_on="completion"` (all but a recipe's `recipes.Prompt`)."""
+    `data.loss_on="completion"` (all but a recipe's `recipes.Prompt`). `chars_per_batch` defaults to
+    `BATCH_CHARS`, read at call time."""
+    chars_per_batch = chars_per_batch or BATCH_CHARS
     texts, ends, scored, chars = [], [], [], 0
     for pieces in documents:
         for piece, last in _with_last(pieces):

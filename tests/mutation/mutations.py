@@ -41,8 +41,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "AdamW decays biases and LayerNorm scales towards 0"),
     Mutation(
         "same_dropout_key_for_every_micro_batch", "train/step.py",
-        (("loss, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)",
-          "loss, grads = grad_fn(state.params, micro_tokens, rng, *extra)"),),
+        (("value, grads = grad_fn(state.params, micro_tokens, jax.random.fold_in(rng, index), *extra)",
+          "value, grads = grad_fn(state.params, micro_tokens, rng, *extra)"),),
         ("tests/test_train_dropout.py",),
         "every accumulated micro-batch drops the same units"),
     Mutation(
@@ -84,8 +84,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "repetition_penalty > 1 encourages repeats instead of discouraging them"),
     Mutation(
         "accumulated_gradients_not_averaged", "train/step.py",
-        (("loss, grads = loss / n_micro, jax.tree.map(lambda g: g / n_micro, grads)",
-          "loss, grads = loss / n_micro, grads"),),
+        (("loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)",
+          "loss, grads = loss / count, grads"),),
         ("tests/test_train_sharding.py::test_gradient_accumulation_equals_big_batch",
          "tests/test_train_parity.py::test_train_steps_match_torch_adamw_with_accumulation"),
         "gradient accumulation sums micro-batch gradients: A times the gradient (and its clipping)"),
