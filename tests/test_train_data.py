@@ -75,6 +75,27 @@ def test_tokenize_text_jsonl_and_parquet(tmp_path, bpe_dir, encoding):
     assert store.read(5, 23).tolist() == expected[5:23]  # crosses shard boundaries
 
 
+def test_progress_counts_down_the_source_with_documents_and_tokens_per_second(tmp_path, bpe_dir, capsys):
+    """A local text/jsonl source: the bar's total is its size (so tqdm shows an ETA), ending at 100%, with
+    documents/s and tokens/s beside it; a source of unknown size (parquet) counts tokens instead."""
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(500):
+            f.write(json.dumps({"text": f"document number {i} " * 20}) + "\n")
+    size = os.path.getsize(tmp_path / "d.jsonl")
+    tc.tokenize_corpus(str(tmp_path / "d.jsonl"), str(tmp_path / "out"), tokenizer=str(bpe_dir), progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "docs/s" in last and "tokens/s" in last, last
+    assert f"/{size / 1024:.0f}k" in last or f"/{size / 1024:.1f}k" in last, (size, last)
+    assert tc.text_size(str(tmp_path / "d.jsonl")) == size
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a parquet document"] * 3}).to_parquet(tmp_path / "p.parquet")
+    assert tc.text_size(str(tmp_path / "p.parquet")) is None
+    tc.tokenize_corpus(str(tmp_path / "p.parquet"), str(tmp_path / "out2"), tokenizer=str(bpe_dir), progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert " tokens" in last and "docs/s" in last and "%" not in last, last
+
+
 def test_jsonl_missing_field_and_missing_files_are_clear_errors(tmp_path, bpe_dir):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(KeyError, match=r"d.jsonl:1 has no field 'text'"):

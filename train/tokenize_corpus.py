@@ -112,7 +112,7 @@ def tokenize_corpus(source: str, out_dir: str, *, text_field: str = "text", reci
     try:
         w = _write_shards(documents.batches(docs), encoding, tmp, shard_tokens=shard_tokens,
                           num_threads=num_threads or os.cpu_count() or 1, desc=f"tokenizing {source}",
-                          progress=progress, with_mask=recipe in PROMPT_RECIPES)
+                          progress=progress, with_mask=recipe in PROMPT_RECIPES, total_chars=text_size(source))
         if w["num_text_tokens"] == 0:
             raise ValueError(f"data source {source!r} has no text ({w['num_documents']} empty documents): "
                              "nothing to train on; check the path, data.text_field (--text_field) or the recipe")
@@ -159,8 +159,48 @@ def _read_meta_quietly(folder: str) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
+def text_size(source: str) -> int | None:
+    """The bytes of a local text/jsonl source (what the progress bar's ETA counts down), None when unknown
+    (a `datasets` name, or parquet/csv/arrow files, whose size is not their text's)."""
+    files = documents.resolve_files(source)
+    if not files or not all(f.endswith(documents.TEXT_SUFFIXES + documents.JSONL_SUFFIXES) for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files)
+
+
+class _Progress:
+    """The tokenizer's progress bar: source characters done out of the source's size (so tqdm shows an ETA)
+    when that is known, else tokens; documents/s and tokens/s beside it."""
+
+    def __init__(self, desc: str, total_chars: int | None):
+        import time
+
+        import tqdm
+
+        self._clock, self._start = time.monotonic, time.monotonic()
+        self._chars = total_chars is not None
+        self.bar = tqdm.tqdm(desc=desc, total=total_chars, unit="B" if self._chars else " tokens", unit_scale=True,
+                             unit_divisor=1024 if self._chars else 1000)
+
+    def update(self, chars: int, documents: int, tokens: int) -> None:
+        seconds = max(self._clock() - self._start, 1e-9)
+        if self._chars:
+            self.bar.update(min(chars, self.bar.total) - self.bar.n)  # characters ~ bytes: never past 100%
+            self.bar.set_postfix_str(f"{documents / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tokens/s",
+                                     refresh=False)
+        else:
+            self.bar.update(tokens - self.bar.n)
+            self.bar.set_postfix_str(f"{documents / seconds:,.0f} docs/s", refresh=False)
+
+    def close(self, done: bool) -> None:
+        if done and self._chars:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
 def _write_shards(batches: Iterable[tuple[list[str], list[bool], list[bool]]], encoding, folder: str, *,
-                  shard_tokens: int, num_threads: int, desc: str, progress: bool, with_mask: bool = False) -> dict:
+                  shard_tokens: int, num_threads: int, desc: str, progress: bool, with_mask: bool = False,
+                  total_chars: int | None = None) -> dict:
     """Encodes `batches` (`documents.batches`) into `folder/tokens_NNNNN.bin`; returns their `shards`,
     `num_tokens`, `sha256`, `num_documents`, and `num_text_tokens` (the tokens that are not a document's
     `<|endoftext|>`). `with_mask`: also `mask_NNNNN.bin` beside each shard (uint8, 1 where the token is in a
@@ -170,12 +210,11 @@ def _write_shards(batches: Iterable[tuple[list[str], list[bool], list[bool]]], e
     shards, n_docs, n_text, total, n_scored = [], 0, 0, 0, 0
     digest, mask_digest = hashlib.sha256(), hashlib.sha256()
     current = None  # the open (tokens, mask or None) files of the last shard
-    bar = None
-    if progress:
-        import tqdm
-        bar = tqdm.tqdm(desc=desc, unit=" tokens", unit_scale=True)
+    bar = _Progress(desc, total_chars) if progress else None
+    chars, done = 0, False
     try:
         for texts, ends, scored in batches:
+            chars += sum(map(len, texts))
             pieces, flags = [], []
             for ids, end, score in zip(encoding.encode_ordinary_batch(texts, num_threads=num_threads), ends, scored):
                 pieces.append(np.asarray(ids, np.uint16))
@@ -210,12 +249,13 @@ def _write_shards(batches: Iterable[tuple[list[str], list[bool], list[bool]]], e
                         f.close()
                     current = None
             if bar is not None:
-                bar.update(total - bar.n)
+                bar.update(chars, n_docs, total)
+        done = True
     finally:
         for f in current or ():
             f.close()
         if bar is not None:
-            bar.close()
+            bar.close(done)
     out = {"shards": shards, "num_tokens": total, "sha256": digest.hexdigest(), "num_documents": n_docs,
            "num_text_tokens": n_text}
     if with_mask:
