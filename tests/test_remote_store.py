@@ -151,3 +151,22 @@ def test_bad_remote_settings_are_config_errors():
             config_checks.check_config(c)
     with pytest.raises(config_checks.ConfigValueError, match="remote_cache_bytes"):
         remote_store.BlockCache(100, 1024)
+
+
+def test_a_batch_of_windows_fetches_its_blocks_in_one_round(tmp_path, shared_dir, gcs_workdir):  # noqa: F811
+    """`Windows.read` asks for every block of the batch at once (`prefetch`); reading the rows then hits the cache,
+    and the tokens equal the local store's."""
+    from flax_gpt2.train import data, remote_store
+
+    folder = _tokenize(tmp_path, shared_dir, "corpus", "prompt_completion")
+    local = data.TokenStore(str(folder))
+    remote = remote_store.RemoteTokenStore(_upload(folder, f"{gcs_workdir}/corpus"), block_bytes=512)
+    ids = np.random.default_rng(1).permutation(data.Windows(local, 0, len(local), 32).count)[:24].reshape(4, 6)
+    got = data.Windows(remote, 0, len(remote), 32, scored=True).read(ids)
+    np.testing.assert_array_equal(got, data.Windows(local, 0, len(local), 32, scored=True).read(ids))
+    fetched = remote.cache.blocks_read
+    # One round for the ids' blocks, one for the mask's; each window of 33 tokens (66 bytes of ids, 33 of mask)
+    # lies in one or two 512-byte blocks of each file; every row was then read from the cache.
+    assert remote.cache.requests == 2 and fetched <= 24 * 4 and remote.cache.hits >= 2 * 24
+    data.Windows(remote, 0, len(remote), 32, scored=True).read(ids)
+    assert remote.cache.blocks_read == fetched and remote.cache.requests == 2  # all cached

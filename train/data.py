@@ -102,6 +102,9 @@ class TokenStore:
         tokenize_corpus recorded one). A resumed run compares it with its checkpoints' (`run_guard`)."""
         return {"num_tokens": len(self), "sha256": self.meta.get("sha256")}
 
+    def prefetch(self, spans: list[tuple[int, int]], arrays: list | None = None) -> None:
+        """Nothing to do for local shards (a remote store fetches the spans' blocks at once here)."""
+
     def read(self, start: int, stop: int, arrays: list | None = None) -> np.ndarray:
         """Tokens `[start, stop)` of the stream (or of `arrays`, shards of the same lengths: `masks`) as int32
         (a span may cross shard boundaries)."""
@@ -295,13 +298,20 @@ class Windows:
         self.store, self.start, self.seq_len, self.scored = store, start, seq_len, scored
         self.count = max(stop - start - 1, 0) // seq_len
 
+    def _bounds(self, w: int) -> tuple[int, int]:
+        return self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1
+
     def _span(self, w: int) -> np.ndarray:
-        start, stop = self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1
+        start, stop = self._bounds(w)
         tokens = self.store.read(start, stop)
         return loss_mask.pack(tokens, self.store.read(start, stop, self.store.masks)) if self.scored else tokens
 
     def read(self, window_ids: np.ndarray) -> np.ndarray:
         """`[..., seq_len + 1]` int32 tokens of the given windows."""
+        spans = [self._bounds(int(w)) for w in window_ids.reshape(-1)]
+        self.store.prefetch(spans)  # a remote store fetches every block of the batch at once
+        if self.scored:
+            self.store.prefetch(spans, self.store.masks)
         flat = [self._span(w) for w in window_ids.reshape(-1)]
         out = np.stack(flat) if flat else np.zeros((0, self.seq_len + 1), np.int32)
         return out.reshape(*window_ids.shape, self.seq_len + 1)
