@@ -144,7 +144,8 @@ def test_bad_remote_settings_are_config_errors():
     from flax_gpt2.configs import tiny
     from flax_gpt2.train import config_checks, remote_store
 
-    for key, value, match in (("remote_reads", "copy", "'range'"), ("remote_cache_bytes", 1000, "8 MiB")):
+    for key, value, match in (("remote_reads", "copy", "'range'"), ("remote_cache_bytes", 1000, "1 MiB"),
+                              ("remote_block_bytes", 4097, "even integer")):
         c = tiny.get_config()
         setattr(c.data, key, value)
         with pytest.raises(config_checks.ConfigValueError, match=match):

@@ -3,7 +3,7 @@
 `data.remote_reads` picks how a remote corpus is read:
 
 * `"range"` (default): `RemoteTokenStore` opens it with one read of `meta.json` and one listing of its folder,
-  then fetches fixed-size blocks (`BLOCK_BYTES`) of the shards the host's windows touch, on first use, into a
+  then fetches fixed-size blocks (`data.remote_block_bytes`) of the shards the host's windows touch, on first use, into a
   bounded LRU cache in memory (`data.remote_cache_bytes`). A batch's blocks are requested together
   (`prefetch`, fsspec's concurrent `cat_ranges`), so a step waits about one round trip, not one per row.
   Start-up time and local disk do not grow with the corpus; the bytes a host reads are those of its own rows,
@@ -33,11 +33,13 @@ from .config_checks import ConfigValueError
 from .data import FIX_CACHE, FIX_MIRROR, FIX_REMOTE, CorpusError, TokenStore, read_meta, shard_files, shard_path
 
 REMOTE_READS = ("range", "mirror")
-# 64 KiB: training windows are shuffled over the whole corpus, so nearly every row of a batch lands in a block no
-# other row touches; a block is then fetched for one 2 KiB window (1025 tokens). 64 KiB keeps that overhead at 32x
-# (16 MiB per host per step of 256 rows; 8 MiB blocks would read 2 GiB), while requests issued together cost about
-# one round trip a batch. Sequential reads (eval, a small corpus) are served from the cache after the first block.
-BLOCK_BYTES = 64 << 10
+# The default of `data.remote_block_bytes`, 4 KiB: training windows are shuffled over the whole corpus, so nearly
+# every row of a batch lands in blocks no other row touches, and a window of 1025 tokens (2050 bytes) costs its
+# one or two blocks: 4-8 KiB read for it (64 KiB blocks: ~64 KiB, 32x; 8 MiB blocks: 2 GiB per 256-row step).
+# Neighbouring blocks of a batch go out as one range request (`prefetch`), so a window is one request, and all
+# of a batch's requests are issued together: a step waits about one round trip. Sequential reads (eval) coalesce
+# into long ranges the same way.
+BLOCK_BYTES = 4 << 10
 
 
 def open_remote(url: str, data_config, folder: str | None = None) -> TokenStore:
@@ -48,7 +50,7 @@ def open_remote(url: str, data_config, folder: str | None = None) -> TokenStore:
     if how != "range":
         raise ConfigValueError(f"config.data.remote_reads={how!r} must be one of {REMOTE_READS}: 'range' reads "
                                "only the blocks each host needs, 'mirror' copies the whole corpus to local disk")
-    return RemoteTokenStore(url, cache_bytes=data_config.remote_cache_bytes)
+    return RemoteTokenStore(url, cache_bytes=data_config.remote_cache_bytes, block_bytes=data_config.remote_block_bytes)
 
 
 class BlockCache:
@@ -193,14 +195,21 @@ class RemoteTokenStore(TokenStore):
                 start, i = end, i + 1
         if not wanted:
             return
-        todo = list(wanted.values())
-        ranges = [shard.block_range(b) for shard, b in todo]
+        runs = []  # [shard, first block, last block]: neighbouring blocks of one file go out as one range
+        for shard, b in sorted(wanted.values(), key=lambda sb: (sb[0].path, sb[1])):
+            if runs and runs[-1][0] is shard and runs[-1][2] == b - 1:
+                runs[-1][2] = b
+            else:
+                runs.append([shard, b, b])
         with self.cache._lock:
             self.cache.requests += 1
-        raws = self.fs.cat_ranges([shard.path for shard, _ in todo], [r[0] for r in ranges], [r[1] for r in ranges],
-                                  on_error="raise")
-        for (shard, b), raw in zip(todo, raws):
-            self.cache.put((shard.path, b), shard.check(b, raw))
+        raws = self.fs.cat_ranges([shard.path for shard, _, _ in runs], [shard.block_range(b)[0] for shard, b, _ in runs],
+                                  [shard.block_range(b)[1] for shard, _, b in runs], on_error="raise")
+        size = self.cache.block_bytes
+        for (shard, first, last), raw in zip(runs, raws):
+            for b in range(first, last + 1):
+                part = raw[(b - first) * size:(b - first + 1) * size]
+                self.cache.put((shard.path, b), shard.check(b, part))
 
     def _open(self, fs, sizes: dict, i: int, key: str, dtype, limit: int, fix: str) -> RemoteShard:
         url, count = shard_path(self.folder, self.meta, i, key), self.meta["shards"][i]["num_tokens"]
