@@ -24,13 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import gcs_emulator  # noqa: E402
 import numpy as np
 
-from benchmarks.compile_time import cpu_name  # noqa: E402
+from benchmarks.compile_time import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the emulator launcher the tests use
+import gcs_emulator  # noqa: E402  isort:skip
 
 
 
@@ -112,7 +112,9 @@ def main() -> None:
               f"shards, uploaded in {time.perf_counter() - t0:.1f} s; CPU: {cpu_name()}", flush=True)
         print(f"{args.hosts} hosts, {args.steps} steps of {args.batch} x {args.seq_len + 1} tokens "
               f"({args.batch // args.hosts} rows per host per step)")
-        print("| reads | host | open s | first batch s | all steps s | MiB read | local disk MiB | requests |")
+        useful = args.steps * (args.batch // args.hosts) * (args.seq_len + 1) * 2
+        print(f"the rows themselves: {useful / 2**20:.1f} MiB per host")
+        print("| reads | host | open s | first batch s | all steps s | MiB read | local disk MiB | request rounds |")
         print("|---|---|---|---|---|---|---|---|")
         runs = [("mirror", 4096)] + [("range", int(b)) for b in args.blocks.split(",")]
         for how, block in runs:

@@ -3,8 +3,8 @@
 `data.remote_reads` picks how a remote corpus is read:
 
 * `"range"` (default): `RemoteTokenStore` opens it with one read of `meta.json` and one listing of its folder,
-  then fetches fixed-size blocks (`data.remote_block_bytes`) of the shards the host's windows touch, on first use, into a
-  bounded LRU cache in memory (`data.remote_cache_bytes`). A batch's blocks are requested together
+  then fetches fixed-size blocks (`data.remote_block_bytes`) of the shards the host's windows touch, on first
+  use, into a bounded LRU cache in memory (`data.remote_cache_bytes`). A batch's blocks are requested together
   (`prefetch`, fsspec's concurrent `cat_ranges`), so a step waits about one round trip, not one per row.
   Start-up time and local disk do not grow with the corpus; the bytes a host reads are those of its own rows,
   rounded up to whole blocks.
@@ -203,8 +203,9 @@ class RemoteTokenStore(TokenStore):
                 runs.append([shard, b, b])
         with self.cache._lock:
             self.cache.requests += 1
-        raws = self.fs.cat_ranges([shard.path for shard, _, _ in runs], [shard.block_range(b)[0] for shard, b, _ in runs],
-                                  [shard.block_range(b)[1] for shard, _, b in runs], on_error="raise")
+        starts = [shard.block_range(b)[0] for shard, b, _ in runs]
+        ends = [shard.block_range(b)[1] for shard, _, b in runs]
+        raws = self.fs.cat_ranges([shard.path for shard, _, _ in runs], starts, ends, on_error="raise")
         size = self.cache.block_bytes
         for (shard, first, last), raw in zip(runs, raws):
             for b in range(first, last + 1):
