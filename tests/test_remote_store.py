@@ -136,7 +136,8 @@ def test_loss_mask_byte_past_one_is_an_error_when_read(tmp_path, shared_dir, gcs
     mask.tofile(folder / name)
     store = remote_store.RemoteTokenStore(_upload(folder, f"{gcs_workdir}/corpus"), block_bytes=512)
     store.read(0, 1000)  # the tokens are fine
-    with pytest.raises(data.CorpusError, match=rf"{name} holds 7; a loss mask holds only 0 and 1"):
+    with pytest.raises(data.CorpusError, match=rf"{name} holds 7; a loss mask holds only 0 \(not scored\) and 1 "
+                                               r"\(scored\): the corpus is damaged"):
         store.read(600, 800, store.masks)
 
 

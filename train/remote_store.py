@@ -83,6 +83,11 @@ class BlockCache:
             self.requests += 1
         return self.put(key, fetch())
 
+    def count_request(self) -> None:
+        """One more round of requests issued outside `get` (`RemoteTokenStore.prefetch`)."""
+        with self._lock:
+            self.requests += 1
+
     def put(self, key: tuple[str, int], block: bytes) -> bytes:
         """Keeps a block just fetched (counted in `bytes_read`), evicting the oldest past `capacity`."""
         with self._lock:
@@ -117,9 +122,8 @@ class RemoteShard:
         if not isinstance(index, slice) or index.step not in (None, 1):
             raise TypeError(f"a remote shard is read by contiguous slices, not {index!r}")
         start, stop, _ = index.indices(self.count)
-        lo, hi = start * self.dtype.itemsize, max(stop, start) * self.dtype.itemsize
-        size = self.cache.block_bytes
-        parts = [self._block(b)[max(lo - b * size, 0):hi - b * size] for b in range(lo // size, -(-hi // size))]
+        lo, hi, size = start * self.dtype.itemsize, stop * self.dtype.itemsize, self.cache.block_bytes
+        parts = [self._block(b)[max(lo - b * size, 0):hi - b * size] for b in self.blocks(start, stop)]
         return np.frombuffer(b"".join(parts), self.dtype)
 
     def blocks(self, start: int, stop: int) -> range:
@@ -143,10 +147,10 @@ class RemoteShard:
         values = np.frombuffer(raw, self.dtype)
         if values.size and int(values.max()) >= self.limit:
             at = start // self.dtype.itemsize + int(np.argmax(values >= self.limit))
-            what = (f"token id {int(values.max())}, past the vocabulary of {self.limit} tokens its meta.json gives"
-                    if self.dtype == np.uint16 else f"{int(values.max())}; a loss mask holds only 0 and 1")
-            raise CorpusError(f"{self.url} holds {what} (near position {at}): the corpus is damaged or was written "
-                              f"with another tokenizer; {self.fix}")
+            what = (f"token id {int(values.max())}, past the vocabulary of {self.limit} tokens its meta.json gives: "
+                    "the corpus is damaged or was written with another tokenizer" if self.dtype == np.uint16 else
+                    f"{int(values.max())}; a loss mask holds only 0 (not scored) and 1 (scored): the corpus is damaged")
+            raise CorpusError(f"{self.url} holds {what} (near position {at}); {self.fix}")
         return raw
 
 
@@ -154,8 +158,8 @@ class RemoteTokenStore(TokenStore):
     """A `TokenStore` over a tokenized corpus at a URL, read in blocks on demand (see the module docstring).
 
     Same `read`, `len`, `identity`, `meta`, `masks` and `folder` (the URL) as a local store. `cache` holds the
-    counters (`bytes_read`, `blocks_read`, `blocks_cached`, `bytes_cached`, `hits`); `start_bytes` is what opening
-    it read (meta.json).
+    counters (`bytes_read`, `blocks_read`, `blocks_cached`, `bytes_cached`, `hits`, `requests`); `start_bytes` is
+    what opening it read (meta.json).
     """
 
     def __init__(self, url: str, cache_bytes: int = 2 << 30, block_bytes: int = BLOCK_BYTES):
@@ -201,8 +205,7 @@ class RemoteTokenStore(TokenStore):
                 runs[-1][2] = b
             else:
                 runs.append([shard, b, b])
-        with self.cache._lock:
-            self.cache.requests += 1
+        self.cache.count_request()
         starts = [shard.block_range(b)[0] for shard, b, _ in runs]
         ends = [shard.block_range(b)[1] for shard, _, b in runs]
         raws = self.fs.cat_ranges([shard.path for shard, _, _ in runs], starts, ends, on_error="raise")
