@@ -78,6 +78,14 @@ def get_config() -> ml_collections.ConfigDict:
     # A local cache_dir that every host mounts (NFS): several hosts may tokenize into it, each its share
     # (train/tokenize_hosts.py). gs:// is always shared; a local one is taken as each host's own.
     c.data.cache_shared = False
+    # How a tokenized corpus on gs:// (data.source, or a gs:// cache_dir) is read (train/remote_store.py): "range"
+    # fetches only the blocks of the shards each host's rows touch, on demand; "mirror" copies the whole corpus
+    # to every host's local disk before the first step (start-up time and disk grow with the corpus).
+    c.data.remote_reads = "range"
+    # The bound on the in-memory block cache of "range" reads, per host (LRU; a block is re-read when dropped).
+    c.data.remote_cache_bytes = 2 << 30
+    # The block size of "range" reads: shuffled 2 KiB windows each cost one or two blocks (remote_store.py).
+    c.data.remote_block_bytes = 4096
     c.data.seq_len = 1024
     c.data.val_fraction = 0.0005  # the last fraction of the token stream is held out for eval
     c.data.num_threads = 0  # tokenizer threads; 0 = all cores

@@ -24,7 +24,8 @@ CLASSES = {
     "distributed.num_processes": HARMLESS, "distributed.process_id": HARMLESS,
     "mesh.data": HARMLESS, "mesh.fsdp": HARMLESS, "mesh.tensor": HARMLESS, "logical_axis_rules": HARMLESS,
     "micro_batch_size": HARMLESS, "data.num_threads": HARMLESS, "data.cache_dir": HARMLESS,
-    "data.cache_shared": HARMLESS,
+    "data.cache_shared": HARMLESS, "data.remote_reads": HARMLESS, "data.remote_cache_bytes": HARMLESS,
+    "data.remote_block_bytes": HARMLESS,
     # the same math in another form
     "model.remat": HARMLESS, "model.scan_layers": HARMLESS, "model.attention": HARMLESS,
     # the length of the run: harmless only while the lr schedule stays the same at every step, and base's

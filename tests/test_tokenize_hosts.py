@@ -150,7 +150,7 @@ def test_local_output_on_two_hosts_is_an_error_unless_shared_or_done(tmp_path):
 
 
 def test_two_hosts_on_gcs_equal_one_host(tmp_path, gcs_bucket, gcs_workdir):
-    from flax_gpt2.train import data
+    from flax_gpt2.train import remote_store
     from flax_gpt2.utils import file_io
 
     _, gcs_env = gcs_bucket
@@ -164,7 +164,7 @@ def test_two_hosts_on_gcs_equal_one_host(tmp_path, gcs_bucket, gcs_workdir):
 
     out = f"{gcs_workdir}/corpus"
     shares = _shares(_pair(env, f"{gcs_workdir}/src", out, "--block_chars", 1500))
-    got, meta = _stream(data._mirror(out, str(tmp_path / "mirror")))
+    got, meta = _stream(remote_store.mirror(out, str(tmp_path / "mirror")))
     assert got.tobytes() == want.tobytes()
     _check_halves(shares, meta)
     assert meta["source"] == f"{gcs_workdir}/src"
@@ -220,8 +220,8 @@ def test_two_hosts_tokenize_then_train_like_one(tmp_path):
 @pytest.mark.slow
 def test_two_hosts_tokenize_into_a_gcs_cache_on_first_use(tmp_path, gcs_bucket, gcs_workdir):
     """Training on two processes with an empty gs:// token cache: the hosts fill it together, each its share,
-    then train on a local copy; the cache holds the stream a single host writes."""
-    from flax_gpt2.train import data
+    then train on it (read in place); the cache holds the stream a single host writes."""
+    from flax_gpt2.train import remote_store
     from flax_gpt2.utils import file_io
 
     _, gcs_env = gcs_bucket
@@ -244,7 +244,7 @@ def test_two_hosts_tokenize_into_a_gcs_cache_on_first_use(tmp_path, gcs_bucket, 
     (corpus,) = [str(p) for p in file_io.epath(cache).iterdir()]
     one = _tokenize(_env(tmp_path), source, tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
-    mirrored = data._mirror(corpus, str(tmp_path / "mirror"))
+    mirrored = remote_store.mirror(corpus, str(tmp_path / "mirror"))
     assert _stream(mirrored)[0].tobytes() == _stream(tmp_path / "one")[0].tobytes()
     assert not [p for p in tmp_path.rglob("gs:*")] and not [p for p in REPO.rglob("gs:*")]
 

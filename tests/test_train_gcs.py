@@ -3,6 +3,7 @@ preempted mid-run, resumed with the same losses, sampled from `gs://`, and never
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,8 +104,8 @@ def test_data_source_token_cache_and_init_from_on_gcs(gcs_bucket, gcs_workdir, t
                                                       monkeypatch):
     """The run's inputs on Cloud Storage too: the text, the tokenized-shard cache, and the weights to start from."""
     from flax_gpt2.configs import tiny
-    from flax_gpt2.utils import file_io
     from flax_gpt2.train.train_loop import train_and_evaluate
+    from flax_gpt2.utils import file_io
 
     monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "local-cache"))
     text = (shared_dir / "data" / "tinyshakespeare.txt").read_text()[:60_000]
@@ -132,4 +133,32 @@ def test_data_source_token_cache_and_init_from_on_gcs(gcs_bucket, gcs_workdir, t
     wte = lambda p: np.asarray(p["transformer"]["wte"]["embedding"])  # noqa: E731
     # Two AdamW steps at lr <= 1e-3 move each weight by at most ~2e-3 from where the run started.
     assert np.max(np.abs(wte(fresh) - wte(start))) < 5e-3
+    _no_local_gs_folder(tmp_path, Path.cwd())
+
+
+def test_corpus_on_gcs_trains_the_same_read_in_place_or_mirrored(gcs_workdir, tmp_path, shared_dir,  # noqa: F811
+                                                                  monkeypatch):
+    """data.source = a tokenized corpus on gs://: "range" reads (no local copy) give the losses of "mirror"."""
+    from flax_gpt2.configs import tiny
+    from flax_gpt2.train import remote_store, tokenize_corpus as tc
+    from flax_gpt2.train.train_loop import train_and_evaluate
+
+    monkeypatch.setenv("FLAX_GPT2_CACHE", str(tmp_path / "local-cache"))
+    (tmp_path / "plays.txt").write_text((shared_dir / "data" / "tinyshakespeare.txt").read_text()[:60_000])
+    tc.tokenize_corpus(str(tmp_path / "plays.txt"), str(tmp_path / "corpus"), shard_tokens=4000, progress=False)
+    remote_store.upload(str(tmp_path / "corpus"), f"{gcs_workdir}/corpus")
+
+    losses = {}
+    for how in ("mirror", "range"):
+        c = tiny.get_config()
+        c.steps, c.checkpoint_every, c.eval_every, c.log_every, c.progress_bar = 3, 3, 3, 1, False
+        c.data.source, c.data.remote_reads = f"{gcs_workdir}/corpus", how
+        train_and_evaluate(c, str(tmp_path / how))
+        losses[how] = _losses((tmp_path / how / "metrics.jsonl").read_text())
+        mirrored = tmp_path / "local-cache" / "remote"
+        assert mirrored.is_dir() == (how == "mirror"), how  # "range" copies nothing to local disk
+        shutil.rmtree(mirrored, ignore_errors=True)
+    assert sorted(losses["range"]) == [1, 2, 3]
+    np.testing.assert_allclose([losses["range"][s] for s in (1, 2, 3)], [losses["mirror"][s] for s in (1, 2, 3)],
+                               rtol=1e-6)
     _no_local_gs_folder(tmp_path, Path.cwd())

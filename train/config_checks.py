@@ -57,6 +57,14 @@ def check_config(config) -> None:
         _require(isinstance(value, bool), key, value, "must be True or False")
     _require(config.data.loss_on in loss_mask.LOSS_ON, "data.loss_on", config.data.loss_on,
              f"must be one of {loss_mask.LOSS_ON} ('completion' scores only the tokens after a recipe's prompt)")
+    _require(config.data.remote_reads in ("range", "mirror"), "data.remote_reads", config.data.remote_reads,
+             "must be 'range' (read only the blocks each host needs) or 'mirror' (copy the corpus to local disk)")
+    block = config.data.remote_block_bytes
+    _require(is_int(block) and block >= 2 and block % 2 == 0, "data.remote_block_bytes", block,
+             "must be an even integer >= 2 (tokens are 2 bytes; 4096 is the default)")
+    _require(is_int(config.data.remote_cache_bytes) and config.data.remote_cache_bytes >= max(block, 1 << 20),
+             "data.remote_cache_bytes", config.data.remote_cache_bytes,
+             "must be an integer >= 1 MiB (1048576) and >= data.remote_block_bytes")
     _check_axis_rules(config.logical_axis_rules)
     check_lora(config)
 

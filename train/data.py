@@ -15,7 +15,6 @@ devices hold, and only those rows are read from disk.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -102,6 +101,9 @@ class TokenStore:
         """What the stream is: its length and the sha256 of its tokens (None for a corpus written before
         tokenize_corpus recorded one). A resumed run compares it with its checkpoints' (`run_guard`)."""
         return {"num_tokens": len(self), "sha256": self.meta.get("sha256")}
+
+    def prefetch(self, spans: list[tuple[int, int]], arrays: list | None = None) -> None:
+        """Nothing to do for local shards (a remote store fetches the spans' blocks at once here)."""
 
     def read(self, start: int, stop: int, arrays: list | None = None) -> np.ndarray:
         """Tokens `[start, stop)` of the stream (or of `arrays`, shards of the same lengths: `masks`) as int32
@@ -195,8 +197,9 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     """The tokenized corpus for `data_config.source`, tokenizing it into the cache on first use.
 
     `source` may also be a `tokenize_corpus` output folder, used as is. Both `source` and `cache_dir` may
-    be `gs://` URLs: shards are memory-mapped, so remote corpora are mirrored into the local cache
-    (`$FLAX_GPT2_CACHE/remote/`) first, and a corpus tokenized for a remote cache is uploaded there by
+    be `gs://` URLs: a remote corpus is read in place, each host fetching only the blocks its rows need
+    (`data.remote_reads="range"`, train/remote_store.py), or mirrored whole into the local cache
+    (`$FLAX_GPT2_CACHE/remote/`) first (`"mirror"`); and a corpus tokenized for a remote cache is uploaded there by
     process 0 (its `meta.json` last, so that a partial upload is never taken for a corpus).
 
     On several processes, a corpus not yet in the cache is tokenized by all of them together, each its share
@@ -211,7 +214,7 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     corpus = source if file_io.is_url(source) else os.path.expanduser(source)
     if file_io.exists(file_io.join(corpus, "meta.json")):  # a tokenize_corpus folder
         if file_io.is_url(corpus):
-            return TokenStore(_mirror(corpus), fix=FIX_MIRROR.format(url=corpus, folder="{folder}"))
+            return _open_remote(corpus, data_config)
         return TokenStore(corpus)
     key = _corpus_key(data_config)
     cache = _cache_root(data_config.cache_dir)
@@ -219,7 +222,7 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
     folder = os.path.join(cache_root(), "remote", key) if remote else os.path.join(cache, key)
     if remote and file_io.exists(file_io.join(cache, key, "meta.json")):
         url = file_io.join(cache, key)
-        return TokenStore(_mirror(url, folder), fix=FIX_MIRROR.format(url=url, folder="{folder}"))
+        return _open_remote(url, data_config, folder)
     if jax.process_count() > 1 and not os.path.exists(os.path.join(folder, "meta.json")):
         return _tokenize_on_hosts(data_config, file_io.join(cache, key), folder)
     if not os.path.exists(os.path.join(folder, "meta.json")):
@@ -235,13 +238,22 @@ def load_tokens(data_config, progress: bool = True) -> TokenStore:
                            num_threads=data_config.num_threads, progress=progress,
                            pass_folder_as=TOKENIZER_FLAG)
     if remote and jax.process_index() == 0:
-        _upload(folder, file_io.join(cache, key))
+        from . import remote_store  # it builds on this module
+
+        remote_store.upload(folder, file_io.join(cache, key))
     return TokenStore(folder, fix=FIX_CACHE)
+
+
+def _open_remote(url: str, data_config, folder: str | None = None) -> TokenStore:
+    """A corpus at `url` read in place or mirrored into `folder` (`data.remote_reads`, train/remote_store.py)."""
+    from . import remote_store  # it builds on this module
+
+    return remote_store.open_remote(url, data_config, folder)
 
 
 def _tokenize_on_hosts(data_config, target: str, mirror: str) -> TokenStore:
     """First use on several hosts: each tokenizes its share into the shared cache `target` (`tokenize_hosts`);
-    a `gs://` one is then mirrored into the local `mirror`."""
+    a `gs://` one is then read in place or mirrored into the local `mirror` (`data.remote_reads`)."""
     n = jax.process_count()
     not_shared = (f"config.data.cache_dir={data_config.cache_dir!r} ({target}) is a folder local to each of the {n} "
                   f"hosts (it holds no tokenized corpus of {data_config.source!r} yet): set data.cache_dir to a "
@@ -256,42 +268,8 @@ def _tokenize_on_hosts(data_config, target: str, mirror: str) -> TokenStore:
                          tokenizer=data_config.tokenizer, num_threads=data_config.num_threads, fix=fix,
                          pass_folder_as=TOKENIZER_FLAG)
     if remote:
-        return TokenStore(_mirror(target, mirror), fix=FIX_MIRROR.format(url=target, folder="{folder}"))
+        return _open_remote(target, data_config, mirror)
     return TokenStore(target, fix=FIX_CACHE)
-
-
-def _mirror(url: str, folder: str | None = None) -> str:
-    """A local copy of a tokenized corpus at `url` (shards first, meta.json last: complete or absent).
-
-    Every shard name in the bucket's meta.json is checked to stay inside the copy before a byte is written.
-    """
-    folder = folder or os.path.join(cache_root(), "remote", hashlib.sha256(url.encode()).hexdigest()[:16])
-    if os.path.exists(os.path.join(folder, "meta.json")):
-        return folder
-    text = file_io.read_text(file_io.join(url, "meta.json"))
-    meta = read_meta(file_io.join(url, "meta.json"), FIX_REMOTE.format(url=url), text=text)
-    for i, shard in enumerate(meta["shards"]):
-        for key, width in shard_files(meta, i):
-            raw = file_io.read_bytes(shard_path(url, meta, i, key))
-            if len(raw) != width * shard["num_tokens"]:
-                raise CorpusError(f"{shard_path(url, meta, i, key)} is {len(raw)} bytes but {url}/meta.json gives "
-                                  f"it {shard['num_tokens']} tokens; nothing was copied; {FIX_REMOTE.format(url=url)}")
-            file_io.atomic_write(shard_path(folder, meta, i, key), raw)
-    file_io.atomic_write(os.path.join(folder, "meta.json"), text)
-    return folder
-
-
-def _upload(folder: str, url: str) -> None:
-    """Copies a local tokenized corpus to `url` unless it is there already (meta.json last)."""
-    if file_io.exists(file_io.join(url, "meta.json")):
-        return
-    text = file_io.read_text(os.path.join(folder, "meta.json"))
-    meta = read_meta(os.path.join(folder, "meta.json"), FIX_CACHE.format(folder=folder), text=text)
-    for i in range(len(meta["shards"])):
-        for key, _ in shard_files(meta, i):
-            with open(shard_path(folder, meta, i, key), "rb") as f:
-                file_io.atomic_write(shard_path(url, meta, i, key), f.read())
-    file_io.atomic_write(file_io.join(url, "meta.json"), text)
 
 
 def split_point(store: TokenStore, val_fraction: float, seq_len: int) -> int:
@@ -320,13 +298,20 @@ class Windows:
         self.store, self.start, self.seq_len, self.scored = store, start, seq_len, scored
         self.count = max(stop - start - 1, 0) // seq_len
 
+    def _bounds(self, w: int) -> tuple[int, int]:
+        return self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1
+
     def _span(self, w: int) -> np.ndarray:
-        start, stop = self.start + w * self.seq_len, self.start + (w + 1) * self.seq_len + 1
+        start, stop = self._bounds(w)
         tokens = self.store.read(start, stop)
         return loss_mask.pack(tokens, self.store.read(start, stop, self.store.masks)) if self.scored else tokens
 
     def read(self, window_ids: np.ndarray) -> np.ndarray:
         """`[..., seq_len + 1]` int32 tokens of the given windows."""
+        spans = [self._bounds(int(w)) for w in window_ids.reshape(-1)]
+        self.store.prefetch(spans)  # a remote store fetches every block of the batch at once
+        if self.scored:
+            self.store.prefetch(spans, self.store.masks)
         flat = [self._span(w) for w in window_ids.reshape(-1)]
         out = np.stack(flat) if flat else np.zeros((0, self.seq_len + 1), np.int32)
         return out.reshape(*window_ids.shape, self.seq_len + 1)

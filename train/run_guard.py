@@ -32,7 +32,7 @@ SAFE_ON_RESUME = (
     "log_every", "eval_every", "eval_batches", "eval_batch_size", "checkpoint_every",
     "keep_checkpoints", "async_checkpointing", "progress_bar", "cpu_peak_flops", "coverage_sets", "sample.",
     "distributed.", "mesh.", "logical_axis_rules", "micro_batch_size", "data.num_threads", "data.cache_dir",
-    "data.cache_shared",
+    "data.cache_shared", "data.remote_reads", "data.remote_cache_bytes", "data.remote_block_bytes",
     "compile_only", "allow_config_change", "eval_hellaswag", "eval_hellaswag_limit", "profile_steps",
     "watchdog_seconds", "watchdog_exit", "compile_cache_dir",
     # The same math in another form: rematerialized, scanned (checkpoints convert), another attention kernel.

@@ -127,6 +127,15 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return epath(path).read_bytes()
 
 
+def filesystem(url: str):
+    """`(fsspec filesystem, path)` of a URL, for what `epath` lacks: byte-range reads (`fs.cat_file(path, start,
+    end)`) and one-call listings with sizes (`fs.find(path, detail=True)`)."""
+    import fsspec
+
+    _check_scheme(url)
+    return fsspec.core.url_to_fs(url)
+
+
 def makedirs(path: str | os.PathLike) -> None:
     epath(path).mkdir(parents=True, exist_ok=True)
 
