@@ -137,6 +137,29 @@ def test_rerun_skips_finished_parts_and_names_a_damaged_one(tmp_path):
     assert _stream(out)[0].tobytes() == want.tobytes()
 
 
+def test_one_host_resumable_keeps_finished_parts_after_an_interruption(tmp_path):
+    """`--resumable` on one host (no jax.distributed): the parts layout, so a run interrupted mid-way (here:
+    meta.json and the last parts gone) redoes only what was missing; the stream equals the plain layout's."""
+    env = _env(tmp_path)
+    source = _write_source(tmp_path / "src")
+    plain = _tokenize(env, source, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    out = tmp_path / "resumable"
+    first = _tokenize(env, source, out, "--resumable", "--block_chars", 1500)
+    parts = sorted(out.glob("part_*.bin"))
+    assert first.returncode == 0 and "process 0 of 1" in first.stdout and len(parts) > 4, first.stderr[-3000:]
+    # Interrupted while writing the second-last part (its sidecar, written last, missing) and before the last.
+    (out / "meta.json").unlink()
+    for name in (parts[-2].with_suffix(".json"), parts[-1], parts[-1].with_suffix(".json")):
+        name.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts[:-2]}
+    again = _tokenize(env, source, out, "--resumable", "--block_chars", 1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"in {len(parts)} parts ({len(parts) - 2} already done)" in again.stdout, again.stdout
+    assert kept == {p.name: p.stat().st_mtime_ns for p in parts[:-2]}
+    assert _stream(out)[0].tobytes() == _stream(tmp_path / "plain")[0].tobytes()
+
+
 def test_local_output_on_two_hosts_is_an_error_unless_shared_or_done(tmp_path):
     env = _env(tmp_path)
     source = _write_source(tmp_path / "src")

@@ -4,7 +4,7 @@
         [--recipe text|commongen|eli5|prompt_completion] [--split train] [--dataset_config NAME]
         [--tokenizer DIR] [--num_threads N] [--overwrite] [--no_progress] [--debug]
         [--coordinator_address HOST:PORT --num_processes N --process_id I | --distributed]
-        [--shared_out] [--block_chars N]
+        [--shared_out] [--block_chars N] [--resumable]
 
 SOURCE is a text file, a jsonl file (one JSON object per line, the text under `text_field`), a folder
 or glob of such files, local parquet/csv/arrow files, or a `datasets` hub name. Each document (a text
@@ -17,7 +17,9 @@ is; anything else needs `--overwrite`.
 On several hosts (the `jax.distributed` flags, as `config.distributed.*` in training; on a TPU pod
 `--distributed` alone lets JAX detect them), each host tokenizes only its share of the documents into
 `part_*.bin` files in the shared OUT_DIR (`gs://`, or a folder every host mounts: `--shared_out`) and process
-0 writes `meta.json` last; the token stream is the one a single host writes (`tokenize_hosts`).
+0 writes `meta.json` last; the token stream is the one a single host writes (`tokenize_hosts`). On one host,
+`--resumable` writes that parts layout too, so an interrupted run (Ctrl-C, a lost machine, a source gone
+mid-way) rerun with the same command redoes only the parts that were not finished.
 """
 
 from __future__ import annotations
@@ -334,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many hosts run this command")
     hosts.add_argument("--process_id", type=int, default=-1, help="this host's index (default: detected)")
     hosts.add_argument("--shared_out", action="store_true", help="the local OUT_DIR is one folder all hosts mount")
+    hosts.add_argument("--resumable", action="store_true",
+                       help="on one host: write parts as several hosts do, so an interrupted run resumes without "
+                            "redoing finished parts")
     hosts.add_argument("--block_chars", type=cli.flag_type(int, lambda n: n >= 0, "an integer >= 0"), default=0,
                        help="characters per part; 0 = about 8 parts per host")
     return parser
@@ -346,7 +351,7 @@ def _main(argv) -> None:
     if args.process_id >= 0 and not (args.coordinator_address and args.num_processes):
         raise cli.UsageError("--process_id needs --coordinator_address and --num_processes (or use --distributed "
                              "alone where JAX detects the hosts, as on a TPU pod)")
-    if args.distributed or args.coordinator_address or args.num_processes:
+    if args.distributed or args.coordinator_address or args.num_processes or args.resumable:
         from . import tokenize_hosts  # imports tokenize_corpus itself; jax only here
         try:
             return tokenize_hosts.run_command(args, settings)

@@ -77,6 +77,17 @@ class JaxHosts:
             raise error
 
 
+class OneHost:
+    """This process alone (no `jax.distributed`): the parts layout on one host, so that an interrupted
+    tokenization resumes without redoing its finished parts (`tokenize_corpus --resumable`)."""
+
+    process_id, num_processes = 0, 1
+
+    def agree(self, name: str, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+
 def tokenize_on_hosts(source: str, out_dir: str, *, hosts, shared: bool, not_shared: str, text_field: str = "text",
                       recipe: str = "text", split: str = "train", dataset_config: str = "", tokenizer: str = "",
                       num_threads: int = 0, block_chars: int = 0, overwrite: bool = False, fix: str = "",
@@ -309,13 +320,18 @@ def _write_meta(out_dir: str, num_blocks: int, num_processes: int, *, source: st
 
 def run_command(args, settings: dict) -> None:
     """`tokenize_corpus`'s multi-host command line: joins the `jax.distributed` run its flags name (or the
-    one a TPU pod / SLURM detects), tokenizes this host's share, and prints what it did."""
-    import jax
+    one a TPU pod / SLURM detects), tokenizes this host's share, and prints what it did. Without those flags
+    (`--resumable`), this one process tokenizes everything in the same resumable layout."""
+    if args.distributed or args.coordinator_address or args.num_processes:
+        import jax
 
-    kwargs = {"coordinator_address": args.coordinator_address or None, "num_processes": args.num_processes or None,
-              "process_id": args.process_id if args.process_id >= 0 else None}
-    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
-    hosts = JaxHosts()
+        kwargs = {"coordinator_address": args.coordinator_address or None,
+                  "num_processes": args.num_processes or None,
+                  "process_id": args.process_id if args.process_id >= 0 else None}
+        jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+        hosts = JaxHosts()
+    else:  # --resumable on one host
+        hosts = OneHost()
     not_shared = (f"OUT_DIR {args.out_dir} is a local folder but {hosts.num_processes} processes tokenize into it "
                   "(each would see only its own parts): give a gs:// OUT_DIR, pass --shared_out if every host "
                   "mounts it (NFS), or tokenize on one host without the multi-host flags")
