@@ -7,13 +7,14 @@ process `b % num_processes`. Every host reads the whole source (cheap) but encod
 expensive part); round-robin keeps the shares balanced whatever the documents' sizes.
 
 Layout (order-preserving): block b becomes `part_BBBBB.bin` (raw uint16) and then its sidecar
-`part_BBBBB.json` (its token and document counts, sha256 and the corpus inputs), each written whole under
-its final name (for a recipe with prompts, its loss mask `mask_BBBBB.bin` first), in the shared output
-folder (a `gs://` prefix, or a folder every host mounts). After a barrier, process 0 checks every part
-against its sidecar and writes `meta.json` LAST, listing the parts in block order with their (different)
-token counts. The concatenated stream is byte for byte the one a 1-process tokenization writes, with the
-same sha256 (pieces encode independently, `<|endoftext|>` after each document); only the shard boundaries differ, and `TokenStore` reads shards of any length, so both
-layouts (and corpora written before this one) load alike: the meta format is unchanged (FORMAT_VERSION 1).
+`part_BBBBB.json` (its token and document counts, sha256 and the corpus inputs), each written whole under its
+final name (for a recipe with prompts, its loss mask `mask_BBBBB.bin` first), in the shared output folder (a
+`gs://` prefix, or a folder every host mounts). After a barrier, process 0 checks every part against its
+sidecar and writes `meta.json` LAST, listing the parts in block order with their (different) token counts. The
+concatenated stream is byte for byte the one a 1-process tokenization writes, with the same sha256 (pieces
+encode independently, `<|endoftext|>` after each document); only the shard boundaries differ, and `TokenStore`
+reads shards of any length, so both layouts (and corpora written before this one) load alike: the meta format
+is unchanged (FORMAT_VERSION 1).
 
 Rerun: a part whose sidecar matches its size is not encoded again; a host that died or a source that
 vanished leaves no meta.json, so the same command on every host resumes. A part shorter or longer than its
