@@ -241,34 +241,54 @@ def test_two_hosts_tokenize_then_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_hosts_tokenize_into_a_gcs_cache_on_first_use(tmp_path, gcs_bucket, gcs_workdir):
-    """Training on two processes with an empty gs:// token cache: the hosts fill it together, each its share,
-    then train on it (read in place); the cache holds the stream a single host writes."""
+def test_two_hosts_tokenize_a_gcs_source_into_a_gcs_cache_and_train_like_one(tmp_path, gcs_bucket, gcs_workdir):
+    """The issue's run: a gs:// source on the GCS emulator, an empty gs:// token cache, two training processes.
+    Each host tokenizes about half of the documents (their logged counts), the cache holds the stream a single
+    host writes, and the two hosts then train (reading the corpus in place) with the losses of a 1-process
+    run over 10 steps (<= 1e-6)."""
+    import re
+
     from flax_gpt2.train import remote_store
     from flax_gpt2.utils import file_io
 
     _, gcs_env = gcs_bucket
-    source = _write_source(tmp_path / "src")
-    cache = f"{gcs_workdir}/tokens"
+    local_source = _write_source(tmp_path / "src")
+    fs, path = file_io.filesystem(f"{gcs_workdir}/src")
+    fs.put(str(local_source) + "/", path + "/", recursive=True)
+    source, cache = f"{gcs_workdir}/src", f"{gcs_workdir}/tokens"
+    common = ["--config", "configs/tiny.py", "--config.steps=10", "--config.log_every=1", "--config.eval_every=100",
+              "--config.checkpoint_every=100", f"--config.data.source={source}", "--config.progress_bar=False"]
+
+    def launch(workdir, devices, *extra):
+        env = _env(tmp_path, **gcs_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        return subprocess.Popen([sys.executable, "-m", "train", "--workdir", str(workdir), *common, *extra],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "train", "--workdir", str(tmp_path / "run"), "--config",
-                               "configs/tiny.py", "--config.steps=2", "--config.eval_every=100",
-                               "--config.checkpoint_every=100", f"--config.data.source={source}",
-                               f"--config.data.cache_dir={cache}", "--config.progress_bar=False",
-                               "--config.distributed.enabled=True",
-                               f"--config.distributed.coordinator_address=localhost:{port}",
-                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-                              cwd=REPO, env=_env(tmp_path, **gcs_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    procs = [launch(tmp_path / "multi", 2, f"--config.data.cache_dir={cache}", "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=localhost:{port}",
+                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}") for i in range(2)]
+    docs = {}
     for proc in procs:
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-4000:]
-        assert "tokenized" in err and "already done" in err, err[-4000:]
+        pid, count = re.search(r"process (\d) of 2: tokenized ([\d,]+) documents", err).groups()
+        docs[int(pid)] = int(count.replace(",", ""))
+    assert sum(docs.values()) == NUM_DOCS and all(0.3 * NUM_DOCS < n < 0.7 * NUM_DOCS for n in docs.values()), docs
+    single = launch(tmp_path / "single", 4, f"--config.data.cache_dir={tmp_path / 'single-cache'}")
+    _, err = single.communicate(timeout=900)
+    assert single.returncode == 0, err[-4000:]
+
+    def losses(workdir):
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    assert sorted(two) == sorted(one) == list(range(1, 11))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-6)
     (corpus,) = [str(p) for p in file_io.epath(cache).iterdir()]
-    one = _tokenize(_env(tmp_path), source, tmp_path / "one")
-    assert one.returncode == 0, one.stderr[-3000:]
     mirrored = remote_store.mirror(corpus, str(tmp_path / "mirror"))
-    assert _stream(mirrored)[0].tobytes() == _stream(tmp_path / "one")[0].tobytes()
+    assert _stream(mirrored)[0].tobytes() == _stream(next((tmp_path / "single-cache").iterdir()))[0].tobytes()
     assert not [p for p in tmp_path.rglob("gs:*")] and not [p for p in REPO.rglob("gs:*")]
 
 
