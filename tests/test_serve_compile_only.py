@@ -149,3 +149,8 @@ def test_report_numbers_and_refusals(long_model, tmp_path):
     assert code == 1, err
     assert "the weights alone" in err and "--quantize int8" in err and "prefill" not in json.loads(
         (tmp_path / "too_big.json").read_text())
+
+
+def test_compile_only_with_an_adapter_is_a_usage_error(capsys, tmp_path):
+    assert main(["--model", "tiny", "--compile_only", "v5litepod-1", "--adapter", f"a={tmp_path}"]) == 2
+    assert "--compile_only with --adapter" in capsys.readouterr().err
