@@ -143,9 +143,13 @@ def _compile(jitted, *args, **kwargs) -> dict[str, Any]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         out = {"error": str(e).strip().splitlines()[0], "seconds": round(time.perf_counter() - started, 1)}
+        # Its two ways of saying how much: "Used 20.1G of 15.75G hbm" (everything) or "HLO temporaries (34.40G)".
         found = re.search(r"Used ([\d.]+)([KMGT]?) of", str(e))
         if found:
             out["used"] = int(float(found.group(1)) * _UNITS[found.group(2)])
+        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", str(e))
+        if found:
+            out["temporaries"] = int(float(found.group(1)) * _UNITS[found.group(2)])
         return out
     return {"memory": _memory(compiled), "seconds": round(time.perf_counter() - started, 1)}
 
@@ -183,7 +187,9 @@ def _decode_extra(result: dict[str, Any], resident: int) -> int | None:
     aliased, code; from XLA's memory analysis, or from what its out-of-memory refusal says it used."""
     if "memory" in result:
         return result["memory"]["total"] - result["memory"]["arguments"]
-    return max(result["used"] - resident, 0) if "used" in result else None
+    if "used" in result:
+        return max(result["used"] - resident, 0)
+    return result.get("temporaries")
 
 
 def compile_only(model: str, topology: str, shape: ServeShape, *, dtype: str = "float32",
@@ -299,10 +305,10 @@ def _fill(report: dict[str, Any], programs: _Programs, batch: int, context: int,
     report["decode_extra_bytes"] = {str(n): b for n, b in sorted(points.items())}
     _throughput(report, programs, batch, context)
     if not report["fits"]:
+        needed = report.get("peak_bytes_per_chip") or peak(batch, points.get(batch, 0))
         report["refusal"] = (f"--max_batch {batch} does not fit a {report['topology']} chip: at most "
                              f"{report['largest_max_batch']} slots fit at this --context_length {context} "
-                             f"({report.get('peak_bytes_per_chip', peak(batch, 0)) / GiB:.2f} GiB needed of "
-                             f"{usable / GiB:.2f} GiB usable)")
+                             f"({needed / GiB:.2f} GiB needed of {usable / GiB:.2f} GiB usable)")
 
 
 def _largest(points: dict[int, int], weights: int, slot_row: int, prefill_extra: int, usable: int) -> int:
