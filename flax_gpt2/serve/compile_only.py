@@ -308,7 +308,9 @@ def _fill(report: dict[str, Any], programs: _Programs, batch: int, context: int,
         needed = report.get("peak_bytes_per_chip") or peak(batch, points.get(batch, 0))
         report["refusal"] = (f"--max_batch {batch} does not fit a {report['topology']} chip: at most "
                              f"{report['largest_max_batch']} slots fit at this --context_length {context} "
-                             f"({needed / GiB:.2f} GiB needed of {usable / GiB:.2f} GiB usable)")
+                             f"({needed / GiB:.2f} GiB needed of {usable / GiB:.2f} GiB usable)"
+                             + ("; --dtype bfloat16 halves the KV per slot" if report["model"]["dtype"] == "float32"
+                                else ""))
 
 
 def _largest(points: dict[int, int], weights: int, slot_row: int, prefill_extra: int, usable: int) -> int:
