@@ -3,6 +3,7 @@
     python -m flax_gpt2.serve --model gpt2
     python -m flax_gpt2.serve --model runs/my-run --port 8080 --max_batch 16 --context_length 512 --api_key KEY
     python -m flax_gpt2.serve --model gpt2 --adapter poet=adapters/poet --adapter adapters/legal   # LoRA adapters
+    python -m flax_gpt2.serve --model gpt2-xl --compile_only v5litepod-8 --max_batch 64   # will it fit? no TPU needed
 
 Then `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything").completions.create(
 model="gpt2", prompt="Hello", max_tokens=20)`. `--model` is a hub id, a Hugging Face folder or a flax_gpt2
@@ -18,6 +19,12 @@ within `--body_timeout`, an idle kept-alive connection closes after `--timeout_k
 past `--max_connections` are answered 503 at once (`serve.connections`). An `--api_key` no HTTP client could
 send (not printable ASCII) is refused at start-up. Errors are one line on stderr (exit 2 for a bad flag, 1
 otherwise); `--debug` shows the traceback.
+
+`--compile_only TOPOLOGY` (any name `train`'s compile_only takes: `v5litepod-8`, `v4-8`, `h100x8`, ...) serves
+nothing: it compiles the prefill and decode programs for one chip of that target on this host, from the model's
+config alone (no weights read), and writes `--report` (`serve.compile_only`: weights and KV bytes per chip, the
+largest `--max_batch` that fits at `--context_length`, a decode tokens/s bound); exit 1, naming the flag to
+change, when the configuration does not fit.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ import jax.numpy as jnp
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.checkpoints.peft_adapters import AdapterError, adapter_for_base
 from flax_gpt2.modeling.quantize import QUANTIZE_MODES
+from flax_gpt2.serve import compile_only as compile_only_lib
 from flax_gpt2.serve.engine import Engine
 from flax_gpt2.serve.protocol import check_adapter_name, check_api_key
-from flax_gpt2.utils import cli
+from flax_gpt2.utils import cli, topologies
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache
 from flax_gpt2.utils.dtypes import DTYPES
 
@@ -123,12 +131,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
                         help="int8: int8 weight-only quantization of the model on load")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
+    parser.add_argument("--compile_only", default=None, metavar="TOPOLOGY",
+                        help="serve nothing: compile the server's programs for one chip of this TPU slice or GPU "
+                             "server (v5litepod-8, v4-8, h100x8, ...) from the model's config and report whether "
+                             "and how it fits (no weights read, no accelerator needed)")
+    parser.add_argument("--report", default="serve_compile_report.json",
+                        help="where --compile_only writes its JSON report (default serve_compile_report.json)")
     parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access_log", action="store_true", help="log every HTTP request")
     args = parser.parse_args(argv)
     if args.quantize and args.adapter:
         parser.error(f"--quantize {args.quantize} with --adapter is not supported: adapters are served on float "
                      "base weights (drop one of them)")
+    if args.compile_only is not None:
+        try:
+            topologies.lookup(args.compile_only)
+        except ValueError as e:
+            parser.error(f"--compile_only: {e}")
+        if args.adapter:
+            parser.error("--compile_only with --adapter is not supported: it compiles the base model's programs")
     served = args.served_model_name or args.model
     seen = {served: "the served model name (--served_model_name, else --model)"}
     for name, folder in args.adapter:
@@ -180,6 +201,12 @@ def _main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("flax_gpt2.serve")
+    if args.compile_only is not None:
+        shape = compile_only_lib.ServeShape(args.max_batch, args.context_length, args.decode_steps,
+                                            args.prefix_cache_bytes)
+        compile_only_lib.compile_only(args.model, args.compile_only, shape, dtype=args.dtype, quantize=args.quantize,
+                                      report_path=args.report)
+        return
     # Bind first: a taken port fails in a second, not after loading and compiling.
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
