@@ -85,8 +85,9 @@ def test_a_model_without_a_config_is_refused():
         co.model_config("no/such-model")
 
 
-# --- compiles (a few seconds each) ---
+# --- compiles (minutes on a 2-core CPU: the prefill at the largest bucket and the decode step, three times) ---
 
+@pytest.mark.slow
 @needs_libtpu
 def test_report_numbers_and_refusals(long_model, tmp_path):
     """4 slots fit and the report's numbers agree with the model's; 100,000 slots of the int8 model do not (exit
