@@ -165,7 +165,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.watchdog_seconds = 600.0
     c.watchdog_exit = False
     # JAX's persistent compilation cache, so a resumed or preempted run does not compile again:
-    # "" = WORKDIR/compile_cache, a folder or gs:// URL, or "none" (off).
+    # "" = WORKDIR/compile_cache on TPU/GPU (off on CPU), a folder or gs:// URL, or "none" (off).
     c.compile_cache_dir = ""
     c.progress_bar = True
     # A Cloud TPU topology (`v4-8`, `v5litepod-8`, ...): compile the train and eval steps for it on this

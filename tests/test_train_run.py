@@ -73,7 +73,8 @@ def reference(tmp_path_factory, cache_dir):
     """An uninterrupted run of STEPS steps, profiling steps 3 and 4 (the interrupted runs compared with it
     do not: the trace changes nothing a step computes)."""
     workdir = tmp_path_factory.mktemp("reference")
-    proc = _run(workdir, cache_dir, "--config.profile_steps=3:4")
+    proc = _run(workdir, cache_dir, "--config.profile_steps=3:4",
+                f"--config.compile_cache_dir={workdir / 'compile_cache'}")  # (off by default on CPU)
     return workdir, proc.stderr
 
 
@@ -259,6 +260,15 @@ def test_goodput_splits_the_wall_time(reference):
     records = _records(workdir)
     assert {f"goodput_{k}": v for k, v in goodput.items()} == {k: v for k, v in records[-1].items() if k != "step"}
     assert all(r["data_wait_s"] >= 0 for r in records if "loss" in r)
+
+
+def test_the_run_cache_is_on_by_default_on_tpu_and_gpu_and_off_on_cpu(tmp_path):
+    from flax_gpt2.train.compile_cache import cache_dir_for
+
+    workdir = str(tmp_path / "run")
+    assert cache_dir_for("", workdir, "tpu") == cache_dir_for("", workdir, "gpu") == f"{workdir}/compile_cache"
+    assert cache_dir_for("", workdir, "cpu") is None and cache_dir_for("none", workdir, "tpu") is None
+    assert cache_dir_for(str(tmp_path / "c"), workdir, "cpu") == str(tmp_path / "c")
 
 
 def test_a_new_start_loads_the_compiled_steps_from_the_run_cache(reference, cache_dir, tmp_path):

@@ -1,9 +1,13 @@
-"""JAX's persistent compilation cache for a training run, on by default in `WORKDIR/compile_cache`.
+"""JAX's persistent compilation cache for a training run, on by default on TPU and GPU in `WORKDIR/compile_cache`.
 
 A preempted or resumed run would otherwise compile its train and eval steps again (minutes for a large
 model on a pod). With the cache in the workdir (`gs://` too), the new VM that resumes the run loads the
 executables instead. The cache key covers the program, the compile options, the devices and the jax/XLA
 versions, so a changed config or a different slice simply compiles (and adds an entry).
+
+On CPU it is off unless `compile_cache_dir` names a folder: serializing an XLA:CPU executable crashed a test
+process once (SIGSEGV in `executable.serialize()`, jax 0.10.2, in CI under load), and CPU compiles take seconds,
+not the minutes a pod's do.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from flax_gpt2.utils import file_io
 OFF = "none"
 
 
-def cache_dir_for(setting: str, workdir: str) -> str | None:
-    """The folder `config.compile_cache_dir=setting` names for a run in `workdir`; None when off."""
+def cache_dir_for(setting: str, workdir: str, backend: str | None = None) -> str | None:
+    """The folder `config.compile_cache_dir=setting` names for a run in `workdir` on `backend` (default: JAX's);
+    None when off: "none", or "" on CPU (see the module docstring)."""
     if setting.strip().lower() == OFF:
+        return None
+    if not setting and (backend or jax.default_backend()) == "cpu":
         return None
     return file_io.resolve_path(setting) if setting else file_io.join(workdir, "compile_cache")
 
@@ -34,6 +41,8 @@ def enabled_for_run(setting: str, workdir: str) -> Iterator[str | None]:
     tests) does not write into this run's folder. Yields the folder (None when off)."""
     path = cache_dir_for(setting, workdir)
     if path is None:
+        if not setting:
+            logging.info("persistent compilation cache: off on CPU by default (compile_cache_dir=DIR turns it on)")
         yield None
         return
     before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
