@@ -32,6 +32,19 @@ class _QuietOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
+def prompt_completion_jsonl(path, count: int, seed: int):
+    """Writes `count` random `{"prompt", "completion"}` records (the prompt_completion recipe) to `path`."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(count):
+            f.write(json.dumps({"prompt": f"question {i}: " + "why " * rng.randint(0, 9),
+                                "completion": " because " * rng.randint(1, 12)}) + "\n")
+    return path
+
+
 def left_padded(prompts, pad: int):
     """`(ids, mask)` `[B, T]` int64: token-id prompts of different lengths, left-padded with `pad`."""
     import numpy as np

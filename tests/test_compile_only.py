@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flax_gpt2.train import topologies
+from flax_gpt2.utils import topologies
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = float(1 << 30)
@@ -201,7 +201,8 @@ def test_tiny_compiles_for_a_gpu_server(tmp_path):
 _PLATFORM_PROBE = r"""
 import sys
 import jax
-from flax_gpt2.train import compile_only as co, topologies
+from flax_gpt2.train import compile_only as co
+from flax_gpt2.utils import topologies
 from flax_gpt2.train.config_cli import parse_args
 
 config, _ = parse_args(["train", "--config", "configs/tiny.py", "--workdir", "/nonexistent"])

@@ -4,11 +4,11 @@ it is asked for, and names a damaged shard in one line."""
 
 import json
 import os
-import random
 import shutil
 
 import numpy as np
 import pytest
+from conftest import prompt_completion_jsonl
 from gcs_emulator import gcs_bucket, gcs_workdir  # noqa: F401  (fixtures)
 
 
@@ -20,12 +20,7 @@ def _tokenize(tmp_path, shared_dir, name, recipe="text"):
         source = tmp_path / "plays.txt"
         source.write_text((shared_dir / "data" / "tinyshakespeare.txt").read_text()[:80_000])
     else:
-        rng = random.Random(0)
-        source = tmp_path / "sft.jsonl"
-        with open(source, "w") as f:
-            for i in range(300):
-                f.write(json.dumps({"prompt": f"question {i}: " + "why " * rng.randint(0, 9),
-                                    "completion": " because " * rng.randint(1, 12)}) + "\n")
+        source = prompt_completion_jsonl(tmp_path / "sft.jsonl", 300, seed=0)
     folder = tmp_path / name
     tc.tokenize_corpus(str(source), str(folder), recipe=recipe, shard_tokens=3000, progress=False)
     return folder

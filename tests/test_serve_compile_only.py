@@ -156,3 +156,15 @@ def test_report_numbers_and_refusals(long_model, tmp_path):
 def test_compile_only_with_an_adapter_is_a_usage_error(capsys, tmp_path):
     assert main(["--model", "tiny", "--compile_only", "v5litepod-1", "--adapter", f"a={tmp_path}"]) == 2
     assert "--compile_only with --adapter" in capsys.readouterr().err
+
+
+def test_xla_refusals_are_read_in_bytes():
+    """Both ways XLA's TPU compiler says how much a refused program needed (train and serve read them alike)."""
+    used = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+            "Used 20.1G of 15.75G hbm.")
+    temps = "RESOURCE_EXHAUSTED: Program hbm requirement 34.4G: HLO temporaries (34.40G) exceed 15.75G"
+    assert topologies.refused_memory(used) == {"used": int(20.1 * (1 << 30))}
+    assert topologies.refused_memory(temps) == {"temporaries": int(34.40 * (1 << 30))}
+    assert topologies.refused_memory("Used 512M of 16G hbm; HLO temporaries (3K)") == {"used": 512 << 20,
+                                                                                       "temporaries": 3 << 10}
+    assert topologies.refused_memory("out of memory") == {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import gcs_emulator  # tests/ is on sys.path
 import numpy as np
 import pytest
+from conftest import prompt_completion_jsonl
 
 gcs_bucket, gcs_workdir = gcs_emulator.gcs_bucket, gcs_emulator.gcs_workdir  # the fixtures, used by name
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +77,18 @@ def _stream(folder) -> tuple[np.ndarray, dict]:
 
     store = TokenStore(str(folder))
     return store.read(0, len(store)), store.meta
+
+
+def _losses(workdir) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _same_losses(single, multi, steps: int = 10) -> None:
+    """The multi-process run logged the single-process run's losses at every step (<= 1e-6)."""
+    one, two = _losses(single), _losses(multi)
+    assert sorted(two) == sorted(one) == list(range(1, steps + 1))
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-6)
 
 
 def _check_halves(shares, meta) -> None:
@@ -229,14 +242,7 @@ def test_two_hosts_tokenize_then_train_like_one(tmp_path):
     single = launch(tmp_path / "single", 4, f"--config.data.cache_dir={tmp_path / 'single-cache'}")
     _, err = single.communicate(timeout=900)
     assert single.returncode == 0, err[-4000:]
-
-    def losses(workdir):
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "multi")
-    assert sorted(two) == sorted(one) == list(range(1, 11))
-    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-6)
+    _same_losses(tmp_path / "single", tmp_path / "multi")
     assert _stream(corpus)[0].tobytes() == _stream(next((tmp_path / "single-cache").iterdir()))[0].tobytes()
 
 
@@ -278,14 +284,7 @@ def test_two_hosts_tokenize_a_gcs_source_into_a_gcs_cache_and_train_like_one(tmp
     single = launch(tmp_path / "single", 4, f"--config.data.cache_dir={tmp_path / 'single-cache'}")
     _, err = single.communicate(timeout=900)
     assert single.returncode == 0, err[-4000:]
-
-    def losses(workdir):
-        lines = (workdir / "metrics.jsonl").read_text().splitlines()
-        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "multi")
-    assert sorted(two) == sorted(one) == list(range(1, 11))
-    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-6)
+    _same_losses(tmp_path / "single", tmp_path / "multi")
     (corpus,) = [str(p) for p in file_io.epath(cache).iterdir()]
     mirrored = remote_store.mirror(corpus, str(tmp_path / "mirror"))
     assert _stream(mirrored)[0].tobytes() == _stream(next((tmp_path / "single-cache").iterdir()))[0].tobytes()
@@ -296,12 +295,7 @@ def test_two_hosts_write_the_loss_mask_of_a_recipe_with_prompts(tmp_path):
     """The prompt_completion recipe on two hosts: tokens and loss mask (data.loss_on="completion") equal one
     host's, byte for byte."""
     env = _env(tmp_path)
-    rng = random.Random(1)
-    source = tmp_path / "pc.jsonl"
-    with open(source, "w") as f:
-        for i in range(120):
-            f.write(json.dumps({"prompt": f"question {i}: " + "why " * rng.randint(0, 9),
-                                "completion": "because " * rng.randint(1, 12)}) + "\n")
+    source = prompt_completion_jsonl(tmp_path / "pc.jsonl", 120, seed=1)
     one = _tokenize(env, source, tmp_path / "one", "--recipe", "prompt_completion")
     assert one.returncode == 0, one.stderr[-3000:]
     runs = _pair(env, source, tmp_path / "two", "--recipe", "prompt_completion", "--shared_out", "--block_chars", 800)

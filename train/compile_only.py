@@ -6,7 +6,7 @@
 builds the run exactly as `train_and_evaluate` would (model, optimizer, mesh, shardings, batch layout)
 but from abstract shapes only: no parameter is allocated and no data is read. The devices come from
 libtpu's description of the slice (`jax.experimental.topologies.get_topology_desc`, names mapped in
-train/topologies.py), so XLA's TPU compiler lays out, fuses and schedules the program as it would on
+flax_gpt2/utils/topologies.py), so XLA's TPU compiler lays out, fuses and schedules the program as it would on
 the real slice, and refuses it when it does not fit in HBM. GPU targets compile through jax-cuda12-plugin
 with XLA's description of the card; XLA does not refuse a GPU program that is too big, so its memory is
 compared here with what JAX's allocator takes of the card (75% unless XLA_PYTHON_CLIENT_MEM_FRACTION says
@@ -49,10 +49,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flax_gpt2.modeling.model import GPT2LMHeadModel
-from flax_gpt2.utils import file_io
+from flax_gpt2.utils import file_io, topologies
 
 from . import (compile_report, config_checks, mesh as mesh_lib, metrics as metrics_lib,
-               model_config as model_config_lib, packing as packing_lib, step as step_lib, topologies)
+               model_config as model_config_lib, packing as packing_lib, step as step_lib)
 from .compile_report import GiB
 
 MFU = 0.5  # the utilization the step-time prediction assumes
@@ -95,13 +95,13 @@ def compile_only(config, workdir: str) -> dict[str, Any]:
     train = _compile(plan.train_step, plan.train_args, plan.mesh, plan.rules)
     report["compile_seconds"] = round(train["seconds"], 1)
     if train["error"] is None:
-        report["memory"] = _memory(train["compiled"])
+        report["memory"] = topologies.compiled_memory(train["compiled"])
         report["bytes_per_chip"] = report["memory"]["total"]
         report.update(_flops(train["compiled"], report, plan, train["kernels"]))
         evaluation = _compile(plan.eval_step, plan.eval_args, plan.mesh, plan.rules)
         report["eval_compile_seconds"] = round(evaluation["seconds"], 1)
         if evaluation["error"] is None:
-            eval_memory = _memory(evaluation["compiled"])
+            eval_memory = topologies.compiled_memory(evaluation["compiled"])
             # During an eval the whole train state stays resident beside the eval step's own buffers.
             eval_total = plan.state_bytes + eval_memory["total"] - eval_memory["arguments"] + _shard_bytes(
                 plan.eval_args[1])
@@ -217,32 +217,17 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0]
 
 
-def _memory(compiled) -> dict[str, int]:
-    """Per-device bytes from XLA's buffer assignment; donated arguments are not counted twice."""
-    m = compiled.memory_analysis()
-    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
-           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
-           "generated_code": int(m.generated_code_size_in_bytes)}
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
-    return out
-
-
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def _memory_from_error(error: str, plan: _Plan) -> dict[str, int]:
     """What an out-of-memory refusal tells: the temporaries it wanted, plus the arguments (the train state
     and the batch, which we size ourselves)."""
     arguments = plan.state_bytes + _shard_bytes(plan.train_args[1])
     out = {"arguments": arguments}
-    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", error)
-    if found:
-        out["temporaries"] = int(float(found.group(1)) * _UNITS[found.group(2)])
-        out["total"] = arguments + out["temporaries"]
-    found = re.search(r"Used ([\d.]+)([KMGT]?) of", error)
-    if found and "total" not in out:
-        out["total"] = int(float(found.group(1)) * _UNITS[found.group(2)])
-    out.setdefault("total", arguments)
+    said = topologies.refused_memory(error)
+    if "temporaries" in said:
+        out["temporaries"] = said["temporaries"]
+        out["total"] = arguments + said["temporaries"]
+    else:
+        out["total"] = said.get("used", arguments)
     return out
 
 

@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from importlib import metadata
 from typing import Any
@@ -58,9 +57,6 @@ from flax_gpt2.utils import file_io, topologies
 from flax_gpt2.utils.dtypes import DTYPES
 
 GPT2_VOCAB = 50257  # the GPT-2 tokenizer's ids: the engine's logits never cover a padded vocabulary's extra ids
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 class DoesNotFit(RuntimeError):
     """The server's programs need more memory per chip than the target has (the message names the knob)."""
 
@@ -126,16 +122,6 @@ def _on(tree: Any, sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _memory(compiled) -> dict[str, int]:
-    """Per-device bytes from XLA's buffer assignment; donated arguments are not counted twice."""
-    m = compiled.memory_analysis()
-    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
-           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
-           "generated_code": int(m.generated_code_size_in_bytes)}
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
-    return out
-
-
 def _compile(jitted, *args, **kwargs) -> dict[str, Any]:
     """`{"memory", "seconds"}`, or `{"error", "seconds"}` (and what the error tells of the memory) when XLA's TPU
     compiler refuses the program for want of memory."""
@@ -146,16 +132,9 @@ def _compile(jitted, *args, **kwargs) -> dict[str, Any]:
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        out = {"error": str(e).strip().splitlines()[0], "seconds": round(time.perf_counter() - started, 1)}
-        # Its two ways of saying how much: "Used 20.1G of 15.75G hbm" (everything) or "HLO temporaries (34.40G)".
-        found = re.search(r"Used ([\d.]+)([KMGT]?) of", str(e))
-        if found:
-            out["used"] = int(float(found.group(1)) * _UNITS[found.group(2)])
-        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT]?)\)", str(e))
-        if found:
-            out["temporaries"] = int(float(found.group(1)) * _UNITS[found.group(2)])
-        return out
-    return {"memory": _memory(compiled), "seconds": round(time.perf_counter() - started, 1)}
+        return {"error": str(e).strip().splitlines()[0], "seconds": round(time.perf_counter() - started, 1),
+                **topologies.refused_memory(str(e))}
+    return {"memory": topologies.compiled_memory(compiled), "seconds": round(time.perf_counter() - started, 1)}
 
 
 class _Programs:

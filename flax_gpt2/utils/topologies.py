@@ -308,3 +308,29 @@ def devices(target: Topology | GpuTarget) -> list:
         raise RuntimeError(f"got {len(found)} devices for {target.name} ({target.topology_name}), "
                            f"expected {target.num_devices}")
     return found
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program from XLA's buffer assignment (`total` counts donated arguments
+    once): what `train` and `serve` compile-only reports show."""
+    m = compiled.memory_analysis()
+    out = {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
+           "generated_code": int(m.generated_code_size_in_bytes)}
+    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
+    return out
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def refused_memory(error: str) -> dict[str, int]:
+    """What XLA's out-of-memory refusal of a program says it needed, in bytes: `used` ("Used 20.1G of 15.75G
+    hbm": everything) and/or `temporaries` ("HLO temporaries (34.40G)"), each only where the message has it."""
+    out = {}
+    patterns = {"used": r"Used ([\d.]+)([KMGT]?) of", "temporaries": r"HLO temporaries \(([\d.]+)([KMGT]?)\)"}
+    for key, pattern in patterns.items():
+        found = re.search(pattern, error)
+        if found:
+            out[key] = int(float(found.group(1)) * _UNITS[found.group(2)])
+    return out
