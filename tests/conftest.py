@@ -32,6 +32,35 @@ class _QuietOrbax(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietOrbax())
 
 
+def _no_persistent_cache_in_this_process():
+    """Keeps this test process's compiles out of JAX's persistent compilation cache, whatever a command run
+    in-process (`sample.main`, a training run) points it at: serializing an XLA:CPU executable is where this
+    suite's process crashed twice (SIGSEGV, jax 0.10.2, CI under load), after `sample.main` had turned the cache
+    on for every later test. The tests of the cache itself run their commands in subprocesses."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+_no_persistent_cache_in_this_process()
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_compilation_cache_setting():
+    """Puts JAX's persistent compilation cache setting back as it was before each test: a command run in this
+    process turns it on process-wide, as it does for a user, and the next test must not inherit its folder."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    yield
+    if any(getattr(jax.config, k) != v for k, v in before.items()):
+        compilation_cache.reset_cache()
+        for k, v in before.items():
+            jax.config.update(k, v)
+
+
 def prompt_completion_jsonl(path, count: int, seed: int):
     """Writes `count` random `{"prompt", "completion"}` records (the prompt_completion recipe) to `path`."""
     import json

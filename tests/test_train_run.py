@@ -273,26 +273,29 @@ def test_the_run_cache_is_on_by_default_on_tpu_and_gpu_and_off_on_cpu(tmp_path):
 
 def test_a_new_start_loads_the_compiled_steps_from_the_run_cache(reference, cache_dir, tmp_path):
     """The first run filled WORKDIR/compile_cache; a new process pointed at it loads the train step instead
-    of compiling it (jax reports cache hits), and the process's own cache setting is restored after."""
-    import jax
-
-    from flax_gpt2.train.train_loop import train_and_evaluate
-
+    of compiling it (jax reports cache hits), and the process's own cache setting is restored after. (In a
+    subprocess: this test process keeps its compiles out of any persistent cache, see conftest.)"""
     workdir, _ = reference
     assert glob.glob(str(workdir / "compile_cache" / "jit_train_step-*"))
-    hits = []
-
-    def on_event(event, **_):
-        if event == "/jax/compilation_cache/cache_hits":
-            hits.append(event)
-
-    before = jax.config.jax_compilation_cache_dir
-    jax.monitoring.register_event_listener(on_event)
-    try:
-        config = _tiny_config(cache_dir, steps=2, compile_cache_dir=str(workdir / "compile_cache"))
-        train_and_evaluate(config, str(tmp_path / "again"))
-    finally:
-        jax.monitoring.unregister_event_listener(on_event)
-    assert len(hits) >= 2  # the init and the train step at least
-    assert jax.config.jax_compilation_cache_dir == before
+    script = f"""
+import json, sys
+import jax
+sys.path.insert(0, {str(REPO / "tests")!r})
+from conftest import tiny_train_config
+jax.config.update("jax_enable_compilation_cache", True)  # (importing conftest turned it off)
+from flax_gpt2.train.train_loop import train_and_evaluate
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+before = jax.config.jax_compilation_cache_dir
+config = tiny_train_config({str(cache_dir)!r}, steps=2, compile_cache_dir={str(workdir / "compile_cache")!r})
+train_and_evaluate(config, {str(tmp_path / "again")!r})
+print(json.dumps({{"hits": len(hits), "restored": jax.config.jax_compilation_cache_dir == before}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["hits"] >= 2  # the init and the train step at least
+    assert result["restored"]
     assert not (tmp_path / "again" / "compile_cache").exists()  # it used the one it was given
