@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from flax_gpt2 import assets
+from flax_gpt2.modeling import sharding
 
 
 def demo_path(*parts: str) -> str:
@@ -122,17 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    # Logical axis names of the model's params and activations -> mesh axes, first match wins. The
-    # vocabulary (50257 = 29 * 1733) divides by no mesh size, so the tied embedding is split on `embed`.
-    c.logical_axis_rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("mlp", "tensor"),
-        ("kv", None),
-        ("vocab", None),
-        ("length", None),
-    )
+    # Logical axis names of the model's params and activations -> mesh axes, first match wins:
+    # (batch -> data+fsdp, embed -> fsdp, heads and mlp -> tensor; the vocabulary divides by no mesh size,
+    # so the tied embedding is split on `embed`). The library's default, which `serve --mesh` uses too.
+    c.logical_axis_rules = sharding.DEFAULT_RULES
 
     # Multi-host: `jax.distributed.initialize`. On TPU pods and SLURM, enabled=True is enough.
     c.distributed = ml_collections.ConfigDict()

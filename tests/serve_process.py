@@ -31,15 +31,18 @@ def health(port: int) -> dict:
 
 @contextlib.contextmanager
 def server_process(args: list[str], tmp_path_factory, *, file_limit: int | None = None,
-                   start_timeout: float = 300, procs: list | None = None) -> Iterator[tuple[int, Path]]:
+                   start_timeout: float = 300, procs: list | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[tuple[int, Path]]:
     """Starts the server with `args` (its flags, `--port` added here) and yields `(port, log path)` once
     `/health` says ok; fails the test with the log's tail if it exits or does not come up in time.
 
     `file_limit` sets the child's open-file limit (`ulimit -n`) at once, long before it opens its port (no
     fork-time hook in a process that runs JAX's threads). `procs`, when given, gets the `Popen` (to signal it).
+    `env` adds to the child's environment (e.g. XLA_FLAGS for simulated devices).
     """
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", FLAX_GPT2_CACHE=str(tmp_path_factory.mktemp("serve_cache")),
+               **(env or {}))
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flax_gpt2.serve", *args, "--port", str(port)],

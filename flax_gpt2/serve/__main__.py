@@ -41,9 +41,11 @@ import jax.numpy as jnp
 
 from flax_gpt2.checkpoints.loading import load_model
 from flax_gpt2.checkpoints.peft_adapters import AdapterError, adapter_for_base
+from flax_gpt2.modeling import sharding
 from flax_gpt2.modeling.quantize import QUANTIZE_MODES
 from flax_gpt2.serve import compile_only as compile_only_lib
 from flax_gpt2.serve.engine import Engine
+from flax_gpt2.serve.mesh_placement import serving_mesh
 from flax_gpt2.serve.protocol import check_adapter_name, check_api_key
 from flax_gpt2.utils import cli, topologies
 from flax_gpt2.utils.compilation_cache import enable_compilation_cache
@@ -106,6 +108,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "--max_batch full contexts, what the slots hold at most)")
     parser.add_argument("--prefix_block", type=_positive_int, default=64,
                         help="tokens per block of the prefix cache: prefixes are reused by whole blocks (default 64)")
+    parser.add_argument("--mesh", type=cli.flag_type(sharding.parse_mesh, lambda m: True, "AXIS=SIZE[,AXIS=SIZE] "
+                        "with AXIS data, fsdp or tensor (e.g. tensor=2)"), default=None,
+                        help="shard the weights and the KV cache over this host's devices, as training's mesh: "
+                        "tensor=N splits heads and the MLP over N chips (e.g. gpt2-xl on a v5e-4: tensor=4), "
+                        "fsdp=N the embedding dimension, data=N the slots (default: one device)")
     parser.add_argument("--max_queue", type=_positive_int, default=64,
                         help="sequences waiting for a slot before new requests get 503 (default 64)")
     parser.add_argument("--max_body_bytes", type=_positive_int, default=1 << 20,
@@ -143,7 +150,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quantize and args.adapter:
         parser.error(f"--quantize {args.quantize} with --adapter is not supported: adapters are served on float "
                      "base weights (drop one of them)")
+    if args.quantize and args.mesh:
+        parser.error(f"--quantize {args.quantize} with --mesh is not supported: int8 weights are served on one "
+                     "device (drop one of them)")
     if args.compile_only is not None:
+        if args.mesh:
+            parser.error("--compile_only with --mesh is not supported: it plans one chip's share of a "
+                         "single-device server")
         try:
             topologies.lookup(args.compile_only)
         except ValueError as e:
@@ -226,6 +239,13 @@ def _main(argv: Sequence[str]) -> None:
 
     max_connections = connection_cap(args.max_connections)
 
+    mesh = None  # (before loading: too few devices is a usage error in seconds)
+    if args.mesh is not None:
+        try:
+            mesh = serving_mesh(args.mesh)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+        log.info("mesh: %s over %s", dict(mesh.shape), ", ".join(str(d) for d in mesh.devices.flat))
     enable_compilation_cache(args.cache_dir)
     model, params, tokenizer, adapters = load_with_adapters(args, log.info)
     n_positions = model.config.n_positions
@@ -233,7 +253,8 @@ def _main(argv: Sequence[str]) -> None:
         raise cli.UsageError(f"--context_length {args.context_length} exceeds the model's n_positions={n_positions}")
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
-                    adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block)
+                    adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block,
+                    mesh=mesh)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()

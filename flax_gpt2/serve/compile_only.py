@@ -9,8 +9,9 @@ The programs are the engine's own (`slots.prefill_prompt` for the largest prompt
 tokens, and `slots.steps` over `--max_batch` slots of `--context_length` columns, `--decode_steps` steps per
 call), compiled by XLA's TPU compiler for the target's devices (`utils.topologies`, as `train`'s compile_only).
 
-One replica per chip: the server keeps the whole model and its slots on one device (multi-chip serving is not
-implemented), so every number is per chip, and a slice of C chips runs C replicas side by side.
+One replica per chip: the plan is for a server without `--mesh` (the whole model and its slots on one device),
+so every number is per chip, and a slice of C chips runs C replicas side by side. (`serve --mesh tensor=N`
+shards one replica over N chips instead; this plan does not cover it.)
 
 The report (`serve_compile_report.json`, and a table on stdout):
 - weights per chip: the params plus the output projection the engine keeps beside them (`wte` transposed);

@@ -51,13 +51,14 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from flax_gpt2.generation.model_step import output_projection
 from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.lora import LoRAConfig
 from flax_gpt2.modeling.lora_rows import stack_adapters
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
-from flax_gpt2.serve import slots as device
+from flax_gpt2.serve import mesh_placement as placement, slots as device
 from flax_gpt2.serve.prefix_prefill import PrefixPrefill
 from flax_gpt2.serve.protocol import APIError
 from flax_gpt2.serve.requests import Completion, Event, QueueFull, Sequence, Stats, TokenLogprob
@@ -91,12 +92,14 @@ class Engine:
     them); a `Completion`'s `adapter` is 1 + its position in `adapter_names`, 0 for the base.
     `prefix_cache_bytes` bounds the prefix cache (0: off; None: the KV of `max_batch` full contexts, as much as
     the slots hold at most, so caching at most doubles the server's KV memory); `prefix_block` is its block.
+    `mesh` (`mesh_placement.serving_mesh`) shards the weights and the slots over one host's devices; the output
+    is the single-device engine's (up to float rounding).
     """
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
                  decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None,
-                 prefix_cache_bytes: int | None = None, prefix_block: int = 64):
+                 prefix_cache_bytes: int | None = None, prefix_block: int = 64, mesh: Mesh | None = None):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         params = unwrap_params(params)
@@ -106,7 +109,10 @@ class Engine:
             # The adapter table is found by per-layer module paths (`lora_rows`): run the same weights unrolled.
             config = config.replace(scan_layers=False)
             model, params = type(model)(config), layer_stacking.to_layout(params, False)
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        if mesh is not None:  # weights and slots sharded over the host's devices (`mesh_placement`)
+            params = placement.shard_params(model, params, mesh)
+            self.adapters = placement.replicate(self.adapters, mesh)
         self.params = params
         # The one vocabulary rule (`limit_vocab`): a model vocabulary padded past the tokenizer's (50,304 for
         # 50,257) never yields the extra ids, and prompts holding them are refused (400) before they queue.
@@ -122,7 +128,7 @@ class Engine:
         self.stats = Stats()
         self.prefixes = PrefixPrefill(model, self.params, self.head, self.adapters, self.stats, prefix_block,
                                       prefix_cache_bytes, default_rows=max_batch * context_length)
-        self._slots = device.init_slots(model, self.cache_sizes[0], context_length, self.vocab_limit)
+        self._slots = self._new_slots(self.cache_sizes[0])
         self._settings = device.RowSettings.empty(self.cache_sizes[0])
         self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -135,6 +141,9 @@ class Engine:
         jax.monitoring.register_event_duration_secs_listener(self._on_compile)
 
     # ---- set-up ----
+
+    def _new_slots(self, rows: int) -> device.Slots:
+        return placement.new_slots(self.model, rows, self.context_length, self.vocab_limit, self.mesh)
 
     def _on_compile(self, event: str, duration: float, **kwargs) -> None:
         if self._warm and event == "/jax/core/compile/backend_compile_duration":
@@ -156,7 +165,7 @@ class Engine:
                                                       self.adapters, np.int32(0)))
             self.prefixes.warm_up(ids, mask, prefilled[-1][1])
         for n in self.cache_sizes:
-            slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
+            slots = self._new_slots(n)
             for ids, (logits, keys, values) in prefilled:
                 slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
                                       values)
@@ -166,9 +175,10 @@ class Engine:
                                                adapters=self.adapters)
             for m in self.cache_sizes:
                 if m != n:
-                    slots = device.resize(slots, np.zeros(m, np.int32))
+                    slots = placement.place_slots(device.resize(slots, np.zeros(m, np.int32)), self.model,
+                                                  self.mesh)
                     jax.block_until_ready(slots)
-                    slots = device.init_slots(self.model, n, self.context_length, self.vocab_limit)
+                    slots = self._new_slots(n)
             jax.block_until_ready(token)
         self._warm = True
         return time.perf_counter() - start
@@ -283,7 +293,8 @@ class Engine:
     def _resize(self, keep: list[int], size: int) -> None:
         """Makes the cache `size` rows: row i becomes the old row `keep[i]`, the rest are idle."""
         rows = keep + [keep[0] if keep else 0] * (size - len(keep))
-        self._slots = self.prefixes.with_memory(device.resize, self._slots, np.asarray(rows, np.int32))
+        self._slots = placement.place_slots(
+            self.prefixes.with_memory(device.resize, self._slots, np.asarray(rows, np.int32)), self.model, self.mesh)
         settings = device.RowSettings.empty(size)
         for field in dataclasses.fields(settings):
             getattr(settings, field.name)[:len(keep)] = getattr(self._settings, field.name)[keep]
@@ -485,7 +496,7 @@ class Engine:
         size = self.cache_sizes[0]
         self._running = [None] * size
         self._settings = device.RowSettings.empty(size)
-        self._slots = device.init_slots(self.model, size, self.context_length, self.vocab_limit)
+        self._slots = self._new_slots(size)
 
     # ---- tokenization for the HTTP side ----
 
