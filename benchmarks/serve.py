@@ -65,6 +65,18 @@ def get(port: int, path: str) -> dict:
     return json.loads(conn.getresponse().read())
 
 
+def wait_until_up(server: subprocess.Popen, port: int, log_path: Path) -> None:
+    """Returns once the server answers /health; exits with its log's tail if it exits first."""
+    while True:
+        try:
+            get(port, "/health")
+            return
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 class Client:
     """One keep-alive connection sending completions one after another."""
 
@@ -193,14 +205,7 @@ def main(argv=None):
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     started = time.perf_counter()
     try:
-        while True:
-            try:
-                get(port, "/health")
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit(f"the server exited:\n{(Path(tmp.name) / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+        wait_until_up(server, port, Path(tmp.name) / "server.log")
         print(f"server ready after {time.perf_counter() - started:.1f} s (load, warm-up compiles)", flush=True)
         print(f"load average before: {os.getloadavg()}", flush=True)
         Client(port).complete([1, 2, 3], 4)  # first request: nothing left to compile, but warms caches

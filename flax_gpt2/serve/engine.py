@@ -70,6 +70,10 @@ log = logging.getLogger("flax_gpt2.serve")
 _output_projection = jax.jit(output_projection, static_argnums=(0, 2))
 
 
+class SharedStepError(RuntimeError):
+    """The shared decoding step failed inside one request's work (a chunked prefill): every request fails."""
+
+
 def default_buckets(context_length: int) -> list[int]:
     """Prompt buckets: the rungs of the one length ladder (`utils.buckets`) below `context_length`, then it."""
     return buckets.buckets_up_to(context_length)
@@ -92,6 +96,8 @@ class Engine:
     them); a `Completion`'s `adapter` is 1 + its position in `adapter_names`, 0 for the base.
     `prefix_cache_bytes` bounds the prefix cache (0: off; None: the KV of `max_batch` full contexts, as much as
     the slots hold at most, so caching at most doubles the server's KV memory); `prefix_block` is its block.
+    `prefill_chunk` > 0 (a multiple of `prefix_block`) prefills a longer prompt in chunks of that many tokens
+    while other sequences run, one decoding step of theirs after each chunk (`_prefill_chunks`).
     `mesh` (`mesh_placement.serving_mesh`) shards the weights and the slots over one host's devices; the output
     is the single-device engine's (up to float rounding).
     """
@@ -99,7 +105,8 @@ class Engine:
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
                  decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None,
-                 prefix_cache_bytes: int | None = None, prefix_block: int = 64, mesh: Mesh | None = None):
+                 prefix_cache_bytes: int | None = None, prefix_block: int = 64, prefill_chunk: int = 0,
+                 mesh: Mesh | None = None):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         params = unwrap_params(params)
@@ -127,7 +134,8 @@ class Engine:
         self.cache_sizes = cache_sizes(max_batch)
         self.stats = Stats()
         self.prefixes = PrefixPrefill(model, self.params, self.head, self.adapters, self.stats, prefix_block,
-                                      prefix_cache_bytes, default_rows=max_batch * context_length)
+                                      prefix_cache_bytes, default_rows=max_batch * context_length,
+                                      chunk=prefill_chunk)
         self._slots = self._new_slots(self.cache_sizes[0])
         self._settings = device.RowSettings.empty(self.cache_sizes[0])
         self._running: list[Sequence | None] = [None] * self.cache_sizes[0]
@@ -249,6 +257,8 @@ class Engine:
         a 500, and every other request keeps running. Only a failure of the shared step fails them all."""
         try:
             work(*args)
+        except SharedStepError:
+            raise
         except Exception as e:
             log.exception("a request failed (the others keep running)")
             self._fail_request(completion, e)
@@ -312,19 +322,41 @@ class Engine:
         """The prompt's prefill, computed once for all its copies admitted before the last one leaves."""
         if prompt not in completion.prefilled:
             ids = completion.prompt_ids[prompt]
-            p = self._bucket(len(ids))
-            padded = np.zeros((1, p), np.int32)
-            padded[0, p - len(ids):] = ids
-            mask = np.zeros((1, p), np.int32)
-            mask[0, p - len(ids):] = 1
+            padded, mask = self._padded(ids)
             out = None
             if completion.request.max_tokens > 0:
+                self._prefill_chunks(ids, completion.adapter)
                 out = self.prefixes.prefill(padded, mask, ids, completion.adapter)
             completion.prefilled[prompt] = (padded, mask, out)
         completion.waiting_copies[prompt] -= 1
         if completion.waiting_copies[prompt] == 0:
             return completion.prefilled.pop(prompt)
         return completion.prefilled[prompt]
+
+    def _prefill_chunks(self, ids: list[int], adapter: int) -> None:
+        """Chunked prefill: while other sequences run, the leading chunks of a long prompt are prefilled one at a
+        time (each a prefix-cache hit on the ones before, its blocks cached in turn), each followed by one
+        decoding step of the running sequences, so that no stream waits for the whole prompt. The prompt's own
+        prefill then reuses them all. With nothing running, the prompt is prefilled at once."""
+        for end in self.prefixes.chunk_ends(ids, adapter):
+            if not any(self._running):
+                return
+            head = ids[:end]
+            self.prefixes.prefill(*self._padded(head), head, adapter)
+            self.stats.prefill_chunks += 1
+            try:
+                self._step(max_steps=1)
+            except Exception as e:  # the shared step: every request fails, not just this one (`_loop`)
+                raise SharedStepError() from e
+
+    def _padded(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, mask)` `[1, P]` int32: the prompt left-padded to its bucket P."""
+        p = self._bucket(len(ids))
+        padded = np.zeros((1, p), np.int32)
+        padded[0, p - len(ids):] = ids
+        mask = np.zeros((1, p), np.int32)
+        mask[0, p - len(ids):] = 1
+        return padded, mask
 
     def _admit(self, sequence: Sequence) -> None:
         completion, request = sequence.completion, sequence.completion.request
@@ -414,11 +446,11 @@ class Engine:
                    for slot in busy)
         return self.decode_steps if left >= self.decode_steps else 1
 
-    def _step(self) -> None:
+    def _step(self, max_steps: int | None = None) -> None:
         busy = [i for i, s in enumerate(self._running) if s is not None]
         settings = self._settings
         work = device.StepWork.of(settings)
-        num_steps = self._steps_ahead(busy)
+        num_steps = min(self._steps_ahead(busy), max_steps or self.decode_steps)
         start = time.perf_counter()
         self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
                                                      work, num_steps=num_steps, adapters=self.adapters)

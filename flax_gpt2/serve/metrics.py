@@ -42,6 +42,8 @@ class _EngineCollector:
                                    ("prefix_cache_hits", s.prefix_hits, "prefills that reused a cached prompt prefix"),
                                    ("prefix_cache_hit_tokens", s.prefix_hit_tokens,
                                     "prompt tokens reused from the prefix cache instead of prefilled"),
+                                   ("prefill_chunks", s.prefill_chunks,
+                                    "chunks of long prompts prefilled between decoding steps (--prefill_chunk)"),
                                    ("prefix_cache_evictions", s.prefix_evictions,
                                     "prefix cache blocks dropped (least recently used, or device memory short)")):
             yield CounterMetricFamily(f"flax_gpt2_{name}", help_, value=value)

@@ -33,13 +33,24 @@ def kv_bytes_per_token(model: GPT2LMHeadModel) -> int:
 class PrefixPrefill:
     """Prefills prompts for one engine (its model, weights, output projection and adapter table), through a
     `PrefixCache` of `capacity` bytes (None: the KV of `default_rows` tokens; 0: off) and blocks of `block`
-    tokens. Keeps the prefix fields of the engine's `stats` current."""
+    tokens. Keeps the prefix fields of the engine's `stats` current.
+
+    `chunk` > 0 (a multiple of `block`; the cache on) prefills long prompts in chunks (`chunk_ends`): each
+    chunk is the prefill of a longer prefix of the prompt after a hit on the chunks before it, so a tail of
+    `chunk` tokens is compiled per bucket beside `suffix_lengths`."""
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, head: jax.Array, adapters: Any, stats: Stats,
-                 block: int, capacity: int | None, default_rows: int):
+                 block: int, capacity: int | None, default_rows: int, chunk: int = 0):
         if capacity is None:
             capacity = kv_bytes_per_token(model) * default_rows
         self.cache = PrefixCache(block, capacity)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0 or chunk % block:
+            raise ValueError(f"the prefill chunk must be a multiple of the prefix block ({block} tokens) or 0 (off), "
+                             f"got {chunk!r}")
+        if chunk and not capacity:
+            raise ValueError("a chunked prefill keeps its chunks in the prefix cache: it needs the cache on "
+                             "(a prefix cache of more than 0 bytes)")
+        self.chunk = chunk
         self.model, self.params, self.head, self.adapters, self.stats = model, params, head, adapters, stats
 
     def warm_up(self, ids: np.ndarray, mask: np.ndarray, prefilled) -> None:
@@ -49,7 +60,7 @@ class PrefixPrefill:
         if not self.cache.capacity or p < b:
             return
         blocks = device.take_blocks(prefilled[1], prefilled[2], np.int32(p), b)
-        for suffix in suffix_lengths(b, p):
+        for suffix in self.tails(p):
             jax.block_until_ready(device.prefill_after_prefix(
                 self.model, self.params, self.head, blocks[:(p - 1) // b], ids, mask, suffix, self.adapters,
                 np.int32(0)))
@@ -60,7 +71,7 @@ class PrefixPrefill:
         prefix; then caches its complete blocks not cached yet."""
         cache, p = self.cache, padded.shape[1]
         b = cache.block
-        tails = suffix_lengths(b, p) if cache.capacity else []
+        tails = self.tails(p)
         # A hit is used only if the tail after it is at most the longest compiled one.
         blocks = cache.lookup(adapter, ids, min_blocks=-(-(len(ids) - tails[-1]) // b)) if tails else []
         if blocks:
@@ -77,6 +88,21 @@ class PrefixPrefill:
             cache.add(adapter, ids, missing.start, taken[missing.start:missing.stop], taken[0].nbytes)
         self._count()
         return out
+
+    def tails(self, bucket: int) -> list[int]:
+        """The tail lengths compiled for prompts of `bucket` (`suffix_lengths`, and the chunk when chunking)."""
+        if not self.cache.capacity:
+            return []
+        lengths = suffix_lengths(self.cache.block, bucket)
+        return sorted(set(lengths) | {self.chunk}) if 0 < self.chunk < bucket else lengths
+
+    def chunk_ends(self, ids: list[int], adapter: int) -> list[int]:
+        """Where the chunks of a chunked prefill of `ids` end, but the last: every multiple of the chunk shorter
+        than the prompt whose blocks are not all cached already (none when not chunking). Prefilling `ids[:end]`
+        for each in turn, then `ids`, leaves every one a tail of at most one chunk after a hit."""
+        if not self.chunk:
+            return []
+        return [end for end in range(self.chunk, len(ids), self.chunk) if self.cache.missing(adapter, ids[:end])]
 
     def with_memory(self, program: Callable, *args):
         """Runs a device program; when the device runs out of memory while the prefix cache holds blocks, drops

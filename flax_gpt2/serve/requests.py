@@ -110,3 +110,4 @@ class Stats:
     prefix_cache_bytes: int = 0  # device memory the prefix cache holds now
     prefix_cache_blocks: int = 0
     prefix_evictions: int = 0  # blocks dropped for room (least recently used) or for device memory
+    prefill_chunks: int = 0  # chunks of long prompts prefilled between decoding steps (`--prefill_chunk`)
