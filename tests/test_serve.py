@@ -93,7 +93,10 @@ def torch_reference(tiny_folder):
 def server(tiny_folder, tmp_path_factory):
     args = ["--model", str(tiny_folder), "--served_model_name", "tiny", "--max_batch", str(MAX_BATCH),
             "--context_length", str(CONTEXT_LENGTH), "--prompt_buckets", "16,64", "--max_queue", str(MAX_QUEUE),
-            "--max_body_bytes", str(MAX_BODY), "--api_key", API_KEY]
+            "--max_body_bytes", str(MAX_BODY), "--api_key", API_KEY,
+            # Small prefix blocks and prefill chunks: prompts over 16 tokens that arrive while others run are
+            # prefilled in chunks, so every exactness test here (32 clients with disconnects too) covers it.
+            "--prefix_block", "8", "--prefill_chunk", "16"]
     with server_process(args, tmp_path_factory) as (port, _):
         yield port
 
@@ -605,8 +608,10 @@ def test_32_concurrent_mixed_clients_with_disconnects_stay_exact(client, server,
         kwargs.update(temperature=0.9, top_p=0.9, seed=i)
         return kind, kwargs, retrying(lambda: client.completions.create(**kwargs)).choices[0].text
 
+    chunks_before = _health(server)["prefill_chunks"]
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, range(32)))
+    assert _health(server)["prefill_chunks"] > chunks_before  # prompts over 16 tokens were chunked among the others
     for kind, kwargs, text in results:
         if kind in ("stream", "plain"):
             assert text == _generate_text(reference, kwargs["prompt"], kwargs["max_tokens"]), (kind, kwargs)
