@@ -5,9 +5,8 @@ model on a pod). With the cache in the workdir (`gs://` too), the new VM that re
 executables instead. The cache key covers the program, the compile options, the devices and the jax/XLA
 versions, so a changed config or a different slice simply compiles (and adds an entry).
 
-On CPU it is off unless `compile_cache_dir` names a folder: serializing an XLA:CPU executable crashed a test
-process once (SIGSEGV in `executable.serialize()`, jax 0.10.2, in CI under load), and CPU compiles take seconds,
-not the minutes a pod's do.
+On CPU it is off unless `compile_cache_dir` names a folder: CPU compiles take seconds, not the minutes a pod's
+do, and the cache's files would only fill the run folder.
 """
 
 from __future__ import annotations
