@@ -49,8 +49,8 @@ _no_persistent_cache_in_this_process()
 def _free_compiled_programs_after_each_module():
     """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps a few memory maps of
     its code for the life of the process; the whole suite compiles enough of them to pass Linux's limit of
-    65,530 maps per process (measured: ~33,000 after 300 tests), and the next compile then dies with SIGSEGV
-    (the CI crashes at ~91% of the suite, in whichever test compiled next)."""
+    65,530 maps per process (measured: 33,088 after the 174 tests of four modules), and the next compile dies
+    with SIGSEGV (the CI crashes at ~91% of the suite, in whichever test compiled next)."""
     yield
     import gc
 
