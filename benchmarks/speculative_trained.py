@@ -60,6 +60,25 @@ def trained(name: str, layers: int, width: int, heads: int, steps: int, batch: i
     return workdir
 
 
+def add_pair_arguments(parser: argparse.ArgumentParser, *, target: tuple[int, int, int],
+                       draft: tuple[int, int, int], steps: int) -> None:
+    """The pair's shapes (layers, width, heads) and training flags, with these defaults."""
+    for name, (layers, width, heads) in (("target", target), ("draft", draft)):
+        parser.add_argument(f"--{name}_layers", type=int, default=layers)
+        parser.add_argument(f"--{name}_width", type=int, default=width)
+        parser.add_argument(f"--{name}_heads", type=int, default=heads)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=128)
+
+
+def trained_pair(args: argparse.Namespace) -> tuple[str, str]:
+    """The run folders of the target and the draft of `add_pair_arguments`' flags (`trained`)."""
+    return tuple(trained(name, getattr(args, f"{name}_layers"), getattr(args, f"{name}_width"),
+                         getattr(args, f"{name}_heads"), args.steps, args.batch_size, args.seq_len)
+                 for name in ("target", "draft"))
+
+
 def held_out_prompts(tokenizer, count: int, length: int) -> np.ndarray:
     """`count` windows of `length` tokens spread over the last 10% of Tiny Shakespeare (the runs' eval split)."""
     with open(base.demo_path("data", "tinyshakespeare.txt"), encoding="utf-8") as f:
@@ -78,15 +97,7 @@ def per_position(stats: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target_layers", type=int, default=6)
-    parser.add_argument("--target_width", type=int, default=256)
-    parser.add_argument("--target_heads", type=int, default=8)
-    parser.add_argument("--draft_layers", type=int, default=1)
-    parser.add_argument("--draft_width", type=int, default=64)
-    parser.add_argument("--draft_heads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=128)
+    add_pair_arguments(parser, target=(6, 256, 8), draft=(1, 64, 2), steps=300)
     parser.add_argument("--prompt_length", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -95,10 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    target_dir = trained("target", args.target_layers, args.target_width, args.target_heads, args.steps,
-                         args.batch_size, args.seq_len)
-    draft_dir = trained("draft", args.draft_layers, args.draft_width, args.draft_heads, args.steps,
-                        args.batch_size, args.seq_len)
+    target_dir, draft_dir = trained_pair(args)
     target, target_params = flax_gpt2.from_pretrained(target_dir, progress=False)
     draft, draft_params = flax_gpt2.from_pretrained(draft_dir, progress=False)
     losses = [json.load(open(os.path.join(d, "result.json"))).get("eval_loss") for d in (target_dir, draft_dir)]

@@ -33,14 +33,14 @@ def output_projection(model: GPT2LMHeadModel, params: Any, vocab_limit: int | No
 
 
 def forward(model: GPT2LMHeadModel, params: Any, head: Array, input_ids: Array, attention_mask: Array,
-            position_ids: Array, cache: KVCache) -> tuple[Array, KVCache]:
+            position_ids: Array, cache: KVCache, *, last_only: bool = True) -> tuple[Array, KVCache]:
     """Runs `input_ids [B, T]` through the model with `cache`; returns the last position's logits `[B, V]`
-    (float32) and the updated cache. `attention_mask` is `[B, S]` over every cache slot; `head` is
-    `output_projection(model, params, vocab_limit)` (V is its width)."""
+    (float32; every position's, `[B, T, V]`, with `last_only=False`) and the updated cache. `attention_mask` is
+    `[B, S]` over every cache slot; `head` is `output_projection(model, params, vocab_limit)` (V is its width)."""
 
     def last_hidden(module, *args):
         out = module.transformer(*args)
-        return out.last_hidden_state[:, -1], out.cache
+        return (out.last_hidden_state[:, -1] if last_only else out.last_hidden_state), out.cache
 
     hidden, cache = model.apply({"params": params}, input_ids, attention_mask, position_ids, None, cache,
                                 method=last_hidden)

@@ -404,6 +404,14 @@ def _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab: int, neede
         if not is_int(prompt_lookup_ngram) or prompt_lookup_ngram < 1:
             raise ValueError(f"prompt_lookup_ngram must be a positive integer, got {prompt_lookup_ngram!r}")
         return None, None
+    return check_draft_model(draft, vocab, needed_positions, "prompt + max_new_tokens",
+                             vocab_hint=", or pass vocab_limit=<the tokenizer's size>")
+
+
+def check_draft_model(draft, vocab: int, needed_positions: int, needed_what: str,
+                      vocab_hint: str = "") -> tuple[GPT2LMHeadModel, Any]:
+    """`(draft_model, draft_params)` of `draft`, checked to be a GPT-2 pair that scores the target's `vocab`
+    ids and embeds `needed_positions` positions (`needed_what` names them); ValueError naming what does not."""
     if not isinstance(draft, (tuple, list)) or len(draft) != 2 or not isinstance(draft[0], GPT2LMHeadModel):
         raise ValueError("draft must be a pair (draft_model, draft_params) with a GPT2LMHeadModel, got "
                          f"{type(draft).__name__}")
@@ -411,9 +419,9 @@ def _check_draft(draft, prompt_lookup_ngram, num_draft_tokens, vocab: int, neede
     dc = draft_model.config
     if dc.vocab_size < vocab:
         raise ValueError(f"the draft's vocab_size ({dc.vocab_size}) is smaller than the target's {vocab} ids; "
-                         "use a draft with the target's tokenizer, or pass vocab_limit=<the tokenizer's size>")
+                         f"use a draft with the target's tokenizer{vocab_hint}")
     if dc.n_positions < needed_positions:
-        raise ValueError(f"the draft's n_positions ({dc.n_positions}) is shorter than prompt + max_new_tokens "
+        raise ValueError(f"the draft's n_positions ({dc.n_positions}) is shorter than {needed_what} "
                          f"({needed_positions}); use a draft with at least the target's context")
     return draft_model, unwrap_params(draft_params)
 

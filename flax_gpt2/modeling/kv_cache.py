@@ -23,11 +23,13 @@ class KVCache:
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: GPT2Config, batch_size: int, cache_length: int, dtype=None) -> "KVCache":
+    def init(cls, config: GPT2Config, batch_size: int, cache_length: int, dtype=None, scratch: int = 0) -> "KVCache":
         """An empty cache of `cache_length` slots S (the tokens it can hold: prompt + new tokens, padding
-        included; at most `config.n_positions`)."""
-        if cache_length > config.n_positions:
-            raise ValueError(f"cache length {cache_length} exceeds the model's n_positions={config.n_positions}")
+        included; at most `config.n_positions` plus `scratch`, slots written past the last position by
+        speculative decoding and never kept)."""
+        if cache_length - scratch > config.n_positions:
+            raise ValueError(f"cache length {cache_length - scratch} exceeds the model's n_positions="
+                             f"{config.n_positions}")
         shape = (batch_size, config.n_head, cache_length, config.head_dim)
         dtype = dtype or config.dtype
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))

@@ -150,6 +150,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute and parameter dtype")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_MODES,
                         help="int8: int8 weight-only quantization of the model on load")
+    parser.add_argument("--draft_model", default=None,
+                        help="speculative decoding: a smaller GPT-2 of the same tokenizer (e.g. distilgpt2 for gpt2, "
+                             "gpt2 for gpt2-large) proposes tokens that the model checks several at a time; greedy "
+                             "requests without penalties or logprobs take every agreed token at once, exactly the "
+                             "model's own output, and other requests share the batch unchanged")
+    parser.add_argument("--num_draft_tokens", type=_positive_int, default=4,
+                        help="tokens the draft proposes per round with --draft_model (default 4)")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
     parser.add_argument("--compile_only", default=None, metavar="TOPOLOGY",
                         help="serve nothing: compile the server's programs for one chip of this TPU slice or GPU "
@@ -174,6 +181,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quantize and args.mesh:
         parser.error(f"--quantize {args.quantize} with --mesh is not supported: int8 weights are served on one "
                      "device (drop one of them)")
+    if args.draft_model is not None:
+        for flag, value in (("--adapter", args.adapter), ("--mesh", args.mesh), ("--compile_only", args.compile_only)):
+            if value:
+                parser.error(f"--draft_model with {flag} is not supported: a draft model is served on one device "
+                             "beside the plain model (drop one of them)")
     if args.compile_only is not None:
         if args.mesh:
             parser.error("--compile_only with --mesh is not supported: it plans one chip's share of a "
@@ -231,6 +243,19 @@ def load_with_adapters(args: argparse.Namespace, log: Callable[[str], None] = la
     return model, params, tokenizer, adapters
 
 
+def load_draft(args: argparse.Namespace, tokenizer, log: Callable[[str], None] = lambda msg: None):
+    """`(draft_model, draft_params)` for `--draft_model` (None without), checked to share `tokenizer`."""
+    if args.draft_model is None:
+        return None
+    model, params, draft_tokenizer = load_model(args.draft_model, dtype=args.dtype, cache_dir=args.cache_dir,
+                                                progress=False, log=log, quantize=args.quantize)
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise cli.UsageError(f"--draft_model {args.draft_model!r} has a tokenizer of {draft_tokenizer.vocab_size} ids, "
+                             f"--model {args.model!r} one of {tokenizer.vocab_size}: a draft must share the model's "
+                             "tokenizer (any GPT-2 size does)")
+    return model, params
+
+
 def _main(argv: Sequence[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -275,7 +300,8 @@ def _main(argv: Sequence[str]) -> None:
     engine = Engine(model, params, tokenizer, max_batch=args.max_batch, context_length=args.context_length,
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
                     adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block,
-                    prefill_chunk=args.prefill_chunk, mesh=mesh)
+                    prefill_chunk=args.prefill_chunk, mesh=mesh, draft=load_draft(args, tokenizer, log.info),
+                    num_draft_tokens=args.num_draft_tokens)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()

@@ -28,6 +28,11 @@ reads the base weights once for all rows while each row adds its own low-rank br
 requests for different adapters share one decoding batch and one compiled step. Without adapters the step is
 the plain model's.
 
+A draft model (`draft`, `serve --draft_model`) makes the step a speculative round (`speculative_slots`): greedy
+requests without penalties or logprobs take 1 + (the draft's proposals the target agrees with) tokens per
+round, exactly the target's own greedy tokens; every other request in the batch takes its one usual token. While
+no running request drafts, the plain step runs (the same tokens, without the draft's cost).
+
 Reproducibility: every sampled sequence draws with its own key, `PRNGKey(seed)` folded with the choice
 index (not for choice 0) and then with the step, so the same request with the same seed gives the same
 text whatever else is running. Greedy and sampled rows follow `flax_gpt2.generate`'s computation (see
@@ -58,7 +63,7 @@ from flax_gpt2.modeling import layer_stacking
 from flax_gpt2.modeling.lora import LoRAConfig
 from flax_gpt2.modeling.lora_rows import stack_adapters
 from flax_gpt2.modeling.model import GPT2LMHeadModel, unwrap_params
-from flax_gpt2.serve import mesh_placement as placement, slots as device
+from flax_gpt2.serve import mesh_placement as placement, slots as device, speculative_slots as speculative
 from flax_gpt2.serve.prefix_prefill import PrefixPrefill
 from flax_gpt2.serve.protocol import APIError
 from flax_gpt2.serve.requests import Completion, Event, QueueFull, Sequence, Stats, TokenLogprob
@@ -100,13 +105,16 @@ class Engine:
     while other sequences run, one decoding step of theirs after each chunk (`_prefill_chunks`).
     `mesh` (`mesh_placement.serving_mesh`) shards the weights and the slots over one host's devices; the output
     is the single-device engine's (up to float rounding).
+    `draft` is `(draft_model, draft_params)`, a smaller GPT-2 of the same tokenizer whose `num_draft_tokens`
+    proposals per round the target checks (`speculative_slots`).
     """
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
                  context_length: int | None = None, prompt_buckets: list[int] | None = None, max_queue: int = 64,
                  decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None,
                  prefix_cache_bytes: int | None = None, prefix_block: int = 64, prefill_chunk: int = 0,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, draft: tuple[GPT2LMHeadModel, Any] | None = None,
+                 num_draft_tokens: int = 4):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         params = unwrap_params(params)
@@ -126,6 +134,12 @@ class Engine:
         self.vocab_limit = min(tokenizer.vocab_size, config.vocab_size)
         self.head = _output_projection(model, self.params, self.vocab_limit)
         self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
+        self.draft_model, self.draft_params, self.num_draft_tokens = speculative.check_draft(
+            draft, num_draft_tokens, self.vocab_limit, context_length, plain=mesh is None and self.adapters is None)
+        self.draft_head = None if draft is None else _output_projection(self.draft_model, self.draft_params,
+                                                                         self.vocab_limit)
+        # A speculative round writes k + 1 columns from a row's pos: the slots hold that many past the context.
+        self.slot_length = context_length + (self.num_draft_tokens + 1 if self.draft_model is not None else 0)
         if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
         self.decode_steps = decode_steps
@@ -151,7 +165,13 @@ class Engine:
     # ---- set-up ----
 
     def _new_slots(self, rows: int) -> device.Slots:
-        return placement.new_slots(self.model, rows, self.context_length, self.vocab_limit, self.mesh)
+        return placement.new_slots(self.model, rows, self.slot_length, self.vocab_limit, self.mesh, self.draft_model,
+                                   self.slot_length - self.context_length)
+
+    def _draft_prefill(self, padded: np.ndarray, mask: np.ndarray):
+        """The draft model's prefill of a padded prompt: its cache `(keys, values)`, per layer `[1, H', P, K']`."""
+        _, keys, values = device.prefill_prompt(self.draft_model, self.draft_params, self.draft_head, padded, mask)
+        return keys, values
 
     def _on_compile(self, event: str, duration: float, **kwargs) -> None:
         if self._warm and event == "/jax/core/compile/backend_compile_duration":
@@ -162,7 +182,7 @@ class Engine:
         """Compiles everything the engine will run (every prompt bucket and cache size); returns seconds."""
         start = time.perf_counter()
         eot = self.tokenizer.eot_token
-        prefilled = []
+        prefilled, drafted = [], []
         for p in self.buckets:
             ids = np.full((1, p), eot, np.int32)
             mask = np.zeros((1, p), np.int32)
@@ -172,15 +192,22 @@ class Engine:
             jax.block_until_ready(device.score_prompt(self.model, self.params, ids, mask, self.vocab_limit,
                                                       self.adapters, np.int32(0)))
             self.prefixes.warm_up(ids, mask, prefilled[-1][1])
+            if self.draft_model is not None:
+                drafted.append(self._draft_prefill(ids, mask))
         for n in self.cache_sizes:
             slots = self._new_slots(n)
-            for ids, (logits, keys, values) in prefilled:
+            for (ids, (logits, keys, values)), draft_kv in zip(prefilled, drafted or [None] * len(prefilled)):
                 slots = device.insert(slots, np.int32(0), np.int32(ids.shape[1]), np.int32(1), ids, logits, keys,
                                       values)
+                if draft_kv is not None:
+                    slots = device.insert_draft(slots, np.int32(0), np.int32(ids.shape[1]), *draft_kv)
             for k in sorted({1, self.decode_steps}):
                 slots, token, _ = device.steps(self.model, self.params, self.head, slots,
                                                device.RowSettings.empty(n), device.StepWork.everything(), num_steps=k,
                                                adapters=self.adapters)
+                if self.draft_model is not None:
+                    slots, token, _, _ = self._speculative(slots, device.RowSettings.empty(n),
+                                                           device.StepWork.everything(), k)
             for m in self.cache_sizes:
                 if m != n:
                     slots = placement.place_slots(device.resize(slots, np.zeros(m, np.int32)), self.model,
@@ -397,6 +424,10 @@ class Engine:
         s.stream[slot] = sequence.stream
         s.logprobs[slot] = request.logprobs is not None
         s.adapter[slot] = completion.adapter
+        s.stop[slot] = end + request.max_tokens
+        if self.draft_model is not None and speculative.drafting(s)[slot]:
+            self._slots = device.insert_draft(self._slots, np.int32(slot), np.int32(end),
+                                              *self._draft_prefill(padded, mask))
 
     def _prompt_logprobs(self, padded, mask, ids: list[int], k: int, adapter: int) -> list[TokenLogprob]:
         scores = device.score_prompt(self.model, self.params, padded, mask, self.vocab_limit, self.adapters,
@@ -439,12 +470,17 @@ class Engine:
         Several steps per dispatch spare the host a dispatch and a device-to-host wait per token. A sequence
         that stops early inside them (EOS, a stop string, a cancelled request) wastes the rest of its steps'
         compute, never its output: its later tokens are dropped, and its slot's contents no longer matter.
+        With a draft model a round may make k + 1 tokens of a drafting row: `decode_steps` rounds then need
+        `decode_steps * (k + 1)` tokens left (more rounds than a row needs are the same waste).
         """
         if self.decode_steps == 1 or self._waiting:
             return 1
         left = min(self._running[slot].completion.request.max_tokens - len(self._running[slot].tokens)
                    for slot in busy)
-        return self.decode_steps if left >= self.decode_steps else 1
+        per_step = 1
+        if self.draft_model is not None and speculative.any_drafting(self._settings):
+            per_step = self.num_draft_tokens + 1
+        return self.decode_steps if left >= self.decode_steps * per_step else 1
 
     def _step(self, max_steps: int | None = None) -> None:
         busy = [i for i, s in enumerate(self._running) if s is not None]
@@ -452,9 +488,17 @@ class Engine:
         work = device.StepWork.of(settings)
         num_steps = min(self._steps_ahead(busy), max_steps or self.decode_steps)
         start = time.perf_counter()
-        self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
-                                                     work, num_steps=num_steps, adapters=self.adapters)
-        tokens = np.asarray(tokens)  # [num_steps, N]
+        if self.draft_model is not None and speculative.any_drafting(settings):
+            self._slots, tokens, counts, logprobs = self._speculative(self._slots, settings, work, num_steps)
+            tokens, counts = np.asarray(tokens), np.asarray(counts)  # [num_steps, N, k + 1], [num_steps, N]
+            drafting = speculative.drafting(settings)
+            self.stats.draft_proposed += int(np.sum(counts[:, drafting] > 0)) * self.num_draft_tokens
+            self.stats.draft_accepted += int(np.sum(np.maximum(counts[:, drafting] - 1, 0)))
+        else:
+            self._slots, tokens, logprobs = device.steps(self.model, self.params, self.head, self._slots, settings,
+                                                         work, num_steps=num_steps, adapters=self.adapters)
+            tokens = np.asarray(tokens)[..., None]  # [num_steps, N, 1]
+            counts = np.ones(tokens.shape[:2], np.int32)
         self.stats.step_seconds += time.perf_counter() - start
         if work.logprobs:
             chosen, top_ids, top_values = (np.asarray(x) for x in logprobs)
@@ -471,14 +515,22 @@ class Engine:
                 if sequence.completion.cancelled:
                     self._free(slot)
                     continue
-                token, record = int(tokens[j, slot]), None
-                if sequence.completion.request.logprobs is not None:
-                    record = TokenLogprob(self._token_str(token), float(chosen[j, slot]),
-                                          self._top(token, float(chosen[j, slot]), top_ids[j, slot],
-                                                    top_values[j, slot], sequence.completion.request.logprobs), 0)
-                self.stats.tokens += 1
-                self._for_request(sequence.completion, self._emit, sequence, token, record)
+                for i in range(counts[j, slot]):  # (more than one only for a drafting row: no logprobs)
+                    if self._running[slot] is not sequence:  # finished at an earlier of these tokens
+                        break
+                    token, record = int(tokens[j, slot, i]), None
+                    if sequence.completion.request.logprobs is not None:
+                        record = TokenLogprob(self._token_str(token), float(chosen[j, slot]),
+                                              self._top(token, float(chosen[j, slot]), top_ids[j, slot],
+                                                        top_values[j, slot], sequence.completion.request.logprobs), 0)
+                    self.stats.tokens += 1
+                    self._for_request(sequence.completion, self._emit, sequence, token, record)
         self.stats.busy_slots = sum(s is not None for s in self._running)
+
+    def _speculative(self, slots, settings, work, num_rounds):
+        return speculative.speculative_steps(self.model, self.params, self.head, self.draft_model, self.draft_params,
+                                             self.draft_head, slots, settings, work, k=self.num_draft_tokens,
+                                             num_rounds=num_rounds)
 
     def _emit(self, sequence: Sequence, token: int, record: TokenLogprob | None) -> None:
         request = sequence.completion.request

@@ -62,10 +62,12 @@ def slot_shardings(model: GPT2LMHeadModel, rows: int, mesh: Mesh) -> device.Slot
                         start=by_row, pos=by_row, logits=by_row)
 
 
-def new_slots(model: GPT2LMHeadModel, rows: int, cache_len: int, vocab: int, mesh: Mesh | None) -> device.Slots:
-    """`slots.init_slots`, created in place on `mesh` (never whole on one device first) when one is given."""
+def new_slots(model: GPT2LMHeadModel, rows: int, cache_len: int, vocab: int, mesh: Mesh | None,
+              draft_model: GPT2LMHeadModel | None = None, scratch: int = 0) -> device.Slots:
+    """`slots.init_slots`, created in place on `mesh` (never whole on one device first) when one is given
+    (a draft model's cache only without a mesh: `serve` refuses `--draft_model` with `--mesh`)."""
     if mesh is None:
-        return device.init_slots(model, rows, cache_len, vocab)
+        return device.init_slots(model, rows, cache_len, vocab, draft_model, scratch)
     return _sharded_init(model, rows, cache_len, vocab, slot_shardings(model, rows, mesh))()
 
 

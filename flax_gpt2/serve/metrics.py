@@ -44,6 +44,10 @@ class _EngineCollector:
                                     "prompt tokens reused from the prefix cache instead of prefilled"),
                                    ("prefill_chunks", s.prefill_chunks,
                                     "chunks of long prompts prefilled between decoding steps (--prefill_chunk)"),
+                                   ("draft_tokens_proposed", s.draft_proposed,
+                                    "draft tokens checked by the target model (--draft_model, greedy requests)"),
+                                   ("draft_tokens_accepted", s.draft_accepted,
+                                    "draft tokens kept: emitted without a target step of their own"),
                                    ("prefix_cache_evictions", s.prefix_evictions,
                                     "prefix cache blocks dropped (least recently used, or device memory short)")):
             yield CounterMetricFamily(f"flax_gpt2_{name}", help_, value=value)

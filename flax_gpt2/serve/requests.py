@@ -111,3 +111,5 @@ class Stats:
     prefix_cache_blocks: int = 0
     prefix_evictions: int = 0  # blocks dropped for room (least recently used) or for device memory
     prefill_chunks: int = 0  # chunks of long prompts prefilled between decoding steps (`--prefill_chunk`)
+    draft_proposed: int = 0  # draft tokens checked by the target (`--draft_model`), drafting rows only
+    draft_accepted: int = 0  # of those, the ones kept (each a token emitted without its own target step)

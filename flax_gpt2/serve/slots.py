@@ -49,6 +49,9 @@ class Slots:
     start: Array  # [N] int32: column of the first new token
     pos: Array  # [N] int32: column the next chosen token goes to (start + new tokens so far)
     logits: Array  # [N, V] float32: logits for the token in column `pos` (V: the tokenizer's ids, see engine)
+    # A draft model's KV cache (`serve --draft_model`, `speculative_slots`), per layer [N, H', S, K']; () without.
+    draft_keys: tuple[Array, ...] = ()
+    draft_values: tuple[Array, ...] = ()
 
 
 @flax.struct.dataclass
@@ -67,6 +70,7 @@ class RowSettings:
     stream: Array  # int32: 0, or the index of a sample's copy (its key is folded with it)
     logprobs: Array  # bool: return the top log-probabilities
     adapter: Array  # int32: the row's LoRA adapter, a row of the adapter table (`lora_rows`); 0 = the base
+    stop: Array  # int32: the column after the row's last token (start + max_tokens); speculative rounds stop there
 
     @classmethod
     def empty(cls, n: int) -> "RowSettings":
@@ -75,7 +79,8 @@ class RowSettings:
                    top_k=np.zeros(n, np.int32), top_p=np.ones(n, np.float32),
                    repetition_penalty=np.ones(n, np.float32), presence_penalty=np.zeros(n, np.float32),
                    frequency_penalty=np.zeros(n, np.float32), seed=np.zeros(n, np.uint32),
-                   stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool), adapter=np.zeros(n, np.int32))
+                   stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool), adapter=np.zeros(n, np.int32),
+                   stop=np.zeros(n, np.int32))
 
 
 @flax.struct.dataclass
@@ -104,15 +109,20 @@ class StepWork:
         return cls(choice=ChoiceStages(on, on, on, on, on), logprobs=on)
 
 
-def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: int) -> Slots:
-    """N empty slots of `cache_len` columns each, for logits over `vocab` ids (the output projection's width)."""
+def init_slots(model: GPT2LMHeadModel, num_slots: int, cache_len: int, vocab: int,
+               draft_model: GPT2LMHeadModel | None = None, scratch: int = 0) -> Slots:
+    """N empty slots of `cache_len` columns each, for logits over `vocab` ids (the output projection's width),
+    with a KV cache for `draft_model` too when one is given; the last `scratch` columns are written by
+    speculative rounds only (`speculative_slots`)."""
     config = model.config
-    cache = KVCache.init(config, num_slots, cache_len)
+    cache = KVCache.init(config, num_slots, cache_len, scratch=scratch)
+    draft = None if draft_model is None else KVCache.init(draft_model.config, num_slots, cache_len, scratch=scratch)
     zeros = lambda dtype: jnp.zeros((num_slots,), dtype)  # noqa: E731
     return Slots(keys=cache.keys, values=cache.values, tokens=jnp.zeros((num_slots, cache_len), jnp.int32),
                  mask=jnp.zeros((num_slots, cache_len), jnp.int32), lengths=zeros(jnp.int32),
                  start=zeros(jnp.int32), pos=zeros(jnp.int32),
-                 logits=jnp.zeros((num_slots, vocab), jnp.float32))
+                 logits=jnp.zeros((num_slots, vocab), jnp.float32),
+                 draft_keys=() if draft is None else draft.keys, draft_values=() if draft is None else draft.values)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -206,11 +216,7 @@ def insert(slots: Slots, slot: Array, end: Array, length: Array, input_ids: Arra
     p = input_ids.shape[1]
     s = slots.tokens.shape[1]
     shift = p - end
-
-    def put(big, block):  # big [N, H, S, K], block [1, H, P, K]
-        block = jnp.roll(block, -shift, axis=2)
-        return jax.lax.dynamic_update_slice(big, block.astype(big.dtype), (slot, 0, 0, 0))
-
+    put = functools.partial(_put_row, slot=slot, shift=shift)
     ids = jnp.roll(input_ids.astype(jnp.int32), -shift, axis=1)
     row_mask = (jnp.arange(s) >= end - length).astype(jnp.int32)[None, :]
     return slots.replace(
@@ -222,7 +228,23 @@ def insert(slots: Slots, slot: Array, end: Array, length: Array, input_ids: Arra
         pos=slots.pos.at[slot].set(end), logits=jax.lax.dynamic_update_slice(slots.logits, logits, (slot, 0)))
 
 
-def _choose(slots: Slots, rows: RowSettings, work: StepWork):
+def _put_row(big: Array, block: Array, slot: Array, shift: Array) -> Array:
+    """A prefilled row's cache `block [1, H, P, K]`, rotated left by `shift` columns, into row `slot` of
+    `big [N, H, S, K]` (`insert`)."""
+    block = jnp.roll(block, -shift, axis=2)
+    return jax.lax.dynamic_update_slice(big, block.astype(big.dtype), (slot, 0, 0, 0))
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def insert_draft(slots: Slots, slot: Array, end: Array, keys: tuple[Array, ...], values: tuple[Array, ...]) -> Slots:
+    """Puts the draft model's prefill of a prompt (`prefill_prompt` of the draft, bucket P) into row `slot`'s
+    draft cache, rotated as `insert` rotates the target's."""
+    put = functools.partial(_put_row, slot=slot, shift=keys[0].shape[2] - end)
+    return slots.replace(draft_keys=tuple(put(b, k) for b, k in zip(slots.draft_keys, keys)),
+                         draft_values=tuple(put(b, v) for b, v in zip(slots.draft_values, values)))
+
+
+def choose_next(slots: Slots, rows: RowSettings, work: StepWork):
     """The next token of every row (`choose_tokens`, `generate`'s token choice, with per-row settings and
     each row's key folded with its step), and the log-probabilities of the raw logits when asked."""
     n, s = slots.tokens.shape
@@ -278,7 +300,7 @@ def step(model: GPT2LMHeadModel, params: Any, head: Array, slots: Slots, setting
     Returns `(slots, tokens [N], (chosen_logprob [N], top_ids [N, 5], top_logprobs [N, 5]))`.
     """
     n, s = slots.tokens.shape
-    token, logprobs = _choose(slots, settings, work)
+    token, logprobs = choose_next(slots, settings, work)
     pos = jnp.minimum(slots.pos, s - 1)
     token = jnp.where(settings.active, token, slots.tokens[jnp.arange(n), pos])
     position = jnp.minimum(slots.lengths + slots.pos - slots.start, model.config.n_positions - 1)

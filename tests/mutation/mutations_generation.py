@@ -10,6 +10,7 @@ _BACKENDS = "tests/test_attention_backends.py::test_backend_equals_xla_forward_a
 _AUTO = "tests/test_attention_backends.py::test_auto_choice_for_the_target"
 _CHOOSE = "tests/test_sampling_strategies.py::test_choose_draws_from_what_process_keeps"
 _SERVE = "tests/test_serve.py::"
+_SPEC = "tests/test_serve_speculative.py::"
 _HARNESS = "tests/test_hellaswag.py::test_harness_style_equals_lm_eval_hellaswag[non_ascii]"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -99,6 +100,18 @@ MUTATIONS: tuple[Mutation, ...] = (
           "failed = [s for s in self._running if s is not None]"),),
         (f"{_SERVE}test_a_failed_step_fails_every_request_then_the_engine_serves_again",),
         "after a device failure, the requests that were waiting never get an answer"),
+    Mutation(
+        "serve_speculative_keeps_every_proposal", "flax_gpt2/serve/speculative_slots.py",
+        (("    good = (proposals == best[:, :k]) & drafting(settings)[:, None]",
+          "    good = (proposals == proposals) & drafting(settings)[:, None]"),),
+        (f"{_SPEC}test_greedy_requests_equal_generate_while_sampled_ones_share_the_batch",),
+        "serve --draft_model keeps the draft's proposals unchecked: the draft's text, not the model's"),
+    Mutation(
+        "serve_speculative_drafts_for_sampled_rows", "flax_gpt2/serve/speculative_slots.py",
+        (("    return (settings.active & settings.greedy & (settings.repetition_penalty == 1)",
+          "    return (settings.active & (settings.repetition_penalty == 1)"),),
+        (f"{_SPEC}test_greedy_requests_equal_generate_while_sampled_ones_share_the_batch",),
+        "sampled requests keep the draft's argmax proposals: greedy tokens inside a sampled completion"),
     # --- evaluation ---------------------------------------------------------------------------------------
     Mutation(
         "perplexity_window_past_the_end", "flax_gpt2/evaluation/perplexity.py",

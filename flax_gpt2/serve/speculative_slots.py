@@ -1,0 +1,150 @@
+"""Speculative decoding in the server's slots (`serve --draft_model`): the device side.
+
+A round, for every slot at once: choose the next token exactly as the plain step does (`slots.choose_next`,
+from the stored logits), let the draft model propose the `k` tokens after it, run the target once over those
+`k + 1` tokens, and keep each row's drafted tokens while they are the target's argmax. A row that drafts emits
+1 + (the proposals it kept) tokens per round; its new stored logits are the target's after the last kept one.
+
+Which rows draft (`drafting`): greedy rows without penalties or log-probabilities. For them "keep while equal
+to the argmax" is exactly the target's own greedy decoding. Every other row (sampled, penalised, with
+logprobs) keeps none of the proposals: it emits the one token the plain step would have chosen, with the same
+key, and its stored logits are the target's after that token, so one compiled round serves any mix of
+requests and each one's output is what the plain server gives it.
+
+Cache layout (the slots', see `slots`): the target caches the columns before `pos`; the draft caches at least
+the columns before `pos - 1`, and its first call of a round feeds two tokens (column `pos - 1` and the chosen
+token at `pos`), so whatever a row kept in the last round, the draft has every key/value it needs with a
+fixed-shape call (the same scheme as `flax_gpt2.generation.speculative`). A round writes columns
+`pos .. pos + k` of both caches; rejected columns are left past the new `pos`, hidden by the causal mask until
+overwritten, so nothing is rewound explicitly. The slots therefore hold `k + 1` columns more than the context,
+and a row stops advancing at `RowSettings.stop` (the column after its last token), so that the rounds of a
+multi-round dispatch never write past them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_gpt2.generation.logits_processors import argmax
+from flax_gpt2.generation.model_step import forward
+from flax_gpt2.generation.speculative import check_draft_model
+from flax_gpt2.modeling.kv_cache import KVCache
+from flax_gpt2.modeling.model import GPT2LMHeadModel
+from flax_gpt2.serve.slots import RowSettings, Slots, StepWork, choose_next
+
+Array = jax.Array
+
+
+def drafting(settings: RowSettings):
+    """`[N]` bool: the rows whose proposals are checked (greedy, no penalties, no logprobs); numpy or jax."""
+    return (settings.active & settings.greedy & (settings.repetition_penalty == 1)
+            & (settings.presence_penalty == 0) & (settings.frequency_penalty == 0) & ~settings.logprobs)
+
+
+def _rows_forward(model, params, head, ids, mask, positions, index, keys, values, *, last_only):
+    """The model over each row's `ids [N, T]` at its own cache column `index [N]` (a vmapped batch-1 call, as
+    `slots.step` makes); returns the logits (`[N, V]`, or `[N, T, V]` without `last_only`) and the caches."""
+    def row(ids, mask, positions, index, keys, values):
+        cache = KVCache(keys=tuple(k[None] for k in keys), values=tuple(v[None] for v in values), index=index)
+        logits, cache = forward(model, params, head, ids[None], mask[None], positions[None], cache,
+                                last_only=last_only)
+        return logits[0], tuple(k[0] for k in cache.keys), tuple(v[0] for v in cache.values)
+
+    return jax.vmap(row)(ids, mask, positions, index, keys, values)
+
+
+def _round(model, params, head, draft_model, draft_params, draft_head, slots: Slots, settings: RowSettings,
+           work: StepWork, k: int):
+    n, s = slots.tokens.shape
+    rows = jnp.arange(n)
+    pos = slots.pos
+    running = settings.active & (pos < settings.stop)
+    # Where the round writes: a row's own pos while it runs (pos < stop <= S - k - 1); a row that is idle or
+    # past its stop (its later tokens are dropped) writes inside the slots too, to columns that no longer matter.
+    at = jnp.minimum(pos, s - k - 1)
+    token, logprobs = choose_next(slots, settings, work)
+    token = jnp.where(running, token, slots.tokens[rows, at])
+    position = slots.lengths + pos - slots.start  # of the chosen token (column pos)
+
+    # The draft: columns pos - 1 and pos, then one proposal per call.
+    before = jnp.maximum(at - 1, 0)
+    ids = jnp.stack([slots.tokens[rows, before], token], axis=1)
+    max_pos = draft_model.config.n_positions - 1
+    positions = jnp.clip(jnp.stack([position - 1, position], axis=1), 0, max_pos)
+    logits, dkeys, dvalues = _rows_forward(draft_model, draft_params, draft_head, ids, slots.mask, positions, before,
+                                           slots.draft_keys, slots.draft_values, last_only=True)
+    proposals = jnp.zeros((n, k), jnp.int32).at[:, 0].set(argmax(logits))
+
+    def propose(j, carry):
+        proposals, dkeys, dvalues = carry
+        ids = jax.lax.dynamic_slice_in_dim(proposals, j - 1, 1, axis=1)
+        positions = jnp.clip(position + j, 0, max_pos)[:, None]
+        logits, dkeys, dvalues = _rows_forward(draft_model, draft_params, draft_head, ids, slots.mask, positions,
+                                               at + j, dkeys, dvalues, last_only=True)
+        proposals = jax.lax.dynamic_update_slice_in_dim(proposals, argmax(logits)[:, None], j, axis=1)
+        return proposals, dkeys, dvalues
+
+    proposals, dkeys, dvalues = jax.lax.fori_loop(1, k, propose, (proposals, dkeys, dvalues))
+
+    # The target over the chosen token and the k proposals; each drafting row keeps proposals while they are
+    # the target's argmax after the tokens before them.
+    candidates = jnp.concatenate([token[:, None], proposals], axis=1)  # [N, k + 1]
+    positions = jnp.clip(position[:, None] + jnp.arange(k + 1)[None, :], 0, model.config.n_positions - 1)
+    logits, keys, values = _rows_forward(model, params, head, candidates, slots.mask, positions, at, slots.keys,
+                                         slots.values, last_only=False)  # [N, k + 1, V]
+    best = argmax(logits.reshape(n * (k + 1), -1)).reshape(n, k + 1)
+    good = (proposals == best[:, :k]) & drafting(settings)[:, None]
+    kept = jnp.sum(jnp.cumprod(good, axis=1), axis=1)
+    count = jnp.where(running, 1 + kept, 0)
+
+    old = jnp.take_along_axis(slots.tokens, at[:, None] + jnp.arange(k + 1)[None, :], axis=1)
+    written = jnp.where(running[:, None], candidates, old)
+    tokens = jax.vmap(lambda row, new, p: jax.lax.dynamic_update_slice(row, new, (p,)))(slots.tokens, written, at)
+    slots = slots.replace(keys=keys, values=values, draft_keys=dkeys, draft_values=dvalues, tokens=tokens,
+                          logits=jnp.where(running[:, None], logits[rows, kept], slots.logits), pos=pos + count)
+    return slots, candidates, count, logprobs
+
+
+@functools.partial(jax.jit, static_argnames=("model", "draft_model", "k", "num_rounds"), donate_argnames=("slots",))
+def speculative_steps(model: GPT2LMHeadModel, params: Any, head: Array, draft_model: GPT2LMHeadModel,
+                      draft_params: Any, draft_head: Array, slots: Slots, settings: RowSettings, work: StepWork, k: int,
+                      num_rounds: int):
+    """`num_rounds` speculative rounds (see the module docstring) of every slot, in one call (a `lax.scan`).
+
+    Returns `(slots, tokens [R, N, k + 1], counts [R, N], logprobs)`: round r gave row n its tokens
+    `tokens[r, n, :counts[r, n]]` (0 for a row not running); logprobs (of the first token of each round, the
+    only one a row that asks for them emits) are stacked like `slots.steps`'.
+    """
+    def body(slots, _):
+        slots, tokens, count, logprobs = _round(model, params, head, draft_model, draft_params, draft_head, slots,
+                                                settings, work, k)
+        return slots, (tokens, count, logprobs)
+
+    slots, (tokens, counts, logprobs) = jax.lax.scan(body, slots, None, length=num_rounds)
+    return slots, tokens, counts, logprobs
+
+
+def check_draft(draft: tuple[GPT2LMHeadModel, Any] | None, k: int, vocab_limit: int, context_length: int, *,
+                plain: bool) -> tuple[GPT2LMHeadModel | None, Any, int]:
+    """`(draft_model, draft_params, k)` of a server's `draft=(model, params)`, checked against what it serves
+    (`vocab_limit` ids, `context_length` tokens; `plain`: one device, no LoRA adapters); `(None, None, 0)`
+    without a draft. ValueError naming what does not fit."""
+    if draft is None:
+        return None, None, 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
+    if not plain:
+        raise ValueError("a draft model is served on one device without LoRA adapters: drop --mesh / --adapter, "
+                         "or --draft_model")
+    draft_model, draft_params = check_draft_model(draft, vocab_limit, context_length, "the served context")
+    return draft_model, draft_params, k
+
+
+def any_drafting(settings: RowSettings) -> bool:
+    """Whether a round would check any proposals (else the plain step is cheaper and gives the same tokens)."""
+    return bool(np.any(drafting(settings)))
