@@ -708,6 +708,32 @@ def test_a_failed_step_fails_every_request_then_the_engine_serves_again(engine, 
     assert engine.stats.busy_slots == 0 and not any(engine._running) and len(calls) > 1
 
 
+def test_no_compiles_after_warm_up_without_the_prefix_cache(reference):
+    """With the prefix cache off, a lone request, then four at once (the slots grow from 1 row to 4) run only
+    the programs warm-up compiled. (With the checkpoints of benchmarks/serve_speculative.py, the 1 -> 4 resize
+    and the insert into 4 rows once compiled here: warm-up resized fresh, uncommitted slots, while a server
+    resizes committed ones. The slots are now created committed.)"""
+    from flax_gpt2.serve.engine import Engine
+
+    model, params, tokenizer = reference
+    engine = Engine(model, params, tokenizer, max_batch=4, context_length=64, prompt_buckets=[16], decode_steps=8,
+                    prefix_cache_bytes=0)
+    assert len(engine.cache_sizes) > 2
+    prompts = [_prompt(4 + i, seed=31 + i) for i in range(5)]
+    expected = [_generate_text(reference, p, 6) for p in prompts]  # (before warm-up: its compiles count after)
+    engine.warm_up()
+    engine.start()
+    try:
+        collectors = [_engine_request(engine, prompts[0], 6)]
+        collectors[0].wait()
+        with engine._lock:  # (a reentrant lock: the four are queued before the engine looks, so it grows 1 -> 4)
+            collectors += [_engine_request(engine, p, 6) for p in prompts[1:]]
+        assert ["".join(e.text for e in c.wait()) for c in collectors] == expected
+        assert engine.stats.resizes > 0 and engine.stats.compiles_after_warmup == 0
+    finally:
+        engine.stop()
+
+
 def test_kth_largest_matches_a_sort():
     rng = np.random.RandomState(0)
     logits = rng.randn(6, 300).astype(np.float32)

@@ -2,7 +2,8 @@
 real server. The draft is the target cut to its first layer (the same embeddings), so it agrees with the target
 on some tokens and not on others: both the kept and the rejected paths run. Greedy requests (plain, streamed,
 with stop strings) equal `generate`'s tokens; sampled and logprob requests, which share the batch without
-drafting, equal what the plain server gives them."""
+drafting, equal what the plain server gives them. With `--draft_sampled` sampled requests draft too, and the
+rounds' tokens follow the model's own distribution (a chi-square test of the slots on a tiny vocabulary)."""
 
 import concurrent.futures
 import http.client
@@ -20,7 +21,8 @@ EOT = 50256
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, bpe_dir):
+def pair(tmp_path_factory):
+    """`(target_folder, draft_folder)`: a random 3-layer target and its first layer as the draft."""
     import transformers
 
     torch_model, folder = make_hf_model(tmp_path_factory, "spec_target", n_positions=128, n_layer=3,
@@ -30,11 +32,21 @@ def served(tmp_path_factory, bpe_dir):
     assert not missing  # every draft weight is the target's (its layers 1 and 2 are dropped)
     draft_folder = tmp_path_factory.mktemp("spec_draft")
     draft.save_pretrained(draft_folder)
+    return folder, draft_folder
+
+
+def _serve(pair, tmp_path_factory, *flags):
+    folder, draft_folder = pair
     args = ["--model", str(folder), "--served_model_name", "tiny", "--max_batch", "8", "--context_length", "128",
             "--prompt_buckets", "16,64", "--decode_steps", "4", "--prefix_block", "8", "--prefill_chunk", "16",
-            "--draft_model", str(draft_folder), "--num_draft_tokens", "3"]
-    with server_process(args, tmp_path_factory) as (port, _):
-        yield port, from_pretrained(folder, progress=False)
+            "--draft_model", str(draft_folder), "--num_draft_tokens", "3", *flags]
+    return server_process(args, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served(pair, tmp_path_factory, bpe_dir):
+    with _serve(pair, tmp_path_factory) as (port, _):
+        yield port, from_pretrained(pair[0], progress=False)
 
 
 def _client(port):
@@ -125,6 +137,17 @@ def test_draft_model_refuses_what_it_does_not_serve_with(flags, capsys):
     assert f"--draft_model with {flags[0]} is not supported" in capsys.readouterr().err
 
 
+def test_draft_sampled_needs_a_draft_model(capsys):
+    from flax_gpt2.serve.engine import Engine
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "gpt2", "--draft_sampled"])
+    assert e.value.code == 2
+    assert "--draft_sampled needs --draft_model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="draft_sampled needs a draft model"):
+        Engine(*_tiny(), get_tokenizer(), context_length=64, draft_sampled=True)
+
+
 def _tiny(**overrides):
     import flax.linen as nn
     import jax
@@ -147,3 +170,113 @@ def test_an_unfit_draft_is_refused_before_anything_compiles(draft_overrides, k, 
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Engine(*_tiny(), get_tokenizer(), context_length=64, draft=_tiny(**draft_overrides), num_draft_tokens=k)
+
+
+# --- sampled requests: the rejection rule in the slots ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    """test_speculative's tiny-vocabulary target and draft (their distributions differ clearly)."""
+    from test_speculative import SMALL_VOCAB, make
+
+    target = make(0, n_layer=3, n_embd=64, n_head=4, vocab=SMALL_VOCAB, n_positions=16, init=0.2)
+    draft = make(5, n_layer=1, n_embd=32, n_head=2, vocab=SMALL_VOCAB, n_positions=16, init=0.3)
+    return target, draft
+
+
+def _slot_pairs(target, draft, options, rows, seed, k=3):
+    """The first two tokens `[rows, 2]` that `rows` copies of test_speculative's sample prompt get from the
+    server's speculative rounds (a sampled row each, seeds `seed * rows + row`), as the engine runs them."""
+    from test_speculative import SAMPLE_PROMPT
+
+    from flax_gpt2.serve import slots as device, speculative_slots as spec
+    from flax_gpt2.serve.engine import _output_projection
+
+    (model, params), (draft_model, draft_params) = target, draft
+    vocab = model.config.vocab_size
+    head, draft_head = _output_projection(model, params, vocab), _output_projection(draft_model, draft_params, vocab)
+    p = len(SAMPLE_PROMPT)
+    ids, mask = np.array([SAMPLE_PROMPT], np.int32), np.ones((1, p), np.int32)
+    slots = device.init_slots(model, 1, p + 2 + k + 1, vocab, draft_model, scratch=k + 1)
+    slots = device.insert(slots, np.int32(0), np.int32(p), np.int32(p), ids,
+                          *device.prefill_prompt(model, params, head, ids, mask))
+    slots = device.insert_draft(slots, np.int32(0), np.int32(p),
+                                *device.prefill_prompt(draft_model, draft_params, draft_head, ids, mask)[1:])
+    slots = device.resize(slots, np.zeros(rows, np.int32))
+    settings = device.RowSettings.empty(rows).replace(
+        active=np.ones(rows, bool), greedy=np.zeros(rows, bool), seed=np.arange(rows, dtype=np.uint32) + seed * rows,
+        temperature=np.full(rows, options.get("temperature", 1.0), np.float32),
+        top_k=np.full(rows, options.get("top_k", 0), np.int32), top_p=np.full(rows, options.get("top_p", 1.0),
+                                                                               np.float32),
+        stop=np.full(rows, p + 2, np.int32), draft=np.ones(rows, bool))
+    slots, _, counts, _ = spec.speculative_steps(model, params, head, draft_model, draft_params, draft_head, slots,
+                                                 settings, device.StepWork.of(settings), k=k, num_rounds=2)
+    assert (np.asarray(slots.pos) >= p + 2).all()
+    return np.asarray(slots.tokens)[:, p:p + 2], np.asarray(counts)
+
+
+@pytest.mark.parametrize("case", ["plain", "warped"])
+def test_sampled_rows_keep_the_target_distribution(small_pair, case):
+    """Sampled requests draft too: 12,288 rows of one prompt, each with its own seed, take their first two
+    tokens from the server's speculative rounds (draft proposals kept by the rejection rule, a rejected one
+    replaced by a draw from max(0, p - q)). Their joint distribution is the target's own (chi-square and total
+    variation against the exact one, with temperature, top-k and top-p), while proposals were kept."""
+    from test_speculative import SAMPLE_PROMPT, SAMPLING_CASES, SMALL_VOCAB, chi_square_p, exact_pair_distribution
+
+    from flax_gpt2.generation.logits_processors import GenerationConfig
+
+    target, draft = small_pair
+    options = SAMPLING_CASES[case]
+    probs = exact_pair_distribution(*target, SAMPLE_PROMPT, GenerationConfig.create(do_sample=True, **options))
+    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB), np.int64)
+    kept = 0
+    for seed in range(3):
+        pairs, made = _slot_pairs(target, draft, options, 4096, seed)
+        np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+        kept += int(np.sum(made[0] > 1))
+    assert kept > 1000  # the first round kept proposals in many rows: the rule ran, not just the plain step
+    assert chi_square_p(counts, probs) > 1e-3
+    assert 0.5 * np.abs(counts / counts.sum() - probs).sum() < 0.04
+
+
+@pytest.fixture(scope="module")
+def served_sampling(pair, tmp_path_factory, bpe_dir):
+    with _serve(pair, tmp_path_factory, "--draft_sampled") as (port, _):
+        yield port, from_pretrained(pair[0], progress=False)
+
+
+def test_with_draft_sampled_sampled_requests_draft_too(served_sampling):
+    """`--draft_sampled`: sampled requests (seeded, with top_p; `n=3`) draft, and proposals are kept. Each
+    drafted text is the same when sent again alone (a row draws with its own seed, whatever shares the batch);
+    greedy requests still equal `generate`, and a sampled request with logprobs, which does not draft, equals
+    `generate(do_sample=True, seed=...)`; nothing compiled after warm-up. (That the drafted tokens follow the
+    model's distribution: `test_sampled_rows_keep_the_target_distribution`.)"""
+    port, reference = served_sampling
+    client = _client(port)
+    rng = np.random.RandomState(4)
+    sampled = [(rng.randint(0, EOT, n).tolist(), m) for n, m in ((4, 30), (9, 25), (20, 40))]
+    greedy = (rng.randint(0, EOT, 7).tolist(), 30)
+    before = _metrics(port)
+
+    def sample(ids, max_tokens, **kwargs):
+        out = client.completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, seed=7, top_p=0.9, **kwargs)
+        return [c.text for c in out.choices]
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        drafted = [pool.submit(sample, ids, m) for ids, m in sampled]
+        several = pool.submit(sample, *sampled[0], n=3)
+        scored = pool.submit(sample, *sampled[1], logprobs=1)
+        plain = pool.submit(lambda: client.completions.create(model="tiny", prompt=greedy[0], max_tokens=greedy[1],
+                                                              temperature=0).choices[0].text)
+        drafted = [f.result() for f in drafted]
+        several, scored, plain = several.result(), scored.result(), plain.result()
+    assert plain == _text(reference, *greedy)
+    assert scored == [_text(reference, *sampled[1], do_sample=True, seed=7, top_p=0.9)]
+    assert several[0] == drafted[0][0] and len(set(several)) > 1  # choice 0 is the lone request's; others differ
+    after = _metrics(port)
+    proposed = after["flax_gpt2_draft_tokens_proposed_total"] - before["flax_gpt2_draft_tokens_proposed_total"]
+    accepted = after["flax_gpt2_draft_tokens_accepted_total"] - before["flax_gpt2_draft_tokens_accepted_total"]
+    assert 0 < accepted < proposed
+    assert [sample(ids, m) for ids, m in sampled] == drafted
+    assert _metrics(port)["flax_gpt2_compiles_after_warmup_total"] == 0

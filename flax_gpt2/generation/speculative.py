@@ -233,15 +233,33 @@ def _accept(p_logits: Array, proposals: Array, q_logits: Array | None, count: Ar
         return kept, _take(best, kept[:, None])[:, 0]
 
     p_warped = strategy.warp(p_logits.reshape(b * (k + 1), -1)).reshape(p_logits.shape)
-    p = jax.nn.softmax(p_warped, axis=-1)  # [B, k + 1, V]
     if q_logits is None:  # a point mass on each proposal
-        q = jax.nn.one_hot(proposals, p.shape[-1], dtype=p.dtype)
+        q = jax.nn.one_hot(proposals, p_warped.shape[-1], dtype=p_warped.dtype)
     else:
         q = jax.nn.softmax(q_logits, axis=-1)
+    u_key, next_key = jax.random.split(key)
+    kept, logits = rejection_rule(p_warped, q, proposals, jax.random.uniform(u_key, (b, k)), count, acceptance)
+    return kept, draw_tokens(next_key, logits)
+
+
+def rejection_rule(p_warped: Array, q: Array, proposals: Array, u: Array, count: Array,
+                   acceptance: str = "rejection") -> tuple[Array, Array]:
+    """The rule of speculative sampling (the module docstring) for given random numbers; `generate`'s rounds
+    and the server's (`serve.speculative_slots`) both run it.
+
+    Args:
+      p_warped: `[B, k + 1, V]` the target's warped logits after the pending token and after each proposal.
+      q: `[B, k, V]` the probabilities each proposal was drawn from.
+      proposals: `[B, k]`; only the first `count [B]` of each row are real proposals.
+      u: `[B, k]` uniform numbers in [0, 1), one per proposal.
+    Returns:
+      `(kept [B], next_logits [B, V])`: the proposals kept, and the logits the token after them is drawn
+      from: norm(max(0, p - q)) after a rejection, else p.
+    """
+    b, k = proposals.shape
+    p = jax.nn.softmax(p_warped, axis=-1)  # [B, k + 1, V]
     p_x = jnp.take_along_axis(p[:, :k], proposals[..., None], axis=-1)[..., 0]
     q_x = jnp.take_along_axis(q, proposals[..., None], axis=-1)[..., 0]
-    u_key, next_key = jax.random.split(key)
-    u = jax.random.uniform(u_key, (b, k))
     if acceptance != "always":
         good = u * q_x < p_x  # u < p(x) / q(x), without dividing by a q(x) that may underflow
     else:
@@ -255,8 +273,7 @@ def _accept(p_logits: Array, proposals: Array, q_logits: Array | None, count: Ar
     # After a rejection p != q, so the residual has mass; the guard only keeps float noise from drawing from
     # an all-zero row.
     use_residual = rejected & (jnp.sum(residual, axis=-1) > 0) & (acceptance != "resample_target")
-    logits = jnp.where(use_residual[:, None], jnp.log(residual), p_next)
-    return kept, draw_tokens(next_key, logits)
+    return kept, jnp.where(use_residual[:, None], jnp.log(residual), p_next)
 
 
 def _round(model, params, head, draft_model, draft_params, draft_head, state: SpeculativeState,

@@ -152,9 +152,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="int8: int8 weight-only quantization of the model on load")
     parser.add_argument("--draft_model", default=None,
                         help="speculative decoding: a smaller GPT-2 of the same tokenizer (e.g. distilgpt2 for gpt2, "
-                             "gpt2 for gpt2-large) proposes tokens that the model checks several at a time; greedy "
-                             "requests without penalties or logprobs take every agreed token at once, exactly the "
-                             "model's own output, and other requests share the batch unchanged")
+                             "gpt2 for gpt2-large) proposes tokens that the model checks several at a time; requests "
+                             "without penalties or logprobs take every kept token at once (greedy: exactly the "
+                             "model's own output; sampled: the rejection rule, the model's own distribution), and "
+                             "other requests share the batch unchanged")
+    parser.add_argument("--draft_sampled", action="store_true",
+                        help="with --draft_model, sampled requests (without penalties or logprobs) draft too, by the "
+                             "rejection rule: each token follows the model's own distribution, reproducible per "
+                             "seed, but other draws than a server without a draft makes; it pays when the draft "
+                             "agrees with the model at the requests' temperature (accepted/proposed in /metrics)")
     parser.add_argument("--num_draft_tokens", type=_positive_int, default=4,
                         help="tokens the draft proposes per round with --draft_model (default 4)")
     parser.add_argument("--cache_dir", default=None, help="default $FLAX_GPT2_CACHE or ~/.cache/flax_gpt2")
@@ -181,6 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quantize and args.mesh:
         parser.error(f"--quantize {args.quantize} with --mesh is not supported: int8 weights are served on one "
                      "device (drop one of them)")
+    if args.draft_sampled and args.draft_model is None:
+        parser.error("--draft_sampled needs --draft_model (the draft whose proposals sampled requests take)")
     if args.draft_model is not None:
         for flag, value in (("--adapter", args.adapter), ("--mesh", args.mesh), ("--compile_only", args.compile_only)):
             if value:
@@ -301,7 +309,7 @@ def _main(argv: Sequence[str]) -> None:
                     prompt_buckets=args.prompt_buckets, max_queue=args.max_queue, decode_steps=args.decode_steps,
                     adapters=adapters, prefix_cache_bytes=args.prefix_cache_bytes, prefix_block=args.prefix_block,
                     prefill_chunk=args.prefill_chunk, mesh=mesh, draft=load_draft(args, tokenizer, log.info),
-                    num_draft_tokens=args.num_draft_tokens)
+                    num_draft_tokens=args.num_draft_tokens, draft_sampled=args.draft_sampled)
     log.info("warming up: prompt buckets %s, cache sizes %s", engine.buckets, engine.cache_sizes)
     log.info("warm-up took %.1f s", engine.warm_up())
     engine.start()

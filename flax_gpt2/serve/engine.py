@@ -28,10 +28,12 @@ reads the base weights once for all rows while each row adds its own low-rank br
 requests for different adapters share one decoding batch and one compiled step. Without adapters the step is
 the plain model's.
 
-A draft model (`draft`, `serve --draft_model`) makes the step a speculative round (`speculative_slots`): greedy
-requests without penalties or logprobs take 1 + (the draft's proposals the target agrees with) tokens per
-round, exactly the target's own greedy tokens; every other request in the batch takes its one usual token. While
-no running request drafts, the plain step runs (the same tokens, without the draft's cost).
+A draft model (`draft`, `serve --draft_model`) makes the step a speculative round (`speculative_slots`):
+greedy requests without penalties or logprobs take 1 + (the draft's proposals kept) tokens per round, exactly
+the target's own greedy tokens; with `draft_sampled` (`--draft_sampled`) sampled ones too, by the rejection
+rule (each token distributed as the target's sample, reproducible per seed, but not the draws of
+`generate(do_sample=True)`); every other request in the batch takes its one usual token. While no running
+request drafts, the plain step runs (the same tokens, without the draft's cost).
 
 Reproducibility: every sampled sequence draws with its own key, `PRNGKey(seed)` folded with the choice
 index (not for choice 0) and then with the step, so the same request with the same seed gives the same
@@ -106,7 +108,8 @@ class Engine:
     `mesh` (`mesh_placement.serving_mesh`) shards the weights and the slots over one host's devices; the output
     is the single-device engine's (up to float rounding).
     `draft` is `(draft_model, draft_params)`, a smaller GPT-2 of the same tokenizer whose `num_draft_tokens`
-    proposals per round the target checks (`speculative_slots`).
+    proposals per round the target checks (`speculative_slots`) for greedy requests, and for sampled ones too
+    with `draft_sampled` (the rejection rule; otherwise they take their one usual token per round).
     """
 
     def __init__(self, model: GPT2LMHeadModel, params: Any, tokenizer, *, max_batch: int = 8,
@@ -114,7 +117,7 @@ class Engine:
                  decode_steps: int = 8, adapters: dict[str, tuple[Any, LoRAConfig]] | None = None,
                  prefix_cache_bytes: int | None = None, prefix_block: int = 64, prefill_chunk: int = 0,
                  mesh: Mesh | None = None, draft: tuple[GPT2LMHeadModel, Any] | None = None,
-                 num_draft_tokens: int = 4):
+                 num_draft_tokens: int = 4, draft_sampled: bool = False):
         config = model.config
         context_length = min(context_length or config.n_positions, config.n_positions)
         params = unwrap_params(params)
@@ -136,6 +139,9 @@ class Engine:
         self.max_batch, self.context_length, self.max_queue = max_batch, context_length, max_queue
         self.draft_model, self.draft_params, self.num_draft_tokens = speculative.check_draft(
             draft, num_draft_tokens, self.vocab_limit, context_length, plain=mesh is None and self.adapters is None)
+        if draft_sampled and draft is None:
+            raise ValueError("draft_sampled needs a draft model (draft=...)")
+        self.draft_sampled = bool(draft_sampled)
         self.draft_head = None if draft is None else _output_projection(self.draft_model, self.draft_params,
                                                                          self.vocab_limit)
         # A speculative round writes k + 1 columns from a row's pos: the slots hold that many past the context.
@@ -425,7 +431,8 @@ class Engine:
         s.logprobs[slot] = request.logprobs is not None
         s.adapter[slot] = completion.adapter
         s.stop[slot] = end + request.max_tokens
-        if self.draft_model is not None and speculative.drafting(s)[slot]:
+        s.draft[slot] = self.draft_model is not None and speculative.may_draft(s, self.draft_sampled)[slot]
+        if s.draft[slot]:
             self._slots = device.insert_draft(self._slots, np.int32(slot), np.int32(end),
                                               *self._draft_prefill(padded, mask))
 

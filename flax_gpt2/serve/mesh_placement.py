@@ -67,7 +67,10 @@ def new_slots(model: GPT2LMHeadModel, rows: int, cache_len: int, vocab: int, mes
     """`slots.init_slots`, created in place on `mesh` (never whole on one device first) when one is given
     (a draft model's cache only without a mesh: `serve` refuses `--draft_model` with `--mesh`)."""
     if mesh is None:
-        return device.init_slots(model, rows, cache_len, vocab, draft_model, scratch)
+        # Committed to the device, as every later version of them is (a jitted step's output): jit compiles
+        # uncommitted inputs separately, so warm-up would otherwise miss the programs that real slots run.
+        return jax.device_put(device.init_slots(model, rows, cache_len, vocab, draft_model, scratch),
+                              jax.local_devices()[0])
     return _sharded_init(model, rows, cache_len, vocab, slot_shardings(model, rows, mesh))()
 
 

@@ -45,7 +45,7 @@ class _EngineCollector:
                                    ("prefill_chunks", s.prefill_chunks,
                                     "chunks of long prompts prefilled between decoding steps (--prefill_chunk)"),
                                    ("draft_tokens_proposed", s.draft_proposed,
-                                    "draft tokens checked by the target model (--draft_model, greedy requests)"),
+                                    "draft tokens checked by the target model (--draft_model)"),
                                    ("draft_tokens_accepted", s.draft_accepted,
                                     "draft tokens kept: emitted without a target step of their own"),
                                    ("prefix_cache_evictions", s.prefix_evictions,

@@ -71,6 +71,7 @@ class RowSettings:
     logprobs: Array  # bool: return the top log-probabilities
     adapter: Array  # int32: the row's LoRA adapter, a row of the adapter table (`lora_rows`); 0 = the base
     stop: Array  # int32: the column after the row's last token (start + max_tokens); speculative rounds stop there
+    draft: Array  # bool: speculative rounds check a draft model's proposals for this row (`speculative_slots`)
 
     @classmethod
     def empty(cls, n: int) -> "RowSettings":
@@ -80,7 +81,7 @@ class RowSettings:
                    repetition_penalty=np.ones(n, np.float32), presence_penalty=np.zeros(n, np.float32),
                    frequency_penalty=np.zeros(n, np.float32), seed=np.zeros(n, np.uint32),
                    stream=np.zeros(n, np.int32), logprobs=np.zeros(n, bool), adapter=np.zeros(n, np.int32),
-                   stop=np.zeros(n, np.int32))
+                   stop=np.zeros(n, np.int32), draft=np.zeros(n, bool))
 
 
 @flax.struct.dataclass
@@ -244,6 +245,18 @@ def insert_draft(slots: Slots, slot: Array, end: Array, keys: tuple[Array, ...],
                          draft_values=tuple(put(b, v) for b, v in zip(slots.draft_values, values)))
 
 
+def row_keys(rows: RowSettings, steps: Array) -> Array:
+    """`[N, 2]`: each row's PRNG key for its new token number `steps [N]`: `PRNGKey(seed)`, folded with the
+    index of the sample's copy when it has one, then with the step, so a row's draws depend on its own request
+    only (`generate(seed=...)`'s draws for that prompt alone), never on which other rows share the batch."""
+    def row_key(seed, stream, step):
+        key = jax.random.PRNGKey(seed)
+        key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
+        return jax.random.fold_in(key, step)
+
+    return jax.vmap(row_key)(rows.seed, rows.stream, steps)
+
+
 def choose_next(slots: Slots, rows: RowSettings, work: StepWork):
     """The next token of every row (`choose_tokens`, `generate`'s token choice, with per-row settings and
     each row's key folded with its step), and the log-probabilities of the raw logits when asked."""
@@ -252,12 +265,7 @@ def choose_next(slots: Slots, rows: RowSettings, work: StepWork):
     history = slots.mask.astype(bool) & (cols < slots.pos[:, None])
     generated = (cols >= slots.start[:, None]) & (cols < slots.pos[:, None])
 
-    def row_key(seed, stream, step):
-        key = jax.random.PRNGKey(seed)
-        key = jnp.where(stream > 0, jax.random.fold_in(key, stream), key)
-        return jax.random.fold_in(key, step)
-
-    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos - slots.start)
+    keys = row_keys(rows, slots.pos - slots.start)
     settings = ChoiceSettings(greedy=rows.greedy, temperature=rows.temperature, top_k=rows.top_k,
                               top_p=rows.top_p, repetition_penalty=rows.repetition_penalty,
                               frequency_penalty=rows.frequency_penalty, presence_penalty=rows.presence_penalty)

@@ -75,8 +75,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "frequency_penalty acts as presence_penalty and the other way round"),
     Mutation(
         "serve_sampling_key_folds_the_column", "flax_gpt2/serve/slots.py",
-        (("    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos - slots.start)",
-          "    keys = jax.vmap(row_key)(rows.seed, rows.stream, slots.pos)"),),
+        (("    keys = row_keys(rows, slots.pos - slots.start)",
+          "    keys = row_keys(rows, slots.pos)"),),
         (f"{_SERVE}test_sampling_equals_generate_and_seeds_reproduce",),
         "a sampled request's key is folded with its column, not its step: other tokens than generate's"),
     Mutation(
@@ -102,16 +102,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "after a device failure, the requests that were waiting never get an answer"),
     Mutation(
         "serve_speculative_keeps_every_proposal", "flax_gpt2/serve/speculative_slots.py",
-        (("    good = (proposals == best[:, :k]) & drafting(settings)[:, None]",
-          "    good = (proposals == proposals) & drafting(settings)[:, None]"),),
+        (("good, proposals == best[:, :k]) & drafting(settings)[:, None]",
+          "good, proposals == proposals) & drafting(settings)[:, None]"),),
         (f"{_SPEC}test_greedy_requests_equal_generate_while_sampled_ones_share_the_batch",),
         "serve --draft_model keeps the draft's proposals unchecked: the draft's text, not the model's"),
     Mutation(
-        "serve_speculative_drafts_for_sampled_rows", "flax_gpt2/serve/speculative_slots.py",
-        (("    return (settings.active & settings.greedy & (settings.repetition_penalty == 1)",
-          "    return (settings.active & (settings.repetition_penalty == 1)"),),
-        (f"{_SPEC}test_greedy_requests_equal_generate_while_sampled_ones_share_the_batch",),
-        "sampled requests keep the draft's argmax proposals: greedy tokens inside a sampled completion"),
+        "serve_speculative_sampled_rows_keep_every_proposal", "flax_gpt2/serve/speculative_slots.py",
+        (("    good = jnp.arange(k)[None, :] < kept[:, None]", "    good = jnp.arange(k)[None, :] < k"),),
+        (f"{_SPEC}test_sampled_rows_keep_the_target_distribution[warped]",),
+        "serve --draft_model keeps every sampled proposal: the draft's distribution, not the model's"),
+    Mutation(
+        "serve_speculative_rejected_token_drawn_from_p", "flax_gpt2/serve/speculative_slots.py",
+        (("    pending = _draw(keys, pending_logits, k + 2)",
+          "    pending = _draw(keys, p_warped[jnp.arange(n), kept], k + 2)"),),
+        (f"{_SPEC}test_sampled_rows_keep_the_target_distribution[warped]",),
+        "after a rejection the server draws from p instead of max(0, p - q): tokens the draft favours are too rare"),
     # --- evaluation ---------------------------------------------------------------------------------------
     Mutation(
         "perplexity_window_past_the_end", "flax_gpt2/evaluation/perplexity.py",
