@@ -8,8 +8,8 @@ Rows: `concurrent` greedy requests submitted at once (1: one stream alone; more:
 batch), each of `new_tokens` tokens after a held-out prompt; the same with half of them, then all, sampled
 (seeded, temperature `--temperature`): they share the batch without drafting, or draft too with
 `--draft_sampled` ("+sampled": the rejection rule, other samples of the same distribution, so only the greedy
-texts are compared there). Tokens/s counts every request's tokens over the
-wall time from the first submit to the last finish; the ratio is against the plain engine in the same run.
+texts are compared there). Tokens/s counts every request's tokens over the wall time from the first submit to
+the last finish; the ratio is against the plain engine in the same run.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def main(argv=None) -> None:
                     continue
                 before = (engine.stats.draft_proposed, engine.stats.draft_accepted)
                 seconds, spec_texts = best(engine, prompts, args.new_tokens, sampled, args.temperature, args.repeats)
-                same = spec_texts[sampled:] if engine.draft_sampled else spec_texts
-                assert same == (texts[sampled:] if engine.draft_sampled else texts), f"{name}: texts differ from plain"
+                compared = slice(sampled if engine.draft_sampled else 0, None)  # greedy only, with --draft_sampled
+                assert spec_texts[compared] == texts[compared], f"{name}: the texts differ from the plain server's"
                 proposed = engine.stats.draft_proposed - before[0]
                 accepted = engine.stats.draft_accepted - before[1]
                 print(f"{'':<22} {name:<14} {n * args.new_tokens / seconds:9.1f} {base / seconds:6.2f} "

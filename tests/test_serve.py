@@ -710,12 +710,13 @@ def test_a_failed_step_fails_every_request_then_the_engine_serves_again(engine, 
 
 def test_no_compiles_after_warm_up_without_the_prefix_cache(reference):
     """With the prefix cache off, a lone request, then four at once (the slots grow from 1 row to 4) run only
-    the programs warm-up compiled. (With the checkpoints of benchmarks/serve_speculative.py, the 1 -> 4 resize
-    and the insert into 4 rows once compiled here: warm-up resized fresh, uncommitted slots, while a server
-    resizes committed ones. The slots are now created committed.)"""
+    the programs warm-up compiled, with weights committed to the device as a restored checkpoint's are. (The
+    1 -> 4 resize and an insert into 4 rows once compiled here: warm-up resized fresh, uncommitted slots while
+    the server resized committed ones, and jit compiles the two apart. The slots are now created committed.)"""
     from flax_gpt2.serve.engine import Engine
 
     model, params, tokenizer = reference
+    params = jax.device_put(params, jax.local_devices()[0])  # committed, as a restored checkpoint's are
     engine = Engine(model, params, tokenizer, max_batch=4, context_length=64, prompt_buckets=[16], decode_steps=8,
                     prefix_cache_bytes=0)
     assert len(engine.cache_sizes) > 2

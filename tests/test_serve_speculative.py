@@ -190,12 +190,12 @@ def _slot_pairs(target, draft, options, rows, seed, k=3):
     server's speculative rounds (a sampled row each, seeds `seed * rows + row`), as the engine runs them."""
     from test_speculative import SAMPLE_PROMPT
 
+    from flax_gpt2.generation.model_step import output_projection
     from flax_gpt2.serve import slots as device, speculative_slots as spec
-    from flax_gpt2.serve.engine import _output_projection
 
     (model, params), (draft_model, draft_params) = target, draft
     vocab = model.config.vocab_size
-    head, draft_head = _output_projection(model, params, vocab), _output_projection(draft_model, draft_params, vocab)
+    head, draft_head = output_projection(model, params, vocab), output_projection(draft_model, draft_params, vocab)
     p = len(SAMPLE_PROMPT)
     ids, mask = np.array([SAMPLE_PROMPT], np.int32), np.ones((1, p), np.int32)
     slots = device.init_slots(model, 1, p + 2 + k + 1, vocab, draft_model, scratch=k + 1)
@@ -204,14 +204,14 @@ def _slot_pairs(target, draft, options, rows, seed, k=3):
     slots = device.insert_draft(slots, np.int32(0), np.int32(p),
                                 *device.prefill_prompt(draft_model, draft_params, draft_head, ids, mask)[1:])
     slots = device.resize(slots, np.zeros(rows, np.int32))
+    every = lambda value, dtype: np.full(rows, value, dtype)  # noqa: E731
     settings = device.RowSettings.empty(rows).replace(
-        active=np.ones(rows, bool), greedy=np.zeros(rows, bool), seed=np.arange(rows, dtype=np.uint32) + seed * rows,
-        temperature=np.full(rows, options.get("temperature", 1.0), np.float32),
-        top_k=np.full(rows, options.get("top_k", 0), np.int32), top_p=np.full(rows, options.get("top_p", 1.0),
-                                                                               np.float32),
-        stop=np.full(rows, p + 2, np.int32), draft=np.ones(rows, bool))
+        active=every(True, bool), greedy=every(False, bool), seed=np.arange(rows, dtype=np.uint32) + seed * rows,
+        temperature=every(options.get("temperature", 1.0), np.float32), top_k=every(options.get("top_k", 0), np.int32),
+        top_p=every(options.get("top_p", 1.0), np.float32), stop=every(p + 2, np.int32), draft=every(True, bool))
     slots, _, counts, _ = spec.speculative_steps(model, params, head, draft_model, draft_params, draft_head, slots,
-                                                 settings, device.StepWork.of(settings), k=k, num_rounds=2)
+                                                 settings, device.StepWork.of(settings), k=k, num_rounds=2,
+                                                 sampled=True)
     assert (np.asarray(slots.pos) >= p + 2).all()
     return np.asarray(slots.tokens)[:, p:p + 2], np.asarray(counts)
 

@@ -537,7 +537,7 @@ class Engine:
     def _speculative(self, slots, settings, work, num_rounds):
         return speculative.speculative_steps(self.model, self.params, self.head, self.draft_model, self.draft_params,
                                              self.draft_head, slots, settings, work, k=self.num_draft_tokens,
-                                             num_rounds=num_rounds)
+                                             num_rounds=num_rounds, sampled=self.draft_sampled)
 
     def _emit(self, sequence: Sequence, token: int, record: TokenLogprob | None) -> None:
         request = sequence.completion.request

@@ -86,10 +86,13 @@ def _draw(keys: Array, logits: Array, data: int) -> Array:
     return jax.vmap(lambda key, row: draw_tokens(jax.random.fold_in(key, data), row[None])[0])(keys, logits)
 
 
-def _propose(logits: Array, keys: Array, j, settings: RowSettings, work: StepWork):
+def _propose(logits: Array, keys: Array, j, settings: RowSettings, work: StepWork, sampled: bool):
     """The draft's proposal number `j` of every row after its logits `[N, V]`: the argmax for greedy rows, a
-    draw from the warped distribution for sampled ones; and those warped logits (q's, `[N, V]`)."""
+    draw from the warped distribution for sampled ones; and those warped logits (q's, `[N, V]`; None when no
+    sampled row drafts, `sampled` False)."""
     best = argmax(logits)
+    if not sampled:
+        return best, None
 
     def sampled(x):
         warped = warp(x, _choice_settings(settings), work.choice)
@@ -126,7 +129,7 @@ def _sampled_rule(logits: Array, proposals: Array, q_warped: Array, keys: Array,
 
 
 def _round(model, params, head, draft_model, draft_params, draft_head, slots: Slots, settings: RowSettings,
-           work: StepWork, k: int):
+           work: StepWork, k: int, sampled: bool):
     n, s = slots.tokens.shape
     rows = jnp.arange(n)
     pos = slots.pos
@@ -147,9 +150,9 @@ def _round(model, params, head, draft_model, draft_params, draft_head, slots: Sl
     positions = jnp.clip(jnp.stack([position - 1, position], axis=1), 0, max_pos)
     logits, dkeys, dvalues = _rows_forward(draft_model, draft_params, draft_head, ids, slots.mask, positions, before,
                                            slots.draft_keys, slots.draft_values, last_only=True)
-    first, q_first = _propose(logits, rngs, 0, settings, work)
+    first, q_first = _propose(logits, rngs, 0, settings, work, sampled)
     proposals = jnp.zeros((n, k), jnp.int32).at[:, 0].set(first)
-    q_warped = jnp.zeros((n, k) + q_first.shape[1:], q_first.dtype).at[:, 0].set(q_first)
+    q_warped = None if q_first is None else jnp.zeros((n, k) + q_first.shape[1:], q_first.dtype).at[:, 0].set(q_first)
 
     def propose(j, carry):
         proposals, q_warped, dkeys, dvalues = carry
@@ -157,9 +160,10 @@ def _round(model, params, head, draft_model, draft_params, draft_head, slots: Sl
         positions = jnp.clip(position + j, 0, max_pos)[:, None]
         logits, dkeys, dvalues = _rows_forward(draft_model, draft_params, draft_head, ids, slots.mask, positions,
                                                at + j, dkeys, dvalues, last_only=True)
-        token, q = _propose(logits, rngs, j, settings, work)
+        token, q = _propose(logits, rngs, j, settings, work, sampled)
         proposals = jax.lax.dynamic_update_slice_in_dim(proposals, token[:, None], j, axis=1)
-        q_warped = jax.lax.dynamic_update_slice_in_dim(q_warped, q[:, None], j, axis=1)
+        if q is not None:
+            q_warped = jax.lax.dynamic_update_slice_in_dim(q_warped, q[:, None], j, axis=1)
         return proposals, q_warped, dkeys, dvalues
 
     proposals, q_warped, dkeys, dvalues = jax.lax.fori_loop(1, k, propose, (proposals, q_warped, dkeys, dvalues))
@@ -169,16 +173,20 @@ def _round(model, params, head, draft_model, draft_params, draft_head, slots: Sl
     candidates = jnp.concatenate([token[:, None], proposals], axis=1)  # [N, k + 1]
     positions = jnp.clip(position[:, None] + jnp.arange(k + 1)[None, :], 0, model.config.n_positions - 1)
     logits, keys, values = _rows_forward(model, params, head, candidates, slots.mask, positions, at, slots.keys,
-                                          slots.values, last_only=False)  # [N, k + 1, V]
+                                         slots.values, last_only=False)  # [N, k + 1, V]
     best = argmax(logits.reshape(n * (k + 1), -1)).reshape(n, k + 1)
-    sampled = drafting(settings) & ~settings.greedy
-    good, next_logits = jax.lax.cond(
-        work.choice.sample, lambda: _sampled_rule(logits, proposals, q_warped, rngs, settings, work, k),
-        lambda: (jnp.zeros((n, k), bool), logits[:, 0]))
-    good = jnp.where(sampled[:, None], good, proposals == best[:, :k]) & drafting(settings)[:, None]
-    kept = jnp.sum(jnp.cumprod(good, axis=1), axis=1)
+    good = proposals == best[:, :k]
+    if sampled:
+        sampled_rows = (drafting(settings) & ~settings.greedy)[:, None]
+        good_sampled, sampled_logits = jax.lax.cond(
+            work.choice.sample, lambda: _sampled_rule(logits, proposals, q_warped, rngs, settings, work, k),
+            lambda: (good, logits[:, 0]))
+        good = jnp.where(sampled_rows, good_sampled, good)
+    kept = jnp.sum(jnp.cumprod(good & drafting(settings)[:, None], axis=1), axis=1)
     count = jnp.where(running, 1 + kept, 0)
-    next_logits = jnp.where(sampled[:, None], next_logits, logits[rows, kept])
+    next_logits = logits[rows, kept]
+    if sampled:
+        next_logits = jnp.where(sampled_rows, sampled_logits, next_logits)
 
     old = jnp.take_along_axis(slots.tokens, at[:, None] + jnp.arange(k + 1)[None, :], axis=1)
     written = jnp.where(running[:, None], candidates, old)
@@ -188,11 +196,14 @@ def _round(model, params, head, draft_model, draft_params, draft_head, slots: Sl
     return slots, candidates, count, logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("model", "draft_model", "k", "num_rounds"), donate_argnames=("slots",))
+@functools.partial(jax.jit, static_argnames=("model", "draft_model", "k", "num_rounds", "sampled"),
+                   donate_argnames=("slots",))
 def speculative_steps(model: GPT2LMHeadModel, params: Any, head: Array, draft_model: GPT2LMHeadModel,
                       draft_params: Any, draft_head: Array, slots: Slots, settings: RowSettings, work: StepWork, k: int,
-                      num_rounds: int):
+                      num_rounds: int, sampled: bool = False):
     """`num_rounds` speculative rounds (see the module docstring) of every slot, in one call (a `lax.scan`).
+    `sampled`: sampled rows may draft (`serve --draft_sampled`); without it the round traces neither the
+    draft's warped distributions nor the rejection rule.
 
     Returns `(slots, tokens [R, N, k + 1], counts [R, N], logprobs)`: round r gave row n its tokens
     `tokens[r, n, :counts[r, n]]` (0 for a row not running); logprobs (of the first token of each round, the
@@ -200,7 +211,7 @@ def speculative_steps(model: GPT2LMHeadModel, params: Any, head: Array, draft_mo
     """
     def body(slots, _):
         slots, tokens, count, logprobs = _round(model, params, head, draft_model, draft_params, draft_head, slots,
-                                                settings, work, k)
+                                                settings, work, k, sampled)
         return slots, (tokens, count, logprobs)
 
     slots, (tokens, counts, logprobs) = jax.lax.scan(body, slots, None, length=num_rounds)
